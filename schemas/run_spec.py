@@ -1,0 +1,857 @@
+"""The run spec: one validated document that fully describes a PixPro pretraining run.
+
+Everything downstream (the CLI, the sbatch script, the trainer, resume checks) reads a :class:`RunSpec`,
+so mistakes are caught here, before a job waits hours in a queue. Unknown keys are errors everywhere
+(a misspelt ``optim.lr`` must not silently fall back to a default), and every error is reported as one
+line ``field.path: message (got value)`` so a user can fix a spec in one pass.
+
+Defaults are the official PixPro 100-epoch recipe (see docs / pixpro-reference.md).
+
+This module imports nothing from the rest of the project and never torch: the CLI validates specs on a
+login node in milliseconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+import reprlib
+import types
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic.functional_validators import BeforeValidator, PlainValidator
+from pydantic.json_schema import WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+__all__ = [
+    "CREDENTIAL_KEYS",
+    "OWNED_SBATCH_OPTIONS",
+    "SCHEMA_PATH",
+    "URL_SCHEMES",
+    "AffineSpec",
+    "CheckpointSpec",
+    "DataSpec",
+    "DemoDataSpec",
+    "ElasticSpec",
+    "LossSpec",
+    "ModelSpec",
+    "OptimSpec",
+    "PerspectiveSpec",
+    "ResourceSpec",
+    "RotationSpec",
+    "RunSpec",
+    "SpatialTransformSpec",
+    "SpecError",
+    "hash_payload",
+    "json_schema",
+    "json_schema_text",
+    "load_spec",
+    "parse_spec",
+    "spec_hash",
+]
+
+SCHEMA_PATH = Path(__file__).with_name("run_spec.schema.json")
+"""The exported JSON Schema (package data); regenerate with ``python -m schemas --write``."""
+
+CREDENTIAL_KEYS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        # the same thing for the other supported stores (gcsfs, adlfs)
+        "account_key",
+        "sas_token",
+        "client_secret",
+        "connection_string",
+    }
+)
+"""storage_options keys (case-insensitive, at any depth) refused: credentials never go into a spec,
+which is copied into job records and logs."""
+
+URL_SCHEMES = ("file", "s3", "gs", "az", "memory")
+"""Checkpoint URL schemes the checkpoint store supports (besides a plain path)."""
+
+OWNED_SBATCH_OPTIONS: dict[str, str] = {
+    "nodes": "set from resources.nodes",
+    "ntasks": "pixpro runs one task per node",
+    "ntasks-per-node": "pixpro runs one task per node",
+    "gpus-per-node": "set from resources.gpus_per_node",
+    "gpus": "set from resources.gpus_per_node",
+    "signal": "set from resources.signal and resources.signal_lead_s",
+    "requeue": "always set by pixpro",
+    "no-requeue": "pixpro relies on requeue",
+    "time": "set from resources.time_limit_min",
+    "output": "pixpro writes logs beside the run",
+    "error": "pixpro writes logs beside the run",
+    "job-name": "set from name",
+    "partition": "use resources.partition",
+    "account": "use resources.account",
+    "qos": "use resources.qos",
+    "constraint": "use resources.constraint",
+    "cpus-per-task": "use resources.cpus_per_task",
+    "mem": "use resources.mem_gb",
+}
+"""sbatch long options pixpro writes itself; ``resources.extra_sbatch`` may not set them (a second,
+conflicting value would silently win or break requeue/signal handling)."""
+
+_MAX_NESTING = 16
+_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+_IDENT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_SLURM_WORD_PATTERN = r"^[^\s]+$"
+_SBATCH_KEY_PATTERN = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
+_SBATCH_VALUE_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+
+
+class _Spec(BaseModel):
+    """Shared config: unknown keys are errors, NaN/inf are refused, defaults are validated too (so a
+    default written as ``5`` is stored as ``5.0`` exactly like a user's ``5`` and hashes the same)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
+
+
+def _fail(kind: str, message: str) -> PydanticCustomError:
+    """A validation error with our own type name and a finished message (no "Value error, " prefix)."""
+    return PydanticCustomError(kind, message)  # no context: braces in the message stay literal
+
+
+def _check_range_pair(value: tuple[float, float], lo_min: float, hi_max: float | None) -> tuple[float, float]:
+    lo, hi = value
+    if not lo > lo_min:
+        raise _fail("range_pair", f"lower bound must be > {lo_min}")
+    if hi < lo:
+        raise _fail("range_pair", "lower bound must be <= upper bound")
+    if hi_max is not None and hi > hi_max:
+        raise _fail("range_pair", f"upper bound must be <= {hi_max}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class DemoDataSpec(_Spec):
+    """A synthetic dataset, so a demo or a test runs without downloading images."""
+
+    num_images: int = Field(512, ge=1, description="Number of synthetic images to generate.")
+    image_size: int = Field(160, ge=16, description="Side length in pixels of each generated image.")
+    seed: int = Field(0, ge=0, description="Seed of the generator; same seed, same images.")
+
+
+class RotationSpec(_Spec):
+    """Random rotation by an angle drawn uniformly from [-degrees, degrees]."""
+
+    kind: Literal["rotation"] = Field("rotation", description="Transform type tag.")
+    degrees: float = Field(ge=0, le=180, description="Maximum absolute rotation angle in degrees.")
+
+
+class AffineSpec(_Spec):
+    """Random affine warp (torchvision RandomAffine semantics)."""
+
+    kind: Literal["affine"] = Field("affine", description="Transform type tag.")
+    degrees: float = Field(ge=0, le=180, description="Maximum absolute rotation angle in degrees.")
+    translate: tuple[float, float] = Field(
+        (0.0, 0.0),
+        description="Maximum horizontal and vertical shift as fractions of the image size, each in [0, 1].",
+    )
+    scale: tuple[float, float] = Field(
+        (1.0, 1.0), description="Range (lo, hi) of the scale factor, 0 < lo <= hi."
+    )
+    shear: float = Field(0.0, ge=0, lt=90, description="Maximum absolute x-shear angle in degrees.")
+
+    @field_validator("translate")
+    @classmethod
+    def _translate_in_unit(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= v <= 1.0 for v in value):
+            raise _fail("translate_range", "each translate fraction must be in [0, 1]")
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _check_range_pair(value, 0.0, None)
+
+
+class PerspectiveSpec(_Spec):
+    """Random perspective distortion (torchvision RandomPerspective semantics and defaults)."""
+
+    kind: Literal["perspective"] = Field("perspective", description="Transform type tag.")
+    distortion_scale: float = Field(0.5, ge=0, le=1, description="How far corners may move, in [0, 1].")
+    p: float = Field(0.5, ge=0, le=1, description="Probability of applying the distortion.")
+
+
+class ElasticSpec(_Spec):
+    """Random elastic warp (torchvision ElasticTransform semantics and defaults)."""
+
+    kind: Literal["elastic"] = Field("elastic", description="Transform type tag.")
+    alpha: float = Field(50.0, ge=0, description="Magnitude of the displacement field, in pixels.")
+    sigma: float = Field(5.0, gt=0, description="Smoothness (Gaussian sigma) of the displacement field.")
+
+
+SpatialTransformSpec = Annotated[
+    Union[RotationSpec, AffineSpec, PerspectiveSpec, ElasticSpec],  # noqa: UP007 (explicit union for the tag)
+    Field(discriminator="kind"),
+]
+"""One general spatial transform, selected by ``kind``; pixel correspondences are tracked through it."""
+
+
+class DataSpec(_Spec):
+    """Where images come from and how the two views are cropped."""
+
+    root: str = Field(min_length=1, description="Folder of training images (searched recursively).")
+    demo: DemoDataSpec | None = Field(
+        None,
+        description="If set, a synthetic demo dataset is generated into root when root does not exist.",
+    )
+    crop_size: int = Field(224, ge=32, description="Side length in pixels of each random-resized crop.")
+    crop_scale: tuple[float, float] = Field(
+        (0.08, 1.0),
+        description="RandomResizedCrop area fraction range (lo, hi), 0 < lo <= hi <= 1; the official "
+        "scripts pass 0.08 although the option default is 0.2.",
+    )
+    spatial: list[SpatialTransformSpec] = Field(
+        default_factory=list,
+        description="Extra spatial transforms after crop and flip, in order; pixels brought in from "
+        "outside the image are marked invalid and never pair.",
+    )
+    batch_size: int = Field(128, ge=1, description="Images per rank per optimizer step.")
+    num_workers: int = Field(8, ge=0, description="DataLoader worker processes per rank.")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _check_range_pair(value, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------ model and loss
+
+
+class ModelSpec(_Spec):
+    """Backbone, projector and pixel propagation module (PPM)."""
+
+    backbone: str = Field(
+        "resnet50",
+        pattern=_IDENT_PATTERN,
+        description="torchvision classification model name, cut at its last feature map.",
+    )
+    projector_hidden: int = Field(4096, ge=1, description="Hidden channels of the 1x1-conv projector.")
+    projector_out: int = Field(256, ge=1, description="Output channels of the projector (and the PPM).")
+    ppm_gamma: float = Field(2.0, gt=0, description="Sharpness exponent of the PPM similarity.")
+    ppm_layers: Literal[0, 1, 2] = Field(
+        1, description="Layers of the PPM transform g: 0 = identity, 1 = conv1x1, 2 = conv-BN-ReLU-conv."
+    )
+    zero_init_residual: bool = Field(
+        True, description="Zero-init the last BN gamma of every residual block, as the official code."
+    )
+
+
+class LossSpec(_Spec):
+    """Which pixel loss, and the optional instance branch."""
+
+    kind: Literal["pixpro", "pixcontrast"] = Field(
+        "pixpro", description="pixpro = pixel-propagation consistency; pixcontrast = pixel InfoNCE."
+    )
+    positive_threshold: float = Field(
+        0.7, gt=0, description="Cells closer than this many bin diagonals form positive pairs."
+    )
+    instance_weight: float = Field(0.0, ge=0, description="Weight of the instance (BYOL-style) branch.")
+    pixcontrast_tau: float = Field(0.3, gt=0, description="Temperature of the PixContrast InfoNCE loss.")
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+
+class OptimSpec(_Spec):
+    """Optimizer, learning-rate schedule and EMA target momentum."""
+
+    optimizer: Literal["lars", "sgd"] = Field(
+        "lars", description="LARS over SGD with momentum, or plain SGD."
+    )
+    base_lr: float = Field(1.0, gt=0, description="Learning rate per 256 images of global batch.")
+    lr_scaling: Literal["linear", "sqrt"] = Field(
+        "linear",
+        description="Peak LR = base_lr * (global_batch / 256), or its square root for small batches.",
+    )
+    weight_decay: float = Field(1e-5, ge=0, description="Weight decay (not applied to 1-D parameters).")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient.")
+    epochs: int = Field(100, ge=1, description="Training epochs.")
+    warmup_epochs: float = Field(
+        5.0, ge=0, description="Linear warmup from lr/100, in epochs (may be fractional); < epochs."
+    )
+    final_lr: float = Field(1e-6, ge=0, description="Learning rate at the end of the cosine decay.")
+    ema_base_momentum: float = Field(
+        0.99, ge=0, lt=1, description="Starting EMA momentum of the target; rises to 1 on a cosine."
+    )
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Cap on total optimizer steps (demos, tests); LR and EMA schedules use the capped total.",
+    )
+
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _warmup_before_end(cls, value: float, info: ValidationInfo) -> float:
+        epochs = info.data.get("epochs")
+        if epochs is not None and value >= epochs:
+            raise _fail("warmup_too_long", f"must be less than epochs ({epochs})")
+        return value
+
+
+# ----------------------------------------------------------------------------------------- checkpoint
+
+
+def _storage_value(value: Any, depth: int = 0) -> Any:
+    """Accept JSON data only: storage_options go to fsspec and into job records, both need JSON."""
+    if depth > _MAX_NESTING:
+        raise _fail("nested_too_deep", f"nested more than {_MAX_NESTING} levels")
+    if value is None and depth > 0:
+        return None
+    if isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _fail("finite_number", "Input should be a finite number")
+        return value
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise _fail("invalid_key", "object keys must be strings")
+        return {k: _storage_value(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and depth > 0:
+        return [_storage_value(v, depth + 1) for v in value]
+    expected = "a string, number, boolean or object" if depth == 0 else "JSON data"
+    raise _fail("storage_option_type", f"Input should be {expected}")
+
+
+_StorageOptionValue = Annotated[
+    Any,
+    PlainValidator(_storage_value),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "integer"},
+                {"type": "number"},
+                {"type": "boolean"},
+                {"type": "object"},
+            ]
+        }
+    ),
+]
+
+
+def _credential_paths(value: Any, prefix: str = "", depth: int = 0) -> list[str]:
+    """Dotted paths of credential-looking keys anywhere in nested dicts/lists."""
+    if depth > _MAX_NESTING:
+        return []
+    found: list[str] = []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            path = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(k, str) and k.lower() in CREDENTIAL_KEYS:
+                found.append(path)
+            found.extend(_credential_paths(v, path, depth + 1))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            found.extend(_credential_paths(v, f"{prefix}[{i}]", depth + 1))
+    return found
+
+
+def _contains_credentials(value: Any, depth: int = 0) -> bool:
+    """Whether an error's input may hold a secret; too-deep values count as yes (never echo them)."""
+    if depth > _MAX_NESTING:
+        return True
+    if isinstance(value, dict):
+        return any(
+            (isinstance(k, str) and k.lower() in CREDENTIAL_KEYS) or _contains_credentials(v, depth + 1)
+            for k, v in value.items()
+        )
+    if isinstance(value, (list, tuple)):
+        return any(_contains_credentials(v, depth + 1) for v in value)
+    return False
+
+
+class CheckpointSpec(_Spec):
+    """Where and how often training state is committed (see docs on the commit protocol)."""
+
+    url: _Url | None = Field(
+        None,
+        description="fsspec URL or local path of the checkpoint store, e.g. s3://bucket/prefix; "
+        f"schemes: {', '.join(URL_SCHEMES)}. None = a local folder beside the run.",
+    )
+    every_steps: int | None = Field(None, ge=1, description="Commit every this many optimizer steps.")
+    every_minutes: float | None = Field(
+        10.0, gt=0, description="Commit when this many minutes passed since the last commit."
+    )
+    keep_last: int = Field(3, ge=1, description="Committed checkpoints kept; older ones are deleted.")
+    storage_options: dict[str, _StorageOptionValue] = Field(
+        default_factory=dict,
+        description="fsspec storage options (endpoint_url, client_kwargs, ...). Credentials (key, secret, "
+        "token, password, aws_*) are refused: they come from the environment, never the spec.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _supported_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise _fail("url_control_chars", "must not contain control characters")
+        match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)\Z", value, re.DOTALL)
+        if match is None:
+            return value  # a plain local path
+        scheme, rest = match.group(1), match.group(2)
+        if scheme.lower() not in URL_SCHEMES:
+            raise _fail(
+                "url_scheme",
+                f"unsupported scheme {scheme!r}; use one of "
+                f"{', '.join(s + '://' for s in URL_SCHEMES)} or a plain path",
+            )
+        netloc = rest.split("/", 1)[0]
+        if "@" in netloc and ":" in netloc.split("@", 1)[0]:
+            raise _fail(
+                "credentials",
+                "must not embed credentials (user:secret@); credentials come from the environment",
+            )
+        if scheme.lower() in ("s3", "gs", "az") and not netloc:
+            raise _fail("url_bucket", f"{scheme}:// URL needs a bucket or container")
+        return value
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _no_credentials(cls, value: Any) -> Any:
+        # before the type checks, so a credential is refused even when another option is malformed
+        found = _credential_paths(value)
+        if found:
+            raise _fail(
+                "credentials",
+                f"credential keys are not allowed ({', '.join(repr(k) for k in found)}): credentials "
+                "come from the environment (AWS_* variables, profiles, instance roles), never the spec",
+            )
+        return value
+
+
+# ------------------------------------------------------------------------------------------ resources
+
+
+def _number_to_str(value: Any) -> Any:
+    """YAML reads ``nice: 10`` as an int; sbatch values are text either way."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+_SbatchKey = Annotated[str, StringConstraints(pattern=_SBATCH_KEY_PATTERN)]
+_SbatchValue = Annotated[
+    str, StringConstraints(pattern=_SBATCH_VALUE_PATTERN), BeforeValidator(_number_to_str)
+]
+_SlurmWord = Annotated[str, StringConstraints(pattern=_SLURM_WORD_PATTERN)]
+_Url = Annotated[
+    str,
+    StringConstraints(min_length=1),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "minLength": 1,
+            "pattern": r"^(?:(?:file|s3|gs|az|memory)://|(?![A-Za-z][A-Za-z0-9+.-]*://))",
+        }
+    ),
+]
+
+
+class ResourceSpec(_Spec):
+    """What to ask SLURM for, and how the job is warned before it is stopped."""
+
+    nodes: int = Field(1, ge=1, description="Nodes; one torchrun per node.")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs (= trainer ranks) per node; 0 = one CPU rank.")
+    cpus_per_task: int | None = Field(None, ge=1, description="CPUs per node task (sbatch --cpus-per-task).")
+    mem_gb: int | None = Field(None, ge=1, description="Memory per node in GiB (sbatch --mem).")
+    time_limit_min: int = Field(60 * 24, ge=1, description="Wall-clock limit per attempt, in minutes.")
+    partition: _SlurmWord | None = Field(None, description="SLURM partition(s).")
+    account: _SlurmWord | None = Field(None, description="SLURM account.")
+    qos: _SlurmWord | None = Field(None, description="SLURM quality of service.")
+    constraint: _SlurmWord | None = Field(None, description="SLURM node feature constraint.")
+    signal: Literal["USR1", "USR2", "TERM", "INT", "HUP"] = Field(
+        "USR2",
+        description="Signal SLURM sends before the time limit; USR2 as submitit (NCCL may use USR1).",
+    )
+    signal_lead_s: int = Field(
+        120, ge=10, description="Seconds before the limit the signal arrives; < time_limit_min * 60."
+    )
+    max_restarts: int = Field(0, ge=0, description="torchrun --max-restarts after a worker failure.")
+    extra_sbatch: dict[_SbatchKey, _SbatchValue] = Field(
+        default_factory=dict,
+        description='Extra sbatch long options without dashes, e.g. {"exclusive": "", "gres": '
+        '"nvme:1"}; an empty value writes a bare flag. Options pixpro sets itself are refused.',
+        json_schema_extra={
+            "propertyNames": {"pattern": _SBATCH_KEY_PATTERN, "not": {"enum": sorted(OWNED_SBATCH_OPTIONS)}},
+        },
+    )
+
+    @field_validator("signal_lead_s")
+    @classmethod
+    def _lead_inside_limit(cls, value: int, info: ValidationInfo) -> int:
+        limit = info.data.get("time_limit_min")
+        if limit is not None and value >= limit * 60:
+            raise _fail(
+                "signal_lead_too_long",
+                f"must be less than time_limit_min * 60 ({limit * 60} s)",
+            )
+        return value
+
+    @field_validator("extra_sbatch", mode="before")
+    @classmethod
+    def _not_owned(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        owned = [k for k in value if isinstance(k, str) and k in OWNED_SBATCH_OPTIONS]
+        if owned:
+            raise _fail(
+                "sbatch_owned",
+                "options set by pixpro are not allowed: "
+                + "; ".join(f"{k!r} ({OWNED_SBATCH_OPTIONS[k]})" for k in owned),
+            )
+        return value
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+
+class RunSpec(_Spec):
+    """A PixPro pretraining run: data, model, loss, optimization, checkpoints and SLURM resources."""
+
+    model_config = ConfigDict(
+        title="PixPro run spec",
+        json_schema_extra={"$schema": "https://json-schema.org/draft/2020-12/schema"},
+    )
+
+    name: str = Field(
+        "pixpro",
+        pattern=_NAME_PATTERN,
+        description="Run name: 1-64 characters of A-Z a-z 0-9 _ . - (used in paths and job names).",
+    )
+    seed: int = Field(0, ge=0, description="Seed of sampling, augmentation and initialization.")
+    data: DataSpec = Field(description="Images and views.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Backbone, projector and PPM.")
+    loss: LossSpec = Field(default_factory=LossSpec, description="Pixel (and instance) loss.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer and schedules.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "bf16", description="Autocast dtype; fp16 adds a GradScaler."
+    )
+    channels_last: bool = Field(True, description="channels_last memory format (applied on GPU only).")
+    threads: int | None = Field(
+        None, ge=1, description="torch threads per rank on CPU; None = torch's default."
+    )
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint store.")
+    log_every_steps: int = Field(10, ge=1, description="Log metrics every this many optimizer steps.")
+    resources: ResourceSpec = Field(default_factory=ResourceSpec, description="SLURM allocation.")
+
+    @field_validator("name")
+    @classmethod
+    def _not_dot_dir(cls, value: str) -> str:
+        if value in (".", ".."):
+            raise _fail("name_dot", "must not be '.' or '..' (the name becomes a folder)")
+        return value
+
+
+# ------------------------------------------------------------------------------------------- hashing
+
+_HASH_EXCLUDE: dict[str, Any] = {
+    "resources": True,
+    "checkpoint": True,
+    "log_every_steps": True,
+    "threads": True,
+    "data": {"num_workers"},
+}
+"""Fields that do not change what is trained, so a resume may change them: resources (world size is
+checked separately, from the checkpoint), where/how often checkpoints go, logging cadence, DataLoader
+workers (augmentation is seeded per sample, not per worker) and CPU threads (only float rounding)."""
+
+
+def hash_payload(spec: RunSpec) -> dict[str, Any]:
+    """The part of the spec :func:`spec_hash` covers, as JSON data (to show what changed on a refusal)."""
+    return spec.model_dump(mode="json", exclude=_HASH_EXCLUDE)
+
+
+def spec_hash(spec: RunSpec) -> str:
+    """sha256 hex of the canonical JSON of the fields that change the training result.
+
+    A checkpoint stores it; a resume with a different hash would silently train a different run, so
+    it is refused. Left out (see ``_HASH_EXCLUDE``) is what a requeued or moved run may legitimately
+    change: resources, checkpoint location/cadence/options, logging cadence, DataLoader workers and
+    CPU threads. Threads only change float rounding, so bitwise resume tests must pin them
+    themselves. Input key order and int-vs-float spelling do not matter (the validated model is
+    dumped with sorted keys).
+    """
+    canonical = json.dumps(hash_payload(spec), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of a run spec, for editors and docs."""
+    return RunSpec.model_json_schema()
+
+
+def json_schema_text() -> str:
+    """The exact text of ``run_spec.schema.json``."""
+    return json.dumps(json_schema(), indent=2, ensure_ascii=True) + "\n"
+
+
+# -------------------------------------------------------------------------------------------- errors
+
+
+class SpecError(ValueError):
+    """An invalid spec; ``str()`` is one line per problem, ``problems`` the same as a list."""
+
+    def __init__(self, problems: list[str] | str) -> None:
+        if isinstance(problems, str):
+            problems = problems.splitlines()
+        cleaned = [" ".join(p.splitlines()).strip() for p in problems]  # a problem is exactly one line
+        self.problems: list[str] = [p for p in dict.fromkeys(cleaned) if p] or ["invalid spec"]
+        super().__init__("\n".join(self.problems))
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlong = 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 5
+_REPR.maxlevel = 3
+_MAX_GOT = 80
+_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_NO_GOT = frozenset({"missing", "credentials", "union_tag_not_found"})
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a hostile __repr__ must not hide the real problem
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_GOT else text[: _MAX_GOT - 3] + "..."
+
+
+def _node_for(annotation: Any) -> Any:
+    """Model class, a {tag: model} dict for a discriminated union, or None for plain values."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _node_for(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _node_for(args[0])
+        nodes = [_node_for(a) for a in args]
+        if all(isinstance(n, type) and issubclass(n, BaseModel) and "kind" in n.model_fields for n in nodes):
+            return {n.model_fields["kind"].default: n for n in nodes}
+        return None
+    if origin is list:
+        return _node_for(get_args(annotation)[0])
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def _fmt_key(key: Any, first: bool) -> str:
+    if isinstance(key, str) and _KEY_RE.fullmatch(key):
+        return key if first else f".{key}"
+    return f"[{key!r}]"
+
+
+def _render_loc(loc: tuple[Any, ...]) -> tuple[str, Any, bool]:
+    """Dotted path of an error location, the model that holds its last key, and whether the error is
+    about a dict key itself. Discriminator tags that pydantic inserts are dropped."""
+    node: Any = RunSpec
+    parent: Any = None
+    text = ""
+    is_key = False
+    for i, seg in enumerate(loc):
+        if seg == "[key]" and i == len(loc) - 1:
+            is_key = True
+            break
+        if isinstance(node, dict) and seg in node:
+            node = node[seg]  # discriminator tag, not a key of the input
+            continue
+        parent = node
+        if isinstance(seg, int) and not isinstance(node, type):
+            text += f"[{seg}]"
+            continue
+        text += _fmt_key(seg, not text)
+        if isinstance(node, type) and issubclass(node, BaseModel) and seg in node.model_fields:
+            node = _node_for(node.model_fields[seg].annotation)
+        else:
+            node = None
+    return text or "spec", parent, is_key
+
+
+def _suggest(key: str, allowed: list[str]) -> str | None:
+    """The field a misspelt key most likely meant: a near spelling, or a field that has the key as a
+    word (``lr`` -> ``base_lr``)."""
+    close = get_close_matches(key, allowed, n=1)
+    if close:
+        return close[0]
+    words = [f for f in allowed if key.lower() in f.split("_")]
+    return words[0] if len(words) == 1 else None
+
+
+def _error_line(err: dict[str, Any]) -> str:
+    loc = tuple(err.get("loc", ()))
+    path, parent, is_key = _render_loc(loc)
+    kind = err.get("type", "")
+    message = str(err.get("msg", "invalid"))
+    if kind == "extra_forbidden":
+        message = "unknown key"
+        if isinstance(parent, type) and issubclass(parent, BaseModel) and loc:
+            allowed = list(parent.model_fields)
+            close = _suggest(str(loc[-1]), allowed)
+            message += f"; did you mean {close!r}?" if close else f" (allowed: {', '.join(allowed)})"
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        message = "expected an object (mapping)"
+    elif kind == "union_tag_not_found":
+        message = "missing 'kind' (one of: rotation, affine, perspective, elastic)"
+    if is_key:
+        message = f"invalid key: {message}"
+    secret = kind in _NO_GOT or any(isinstance(s, str) and s.lower() in CREDENTIAL_KEYS for s in loc)
+    value = err.get("input")
+    if secret or _contains_credentials(value):
+        return f"{path}: {message}"
+    return f"{path}: {message} (got {_short_repr(value)})"
+
+
+def _validation_problems(exc: ValidationError) -> list[str]:
+    return [_error_line(e) for e in exc.errors(include_url=False)]
+
+
+ANNOTATION_KEYS = frozenset({"$schema", "$comment"})
+
+
+def parse_spec(obj: Any) -> RunSpec:
+    """Validate already-loaded data (a dict) into a :class:`RunSpec`, or raise :class:`SpecError`."""
+    if not isinstance(obj, dict):
+        raise SpecError([f"spec: top level must be an object (mapping), got {type(obj).__name__}"])
+    # Editors' "$schema" and authors' "$comment" annotate the file; they are not part of the run.
+    obj = {k: v for k, v in obj.items() if k not in ANNOTATION_KEYS}
+    try:
+        return RunSpec.model_validate(obj)
+    except ValidationError as exc:
+        raise SpecError(_validation_problems(exc)) from None
+    except RecursionError:
+        raise SpecError(["spec: nested too deeply"]) from None
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def _reject_duplicate_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+@functools.cache
+def _yaml_loader() -> type:
+    """SafeLoader that refuses duplicate keys (YAML would silently keep the last one)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+            except TypeError:
+                continue  # unhashable: construct_mapping reports it with its position
+        loader.flatten_mapping(node)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return StrictLoader
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        pos = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        detail = " ".join(p for p in (exc.context, exc.problem) if p) or str(exc)
+        raise SpecError([f"{where}{pos}: invalid YAML: {_one_line(detail)}"]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([f"{where}: invalid YAML: {_one_line(str(exc))}"]) from None
+    except RecursionError:
+        raise SpecError([f"{where}: invalid YAML: nested too deeply"]) from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a timestamp like 2024-13-45
+        raise SpecError([f"{where}: invalid YAML: {_one_line(str(exc))}"]) from None
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_reject_duplicate_pairs)
+    except json.JSONDecodeError as exc:
+        raise SpecError([f"{where}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}"]) from None
+    except _DuplicateKey as exc:
+        raise SpecError([f"{where}: invalid JSON: duplicate key {exc.args[0]!r}"]) from None
+    except RecursionError:
+        raise SpecError([f"{where}: invalid JSON: nested too deeply"]) from None
+    except ValueError as exc:  # e.g. an integer longer than Python's digit limit
+        raise SpecError([f"{where}: invalid JSON: {_one_line(str(exc))}"]) from None
+
+
+def load_spec(path: str | os.PathLike[str]) -> RunSpec:
+    """Read a spec file (YAML for .yaml/.yml, else JSON) and validate it, or raise :class:`SpecError`."""
+    p = Path(path)
+    where = str(p)
+    if not p.exists():
+        raise SpecError([f"{where}: no such file"])
+    if not p.is_file():
+        raise SpecError([f"{where}: not a file"])
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"{where}: not UTF-8 text ({_one_line(exc.reason)} at byte {exc.start})"]) from None
+    except OSError as exc:
+        raise SpecError([f"{where}: cannot read: {_one_line(exc.strerror or str(exc))}"]) from None
+    is_yaml = p.suffix.lower() in (".yaml", ".yml")
+    data = _parse_yaml(text, where) if is_yaml else _parse_json(text, where)
+    if not isinstance(data, dict):
+        kind = "null" if data is None else type(data).__name__
+        raise SpecError([f"{where}: top level must be an object (mapping), got {kind}"])
+    return parse_spec(data)
