@@ -1,0 +1,92 @@
+"""Preemption signals: a flag set by the handler, acted on at a step boundary by every rank together.
+
+Never save inside a signal handler (it deadlocks collectives); the handler only records the request.
+SLURM's ``--signal`` reaches every process of the job step, so every process we start handles or
+ignores the preemption signals: the trainer sets a flag, DataLoader workers ignore them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterable
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "preempted, resume me"
+
+
+def preemption_signals(user_signal: str = "USR2") -> tuple[signal.Signals, ...]:
+    """SIGTERM (plain preemption / requeue) and the configured user signal (``--signal`` on SLURM)."""
+    user = getattr(signal, f"SIG{user_signal.upper().removeprefix('SIG')}")
+    return tuple(dict.fromkeys([signal.SIGTERM, user]))
+
+
+class PreemptionFlag:
+    """Records that a preemption signal arrived; :meth:`requested` is read at step boundaries."""
+
+    def __init__(self, signals: Iterable[signal.Signals]) -> None:
+        self.signals = tuple(signals)
+        self._event = threading.Event()
+        self.received: signal.Signals | None = None
+
+    def install(self) -> PreemptionFlag:
+        for sig in self.signals:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+        self._event.set()
+
+    def trigger(self) -> None:
+        """Request a stop as a signal would (used for scripted stops at a given step)."""
+        self.received = self.received or signal.SIGUSR2
+        self._event.set()
+
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+
+def ignore_preemption_signals(worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: workers must outlive a job-step-wide signal, not die from it."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct child pids of ``pid`` from /proc (Linux): the agent forwards signals to its workers."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == pid:
+            found.append(int(entry))
+    return found
+
+
+def forward_to_children(signals: Iterable[signal.Signals]) -> None:
+    """Install handlers that pass each preemption signal on to this process's children.
+
+    Used in the torchrun agent: it must not die from the user signal, and a SIGTERM aimed at the agent
+    alone (not the whole job step) must still reach the trainers so they checkpoint before exiting.
+    """
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        for child in children_of(os.getpid()):
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+    for sig in signals:
+        signal.signal(sig, handle)

@@ -1,0 +1,436 @@
+"""The PixPro trainer: one process per rank, started by torchrun (or alone for a single process).
+
+    python -m torch.distributed.run --nproc-per-node 2 -m launch.train SPEC --run-dir DIR
+
+Reads top to bottom: build everything from the spec, resume from the newest committed checkpoint,
+then step until done or preempted. Every schedule is a pure function of the global step, so a resumed
+run continues exactly where it stopped (bitwise on CPU with a fixed thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from launch.checkpoint import Checkpointer
+from launch.metrics import MetricsLog
+from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_signals, preemption_signals
+from launch.rng import capture_rng, restore_rng
+from launch.sampler import ResumableSampler
+from launch.status import write_status
+from launch.store import CheckpointStore
+from pixpro.augment import TwoViewTransform
+from pixpro.builder import PixPro
+from pixpro.data import ImageFolder, TwoViewDataset
+from pixpro.demo_data import generate_demo_dataset
+from pixpro.lars import LARS, lars_param_groups
+from pixpro.schedules import ema_momentum, learning_rate, scaled_lr
+from schemas import RunSpec, SpecError, load_spec, spec_hash
+
+log = logging.getLogger("pixpro.train")
+
+
+# --- the run's environment ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @classmethod
+    def from_environ(cls) -> DistEnv:
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def checkpoint_url(spec: RunSpec, run_dir: Path) -> str:
+    return spec.checkpoint.url or str(run_dir / "checkpoints")
+
+
+def attempt_id(world_size: int) -> str:
+    """A name unique to this launch, the same on every rank: it names the attempt's checkpoint prefixes.
+
+    The launcher's ``PIXPRO_ATTEMPT`` (SLURM job id and restart count), else rank 0's clock and pid;
+    torchrun's restart count is appended, so workers it restarts never reuse a prefix.
+    """
+    base = os.environ.get("PIXPRO_ATTEMPT")
+    if base is None and "SLURM_JOB_ID" in os.environ:
+        base = f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    if base is None:
+        base = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        if world_size > 1:
+            box = [base]
+            dist.broadcast_object_list(box, src=0)
+            base = box[0]
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    return f"{base}.r{restarts}" if restarts else base
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    random.seed(seed * 1000 + rank)
+    np.random.seed((seed * 1000 + rank) % 2**32)
+    torch.manual_seed(seed * 1000 + rank)
+
+
+# --- builders (the method in a builder, a loader and a main, as in moco) ---------------------------
+def build_model(spec: RunSpec) -> PixPro:
+    torch.manual_seed(spec.seed)  # identical initial weights on every rank and every attempt
+    m, loss = spec.model, spec.loss
+    return PixPro(
+        backbone=m.backbone,
+        projector_hidden=m.projector_hidden,
+        projector_out=m.projector_out,
+        ppm_gamma=m.ppm_gamma,
+        ppm_layers=m.ppm_layers,
+        positive_threshold=loss.positive_threshold,
+        loss=loss.kind,
+        pixcontrast_tau=loss.pixcontrast_tau,
+        instance_weight=loss.instance_weight,
+        zero_init_residual=m.zero_init_residual,
+    )
+
+
+def build_data(spec: RunSpec, env: DistEnv) -> tuple[TwoViewDataset, ResumableSampler]:
+    root = Path(spec.data.root)
+    if spec.data.demo is not None:
+        if env.rank == 0:
+            d = spec.data.demo
+            generate_demo_dataset(root, num_images=d.num_images, image_size=d.image_size, seed=d.seed)
+        if env.world_size > 1:
+            dist.barrier()
+        root = root / "images"
+    folder = ImageFolder(root, min_size=spec.data.crop_size)
+    transform = TwoViewTransform(crop_size=spec.data.crop_size, scale=tuple(spec.data.crop_scale),
+                                 spatial=build_spatial(spec))
+    dataset = TwoViewDataset(folder, transform, seed=spec.seed)
+    sampler = ResumableSampler(len(dataset), seed=spec.seed, rank=env.rank, world_size=env.world_size,
+                               batch_size=spec.data.batch_size, drop_last=True)
+    return dataset, sampler
+
+
+def build_spatial(spec: RunSpec) -> list:
+    """torchvision v2 spatial transforms from the spec; fill 0 so padding is marked invalid."""
+    from torchvision.transforms import v2
+
+    bilinear = v2.InterpolationMode.BILINEAR
+    out = []
+    for t in spec.data.spatial:
+        if t.kind == "rotation":
+            out.append(v2.RandomRotation(t.degrees, interpolation=bilinear))
+        elif t.kind == "affine":
+            out.append(v2.RandomAffine(t.degrees, translate=t.translate, scale=t.scale, shear=t.shear,
+                                       interpolation=bilinear))
+        elif t.kind == "perspective":
+            out.append(v2.RandomPerspective(t.distortion_scale, p=t.p, interpolation=bilinear))
+        elif t.kind == "elastic":
+            out.append(v2.ElasticTransform(alpha=t.alpha, sigma=t.sigma, interpolation=bilinear))
+    return out
+
+
+def build_optimizer(spec: RunSpec, model: PixPro) -> torch.optim.Optimizer:
+    o = spec.optim
+    groups = lars_param_groups(model, o.weight_decay)
+    if o.optimizer == "lars":
+        return LARS(groups, lr=0.0, momentum=o.momentum, trust_coefficient=o.trust_coefficient)
+    for g in groups:
+        g.pop("lars_adapt", None)
+    return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum)
+
+
+@dataclass
+class Plan:
+    """The schedule's fixed numbers, decided at the first start and kept across resumes."""
+
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    global_batch: int
+
+    @classmethod
+    def make(cls, spec: RunSpec, num_samples: int, world_size: int) -> Plan:
+        global_batch = spec.data.batch_size * world_size
+        steps_per_epoch = num_samples // global_batch
+        if steps_per_epoch == 0:
+            raise SpecError(f"data: {num_samples} images are fewer than one global batch of {global_batch}")
+        total = spec.optim.epochs * steps_per_epoch
+        if spec.optim.max_steps is not None:
+            total = min(total, spec.optim.max_steps)
+        warmup = min(round(spec.optim.warmup_epochs * steps_per_epoch), total)
+        peak = scaled_lr(spec.optim.base_lr, global_batch, spec.optim.lr_scaling)
+        return cls(total, warmup, peak, global_batch)
+
+    def lr(self, step: int, spec: RunSpec) -> float:
+        return learning_rate(step, base_lr=self.peak_lr, total_steps=self.total_steps,
+                             warmup_steps=self.warmup_steps, final_lr=spec.optim.final_lr)
+
+    def momentum(self, step: int, spec: RunSpec) -> float:
+        return ema_momentum(step, total_steps=self.total_steps, base=spec.optim.ema_base_momentum)
+
+
+# --- the trainer -----------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, spec: RunSpec, run_dir: Path, env: DistEnv, flag: PreemptionFlag) -> None:
+        self.spec, self.run_dir, self.env, self.flag = spec, run_dir, env, flag
+        self.device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        cuda = self.device.type == "cuda"
+        if spec.threads and not cuda:
+            torch.set_num_threads(spec.threads)
+        if cuda:
+            torch.cuda.set_device(self.device)
+        elif spec.precision != "fp32" and env.rank == 0:
+            log.info("precision %s applies on GPU; this CPU run trains in fp32", spec.precision)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision) if cuda else None
+        self.memory_format = torch.channels_last if (cuda and spec.channels_last) else torch.contiguous_format
+
+        seed_everything(spec.seed, env.rank)  # a fresh start is reproducible; a resume restores the RNG
+        self.dataset, self.sampler = build_data(spec, env)
+        self.model = build_model(spec).to(self.device, memory_format=self.memory_format)
+        if cuda and env.world_size > 1:
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        elif env.world_size > 1 and env.rank == 0:
+            log.info("CPU/gloo: SyncBatchNorm needs GPUs, so each rank keeps its own BatchNorm statistics")
+        self.optimizer = build_optimizer(spec, self.model)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.plan = Plan.make(spec, len(self.dataset), env.world_size)
+        self.step = 0
+        self.epoch = 0
+
+        self.attempt = attempt_id(env.world_size)
+        self.store = CheckpointStore(checkpoint_url(spec, run_dir), spec.checkpoint.storage_options,
+                                     keep_last=spec.checkpoint.keep_last, attempt=self.attempt)
+        self.checkpointer = Checkpointer(self.store, env.rank, env.world_size)
+        self.spec_hash = spec_hash(spec)
+        self.metrics = MetricsLog(self.store, self.attempt) if env.rank == 0 else None
+
+    # state ----------------------------------------------------------------------------------------
+    def train_state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": {"step": self.step, "epoch": self.epoch},
+            "sampler": self.sampler.state_dict(),
+            "plan": vars(self.plan).copy(),
+        }
+
+    def load_train_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch = state["progress"]["step"], state["progress"]["epoch"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.plan = Plan(**state["plan"])
+
+    def resume(self) -> None:
+        found = self.checkpointer.load_latest()
+        if found is None:
+            log.info("no committed checkpoint under %s: starting at step 0", self.store.url)
+            return
+        step, train_state, rank_state = found
+        saved_hash = train_state.get("spec_hash", self.spec_hash)
+        if saved_hash != self.spec_hash:
+            raise SpecError(
+                f"the checkpoint at step {step} was written by a different run spec (hash {saved_hash[:12]}, "
+                f"now {self.spec_hash[:12]}); resuming would silently change the run. Start a new run instead"
+            )
+        self.load_train_state(train_state["state"] if "state" in train_state else train_state)
+        if rank_state is not None:
+            restore_rng(rank_state["rng"])
+        else:
+            log.warning("world size changed to %d: the remaining samples are repartitioned and per-rank RNG is "
+                        "re-derived from (seed, step, rank)", self.env.world_size)
+            torch.manual_seed(hash((self.spec.seed, self.step, self.env.rank)) & 0x7FFF_FFFF)
+        log.info("resumed from step %d (epoch %d) of %d", self.step, self.epoch, self.plan.total_steps)
+
+    def save(self, blocking: bool) -> None:
+        train_state = {"state": self.train_state(), "spec_hash": self.spec_hash} if self.env.rank == 0 else None
+        meta = {"step": self.step, "epoch": self.epoch, "spec_hash": self.spec_hash, "attempt": self.attempt}
+        self.checkpointer.save(self.step, train_state, {"rng": capture_rng()}, meta, blocking=blocking)
+
+    # loop -----------------------------------------------------------------------------------------
+    def fit(self) -> str:
+        """Train to the end or to a preemption; returns "completed" or "preempted"."""
+        spec, env = self.spec, self.env
+        self.resume()
+        model = self.model
+        if env.world_size > 1:
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._status("running")
+        stop_at = int(os.environ.get("PIXPRO_STOP_AT_STEP", -1))
+        last_ckpt_time = time.monotonic()
+        t_last, n_last = time.monotonic(), self.step
+        outcome = "completed"
+        progress = _progress_bar(self.plan.total_steps, self.step) if env.rank == 0 else None
+
+        while self.step < self.plan.total_steps and outcome == "completed":
+            if self.sampler.steps_remaining() == 0:
+                self.epoch += 1
+                self.sampler.set_epoch(self.epoch)
+            for batch in self._loader():
+                loss = self._train_step(model, batch)
+                self.step += 1
+                self.sampler.advance_steps(1)
+                if self.step == stop_at:
+                    self.flag.trigger()
+                if self.metrics is not None and (self.step % spec.log_every_steps == 0 or self.step == self.plan.total_steps):
+                    now = time.monotonic()
+                    rate = (self.step - n_last) * self.sampler.global_batch_size / max(now - t_last, 1e-9)
+                    t_last, n_last = now, self.step
+                    self._log_metrics(loss, rate)
+                if progress is not None:
+                    progress.update(self.step, loss)
+                preempt, due = self._agree(self.flag.requested(), self._checkpoint_due(last_ckpt_time))
+                if preempt:
+                    outcome = "preempted"
+                    break
+                if due and self.step < self.plan.total_steps:
+                    self.save(blocking=False)
+                    last_ckpt_time = time.monotonic()
+                if self.step >= self.plan.total_steps:
+                    break
+        if progress is not None:
+            progress.close()
+        self.save(blocking=True)
+        if self.metrics is not None:
+            self.metrics.flush()
+        self._status(outcome)
+        log.info("%s at step %d of %d", outcome, self.step, self.plan.total_steps)
+        del model
+        return outcome
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=self.spec.data.batch_size, sampler=self.sampler,
+                          num_workers=self.spec.data.num_workers, worker_init_fn=ignore_preemption_signals,
+                          pin_memory=self.device.type == "cuda", drop_last=False,
+                          # its own generator: creating an iterator must not draw from the global RNG
+                          generator=torch.Generator().manual_seed(self.spec.seed))
+
+    def _train_step(self, model: torch.nn.Module, batch: dict) -> float:
+        lr = self.plan.lr(self.step, self.spec)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.update_target(self.plan.momentum(self.step, self.spec))  # before the target forward (O)
+        v1, v2, c1, c2 = (batch[k].to(self.device, non_blocking=True) for k in ("view1", "view2", "coords1", "coords2"))
+        if self.memory_format is torch.channels_last:
+            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        with autocast:
+            out = model(v1, v2, c1, c2)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        loss = float(out["loss"].detach())
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {self.step}")
+        self._last_positives = float(out["positives"])
+        return loss
+
+    def _checkpoint_due(self, last_time: float) -> bool:
+        c = self.spec.checkpoint
+        by_steps = c.every_steps is not None and self.step % c.every_steps == 0
+        by_time = c.every_minutes is not None and time.monotonic() - last_time >= 60 * c.every_minutes
+        return by_steps or by_time
+
+    def _agree(self, preempt: bool, due: bool) -> tuple[bool, bool]:
+        """Every rank takes the same decision at the same step (no rank is left in a collective)."""
+        if self.env.world_size == 1:
+            return preempt, due
+        flags = torch.tensor([int(preempt), int(due)], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def _log_metrics(self, loss: float, rate: float) -> None:
+        rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": self.plan.lr(self.step - 1, self.spec),
+               "ema_momentum": self.plan.momentum(self.step - 1, self.spec), "img_per_s": round(rate, 2),
+               "positives": self._last_positives, "total_steps": self.plan.total_steps}
+        self.metrics.append(rec)
+        self.metrics.flush()
+        if not sys.stderr.isatty():
+            log.info("step %d/%d loss %.4f lr %.3g m %.5f %.1f img/s", self.step, self.plan.total_steps, loss,
+                     rec["lr"], rec["ema_momentum"], rate)
+
+    def _status(self, state: str) -> None:
+        if self.env.rank == 0:
+            write_status(self.store, state=state, step=self.step,
+                         total_steps=self.plan.total_steps, epoch=self.epoch, attempt=self.attempt,
+                         committed_step=self.checkpointer.last_committed)
+
+
+class _progress_bar:
+    """A rich progress bar on an interactive terminal; nothing otherwise (logs carry the progress)."""
+
+    def __init__(self, total: int, start: int) -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("pixpro"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                                TimeRemainingColumn(), transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-")
+            self.bar.start()
+
+    def update(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# --- entry point -----------------------------------------------------------------------------------
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__)
+    parser.add_argument("spec", type=Path, help="run spec (JSON or YAML)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="local run folder (default runs/<name>)")
+    args = parser.parse_args(argv)
+    env = DistEnv.from_environ()
+    _setup_logging(env.rank)
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as exc:
+        print(f"pixpro: {exc}", file=sys.stderr)
+        return 2
+    flag = PreemptionFlag(preemption_signals(spec.resources.signal)).install()
+    run_dir = args.run_dir or Path("runs") / spec.name
+    if env.world_size > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        outcome = Trainer(spec, run_dir, env, flag).fit()
+    except SpecError as exc:
+        log.error("%s", exc)
+        return 2
+    finally:
+        if env.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    if outcome == "preempted":
+        exit_dir = os.environ.get("PIXPRO_EXIT_DIR")
+        if exit_dir:  # under our torchrun wrapper: exit 0 so torchrun does not restart us; it reports 75
+            Path(exit_dir, f"preempted.{env.rank}").touch()
+            return 0
+        return EXIT_PREEMPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Shared helpers for trainer tests: a tiny CPU run spec, launching the trainer, reading final states."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_spec(data_root: Path, **overrides: Any) -> dict:
+    """resnet18 at 64 px on 24 synthetic images: 6 steps an epoch, 10 steps in all, in seconds."""
+    spec = {
+        "name": "tiny",
+        "seed": 3,
+        "data": {
+            "root": str(data_root),
+            "demo": {"num_images": 24, "image_size": 72, "seed": 1},
+            "crop_size": 64,
+            "crop_scale": [0.3, 1.0],
+            "batch_size": 4,
+            "num_workers": 0,
+        },
+        "model": {"backbone": "resnet18", "projector_hidden": 64, "projector_out": 32},
+        "optim": {"epochs": 2, "warmup_epochs": 0.5, "max_steps": 10, "base_lr": 1.0},
+        "precision": "fp32",
+        "threads": 1,
+        "checkpoint": {"every_steps": 3, "every_minutes": None, "keep_last": 3},
+        "log_every_steps": 1,
+        "resources": {"time_limit_min": 30},
+    }
+    for dotted, value in overrides.items():
+        node = spec
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return spec
+
+
+def write_spec(path: Path, spec: dict) -> Path:
+    path.write_text(json.dumps(spec, indent=2))
+    return path
+
+
+def trainer_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIXPRO_", "SLURM_", "TORCHELASTIC_"))}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def run_trainer(
+    spec: Path, run_dir: Path, nproc: int = 1, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess:
+    """One process (``python -m launch.train``) or ``nproc`` ranks under our torchrun wrapper."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "launch.train", str(spec), "--run-dir", str(run_dir)]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "launch.run",
+            "--nnodes",
+            "1",
+            f"--nproc-per-node={nproc}",
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "127.0.0.1:0",
+            "--",
+            str(spec),
+            "--run-dir",
+            str(run_dir),
+        ]
+    return subprocess.run(
+        cmd, cwd=REPO, env=trainer_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def final_state(url: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """Every file of the newest committed checkpoint, loaded (weights only)."""
+    from launch.store import CheckpointStore
+
+    store = CheckpointStore(url, storage_options)
+    manifest = store.resolve()
+    assert manifest is not None, f"no committed checkpoint under {url}"
+    return {
+        name: torch.load(io.BytesIO(store.read(manifest, name)), weights_only=True)
+        for name in manifest.names
+    } | {"__step__": manifest.step}
+
+
+def assert_identical(a: Any, b: Any, path: str = "state") -> None:
+    """Zero tolerance: same structure, same dtypes, bitwise equal tensors."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), (
+            f"{path} differs (max abs diff {(a.double() - b.double()).abs().max().item()})"
+        )
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, set(a) ^ set(b)))}"
+        for k in a:
+            assert_identical(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list | tuple):
+        assert isinstance(b, list | tuple) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_identical(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
