@@ -2,13 +2,14 @@
 
 Object stores have no rename, and an exception inside ``with fs.open(path, "wb")`` on s3fs *completes*
 the upload, so "write to a temp name then rename" does not exist there. This module instead follows the
-protocol that DCP and Composer converged on (see docs in /work/shared/fault-tolerance.md):
+protocol that DCP and Composer converged on:
 
 Layout under the store URL::
 
     step-000000001234.<attempt>/rank0.pt      data files, one whole-object PUT each, size verified
     step-000000001234.<attempt>/manifest.json the commit marker: written LAST, create-only
     latest                                    {"step", "prefix", "manifest_sha256", ...}, moved by CAS
+    status.json, run.json, metrics/, aux/     auxiliary objects (put_aux): never foreign, never pruned
 
 * Every checkpoint gets a never-reused prefix: the attempt id is always part of it, so a stale attempt
   still uploading step 1234 can never mix its bytes into the new attempt's step 1234. ``attempt`` must
@@ -64,12 +65,14 @@ FORMAT = "pixpro-checkpoint/1"
 POINTER_FORMAT = "pixpro-latest/1"
 MANIFEST = "manifest.json"
 LATEST = "latest"
-# Files that live beside the checkpoints without being part of one (not "foreign" objects).
-AUX_TOP = frozenset({"metrics", "status.json", "run.json"})
+# Top-level names of auxiliary objects that live beside the checkpoints without being part of one (run
+# record, trainer status, metrics): never "foreign", never pruned, writable only through put_aux.
+AUX_TOP = frozenset({"metrics", "status.json", "run.json", "aux"})
 
 _PREFIX_RE = re.compile(r"^step-(\d{12})\.([A-Za-z0-9_.-]{1,64})$")
 _ATTEMPT_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}$")
+_AUX_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}(/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,199}){0,3}$")
 # storage_options keys whose values are credentials (redacted everywhere).
 _CRED_OPTION_RE = re.compile(r"key|secret|token|passw|username|credential", re.IGNORECASE)
 # meta keys that must never be written into a manifest.
@@ -287,17 +290,22 @@ class _LocalBackend:
 
     def scan(self, sub: str = "") -> dict[str, int]:
         out: dict[str, int] = {}
-        base = self._path(sub) if sub else self.root
-        prefix = f"{sub}/" if sub else ""
+        if sub:  # everything below one folder
+            for dirpath, _dirs, files in os.walk(self._path(sub)):
+                rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+                for n in files:
+                    with contextlib.suppress(FileNotFoundError):
+                        out[f"{rel_dir}/{n}"] = (Path(dirpath) / n).stat().st_size
+            return out
         try:
-            top = list(os.scandir(base))
+            top = list(os.scandir(self.root))
         except (FileNotFoundError, NotADirectoryError):
             return out
-        for e in top:
+        for e in top:  # the root and one level of folders is all the layout has
             with contextlib.suppress(FileNotFoundError):
                 if e.is_file():
-                    out[prefix + e.name] = e.stat().st_size
-                elif e.is_dir() and not sub:
+                    out[e.name] = e.stat().st_size
+                elif e.is_dir():
                     inner = [(f.name, f.stat().st_size) for f in os.scandir(e.path) if f.is_file()]
                     out[f"{e.name}/"] = 0  # keeps empty or nested foreign folders visible
                     out.update({f"{e.name}/{n}": s for n, s in inner})
@@ -583,10 +591,8 @@ def _layout(keys: dict[str, int]) -> _Layout:
     foreign: set[str] = set()
     for rel, size in keys.items():
         top, sep, rest = rel.partition("/")
-        if not top or top.startswith("."):
-            continue  # our lock and temp files
-        if top in AUX_TOP:
-            continue
+        if not top or top.startswith(".") or top in AUX_TOP:
+            continue  # our lock and temp files, auxiliary objects
         if not sep:
             if top != LATEST:
                 foreign.add(top)
@@ -1017,28 +1023,33 @@ class CheckpointStore:
                 log.warning("%s: skipping %s", self.url, e)
         return None
 
-    # -- auxiliary files (run record, status, metrics) ---------------------------------------------
+    # -- auxiliary objects ---------------------------------------------------------------------------
 
     def put_aux(self, rel: str, data: bytes) -> None:
-        """Write a small file beside the checkpoints (``status.json``, ``metrics/...``): one whole PUT."""
+        """Overwrite a small auxiliary object (``status.json``, ``metrics/...``) as one whole object.
+
+        Not part of any checkpoint and never pruned; the top-level name must be one of ``AUX_TOP`` so
+        that ``resolve`` can tell these objects from foreign ones.
+        """
         self._check_aux(rel)
         with self._guard():
-            self._backend.put(rel, data)
+            self._backend.put(rel, bytes(data))
 
     def read_aux(self, rel: str) -> bytes | None:
+        """An auxiliary object's bytes, or None if it does not exist."""
         self._check_aux(rel)
         with self._guard():
             return self._backend.read(rel)
 
     def list_aux(self, sub: str) -> list[str]:
-        """Relative paths of the auxiliary files under folder ``sub`` (e.g. ``metrics``)."""
+        """Relative paths (usable with ``read_aux``) of the auxiliary objects below folder ``sub``."""
         self._check_aux(sub)
         with self._guard():
-            return sorted(k for k in self._backend.scan(sub) if k.startswith(sub.rstrip("/") + "/"))
+            return sorted(k for k in self._backend.scan(sub) if not k.rpartition("/")[2].startswith("."))
 
     @staticmethod
     def _check_aux(rel: str) -> None:
-        if rel.partition("/")[0] not in AUX_TOP or ".." in rel.split("/"):
+        if not (isinstance(rel, str) and _AUX_RE.match(rel) and rel.split("/")[0] in AUX_TOP):
             raise ValueError(f"auxiliary path {rel!r} must lie under one of {sorted(AUX_TOP)}")
 
     def close(self) -> None:

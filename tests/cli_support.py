@@ -1,0 +1,121 @@
+"""Helpers shared by the ``pixpro`` CLI tests: the tiny CPU spec, running the real console script,
+and polling ``pixpro status --json``. No mocks: the CLI runs as users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PIXPRO = str(Path(sys.executable).with_name("pixpro"))
+SETUP_HINT = f"run `bash {REPO / 'cluster/slurm/setup.sh'}` as root first (it starts the local SLURM cluster)"
+
+
+def tiny_spec(data_root: Path, name: str = "tiny", **overrides: Any) -> dict[str, Any]:
+    """~32 images of 48 px, crop 32, resnet18, projector 64/32, batch 4, 12 steps, a commit every 2 steps.
+
+    Bitwise-reproducible on CPU: fp32, one thread per rank, no loader workers."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "seed": 0,
+        "data": {
+            "root": str(data_root),
+            "demo": {"num_images": 32, "image_size": 48, "seed": 0},
+            "crop_size": 32,
+            "batch_size": 4,
+            "num_workers": 0,
+        },
+        "model": {"backbone": "resnet18", "projector_hidden": 64, "projector_out": 32},
+        "optim": {"epochs": 100, "warmup_epochs": 1, "max_steps": 12},
+        "precision": "fp32",
+        "threads": 1,
+        "checkpoint": {"every_steps": 2, "every_minutes": None, "keep_last": 3},
+        "log_every_steps": 1,
+        "resources": {"nodes": 1, "gpus_per_node": 0, "time_limit_min": 60, "signal_lead_s": 60},
+    }
+    for dotted, value in overrides.items():
+        node = spec
+        *path, last = dotted.split("__")
+        for key in path:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return spec
+
+
+def write_spec(path: Path, spec: dict[str, Any]) -> Path:
+    path.write_text(json.dumps(spec, indent=2))
+    return path
+
+
+def cli(
+    *args: str, home: Path, cwd: Path | None = None, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``pixpro`` console script."""
+    full_env = {**os.environ, "PIXPRO_HOME": str(home), **(env or {})}
+    return subprocess.run(
+        [PIXPRO, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full_env
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("pixpro: "), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    return lines[0]
+
+
+def status_json(home: Path, ident: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = cli("status", ident, "--json", home=home, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def wait_status(
+    home: Path,
+    ident: str,
+    until: Callable[[dict[str, Any]], bool],
+    timeout: float,
+    seen: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    interval: float = 1.0,
+) -> dict[str, Any]:
+    """Poll ``pixpro status ID --json`` until ``until(row)``; every state observed goes into ``seen``."""
+    deadline = time.monotonic() + timeout
+    row: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        row = status_json(home, ident, env)
+        if seen is not None and (not seen or seen[-1] != row["state"]):
+            seen.append(row["state"])
+        if until(row):
+            return row
+        if row["state"] in ("FAILED", "CANCELLED", "TIMEOUT") and not until(row):
+            break
+        time.sleep(interval)
+    log = job_log(Path(row.get("run_dir", "")), row.get("job_id")) if row else ""
+    raise AssertionError(f"timed out/ended waiting on {ident}: {row}\n--- job log tail ---\n{log}")
+
+
+def job_log(run_dir: Path, job_id: str | None, lines: int = 60) -> str:
+    texts = []
+    for path in sorted((run_dir / "submitit").glob(f"{job_id}_*_log.out")) + sorted(
+        (run_dir / "local").glob(f"{job_id}.log")
+    ):
+        texts.append(f"==> {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(texts)
+
+
+def which_or_fail(*names: str) -> None:
+    import pytest
+
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not on PATH: {SETUP_HINT}", pytrace=False)

@@ -1,0 +1,463 @@
+"""Fast tests of the ``pixpro`` CLI: validation, dry runs, refusals, status (50 runs, no torch).
+
+They use the real console script and the real local SLURM cluster for checks that ask it
+(``sbatch --test-only``, ``sinfo``), but never start a training job.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_support import PIXPRO, assert_one_line_error, cli, tiny_spec, which_or_fail, write_spec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from cluster.cli import app
+from cluster.index import Index
+from cluster.record import RunRecord, atomic_write, write_local
+from cluster.slurm import HistoryLine, SlurmJob, check_partitions, gpu_count, parse_sinfo
+from cluster.states import AttemptState, follow_exit_code, slurm_state
+from schemas import SpecError, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"  # not created: commands that must write nothing leave it absent
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path) -> Path:
+    name = f"t{uuid.uuid4().hex[:10]}"  # unique: squeue -n NAME shows whether anything was queued
+    return write_spec(tmp_path / "tiny.json", tiny_spec(tmp_path / "data", name=name))
+
+
+def queued(name: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
+
+
+# ----------------------------------------------------------------------------------------- validate
+def test_version(home: Path) -> None:
+    proc = cli("--version", home=home)
+    assert proc.returncode == 0 and proc.stdout.startswith("pixpro "), proc
+
+
+def test_validate_prints_resolved_spec(home: Path, spec_file: Path) -> None:
+    proc = cli("validate", str(spec_file), home=home)
+    assert proc.returncode == 0, proc.stderr
+    resolved = json.loads(proc.stdout)
+    assert resolved["optim"]["optimizer"] == "lars"  # a default filled in
+    assert resolved["loss"]["positive_threshold"] == 0.7
+    assert load_spec(spec_file).model_dump(mode="json") == resolved
+    assert not home.exists()
+
+
+def test_validate_typo_missing_file_and_non_json(home: Path, tmp_path: Path) -> None:
+    spec = tiny_spec(tmp_path / "data")
+    spec["optim"]["lr"] = 0.1  # typo of base_lr
+    line = assert_one_line_error(cli("validate", str(write_spec(tmp_path / "typo.json", spec)), home=home), 2)
+    assert "optim.lr" in line and "base_lr" in line, line
+
+    line = assert_one_line_error(cli("validate", str(tmp_path / "missing.json"), home=home), 2)
+    assert "no such file" in line
+
+    (tmp_path / "bad.json").write_text('{"name": "x",,}')
+    line = assert_one_line_error(cli("validate", str(tmp_path / "bad.json"), home=home), 2)
+    assert "invalid JSON" in line
+
+    spec = tiny_spec(tmp_path / "data")
+    spec["optim"]["lr"], spec["data"]["batch_size"] = 0.1, 0
+    proc = cli("validate", str(write_spec(tmp_path / "two.json", spec)), home=home)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not home.exists()
+
+
+def test_imagenet_recipe_validates() -> None:
+    spec = load_spec(REPO / "launch/specs/imagenet_r50_100ep.json")
+    res, optim = spec.resources, spec.optim
+    global_batch = res.nodes * res.gpus_per_node * spec.data.batch_size
+    assert (res.gpus_per_node * res.nodes, spec.data.batch_size, global_batch) == (8, 128, 1024)
+    assert (optim.optimizer, optim.base_lr, optim.lr_scaling, optim.epochs) == ("lars", 1.0, "linear", 100)
+    assert optim.base_lr * global_batch / 256 == 4.0  # peak LR of the paper
+    assert spec.precision == "bf16" and spec.model.backbone == "resnet50"
+    assert (spec.checkpoint.url or "").startswith("s3://")
+    assert not any(k in json.dumps(spec.checkpoint.storage_options).lower() for k in ("secret", "key"))
+
+
+# --- fuzz: every malformed spec is exit 2, one line per problem, no traceback ---------------------
+_BASE = tiny_spec(Path("/tmp/pixpro-fuzz-data"))
+_NUMERIC = [
+    ("seed",),
+    ("data", "batch_size"),
+    ("data", "crop_size"),
+    ("optim", "base_lr"),
+    ("optim", "epochs"),
+    ("resources", "nodes"),
+    ("resources", "gpus_per_node"),
+    ("model", "projector_out"),
+    ("checkpoint", "keep_last"),
+    ("optim", "momentum"),
+    ("log_every_steps",),
+]
+_OBJECTS = [
+    (),
+    ("data",),
+    ("data", "demo"),
+    ("model",),
+    ("optim",),
+    ("checkpoint",),
+    ("resources",),
+    ("loss",),
+]
+_ANY = [*_NUMERIC, ("precision",), ("name",), ("optim", "optimizer"), ("resources", "signal"), ("data",)]
+_json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=8)
+)
+
+
+def _get(spec: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    """The object at ``path``, created if absent; the top level where an earlier mutation broke the path."""
+    node = spec
+    for key in path:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            return spec
+    return node
+
+
+def _new_key(taken: set[str], key: str) -> bool:
+    return key not in taken and not key.startswith("$")  # "$schema"/"$comment" are annotations
+
+
+@st.composite
+def malformed_spec(draw: st.DrawFn) -> bytes:
+    """Valid tiny spec plus 1-3 mutations each of which alone makes it invalid."""
+    spec = copy.deepcopy(_BASE)
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(
+            st.sampled_from(["unknown_key", "bad_object", "negative", "not_a_number", "drop_data", "nan"])
+        )
+        if kind == "unknown_key":
+            parent = _get(spec, draw(st.sampled_from(_OBJECTS))) if "data" in spec else spec
+            key = draw(st.text(min_size=1, max_size=12).filter(functools.partial(_new_key, set(parent))))
+            parent[key] = draw(_json_leaf)
+        elif kind == "bad_object":
+            path = draw(st.sampled_from(_ANY))
+            if "data" in spec or path[0] != "data":
+                _get(spec, path[:-1])[path[-1]] = {"!" + draw(st.text(max_size=6)): draw(_json_leaf)}
+            else:
+                spec["data"] = []
+        elif kind == "negative" and "data" in spec:
+            path = draw(st.sampled_from(_NUMERIC))
+            _get(spec, path[:-1])[path[-1]] = draw(st.integers(max_value=-1))
+        elif kind == "not_a_number" and "data" in spec:
+            path = draw(st.sampled_from(_NUMERIC))
+            _get(spec, path[:-1])[path[-1]] = "x" + draw(st.text(max_size=6))
+        elif kind == "nan" and "data" in spec:
+            path = draw(st.sampled_from([("optim", "base_lr"), ("optim", "momentum"), ("loss", "ppm_gamma")]))
+            _get(spec, path[:-1])[path[-1]] = draw(
+                st.sampled_from([float("nan"), float("inf"), float("-inf")])
+            )
+        else:
+            spec.pop("data", None)
+    text = json.dumps(spec).encode()
+    how = draw(st.sampled_from(["json", "json", "json", "truncated", "not_object", "binary"]))
+    if how == "truncated":
+        return text[: draw(st.integers(1, len(text) - 1))]
+    if how == "not_object":
+        return json.dumps(draw(st.lists(_json_leaf, max_size=3) | _json_leaf)).encode()
+    if how == "binary":
+        return b"\xff\xfe" + draw(st.binary(max_size=20))
+    return text
+
+
+def test_fuzz_1000_malformed_specs_exit_2_one_line_per_problem(tmp_path: Path) -> None:
+    path = tmp_path / "spec.json"
+    checked = 0
+
+    @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
+    @given(body=malformed_spec())
+    def check(body: bytes) -> None:
+        nonlocal checked
+        path.write_bytes(body)
+        with pytest.raises(SpecError) as expected:
+            load_spec(path)
+        result = CliRunner().invoke(app, ["validate", str(path)])
+        assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
+        assert result.stderr.splitlines() == [f"pixpro: {p}" for p in expected.value.problems]
+        assert "Traceback" not in result.stderr and result.stdout == ""
+        checked += 1
+
+    check()
+    assert checked >= 1000, checked
+
+
+# ----------------------------------------------------------------------------------------- submit
+def test_dry_run_prints_sbatch_and_torchrun_and_writes_nothing(home: Path, spec_file: Path) -> None:
+    which_or_fail("sbatch", "sinfo")
+    name = json.loads(spec_file.read_text())["name"]
+    proc = cli("submit", "--dry-run", "--nodes", "2", "--gpus", "2", str(spec_file), home=home)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "#SBATCH --nodes=2" in out and "#SBATCH --gpus-per-node=2" in out
+    assert "#SBATCH --ntasks-per-node=1" in out and "#SBATCH --requeue" in out
+    assert "#SBATCH --signal=USR2@60" in out and "export SUBMITIT_PREEMPT_SIGNAL=USR2" in out
+    assert "sbatch --test-only: sbatch: Job" in out
+    torchrun = next(line for line in out.splitlines() if "-m launch.run" in line)
+    for part in (
+        "--nnodes 2",
+        "--nproc-per-node 2",
+        "--rdzv-backend c10d",
+        '--rdzv-endpoint "$FIRST_HOST:$PORT"',
+        '--rdzv-id "$SLURM_JOB_ID"',
+        "--max-restarts 0",
+        "PIXPRO_SIGNAL=USR2",
+    ):
+        assert part in torchrun, (part, torchrun)
+    resolved = json.loads(out.split("# resolved spec\n", 1)[1].split("\n\n# sbatch script", 1)[0])
+    assert resolved["resources"]["nodes"] == 2 and resolved["checkpoint"]["url"].endswith("/checkpoints")
+    assert not home.exists() and queued(name) == ""
+
+    proc = cli("submit", "--dry-run", "--executor", "local", str(spec_file), home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH" not in proc.stdout and "--nnodes 1 --nproc-per-node 1" in proc.stdout
+    assert "--rdzv-endpoint 127.0.0.1:" in proc.stdout
+    assert not home.exists()
+
+
+def test_impossible_resources_exit_2_and_submit_nothing(home: Path, spec_file: Path, tmp_path: Path) -> None:
+    which_or_fail("sbatch", "sinfo")
+    name = json.loads(spec_file.read_text())["name"]
+    line = assert_one_line_error(cli("submit", "--gpus", "8", str(spec_file), home=home), 2)
+    assert "--gpus 8" in line and "at most 2 GPUs" in line, line
+
+    spec = tiny_spec(tmp_path / "data", name=name, resources__partition="nosuchpart")
+    line = assert_one_line_error(cli("submit", str(write_spec(tmp_path / "p.json", spec)), home=home), 2)
+    assert "nosuchpart" in line and "available: cpu, high" in line, line
+
+    line = assert_one_line_error(cli("submit", "--nodes", "3", str(spec_file), home=home), 2)
+    assert "--nodes 3" in line, line
+    line = assert_one_line_error(cli("submit", "--nodes", "0", str(spec_file), home=home), 2)
+    assert line.startswith("pixpro: --nodes (resources.nodes):"), line
+    line = assert_one_line_error(
+        cli("submit", "--executor", "local", "--nodes", "2", str(spec_file), home=home), 2
+    )
+    assert "one node" in line
+    assert not home.exists() and queued(name) == ""
+
+
+def test_partition_without_gpus_is_one_clear_line() -> None:
+    parts = parse_sinfo("node1|cpu*|(null)|up\nnode2|cpu*|(null)|up\nnode3|gpu|gpu:a100:4(S:0-1)|up\n")
+    assert gpu_count("gpu:a100:4(S:0-1),gpu:2,nvme:1") == 6 and parts["gpu"].nodes == {"node3": 4}
+    spec = load_spec(write_spec(Path(tempfile.mkdtemp()) / "s.json", tiny_spec(Path("/tmp/d"))))
+    spec = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpus_per_node": 8})})
+    with pytest.raises(Exception, match="partition 'cpu' has no GPUs") as err:
+        check_partitions(spec, parts)
+    assert getattr(err.value, "code", None) == 2
+
+
+def test_checkpoint_folder_of_another_run_is_refused_and_kept(home: Path, tmp_path: Path) -> None:
+    taken = tmp_path / "ckpt"
+    taken.mkdir()
+    original = b'{"run_id": "other-run-1234"}\n'
+    (taken / "run.json").write_bytes(original)
+    spec = tiny_spec(tmp_path / "data", checkpoint__url=str(taken))
+    proc = cli("submit", "--executor", "local", str(write_spec(tmp_path / "s.json", spec)), home=home)
+    line = assert_one_line_error(proc, 2)
+    assert "other-run-1234" in line and "pixpro resume" in line
+    assert (taken / "run.json").read_bytes() == original and sorted(p.name for p in taken.iterdir()) == [
+        "run.json"
+    ]
+    assert not (home / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------- status
+def test_status_without_runs_and_unknown_ids(home: Path) -> None:
+    proc = cli("status", home=home)
+    assert proc.returncode == 0 and "No runs yet" in proc.stdout, proc
+    proc = cli("status", "--json", home=home)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == []
+    for cmd in (["status", "nope-123"], ["logs", "nope-123"], ["resume", "nope-123"], ["cancel", "4242424"]):
+        line = assert_one_line_error(cli(*cmd, home=home), 3)
+        assert "nope-123" in line or "4242424" in line
+    assert not home.exists()
+
+
+def _fake_run(home: Path, i: int) -> RunRecord:
+    """A finished run as the trainer and the runner leave it (no job is started)."""
+    run_id = f"r{i:02d}-20260101-000000-{i:04x}"
+    rdir = home / "runs" / run_id
+    ckpt = rdir / "checkpoints"
+    slurm = i % 5 == 0
+    job = f"99{i:05d}" if slurm else f"local-{i + 1}"
+    now = time.time()
+    rec = RunRecord(
+        run_id=run_id,
+        name=f"r{i:02d}",
+        spec_hash="0" * 64,
+        created=now - 3600 + i,
+        executor="slurm" if slurm else "local",
+        run_dir=str(rdir),
+        workdir=str(home),
+        checkpoint_url=str(ckpt),
+        resources={"nodes": 1, "gpus_per_node": 0},
+        attempts=[job],
+        submitted={job: now - 3600},
+    )
+    write_local(rec)
+    code = (0, 75, 1, 0)[i % 4]
+    attempt = job if not slurm else f"{job}.0"
+    if not slurm:
+        atomic_write(
+            rdir / "local" / f"{job}.json",
+            json.dumps(
+                {"job_id": job, "pid": None, "started": now - 60, "ended": now - 5, "exit_code": code}
+            ).encode(),
+        )
+    state = {0: "completed", 75: "preempted", 1: "running"}[code]
+    step = 12 if code == 0 else 6
+    atomic_write(
+        ckpt / "status.json",
+        json.dumps(
+            {
+                "updated": now - 5,
+                "state": state,
+                "step": step,
+                "total_steps": 12,
+                "epoch": step // 2,
+                "attempt": attempt,
+                "committed_step": step,
+            }
+        ).encode(),
+    )
+    records = [
+        {
+            "time": now - 60 + s,
+            "attempt": attempt,
+            "step": s,
+            "epoch": s // 2,
+            "loss": 1.0 / s,
+            "lr": 0.01 * s,
+            "ema_momentum": 0.99 + s / 10000,
+            "img_per_s": 10.0 + s,
+            "positives": 3.0,
+            "total_steps": 12,
+        }
+        for s in range(1, step + 1)
+    ]
+    chunk = f"metrics/{attempt}.000000.jsonl" if i % 2 else f"metrics/{attempt}/000000.jsonl"  # both layouts
+    atomic_write(ckpt / chunk, ("\n".join(json.dumps(r) for r in records) + "\n").encode())
+    prefix = f"step-{step:012d}.{attempt}"
+    atomic_write(ckpt / prefix / "manifest.json", json.dumps({"step": step, "created": now - 30}).encode())
+    atomic_write(ckpt / "latest", json.dumps({"step": step, "prefix": prefix, "updated": now - 30}).encode())
+    return rec
+
+
+@pytest.fixture
+def fifty_runs(home: Path) -> list[RunRecord]:
+    records = [_fake_run(home, i) for i in range(50)]
+    index = Index(home)
+    for rec in records:
+        index.put(rec)
+    return records
+
+
+def test_status_of_50_runs_is_fast_and_complete(home: Path, fifty_runs: list[RunRecord]) -> None:
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        proc = cli("status", home=home)
+        times.append(time.perf_counter() - t0)
+        assert proc.returncode == 0, proc.stderr
+    for rec in fifty_runs:
+        assert rec.run_id in proc.stdout
+    shown = ", ".join(f"{t:.3f}" for t in times)
+    print(f"pixpro status with 50 runs: median {statistics.median(times):.3f}s ({shown})")
+    assert statistics.median(times) < 1.0, times
+
+    rows = {r["run_id"]: r for r in json.loads(cli("status", "--json", home=home).stdout)}
+    assert len(rows) == 50
+    expect = {0: "COMPLETED", 75: "PREEMPTED", 1: "FAILED"}
+    for i, rec in enumerate(fifty_runs):
+        row = rows[rec.run_id]
+        if rec.executor == "slurm":  # ids SLURM never saw, submitted an hour ago
+            assert row["state"] == "UNKNOWN", row
+        else:
+            assert row["state"] == expect[(0, 75, 1, 0)[i % 4]], row
+        assert row["step"] in (6, 12) and row["total_steps"] == 12 and row["checkpoint_step"] == row["step"]
+        assert row["lr"] == pytest.approx(0.01 * row["step"]) and row["img_per_s"] == 10.0 + row["step"]
+        assert 25 < row["checkpoint_age_s"] < 120
+
+    one = json.loads(cli("status", fifty_runs[3].attempts[0], "--json", home=home).stdout)
+    assert one["run_id"] == fifty_runs[3].run_id
+
+
+def test_status_never_imports_torch(home: Path, fifty_runs: list[RunRecord]) -> None:
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from cluster.cli import app\n"
+        "r = CliRunner().invoke(app, ['status'])\n"
+        "assert r.exit_code == 0, r.stderr\n"
+        "print(sorted(m for m in ('torch', 'submitit', 'launch', 'pixpro', 's3fs') if m in sys.modules))\n"
+    )
+    env = {"PIXPRO_HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
+    cmd = [sys.executable, "-X", "importtime", "-m", "cluster.cli", "status"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    assert "torch" not in imported and "launch" not in imported and "cluster" in imported
+
+
+# ----------------------------------------------------------------------------------------- states
+def _hist(*states: tuple[str, int]) -> list[HistoryLine]:
+    return [HistoryLine(s, code, 0, 0.0, 0.0) for s, code in states]
+
+
+def test_preempted_is_never_failed() -> None:
+    trainer = {"state": "preempted", "attempt": "77.1"}
+    cases = [
+        (SlurmJob("77", "PENDING", "BeginTime", _hist(("PREEMPTED", 0))), None, "REQUEUED"),
+        (SlurmJob("77", "RUNNING", "", _hist(("PREEMPTED", 0), ("REQUEUED", 0))), None, "RUNNING"),
+        (SlurmJob("77", None, "", _hist(("FAILED", 75))), None, "PREEMPTED"),
+        (SlurmJob("77", None, "", _hist(("PREEMPTED", 0), ("FAILED", 1))), trainer, "PREEMPTED"),
+        (SlurmJob("77", "COMPLETED", "", _hist(("COMPLETED", 0))), trainer, "PREEMPTED"),
+        (SlurmJob("77", None, "", _hist(("FAILED", 1))), {"state": "preempted", "attempt": "78.0"}, "FAILED"),
+        (
+            SlurmJob("77", None, "", _hist(("PREEMPTED", 0), ("COMPLETED", 0))),
+            {"state": "completed"},
+            "COMPLETED",
+        ),
+        (SlurmJob("77", "PENDING", "Resources", []), None, "PENDING"),
+    ]
+    for job, status, want in cases:
+        got = slurm_state(job, status, cancelled=False, recent=False)
+        assert got.state == want, (job, status, got)
+    assert (
+        follow_exit_code(AttemptState("PREEMPTED")) == 75 and follow_exit_code(AttemptState("COMPLETED")) == 0
+    )
+    assert follow_exit_code(AttemptState("FAILED", exit_code=2)) == 2
+
+
+def test_console_script_usage_errors_are_one_line(home: Path) -> None:
+    for args in (["bogus"], ["submit", "--nodes", "x", "s.json"], ["status", "--interval", "0"]):
+        assert_one_line_error(cli(*args, home=home), 2)
+    assert Path(PIXPRO).exists()
