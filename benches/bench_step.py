@@ -61,8 +61,15 @@ def step_ratio(backbone: str, size: int, batch: int, reps: int, hidden: int) -> 
         full += _time(pixpro_step, 1)
         floor += _time(floor_step, 1)
     f, b = statistics.median(full), statistics.median(floor)
-    return {"backbone": backbone, "size": size, "batch": batch, "hidden": hidden, "pixpro_s": f, "floor_s": b,
-            "ratio": f / b}
+    return {
+        "backbone": backbone,
+        "size": size,
+        "batch": batch,
+        "hidden": hidden,
+        "pixpro_s": f,
+        "floor_s": b,
+        "ratio": f / b,
+    }
 
 
 def augment_rate(reps: int) -> dict:
@@ -72,13 +79,18 @@ def augment_rate(reps: int) -> dict:
     torch.set_num_threads(1)
     image = torch.randint(0, 256, (3, 375, 500), dtype=torch.uint8)
     rows = {}
-    for name, spatial in (("crop+flip (boxes)", ()),
-                          ("+ rotation (coordinate maps)", (v2.RandomRotation(30, interpolation=v2.InterpolationMode.BILINEAR),))):
+    for name, spatial in (
+        ("crop+flip (boxes)", ()),
+        (
+            "+ rotation (coordinate maps)",
+            (v2.RandomRotation(30, interpolation=v2.InterpolationMode.BILINEAR),),
+        ),
+    ):
         t = TwoViewTransform(crop_size=224, spatial=spatial)
         g = torch.Generator()
         for i in range(5):
             t(image, g.manual_seed(i))
-        times = _time(lambda t=t: t(image, g.manual_seed(7)), reps * 20)
+        times = _time(lambda t=t, g=g: t(image, g.manual_seed(7)), reps * 20)
         rows[name] = 1.0 / statistics.median(times)
     return rows
 
@@ -94,10 +106,14 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     r = step_ratio(a.backbone, a.size, a.batch, a.reps, a.hidden)
-    print(f"| backbone | input | batch | projector hidden | PixPro step (s) | floor (s) | ratio (goal <= 1.10) |")
+    print(
+        "| backbone | input | batch | projector hidden | PixPro step (s) | floor (s) | ratio (goal <= 1.10) |"
+    )
     print("|---|---|---|---|---|---|---|")
-    print(f"| {r['backbone']} | {r['size']} px | {r['batch']} | {r['hidden']} | {r['pixpro_s']:.3f} | "
-          f"{r['floor_s']:.3f} | {r['ratio']:.3f} |")
+    print(
+        f"| {r['backbone']} | {r['size']} px | {r['batch']} | {r['hidden']} | {r['pixpro_s']:.3f} | "
+        f"{r['floor_s']:.3f} | {r['ratio']:.3f} |"
+    )
     print()
     print("| two-view augmentation, 500x375 -> 224, 1 core | samples/s |")
     print("|---|---|")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -21,32 +22,48 @@ CHUNK_LINES = 500
 
 
 class MetricsLog:
+    """Rank 0's metrics writer. Flushes run on a background thread, at most one at a time: a slow or
+    failing store delays the metrics file, never the training step."""
+
     def __init__(self, store: CheckpointStore, attempt: str) -> None:
         self.store = store
         self.prefix = f"metrics/{attempt}"
         self.attempt = attempt
-        self._chunk = 0
-        self._lines: list[str] = []
-        self._dirty = False
+        self._chunks: list[list[str]] = [[]]
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pending: set[int] = set()  # chunk numbers with lines not yet written
 
     def append(self, record: dict[str, Any]) -> None:
         record = {"time": round(time.time(), 3), "attempt": self.attempt, **record}
-        self._lines.append(json.dumps(record, sort_keys=True))
-        self._dirty = True
-        if len(self._lines) >= CHUNK_LINES:
-            self.flush()
-            self._chunk += 1
-            self._lines = []
+        with self._lock:
+            if len(self._chunks[-1]) >= CHUNK_LINES:
+                self._chunks.append([])
+            self._chunks[-1].append(json.dumps(record, sort_keys=True))
+            self._pending.add(len(self._chunks) - 1)
 
-    def flush(self) -> None:
-        """Rewrite the current chunk; a failed flush is logged, never fatal (metrics are not state)."""
-        if not self._dirty:
-            return
-        try:
-            self.store.put_aux(f"{self.prefix}.{self._chunk:06d}.jsonl", ("\n".join(self._lines) + "\n").encode())
-            self._dirty = False
-        except Exception as exc:  # noqa: BLE001 - storage outages must not stop training
-            log.warning("metrics flush failed (will retry at the next flush): %s", type(exc).__name__)
+    def flush(self, wait: bool = False) -> None:
+        """Write the chunks that changed, in the background unless ``wait``; a busy flusher is skipped."""
+        if self._thread is not None and self._thread.is_alive():
+            if not wait:
+                return
+            self._thread.join()
+        self._thread = threading.Thread(target=self._write, name="metrics-flush", daemon=True)
+        self._thread.start()
+        if wait:
+            self._thread.join()
+
+    def _write(self) -> None:
+        with self._lock:
+            todo = {i: "\n".join(self._chunks[i]) + "\n" for i in sorted(self._pending)}
+            self._pending.clear()
+        for i, text in todo.items():
+            try:
+                self.store.put_aux(f"{self.prefix}.{i:06d}.jsonl", text.encode())
+            except Exception as exc:
+                log.warning("metrics flush failed (retried at the next flush): %s", type(exc).__name__)
+                with self._lock:
+                    self._pending.add(i)
 
 
 def read_metrics(store: CheckpointStore) -> list[dict[str, Any]]:

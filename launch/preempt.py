@@ -7,6 +7,7 @@ ignores the preemption signals: the trainer sets a flag, DataLoader workers igno
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -83,10 +84,8 @@ def forward_to_children(signals: Iterable[signal.Signals]) -> None:
 
     def handle(signum: int, frame: FrameType | None) -> None:
         for child in children_of(os.getpid()):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
-            except ProcessLookupError:
-                pass
 
     for sig in signals:
         signal.signal(sig, handle)

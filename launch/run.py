@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
-        except Exception as exc:  # noqa: BLE001 - torchrun's ChildFailedError already printed the details
+        except Exception as exc:
             print(f"pixpro: training failed: {type(exc).__name__}", file=sys.stderr)
             code = 1
         if any(Path(exit_dir).glob("preempted.*")):

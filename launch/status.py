@@ -19,7 +19,7 @@ def write_status(store: CheckpointStore, **fields: Any) -> None:
     record = {"updated": round(time.time(), 3), **fields}
     try:
         store.put_aux(STATUS_FILE, json.dumps(record, sort_keys=True).encode())
-    except Exception as exc:  # noqa: BLE001 - status is informative, training goes on
+    except Exception as exc:
         log.warning("could not write %s: %s", STATUS_FILE, type(exc).__name__)
 
 

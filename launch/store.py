@@ -1023,6 +1023,25 @@ class CheckpointStore:
                 log.warning("%s: skipping %s", self.url, e)
         return None
 
+    def read_uncommitted(self, step: int, name: str, wait_s: float = 0.0) -> bytes | None:
+        """File ``name`` of this attempt's not-yet-committed ``step`` (waiting up to ``wait_s`` for it).
+
+        For the committing rank to collect what the other ranks wrote (their file entries) without a
+        collective, so serializing and uploading can run on background threads.
+        """
+        if not (isinstance(name, str) and _NAME_RE.match(name)) or name == MANIFEST:
+            raise ValueError(f"bad checkpoint file name {name!r}")
+        rel = f"{self.prefix(step)}/{name}"
+        deadline = time.monotonic() + wait_s
+        delay = 0.05
+        while True:
+            with self._guard():
+                data = self._backend.read(rel)
+            if data is not None or time.monotonic() >= deadline:
+                return data
+            time.sleep(min(delay, max(deadline - time.monotonic(), 0)))
+            delay = min(delay * 1.5, 2.0)
+
     # -- auxiliary objects ---------------------------------------------------------------------------
 
     def put_aux(self, rel: str, data: bytes) -> None:

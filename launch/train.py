@@ -53,7 +53,11 @@ class DistEnv:
 
     @classmethod
     def from_environ(cls) -> DistEnv:
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+        return cls(
+            int(os.environ.get("RANK", 0)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)),
+        )
 
 
 def checkpoint_url(spec: RunSpec, run_dir: Path) -> str:
@@ -113,11 +117,18 @@ def build_data(spec: RunSpec, env: DistEnv) -> tuple[TwoViewDataset, ResumableSa
             dist.barrier()
         root = root / "images"
     folder = ImageFolder(root, min_size=spec.data.crop_size)
-    transform = TwoViewTransform(crop_size=spec.data.crop_size, scale=tuple(spec.data.crop_scale),
-                                 spatial=build_spatial(spec))
+    transform = TwoViewTransform(
+        crop_size=spec.data.crop_size, scale=tuple(spec.data.crop_scale), spatial=build_spatial(spec)
+    )
     dataset = TwoViewDataset(folder, transform, seed=spec.seed)
-    sampler = ResumableSampler(len(dataset), seed=spec.seed, rank=env.rank, world_size=env.world_size,
-                               batch_size=spec.data.batch_size, drop_last=True)
+    sampler = ResumableSampler(
+        len(dataset),
+        seed=spec.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        batch_size=spec.data.batch_size,
+        drop_last=True,
+    )
     return dataset, sampler
 
 
@@ -131,8 +142,11 @@ def build_spatial(spec: RunSpec) -> list:
         if t.kind == "rotation":
             out.append(v2.RandomRotation(t.degrees, interpolation=bilinear))
         elif t.kind == "affine":
-            out.append(v2.RandomAffine(t.degrees, translate=t.translate, scale=t.scale, shear=t.shear,
-                                       interpolation=bilinear))
+            out.append(
+                v2.RandomAffine(
+                    t.degrees, translate=t.translate, scale=t.scale, shear=t.shear, interpolation=bilinear
+                )
+            )
         elif t.kind == "perspective":
             out.append(v2.RandomPerspective(t.distortion_scale, p=t.p, interpolation=bilinear))
         elif t.kind == "elastic":
@@ -173,8 +187,13 @@ class Plan:
         return cls(total, warmup, peak, global_batch)
 
     def lr(self, step: int, spec: RunSpec) -> float:
-        return learning_rate(step, base_lr=self.peak_lr, total_steps=self.total_steps,
-                             warmup_steps=self.warmup_steps, final_lr=spec.optim.final_lr)
+        return learning_rate(
+            step,
+            base_lr=self.peak_lr,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            final_lr=spec.optim.final_lr,
+        )
 
     def momentum(self, step: int, spec: RunSpec) -> float:
         return ema_momentum(step, total_steps=self.total_steps, base=spec.optim.ema_base_momentum)
@@ -184,7 +203,9 @@ class Plan:
 class Trainer:
     def __init__(self, spec: RunSpec, run_dir: Path, env: DistEnv, flag: PreemptionFlag) -> None:
         self.spec, self.run_dir, self.env, self.flag = spec, run_dir, env, flag
-        self.device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        )
         cuda = self.device.type == "cuda"
         if spec.threads and not cuda:
             torch.set_num_threads(spec.threads)
@@ -207,10 +228,15 @@ class Trainer:
         self.plan = Plan.make(spec, len(self.dataset), env.world_size)
         self.step = 0
         self.epoch = 0
+        self.resumed_step: int | None = None
 
         self.attempt = attempt_id(env.world_size)
-        self.store = CheckpointStore(checkpoint_url(spec, run_dir), spec.checkpoint.storage_options,
-                                     keep_last=spec.checkpoint.keep_last, attempt=self.attempt)
+        self.store = CheckpointStore(
+            checkpoint_url(spec, run_dir),
+            spec.checkpoint.storage_options,
+            keep_last=spec.checkpoint.keep_last,
+            attempt=self.attempt,
+        )
         self.checkpointer = Checkpointer(self.store, env.rank, env.world_size)
         self.spec_hash = spec_hash(spec)
         self.metrics = MetricsLog(self.store, self.attempt) if env.rank == 0 else None
@@ -246,19 +272,27 @@ class Trainer:
                 f"the checkpoint at step {step} was written by a different run spec (hash {saved_hash[:12]}, "
                 f"now {self.spec_hash[:12]}); resuming would silently change the run. Start a new run instead"
             )
-        self.load_train_state(train_state["state"] if "state" in train_state else train_state)
+        self.load_train_state(train_state.get("state", train_state))
         if rank_state is not None:
             restore_rng(rank_state["rng"])
         else:
-            log.warning("world size changed to %d: the remaining samples are repartitioned and per-rank RNG is "
-                        "re-derived from (seed, step, rank)", self.env.world_size)
+            log.warning(
+                "world size changed to %d: the remaining samples are repartitioned and per-rank RNG is "
+                "re-derived from (seed, step, rank)",
+                self.env.world_size,
+            )
             torch.manual_seed(hash((self.spec.seed, self.step, self.env.rank)) & 0x7FFF_FFFF)
+        self.resumed_step = self.step
         log.info("resumed from step %d (epoch %d) of %d", self.step, self.epoch, self.plan.total_steps)
 
-    def save(self, blocking: bool) -> None:
-        train_state = {"state": self.train_state(), "spec_hash": self.spec_hash} if self.env.rank == 0 else None
+    def save(self, blocking: bool, budget_s: float | None = None) -> None:
+        train_state = (
+            {"state": self.train_state(), "spec_hash": self.spec_hash} if self.env.rank == 0 else None
+        )
         meta = {"step": self.step, "epoch": self.epoch, "spec_hash": self.spec_hash, "attempt": self.attempt}
-        self.checkpointer.save(self.step, train_state, {"rng": capture_rng()}, meta, blocking=blocking)
+        self.checkpointer.save(
+            self.step, train_state, {"rng": capture_rng()}, meta, blocking=blocking, budget_s=budget_s
+        )
 
     # loop -----------------------------------------------------------------------------------------
     def fit(self) -> str:
@@ -267,7 +301,9 @@ class Trainer:
         self.resume()
         model = self.model
         if env.world_size > 1:
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            model = DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self._status("running")
         stop_at = int(os.environ.get("PIXPRO_STOP_AT_STEP", -1))
         last_ckpt_time = time.monotonic()
@@ -285,7 +321,9 @@ class Trainer:
                 self.sampler.advance_steps(1)
                 if self.step == stop_at:
                     self.flag.trigger()
-                if self.metrics is not None and (self.step % spec.log_every_steps == 0 or self.step == self.plan.total_steps):
+                if self.metrics is not None and (
+                    self.step % spec.log_every_steps == 0 or self.step == self.plan.total_steps
+                ):
                     now = time.monotonic()
                     rate = (self.step - n_last) * self.sampler.global_batch_size / max(now - t_last, 1e-9)
                     t_last, n_last = now, self.step
@@ -303,29 +341,44 @@ class Trainer:
                     break
         if progress is not None:
             progress.close()
-        self.save(blocking=True)
+        if self.step != self.resumed_step:  # nothing new to save when stopped before the first step
+            # A preemption must commit within the signal's lead time; leave a margin for the exit.
+            lead = 0.75 * spec.resources.signal_lead_s
+            self.save(blocking=True, budget_s=lead if outcome == "preempted" else None)
+        self.checkpointer.flush()
         if self.metrics is not None:
-            self.metrics.flush()
+            self.metrics.flush(wait=True)
         self._status(outcome)
         log.info("%s at step %d of %d", outcome, self.step, self.plan.total_steps)
         del model
         return outcome
 
     def _loader(self) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=self.spec.data.batch_size, sampler=self.sampler,
-                          num_workers=self.spec.data.num_workers, worker_init_fn=ignore_preemption_signals,
-                          pin_memory=self.device.type == "cuda", drop_last=False,
-                          # its own generator: creating an iterator must not draw from the global RNG
-                          generator=torch.Generator().manual_seed(self.spec.seed))
+        return DataLoader(
+            self.dataset,
+            batch_size=self.spec.data.batch_size,
+            sampler=self.sampler,
+            num_workers=self.spec.data.num_workers,
+            worker_init_fn=ignore_preemption_signals,
+            pin_memory=self.device.type == "cuda",
+            drop_last=False,
+            # its own generator: creating an iterator must not draw from the global RNG
+            generator=torch.Generator().manual_seed(self.spec.seed),
+        )
 
     def _train_step(self, model: torch.nn.Module, batch: dict) -> float:
         lr = self.plan.lr(self.step, self.spec)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.update_target(self.plan.momentum(self.step, self.spec))  # before the target forward (O)
-        v1, v2, c1, c2 = (batch[k].to(self.device, non_blocking=True) for k in ("view1", "view2", "coords1", "coords2"))
+        v1, v2, c1, c2 = (
+            batch[k].to(self.device, non_blocking=True) for k in ("view1", "view2", "coords1", "coords2")
+        )
         if self.memory_format is torch.channels_last:
-            v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+            v1, v2 = (
+                v1.contiguous(memory_format=torch.channels_last),
+                v2.contiguous(memory_format=torch.channels_last),
+            )
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         with autocast:
             out = model(v1, v2, c1, c2)
@@ -354,20 +407,40 @@ class Trainer:
         return bool(flags[0]), bool(flags[1])
 
     def _log_metrics(self, loss: float, rate: float) -> None:
-        rec = {"step": self.step, "epoch": self.epoch, "loss": loss, "lr": self.plan.lr(self.step - 1, self.spec),
-               "ema_momentum": self.plan.momentum(self.step - 1, self.spec), "img_per_s": round(rate, 2),
-               "positives": self._last_positives, "total_steps": self.plan.total_steps}
+        rec = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "loss": loss,
+            "lr": self.plan.lr(self.step - 1, self.spec),
+            "ema_momentum": self.plan.momentum(self.step - 1, self.spec),
+            "img_per_s": round(rate, 2),
+            "positives": self._last_positives,
+            "total_steps": self.plan.total_steps,
+        }
         self.metrics.append(rec)
         self.metrics.flush()
         if not sys.stderr.isatty():
-            log.info("step %d/%d loss %.4f lr %.3g m %.5f %.1f img/s", self.step, self.plan.total_steps, loss,
-                     rec["lr"], rec["ema_momentum"], rate)
+            log.info(
+                "step %d/%d loss %.4f lr %.3g m %.5f %.1f img/s",
+                self.step,
+                self.plan.total_steps,
+                loss,
+                rec["lr"],
+                rec["ema_momentum"],
+                rate,
+            )
 
     def _status(self, state: str) -> None:
         if self.env.rank == 0:
-            write_status(self.store, state=state, step=self.step,
-                         total_steps=self.plan.total_steps, epoch=self.epoch, attempt=self.attempt,
-                         committed_step=self.checkpointer.last_committed)
+            write_status(
+                self.store,
+                state=state,
+                step=self.step,
+                total_steps=self.plan.total_steps,
+                epoch=self.epoch,
+                attempt=self.attempt,
+                committed_step=self.checkpointer.last_committed,
+            )
 
 
 class _progress_bar:
@@ -378,8 +451,14 @@ class _progress_bar:
         if sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("pixpro"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                                TimeRemainingColumn(), transient=False)
+            self.bar = Progress(
+                TextColumn("pixpro"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TimeRemainingColumn(),
+                transient=False,
+            )
             self.task = self.bar.add_task("train", total=total, completed=start, loss="-")
             self.bar.start()
 
@@ -394,8 +473,11 @@ class _progress_bar:
 
 # --- entry point -----------------------------------------------------------------------------------
 def _setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank{rank}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

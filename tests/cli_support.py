@@ -19,7 +19,7 @@ SETUP_HINT = f"run `bash {REPO / 'cluster/slurm/setup.sh'}` as root first (it st
 
 
 def tiny_spec(data_root: Path, name: str = "tiny", **overrides: Any) -> dict[str, Any]:
-    """~32 images of 48 px, crop 32, resnet18, projector 64/32, batch 4, 12 steps, a commit every 2 steps.
+    """~32 images of 48 px, crop 32, resnet18, projector 64/32, batch 4, 20 steps, a commit every 2 steps.
 
     Bitwise-reproducible on CPU: fp32, one thread per rank, no loader workers."""
     spec: dict[str, Any] = {
@@ -33,7 +33,7 @@ def tiny_spec(data_root: Path, name: str = "tiny", **overrides: Any) -> dict[str
             "num_workers": 0,
         },
         "model": {"backbone": "resnet18", "projector_hidden": 64, "projector_out": 32},
-        "optim": {"epochs": 100, "warmup_epochs": 1, "max_steps": 12},
+        "optim": {"epochs": 100, "warmup_epochs": 1, "max_steps": 20},
         "precision": "fp32",
         "threads": 1,
         "checkpoint": {"every_steps": 2, "every_minutes": None, "keep_last": 3},

@@ -461,3 +461,26 @@ def test_console_script_usage_errors_are_one_line(home: Path) -> None:
     for args in (["bogus"], ["submit", "--nodes", "x", "s.json"], ["status", "--interval", "0"]):
         assert_one_line_error(cli(*args, home=home), 2)
     assert Path(PIXPRO).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_local_executor_follow_runs_to_completion(home: Path, spec_file: Path, tmp_path: Path) -> None:
+    """The README demo path (``submit --executor local --follow``) on the tiny spec: one CPU rank."""
+    proc = cli(
+        "submit", "--executor", "local", "--follow", str(spec_file), home=home, cwd=tmp_path, timeout=280
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "completed at step 20 of 20" in proc.stdout and "ended: COMPLETED" in proc.stderr
+    row = json.loads(cli("status", "--json", home=home).stdout)[0]
+    assert (row["state"], row["step"], row["checkpoint_step"], row["executor"]) == (
+        "COMPLETED",
+        20,
+        20,
+        "local",
+    )
+    job = row["job_id"]
+    assert job.startswith("local-")
+    rdir = Path(row["run_dir"])
+    assert json.loads((rdir / "local" / f"{job}.json").read_bytes())["exit_code"] == 0
+    assert json.loads((rdir / "checkpoints" / "run.json").read_bytes())["attempts"] == [job]

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from launch.preempt import EXIT_PREEMPTED, children_of
-from tests.trainutil import REPO, assert_identical, final_state, run_trainer, tiny_spec, trainer_env, write_spec
+from tests.trainutil import (
+    REPO,
+    assert_identical,
+    final_state,
+    run_trainer,
+    tiny_spec,
+    trainer_env,
+    write_spec,
+)
 
 STEPS = 30
 
@@ -40,10 +48,32 @@ def golden(tmp_path_factory, data_root):
 
 
 def _launch(spec: Path, run: Path, max_restarts: int = 0) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "launch.run", "--nnodes", "1", "--nproc-per-node=2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", "127.0.0.1:0", f"--max-restarts={max_restarts}", "--", str(spec), "--run-dir", str(run)]
-    return subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node=2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "127.0.0.1:0",
+        f"--max-restarts={max_restarts}",
+        "--",
+        str(spec),
+        "--run-dir",
+        str(run),
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=trainer_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _current_step(run: Path) -> int:
@@ -78,7 +108,9 @@ def _group_members(pgid: int) -> list[int]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM], ids=["USR2", "TERM"])
-def test_signal_to_every_process_commits_exits_preempted_and_resumes_exactly(tmp_path, data_root, golden, sig):
+def test_signal_to_every_process_commits_exits_preempted_and_resumes_exactly(
+    tmp_path, data_root, golden, sig
+):
     rng = random.Random(f"{sig.name}-{os.getpid()}")
     stop_after = rng.randint(2, STEPS - 8)
     spec = write_spec(tmp_path / "spec.json", _spec(data_root))

@@ -92,8 +92,7 @@ def final_state(url: str, storage_options: dict | None = None) -> dict[str, Any]
     manifest = store.resolve()
     assert manifest is not None, f"no committed checkpoint under {url}"
     return {
-        name: torch.load(io.BytesIO(store.read(manifest, name)), weights_only=True)
-        for name in manifest.names
+        name: torch.load(io.BytesIO(store.read(manifest, name)), weights_only=True) for name in manifest.names
     } | {"__step__": manifest.step}
 
 
