@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
-    """moto in its own process on the second core: S3's server-side work is not the trainer's cost."""
+    """moto in its own process (with --pin: on the second core, away from the trainer)."""
     import socket
     import urllib.request
 
@@ -38,8 +38,9 @@ def start_moto() -> tuple[subprocess.Popen, str]:
         AWS_SECRET_ACCESS_KEY="bench-secret-key",
         AWS_DEFAULT_REGION="us-east-1",
     )
+    pin = ["taskset", "-c", "1"] if "--pin" in sys.argv else []
     server = subprocess.Popen(
-        ["taskset", "-c", "1", sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [*pin, sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -160,11 +161,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--size", type=int, default=160)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--pin", action="store_true", help="trainer + uploader on core 0, moto on core 1")
     a = p.parse_args()
     server, endpoint = start_moto()
     try:
-        os.sched_setaffinity(0, {0})  # the trainer on core 0, moto on core 1
-        torch.set_num_threads(1)
+        if a.pin:  # the trainer and its uploader on core 0, moto on core 1
+            os.sched_setaffinity(0, {0})
+        torch.set_num_threads(1 if a.pin else 2)
         o = overhead(endpoint, a.steps, a.size, a.batch)
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
         with tempfile.TemporaryDirectory() as d:

@@ -26,23 +26,27 @@ def main(argv: list[str] | None = None) -> int:
     cut = argv.index("--")
     torchrun_args, trainer_args = argv[:cut], argv[cut + 1 :]
     user_signal = os.environ.get("PIXPRO_SIGNAL", "USR2")
-    # torchrun's own handlers stay on SIGINT/HUP/QUIT; SIGTERM and the user signal go to the trainers.
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    # torchrun's own handlers stay on SIGINT/HUP/QUIT (it overrides the environment variable with its
+    # --signals-to-handle option); SIGTERM and the user signal go to the trainers, with no 30 s SIGKILL.
+    if not any(a.startswith(("--signals-to-handle", "--signals_to_handle")) for a in torchrun_args):
+        torchrun_args = ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *torchrun_args]
     forward_to_children(preemption_signals(user_signal))
     with tempfile.TemporaryDirectory(prefix="pixpro-exit-") as exit_dir:
         os.environ["PIXPRO_EXIT_DIR"] = exit_dir
         from torch.distributed.run import main as torchrun_main
 
+        failure = None
         try:
             torchrun_main([*torchrun_args, "-m", "launch.train", *trainer_args])
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
-        except Exception as exc:
-            print(f"pixpro: training failed: {type(exc).__name__}", file=sys.stderr)
-            code = 1
+        except Exception as exc:  # torchrun's ChildFailedError already printed the details
+            code, failure = 1, type(exc).__name__
         if any(Path(exit_dir).glob("preempted.*")):
             return EXIT_PREEMPTED
+        if failure:
+            print(f"pixpro: training failed ({failure}); see the rank logs above", file=sys.stderr)
     return code
 
 

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -35,7 +36,7 @@ from launch.status import write_status
 from launch.store import CheckpointStore
 from pixpro.augment import TwoViewTransform
 from pixpro.builder import PixPro
-from pixpro.data import ImageFolder, TwoViewDataset
+from pixpro.data import DatasetError, ImageFolder, TwoViewDataset
 from pixpro.demo_data import generate_demo_dataset
 from pixpro.lars import LARS, lars_param_groups
 from pixpro.schedules import ema_momentum, learning_rate, scaled_lr
@@ -301,8 +302,12 @@ class Trainer:
         self.resume()
         model = self.model
         if env.world_size > 1:
+            cuda = self.device.type == "cuda"
+            # find_unused_parameters keeps DDP from re-bucketing after its first backward: otherwise the
+            # first step after every (re)start reduces gradients in another layout, and with more than
+            # two gloo ranks the float sums differ, breaking bitwise-exact resume on CPU.
             model = DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                model, device_ids=[self.device.index] if cuda else None, find_unused_parameters=not cuda
             )
         self._status("running")
         stop_at = int(os.environ.get("PIXPRO_STOP_AT_STEP", -1))
@@ -331,7 +336,7 @@ class Trainer:
                 if progress is not None:
                     progress.update(self.step, loss)
                 preempt, due = self._agree(self.flag.requested(), self._checkpoint_due(last_ckpt_time))
-                if preempt:
+                if preempt and self.step < self.plan.total_steps:  # at the last step, just finish
                     outcome = "preempted"
                     break
                 if due and self.step < self.plan.total_steps:
@@ -498,13 +503,16 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         outcome = Trainer(spec, run_dir, env, flag).fit()
-    except SpecError as exc:
+    except (SpecError, DatasetError) as exc:  # bad input: one line, no traceback, no barrier to hang in
         log.error("%s", exc)
         return 2
-    finally:
-        if env.world_size > 1 and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+    # A preemption signal that arrives while the interpreter shuts down would otherwise kill us with
+    # its default action (Python drops its handlers at exit) and turn a finished run into a failure.
+    for sig in flag.signals:
+        signal.signal(sig, signal.SIG_IGN)
+    if env.world_size > 1:
+        dist.barrier()  # a bare destroy_process_group() crashed at exit in 6 of 45 launches here
+        dist.destroy_process_group()
     if outcome == "preempted":
         exit_dir = os.environ.get("PIXPRO_EXIT_DIR")
         if exit_dir:  # under our torchrun wrapper: exit 0 so torchrun does not restart us; it reports 75

@@ -60,10 +60,13 @@ def cluster() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def home() -> Path:
+def home() -> Iterator[Path]:
     path = SHARED / uuid.uuid4().hex[:8] / "home"
     path.mkdir(parents=True)
-    return path
+    yield path
+    # Checkpoints are ~150 MB each here; records and logs stay for a post-mortem.
+    for step_dir in path.glob("runs/*/checkpoints/step-*"):
+        shutil.rmtree(step_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

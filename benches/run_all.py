@@ -1,0 +1,16 @@
+"""Run every benchmark in turn and print their tables (copy the results into benches/RESULTS.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = ["bench_step.py", "bench_checkpoint.py", "bench_probe.py"]
+
+if __name__ == "__main__":
+    for name in BENCHES:
+        if (HERE / name).exists():
+            print(f"\n## {name}\n", flush=True)
+            subprocess.run([sys.executable, str(HERE / name), *sys.argv[1:]], check=True, cwd=HERE.parent)

@@ -1,0 +1,326 @@
+"""``pixpro``: submit PixPro runs to SLURM (or locally) and watch, resume and cancel them.
+
+Every command answers bad input with one line per problem on stderr and a documented exit status
+(0 ok, 1 failure, 2 usage or spec error, 3 not found), never a traceback. Heavy modules are imported
+inside the commands: ``pixpro status`` must answer in well under a second on a login node.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from cluster.errors import EXIT_FAILURE, EXIT_USAGE, PixproError
+
+try:  # typer >= 0.22 vendors click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - older typer on real click
+    from click.exceptions import ClickException, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_INTERRUPTED = 130
+
+
+def _err(line: str) -> None:
+    print(f"pixpro: {line}", file=sys.stderr, flush=True)
+
+
+def guard(fn: F) -> F:
+    """Turn every error into one line per problem on stderr and an exit status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, ClickException):
+            raise
+        except PixproError as exc:
+            for line in exc.lines:
+                _err(line)
+            raise typer.Exit(exc.code) from None
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:
+            # schemas is only imported by commands that read specs (status must not pay for pydantic)
+            spec_error = getattr(sys.modules.get("schemas"), "SpecError", None)
+            if spec_error is not None and isinstance(exc, spec_error):
+                for line in exc.problems:
+                    _err(line)
+                raise typer.Exit(EXIT_USAGE) from None
+            if os.environ.get("PIXPRO_DEBUG"):
+                raise
+            detail = " ".join(str(exc).split())[:300]
+            _err(f"internal error: {type(exc).__name__}: {detail} (PIXPRO_DEBUG=1 shows more)")
+            raise typer.Exit(EXIT_FAILURE) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _App(typer.Typer):
+    """Typer whose own usage errors are one line too (not a multi-line box), for the console script."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        command = typer.main.get_command(self)
+        try:
+            rv = command.main(args=sys.argv[1:], prog_name="pixpro", standalone_mode=False)
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
+                print(exc.ctx.get_help())
+                sys.exit(EXIT_USAGE)
+            _err(" ".join(exc.format_message().split()) + " (see pixpro --help)")
+            sys.exit(EXIT_USAGE)
+        except ClickException as exc:
+            _err(" ".join(exc.format_message().split()))
+            sys.exit(exc.exit_code)
+        except (typer.Abort, KeyboardInterrupt):
+            _err("interrupted")
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = _App(
+    name="pixpro",
+    help="PixPro self-supervised pretraining that survives preemption on SLURM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from cluster.runs import pixpro_version
+
+        typer.echo(f"pixpro {pixpro_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Exit status: 0 ok, 1 failure, 2 usage or spec error, 3 run or job not found."""
+
+
+# ----------------------------------------------------------------------------------------- validate
+@app.command()
+@guard
+def validate(spec: Annotated[Path, typer.Argument(help="Run spec (JSON, or YAML with .yaml/.yml).")]) -> None:
+    """Check a spec and print it with every default filled in (JSON)."""
+    from cluster.runs import spec_json
+    from schemas import load_spec
+
+    typer.echo(spec_json(load_spec(spec)), nl=False)
+
+
+# ----------------------------------------------------------------------------------------- submit
+@app.command()
+@guard
+def submit(
+    spec: Annotated[Path, typer.Argument(help="Run spec (JSON or YAML).")],
+    nodes: Annotated[int | None, typer.Option("--nodes", help="Override resources.nodes.")] = None,
+    gpus: Annotated[int | None, typer.Option("--gpus", help="Override resources.gpus_per_node.")] = None,
+    executor: Annotated[
+        str, typer.Option(help="auto (slurm if sbatch is on PATH), slurm or local.")
+    ] = "auto",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print spec, sbatch script and torchrun command; write nothing.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help='Print {"run_id", "job_id"} only.')] = False,
+    follow: Annotated[bool, typer.Option("--follow", help="Stream the log until the attempt ends.")] = False,
+) -> None:
+    """Create a run and queue its first attempt."""
+    from cluster import runs
+
+    plan = runs.plan_submission(spec, nodes=nodes, gpus=gpus, executor=executor)
+    if dry_run:
+        if as_json:
+            payload = {
+                "run_id": plan.run_id,
+                "executor": plan.executor,
+                "spec": plan.spec.model_dump(mode="json"),
+                "sbatch": plan.script,
+                "torchrun": plan.torchrun_command(),
+            }
+            typer.echo(json.dumps(payload, indent=2))
+        else:
+            typer.echo(plan.dry_run_text(), nl=False)
+        return
+    record, job_id, warning = runs.submit(plan)
+    if warning:
+        _err(f"warning: {warning}")
+    _announce(record.run_id, job_id, record.executor, as_json, "submitted")
+    if follow:
+        raise typer.Exit(_follow(record.run_id, job_id, None))
+
+
+def _announce(run_id: str, job_id: str, executor: str, as_json: bool, verb: str) -> None:
+    if as_json:
+        typer.echo(json.dumps({"run_id": run_id, "job_id": job_id}))
+    else:
+        typer.echo(f"{verb} run {run_id} as job {job_id} ({executor})")
+        typer.echo(f"  pixpro status {run_id}    pixpro logs {job_id} --follow    pixpro cancel {run_id}")
+
+
+def _follow(ident: str, job_id: str | None, rank: int | None) -> int:
+    from cluster import logs
+    from cluster.index import Index
+    from cluster.status import attempt_states, read_all_progress
+
+    record = Index().find(ident)
+    job = job_id or record.latest_job
+    if job is None:
+        _err(f"run {record.run_id} has no attempts")
+        return EXIT_FAILURE
+
+    def state_of() -> Any:
+        rec = Index().find(record.run_id)
+        states, _ = attempt_states([rec], read_all_progress([rec]))
+        return states[rec.run_id][job]
+
+    try:
+        code = logs.follow(record, job, rank, state_of)
+    except KeyboardInterrupt:
+        _err(f"stopped following; the run goes on (pixpro logs {job} --follow)")
+        return EXIT_INTERRUPTED
+    _err(f"job {job} ended: {state_of().label()}; exit status {code}")
+    return code
+
+
+# ----------------------------------------------------------------------------------------- resume
+@app.command()
+@guard
+def resume(
+    ident: Annotated[str, typer.Argument(metavar="ID", help="Run id or the job id of any of its attempts.")],
+    as_json: Annotated[bool, typer.Option("--json", help='Print {"run_id", "job_id"} only.')] = False,
+    follow: Annotated[bool, typer.Option("--follow", help="Stream the log until the attempt ends.")] = False,
+) -> None:
+    """Queue a new attempt that continues from the run's last committed checkpoint."""
+    from cluster import runs
+
+    record, job_id, warning = runs.resume(ident)
+    if warning:
+        _err(f"warning: {warning}")
+    _announce(record.run_id, job_id, record.executor, as_json, "resumed")
+    if follow:
+        raise typer.Exit(_follow(record.run_id, job_id, None))
+
+
+# ----------------------------------------------------------------------------------------- status
+@app.command()
+@guard
+def status(
+    ident: Annotated[
+        str | None, typer.Argument(metavar="ID", help="Run id or job id (default: all runs).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON: a list of runs, or one object for ID.")
+    ] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh until Ctrl-C.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.", min=0.5)] = 5.0,
+) -> None:
+    """Runs, their attempts and states, progress, last checkpoint, LR, EMA momentum and throughput."""
+    from cluster.index import Index
+    from cluster.status import collect
+
+    index = Index()
+
+    def rows() -> tuple[list[dict[str, Any]], list[str]]:
+        records = [index.find(ident)] if ident else index.all()
+        found, warnings = collect(records)
+        unreadable = [r for r in found if r["store_error"]]
+        warnings += [
+            f"run {r['run_id']}: cannot read {r['checkpoint_url']}: {r['store_error']}" for r in unreadable
+        ]
+        return found, warnings
+
+    if as_json:
+        found, warnings = rows()
+        for w in warnings:
+            _err(f"warning: {w}")
+        typer.echo(json.dumps(found[0] if ident else found, indent=2, sort_keys=True))
+        return
+    from rich.console import Console
+
+    from cluster import render
+
+    console = Console(width=None if sys.stdout.isatty() else 200)
+
+    def view() -> Any:
+        found, warnings = rows()
+        for w in warnings:
+            _err(f"warning: {w}")
+        if not found:
+            return "No runs yet. Start one with: pixpro submit SPEC  (runs are kept in $PIXPRO_HOME)"
+        return render.table(found)
+
+    if not watch:
+        console.print(view())
+        return
+    from rich.live import Live
+
+    try:
+        with Live(view(), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(interval)
+                live.update(view(), refresh=True)
+    except KeyboardInterrupt:
+        return
+
+
+# ----------------------------------------------------------------------------------------- logs / cancel
+@app.command()
+@guard
+def logs(
+    ident: Annotated[str, typer.Argument(metavar="ID", help="Run id (its latest attempt) or job id.")],
+    rank: Annotated[int | None, typer.Option(help="Only lines of this trainer rank.", min=0)] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep streaming until the attempt ends.")
+    ] = False,
+) -> None:
+    """Print (or follow) an attempt's log."""
+    from cluster import logs as logs_mod
+    from cluster.errors import NotFound
+    from cluster.index import Index
+
+    record = Index().find(ident)
+    job = ident if ident in record.attempts else record.latest_job
+    if job is None:
+        raise NotFound(f"run {record.run_id} has no attempts yet")
+    if follow:
+        raise typer.Exit(_follow(record.run_id, job, rank))
+    found, printed = logs_mod.print_logs(logs_mod.log_files(record, job), rank, sys.stdout)
+    if not found:
+        _err(f"no log yet for job {job} (pending?)")
+    elif rank is not None and not printed:
+        _err(f"no lines from rank {rank} in job {job}'s log (ranks other than 0 log warnings only)")
+
+
+@app.command()
+@guard
+def cancel(ident: Annotated[str, typer.Argument(metavar="ID", help="Run id or job id.")]) -> None:
+    """Stop every queued or running attempt of the run and mark it cancelled (resume later if you like)."""
+    from cluster import runs
+
+    record, jobs, warning = runs.cancel(ident)
+    if warning:
+        _err(f"warning: {warning}")
+    if jobs:
+        typer.echo(f"cancelled run {record.run_id}: job(s) {', '.join(jobs)}")
+    else:
+        typer.echo(f"run {record.run_id} has nothing to cancel")
+
+
+if __name__ == "__main__":
+    app()

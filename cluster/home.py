@@ -1,0 +1,32 @@
+"""Where pixpro keeps its own state on the submitting machine: run folders and the run index.
+
+``$PIXPRO_HOME`` (default ``~/.local/state/pixpro``) must be on a file system every node sees when
+jobs go to SLURM: the run folder holds the resolved spec, the submitit pickles and the logs.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+
+DEFAULT_HOME = "~/.local/state/pixpro"
+
+
+def pixpro_home() -> Path:
+    return Path(os.environ.get("PIXPRO_HOME") or DEFAULT_HOME).expanduser().absolute()
+
+
+def runs_dir(home: Path | None = None) -> Path:
+    return (home or pixpro_home()) / "runs"
+
+
+def run_dir(run_id: str, home: Path | None = None) -> Path:
+    return runs_dir(home) / run_id
+
+
+def new_run_id(name: str, now: float | None = None) -> str:
+    """``<name>-<yyyymmdd-HHMMSS>-<4 hex>``: sortable by creation time, unique without a lock."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if now is None else now))
+    return f"{name}-{stamp}-{secrets.token_hex(2)}"

@@ -1,0 +1,137 @@
+"""The local executor: one detached process per attempt, for laptops, demos and login-node tests.
+
+Not submitit's LocalExecutor: its controller stays in the caller's process group and session (Ctrl-C
+on ``--follow`` or closing the terminal would kill the training), its timeout defaults to 2 minutes,
+and its job id is a pid that leaves no record once the controller is gone. Here ``pixpro submit``
+starts ``python -m cluster.local RUN_DIR JOB_ID`` in a new session; it runs the same
+:class:`~cluster.node_task.NodeTask` as a SLURM node and records its pid and exit status in
+``<run_dir>/local/<job_id>.json``, which ``pixpro status`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from cluster.node_task import EXIT_PREEMPTED, JobContext, NodeTask, TrainerFailed
+from cluster.record import atomic_write, read_local
+from cluster.torchrun import free_port
+
+LOCAL_DIR = "local"
+_FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def state_path(run_dir: Path, job_id: str) -> Path:
+    return run_dir / LOCAL_DIR / f"{job_id}.json"
+
+
+def log_path(run_dir: Path, job_id: str) -> Path:
+    return run_dir / LOCAL_DIR / f"{job_id}.log"
+
+
+@dataclass
+class LocalJob:
+    job_id: str
+    pid: int | None
+    started: float | None
+    ended: float | None
+    exit_code: int | None
+
+    @property
+    def alive(self) -> bool:
+        return self.ended is None and self.pid is not None and _is_our_runner(self.pid, self.job_id)
+
+
+def _is_our_runner(pid: int, job_id: str) -> bool:
+    """The pid is alive and is this job's runner (pids get reused)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"cluster.local" in cmdline and job_id.encode() in cmdline
+
+
+def read_job(run_dir: Path, job_id: str) -> LocalJob | None:
+    try:
+        data = json.loads(state_path(run_dir, job_id).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return LocalJob(job_id, data.get("pid"), data.get("started"), data.get("ended"), data.get("exit_code"))
+
+
+def _write_job(run_dir: Path, job: LocalJob) -> None:
+    atomic_write(state_path(run_dir, job.job_id), json.dumps(vars(job), sort_keys=True).encode())
+
+
+def spawn(run_dir: Path, job_id: str, workdir: Path) -> int:
+    """Start the runner detached (own session, stdin closed, output to the job's log); returns its pid."""
+    log = log_path(run_dir, job_id)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "cluster.local", str(run_dir), job_id],
+            cwd=workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    if not state_path(run_dir, job_id).exists():  # the runner writes it too, and its end status last
+        _write_job(run_dir, LocalJob(job_id, proc.pid, time.time(), None, None))
+    return proc.pid
+
+
+def stop(job: LocalJob) -> bool:
+    """Ask a running local attempt to checkpoint and stop (SIGTERM to its runner)."""
+    if not job.alive or job.pid is None:
+        return False
+    try:
+        os.kill(job.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def main(argv: list[str]) -> int:
+    run_dir, job_id = Path(argv[0]), argv[1]
+    record = read_local(run_dir)
+    task = NodeTask.for_run(record)
+    received: list[int] = []
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) >= 3:  # asked three times: stop now, the last committed checkpoint stands
+            task.forward(signal.SIGKILL)
+            return
+        user = getattr(signal, f"SIG{task.signal_name}")
+        task.forward(user if signum in (signal.SIGUSR1, signal.SIGUSR2) else signal.SIGTERM)
+
+    for sig in _FORWARDED:
+        signal.signal(sig, forward)
+    job = LocalJob(job_id, os.getpid(), time.time(), None, None)
+    _write_job(run_dir, job)
+    ctx = JobContext(
+        job_id=job_id, restart=0, node=0, nnodes=1, endpoint=f"127.0.0.1:{free_port()}", slurm=False
+    )
+    try:
+        rc = task.run(ctx)
+    except TrainerFailed as exc:
+        print(f"pixpro: {exc}", file=sys.stderr, flush=True)
+        rc = exc.status
+    except Exception as exc:
+        print(f"pixpro: local runner failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        rc = 1
+    job.ended, job.exit_code = time.time(), rc
+    _write_job(run_dir, job)
+    return rc if rc in (0, EXIT_PREEMPTED) else (rc or 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,292 @@
+"""What runs on each node of a job: the trainer launcher as a child process, made requeue-safe.
+
+submitit pickles a :class:`NodeTask` and calls it once per node (one task per node). It starts
+``launch.run`` (torchrun + trainers) in its own process group and waits. On the preemption signal
+submitit calls :meth:`NodeTask.checkpoint` on node 0: the trainers got the same signal from SLURM,
+so it waits until they committed a checkpoint and exited, then hands submitit a
+``DelayedSubmission`` of itself so the same job id is requeued; the next attempt resumes from the
+checkpoint's ``latest`` pointer by itself. No torch here: this runs in the submitit task process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.record import CANCEL_MARKER, RunRecord
+from cluster.torchrun import (
+    first_host,
+    launch_command,
+    procs_per_node,
+    rdzv_port,
+    shell_join,
+    torchrun_options,
+)
+
+EXIT_PREEMPTED = 75  # launch.run: checkpoint committed, resume me
+POLL_S = 0.2
+REQUEUE_SETTLE_S = 60.0
+
+
+class TrainerFailed(RuntimeError):
+    """launch.run exited with a failure status; the job ends FAILED with this message in its log."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Where this node task runs: job id, restart count, node index and the rendezvous endpoint."""
+
+    job_id: str
+    restart: int
+    node: int
+    nnodes: int
+    endpoint: str
+    slurm: bool
+
+    @property
+    def attempt(self) -> str:
+        return f"{self.job_id}.{self.restart}" if self.slurm else self.job_id
+
+    @classmethod
+    def from_slurm_env(cls) -> JobContext:
+        env = os.environ
+        job_id = env["SLURM_JOB_ID"]
+        restart = int(env.get("SLURM_RESTART_COUNT") or 0)
+        host = first_host(env["SLURM_JOB_NODELIST"])
+        return cls(
+            job_id=job_id,
+            restart=restart,
+            node=int(env.get("SLURM_NODEID") or 0),
+            nnodes=int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1),
+            endpoint=f"{host}:{rdzv_port(job_id, restart)}",
+            slurm=True,
+        )
+
+
+def _die_with_parent() -> None:
+    """preexec: the launcher gets SIGTERM (and checkpoints) if this task is killed outright."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class NodeTask:
+    """Picklable (no torch, no open handles in its state) callable for submitit and the local runner."""
+
+    _CONFIG = (
+        "run_id", "run_dir", "spec_path", "workdir", "nodes", "gpus_per_node", "max_restarts",
+        "signal_name", "signal_lead_s", "checkpoint_url", "storage_options", "python",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        run_dir: str,
+        spec_path: str,
+        workdir: str,
+        nodes: int,
+        gpus_per_node: int,
+        max_restarts: int,
+        signal_name: str,
+        signal_lead_s: int,
+        checkpoint_url: str = "",
+        storage_options: dict[str, Any] | None = None,
+        python: str | None = None,
+    ) -> None:
+        self.run_id = run_id
+        self.run_dir = run_dir
+        self.spec_path = spec_path
+        self.workdir = workdir
+        self.nodes = nodes
+        self.gpus_per_node = gpus_per_node
+        self.max_restarts = max_restarts
+        self.signal_name = signal_name
+        self.signal_lead_s = signal_lead_s
+        self.checkpoint_url = checkpoint_url
+        self.storage_options = dict(storage_options or {})
+        self.python = python
+        self._reset()
+
+    @classmethod
+    def for_run(cls, record: RunRecord) -> NodeTask:
+        res = record.resources
+        return cls(
+            run_id=record.run_id,
+            run_dir=record.run_dir,
+            spec_path=str(record.spec_path),
+            workdir=record.workdir,
+            nodes=record.nodes,
+            gpus_per_node=record.gpus_per_node,
+            max_restarts=int(res.get("max_restarts", 0)),
+            signal_name=str(res.get("signal", "USR2")),
+            signal_lead_s=int(res.get("signal_lead_s", 120)),
+            checkpoint_url=record.checkpoint_url,
+            storage_options=record.storage_options,
+        )
+
+    def _reset(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._rc: int | None = None
+        self._ctx: JobContext | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._CONFIG}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    def __repr__(self) -> str:
+        return f"NodeTask(run_id={self.run_id!r}, nodes={self.nodes}, gpus_per_node={self.gpus_per_node})"
+
+    # --- the command ---------------------------------------------------------------------------
+    def command(self, ctx: JobContext) -> list[str]:
+        opts = torchrun_options(
+            nnodes=ctx.nnodes,
+            nproc_per_node=procs_per_node(self.gpus_per_node),
+            endpoint=ctx.endpoint,
+            rdzv_id=ctx.job_id,
+            max_restarts=self.max_restarts,
+            log_dir=Path(self.run_dir) / "logs" / ctx.attempt / f"node{ctx.node}",
+        )
+        return launch_command(opts, Path(self.spec_path), Path(self.run_dir), python=self.python)
+
+    def environment(self, ctx: JobContext) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(PIXPRO_ATTEMPT=ctx.attempt, PIXPRO_SIGNAL=self.signal_name, PYTHONUNBUFFERED="1")
+        return env
+
+    # --- running -------------------------------------------------------------------------------
+    def __call__(self) -> int:
+        """submitit's entry point on a SLURM node."""
+        ctx = JobContext.from_slurm_env()
+        if ctx.nnodes != self.nodes:
+            raise TrainerFailed(f"allocation has {ctx.nnodes} nodes, the run asks for {self.nodes}")
+        rc = self.run(ctx)
+        if rc == EXIT_PREEMPTED:
+            return self._requeue_after_stop(ctx)
+        return rc
+
+    def run(self, ctx: JobContext) -> int:
+        """Start the launcher and wait; 0 and 75 are returned, anything else raises TrainerFailed."""
+        self._ctx = ctx
+        cmd = self.command(ctx)
+        _say(f"attempt {ctx.attempt} node {ctx.node}/{ctx.nnodes}: {shell_join(cmd)}")
+        self._proc = subprocess.Popen(
+            cmd,
+            cwd=self.workdir,
+            env=self.environment(ctx),
+            start_new_session=True,  # its own process group: signalled and reaped as one
+            preexec_fn=_die_with_parent,
+        )
+        threading.Thread(target=self._reap, name="pixpro-reap", daemon=True).start()
+        rc = self.wait()
+        assert rc is not None
+        _say(f"attempt {ctx.attempt} node {ctx.node}: launcher exited with status {rc}")
+        if rc not in (0, EXIT_PREEMPTED) and self.trainer_completed(ctx):
+            _say(f"the trainer had completed attempt {ctx.attempt} (status.json); status {rc} came after")
+            rc = 0
+        if rc not in (0, EXIT_PREEMPTED):
+            raise TrainerFailed(
+                f"trainer exited with status {rc} (attempt {ctx.attempt}; see the log above)", rc
+            )
+        return rc
+
+    def trainer_completed(self, ctx: JobContext) -> bool:
+        """status.json says this attempt trained to the end (a late signal may still kill a rank that
+        is tearing down: its handlers are gone then, and the launcher reports a failure)."""
+        if not self.checkpoint_url:
+            return False
+        try:
+            from cluster.progress import STATUS_FILE
+            from cluster.storage import open_store
+
+            data = open_store(self.checkpoint_url, self.storage_options).cat(STATUS_FILE)
+            status = json.loads(data or b"{}")
+        except Exception:
+            return False
+        return (
+            status.get("state") == "completed"
+            and status.get("attempt") == ctx.attempt
+            and status.get("step") is not None
+            and status.get("step") == status.get("total_steps")
+        )
+
+    def _reap(self) -> None:
+        assert self._proc is not None
+        self._rc = self._proc.wait()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Poll (never block in Popen.wait: signal handlers call this while the main thread waits)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._rc is None and (deadline is None or time.monotonic() < deadline):
+            time.sleep(POLL_S)
+        return self._rc
+
+    def forward(self, sig: int) -> None:
+        """Send a signal to the launcher's whole process group (torchrun, trainers, loader workers)."""
+        if self._proc is not None and self._rc is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, sig)
+
+    def cancelled(self) -> bool:
+        return (Path(self.run_dir) / CANCEL_MARKER).exists()
+
+    # --- preemption ------------------------------------------------------------------------------
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """submitit calls this on node 0 when the preemption/timeout signal arrives.
+
+        The trainers received the same signal from SLURM (it goes to every process of the step; it is
+        forwarded here too in case only this process got it). Wait for them to commit and exit, then
+        ask for a requeue of the same job id. Returning before the commit would let SLURM kill the
+        step a second later with the checkpoint half written.
+        """
+        from submitit.helpers import DelayedSubmission
+
+        self.forward(getattr(signal, f"SIG{self.signal_name}"))
+        budget = max(10.0, self.signal_lead_s - 10.0)
+        rc = self.wait(timeout=budget) if self._proc is not None else None
+        _say(f"preemption signal: launcher status {rc!r} after waiting up to {budget:.0f}s")
+        if rc == 0 or (rc not in (None, EXIT_PREEMPTED) and self._ctx and self.trainer_completed(self._ctx)):
+            _say("training completed before the preemption took effect: not requeued")
+            sys.exit(0)
+        if rc is not None and rc != EXIT_PREEMPTED:
+            raise TrainerFailed(f"trainer exited with status {rc} while being preempted", rc)
+        if self.cancelled():
+            _say("run cancelled by the user: not requeued")
+            return None
+        return DelayedSubmission(self)
+
+    def _requeue_after_stop(self, ctx: JobContext) -> int:
+        """The trainers stopped with a checkpoint (SIGTERM: ``scontrol requeue``, preemption without the
+        user signal, ``scancel --signal=TERM``) but submitit saw no user signal: requeue from node 0,
+        unless the user cancelled (then SLURM is ending the job anyway)."""
+        if ctx.node != 0 or self.cancelled():
+            return EXIT_PREEMPTED
+        proc = subprocess.run(
+            ["scontrol", "requeue", ctx.job_id], capture_output=True, text=True, timeout=60, check=False
+        )
+        if proc.returncode != 0:
+            _say(f"not requeued here ({' '.join(proc.stderr.split()) or proc.returncode}); SLURM decides")
+            return EXIT_PREEMPTED
+        _say(f"requeued job {ctx.job_id}; waiting to be stopped by SLURM")
+        time.sleep(REQUEUE_SETTLE_S)
+        return EXIT_PREEMPTED
+
+
+def _say(message: str) -> None:
+    print(f"pixpro: {message}", file=sys.stderr, flush=True)

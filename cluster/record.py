@@ -1,0 +1,91 @@
+"""The run record: what a run is (id, spec hash, resources, where its checkpoints go) and its attempts.
+
+Written as ``run.json`` in the run folder and beside the checkpoints, so a run can be found and
+understood from either place (another login node, or the bucket alone). Credentials never appear
+here: the spec refuses them and storage access takes them from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECORD_FILE = "run.json"
+SPEC_FILE = "spec.json"
+CANCEL_MARKER = "CANCELLED"
+"""A file in the run folder while the user's cancel stands: a job that sees it does not requeue itself."""
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    name: str
+    spec_hash: str
+    created: float
+    executor: str  # "slurm" or "local"
+    run_dir: str
+    workdir: str  # the trainer's cwd: relative data paths in the spec resolve against it
+    checkpoint_url: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    resources: dict[str, Any] = field(default_factory=dict)
+    attempts: list[str] = field(default_factory=list)  # job ids, oldest first
+    submitted: dict[str, float] = field(default_factory=dict)  # job id -> submission time
+    cancelled: list[str] = field(default_factory=list)  # job ids the user cancelled
+    version: str = ""
+
+    @property
+    def nodes(self) -> int:
+        return int(self.resources.get("nodes", 1))
+
+    @property
+    def gpus_per_node(self) -> int:
+        return int(self.resources.get("gpus_per_node", 0))
+
+    @property
+    def latest_job(self) -> str | None:
+        return self.attempts[-1] if self.attempts else None
+
+    @property
+    def spec_path(self) -> Path:
+        return Path(self.run_dir) / SPEC_FILE
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunRecord:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RunRecord:
+        return cls.from_dict(json.loads(text))
+
+    def created_iso(self) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.created))
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_local(record: RunRecord) -> None:
+    atomic_write(Path(record.run_dir) / RECORD_FILE, record.to_json().encode())
+
+
+def read_local(run_dir: Path) -> RunRecord:
+    return RunRecord.from_json((run_dir / RECORD_FILE).read_bytes())

@@ -1,0 +1,294 @@
+"""Creating, resubmitting and cancelling runs: the run folder, its records, and the executor calls.
+
+A run is created only after every check passed (spec, cluster resources, checkpoint folder free), so
+a refused ``submit`` leaves nothing behind; a submission that fails after that is rolled back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from cluster import local, slurm
+from cluster.errors import Failure, UsageError
+from cluster.home import new_run_id, run_dir
+from cluster.index import Index
+from cluster.node_task import NodeTask
+from cluster.record import CANCEL_MARKER, RECORD_FILE, SPEC_FILE, RunRecord, atomic_write, write_local
+from cluster.storage import absolute_url, open_store
+from cluster.torchrun import free_port, launch_command, procs_per_node, shell_join, torchrun_options
+from schemas import RunSpec, SpecError, load_spec, parse_spec, spec_hash
+
+EXECUTORS = ("auto", "slurm", "local")
+
+
+def pixpro_version() -> str:
+    try:
+        return version("pixpro")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+# ------------------------------------------------------------------------------------------ specs
+def resolve_spec(path: Path, nodes: int | None = None, gpus: int | None = None) -> RunSpec:
+    """Load and validate, apply ``--nodes``/``--gpus`` and validate again (SpecError: exit 2)."""
+    spec = load_spec(path)
+    if nodes is None and gpus is None:
+        return spec
+    data = spec.model_dump(mode="json")
+    if nodes is not None:
+        data["resources"]["nodes"] = nodes
+    if gpus is not None:
+        data["resources"]["gpus_per_node"] = gpus
+    try:
+        return parse_spec(data)
+    except SpecError as exc:
+        flags = {"resources.nodes": "--nodes", "resources.gpus_per_node": "--gpus"}
+        lines = []
+        for line in exc.problems:
+            for key, flag in flags.items():
+                if line.startswith(key + ":"):
+                    line = f"{flag} ({key}){line[len(key) :]}"
+            lines.append(line)
+        raise SpecError(lines) from None
+
+
+def with_checkpoint_url(spec: RunSpec, rdir: Path, cwd: Path) -> RunSpec:
+    """Every attempt must use the same folder: fill in the default and make relative paths absolute."""
+    url = spec.checkpoint.url
+    url = str(rdir / "checkpoints") if url is None else absolute_url(url, cwd)
+    return spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"url": url})})
+
+
+def spec_json(spec: RunSpec) -> str:
+    return json.dumps(spec.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
+
+
+def choose_executor(name: str) -> str:
+    if name not in EXECUTORS:
+        raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)} (got {name!r})")
+    if name == "auto":
+        return "slurm" if slurm.available() else "local"
+    if name == "slurm" and not slurm.available():
+        raise UsageError("--executor slurm: sbatch is not on PATH (use --executor local on this machine)")
+    return name
+
+
+# ------------------------------------------------------------------------------------------ plan
+@dataclass
+class Plan:
+    """Everything a submission will do, computed without writing anything (``--dry-run`` prints it)."""
+
+    spec: RunSpec
+    run_id: str
+    run_dir: Path
+    executor: str
+    workdir: Path
+    params: dict[str, Any] = field(default_factory=dict)
+    script: str | None = None
+    estimate: str | None = None
+
+    def torchrun_command(self) -> list[str]:
+        res = self.spec.resources
+        if self.executor == "slurm":
+            endpoint, rdzv, logs = (
+                "$FIRST_HOST:$PORT",
+                "$SLURM_JOB_ID",
+                "$SLURM_JOB_ID.$SLURM_RESTART_COUNT/node$SLURM_NODEID",
+            )
+        else:
+            endpoint, rdzv, logs = f"127.0.0.1:{free_port()}", "local-<n>", "local-<n>/node0"
+        opts = torchrun_options(
+            nnodes=res.nodes,
+            nproc_per_node=procs_per_node(res.gpus_per_node),
+            endpoint=endpoint,
+            rdzv_id=rdzv,
+            max_restarts=res.max_restarts,
+            log_dir=self.run_dir / "logs" / logs,
+        )
+        return launch_command(opts, self.run_dir / SPEC_FILE, self.run_dir)
+
+    def dry_run_text(self) -> str:
+        out = ["# resolved spec", spec_json(self.spec).rstrip()]
+        if self.script is not None:
+            out += ["", "# sbatch script", self.script.rstrip()]
+            if self.estimate:
+                out += ["", f"# sbatch --test-only: {self.estimate}"]
+        attempt = "$SLURM_JOB_ID.$SLURM_RESTART_COUNT" if self.executor == "slurm" else "local-<n>"
+        env = f"PIXPRO_ATTEMPT={attempt}"
+        out += ["", f"# torchrun command (per node; executor {self.executor}, cwd {self.workdir})"]
+        if self.executor == "slurm":
+            out.append(
+                "# FIRST_HOST=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1); "
+                "PORT derived from the job id and restart count"
+            )
+        out.append(f"{env} PIXPRO_SIGNAL={self.spec.resources.signal} {shell_join(self.torchrun_command())}")
+        return "\n".join(out) + "\n"
+
+
+def plan_submission(
+    spec_path: Path, *, nodes: int | None, gpus: int | None, executor: str, check_cluster: bool = True
+) -> Plan:
+    spec = resolve_spec(spec_path, nodes, gpus)
+    chosen = choose_executor(executor)
+    if chosen == "local" and spec.resources.nodes > 1:
+        raise UsageError(
+            f"--executor local runs one node; this run asks for {spec.resources.nodes} (--nodes)"
+        )
+    run_id = new_run_id(spec.name)
+    rdir = run_dir(run_id)
+    cwd = Path.cwd()
+    plan = Plan(with_checkpoint_url(spec, rdir, cwd), run_id, rdir, chosen, cwd)
+    if chosen == "slurm":
+        plan.params = slurm.executor_parameters(plan.spec)
+        plan.script = slurm.render_script(plan.params, rdir / slurm.SUBMITIT_DIR)
+        if check_cluster:
+            plan.estimate = slurm.preflight(plan.spec, plan.script)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ records
+def save(record: RunRecord, index: Index, *, strict: bool = True) -> str | None:
+    """run.json in the run folder and beside the checkpoints, and the index entry.
+
+    The copy beside the checkpoints may fail (store unreachable): ``strict`` raises, otherwise the
+    problem comes back as a warning line (the local record and the index are already written)."""
+    write_local(record)
+    index.put(record)
+    try:
+        open_store(record.checkpoint_url, record.storage_options).pipe(RECORD_FILE, record.to_json().encode())
+    except Exception as exc:
+        problem = f"could not write {RECORD_FILE} to {record.checkpoint_url}: {_short(exc)}"
+        if strict:
+            raise Failure(problem) from None
+        return problem
+    return None
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+
+
+def _check_checkpoint_folder_free(url: str, options: dict[str, Any]) -> None:
+    try:
+        store = open_store(url, options)
+        taken = store.cat(RECORD_FILE)
+        has_latest = store.exists("latest")
+    except Exception as exc:
+        raise Failure(f"cannot reach the checkpoint folder {url}: {_short(exc)}") from None
+    if taken is not None or has_latest:
+        owner = ""
+        with contextlib.suppress(ValueError):
+            owner = json.loads(taken or b"{}").get("run_id", "")
+        hint = f"resume it with: pixpro resume {owner}" if owner else "choose another checkpoint.url"
+        raise UsageError(f"checkpoint.url {url} already holds run {owner or '(unknown)'}: {hint}")
+
+
+def create_run(plan: Plan) -> RunRecord:
+    _check_checkpoint_folder_free(plan.spec.checkpoint.url or "", plan.spec.checkpoint.storage_options)
+    plan.run_dir.mkdir(parents=True, exist_ok=False)
+    atomic_write(plan.run_dir / SPEC_FILE, spec_json(plan.spec).encode())
+    if plan.script is not None:
+        atomic_write(plan.run_dir / "sbatch.sh", plan.script.encode())
+    return RunRecord(
+        run_id=plan.run_id,
+        name=plan.spec.name,
+        spec_hash=spec_hash(plan.spec),
+        created=time.time(),
+        executor=plan.executor,
+        run_dir=str(plan.run_dir),
+        workdir=str(plan.workdir),
+        checkpoint_url=plan.spec.checkpoint.url or "",
+        storage_options=dict(plan.spec.checkpoint.storage_options),
+        resources=plan.spec.resources.model_dump(mode="json"),
+        version=pixpro_version(),
+    )
+
+
+def _rollback(record: RunRecord, index: Index) -> None:
+    index.remove(record.run_id)
+    with contextlib.suppress(Exception):
+        open_store(record.checkpoint_url, record.storage_options).delete(RECORD_FILE)
+    shutil.rmtree(record.run_dir, ignore_errors=True)
+
+
+def submit_attempt(record: RunRecord, spec: RunSpec, index: Index) -> str:
+    """Queue one more attempt of the run; returns its job id."""
+    rdir = Path(record.run_dir)
+    if record.executor == "slurm":
+        job_id = slurm.submit(
+            NodeTask.for_run(record), slurm.executor_parameters(spec), rdir / slurm.SUBMITIT_DIR, spec
+        )
+    else:
+        job_id = index.next_local_job_id()
+        local.spawn(rdir, job_id, Path(record.workdir))
+    record.attempts.append(job_id)
+    record.submitted[job_id] = time.time()
+    return job_id
+
+
+def submit(plan: Plan) -> tuple[RunRecord, str, str | None]:
+    """Create the run and queue its first attempt: (record, job id, warning or None)."""
+    index = Index()
+    record = create_run(plan)
+    try:
+        save(record, index)  # first: the local runner reads run.json; and proves the store is writable
+        job_id = submit_attempt(record, plan.spec, index)
+    except BaseException:
+        _rollback(record, index)
+        raise
+    return record, job_id, save(record, index, strict=False)  # queued already: never fail from here
+
+
+# ------------------------------------------------------------------------------------------ resume / cancel
+def resume(ident: str) -> tuple[RunRecord, str, str | None]:
+    from cluster.status import attempt_states, read_all_progress
+
+    index = Index()
+    record = index.find(ident)
+    states, _ = attempt_states([record], read_all_progress([record]))
+    active = [(j, s) for j, s in states[record.run_id].items() if s.active]
+    if active:
+        job, st = active[-1]
+        raise Failure(
+            f"run {record.run_id} still has attempt {job} {st.state}: wait, or pixpro cancel {job} first"
+        )
+    spec = load_spec(record.spec_path)
+    if record.executor == "slurm":
+        slurm.preflight(
+            spec,
+            slurm.render_script(slurm.executor_parameters(spec), Path(record.run_dir) / slurm.SUBMITIT_DIR),
+        )
+    (Path(record.run_dir) / CANCEL_MARKER).unlink(missing_ok=True)
+    job_id = submit_attempt(record, spec, index)
+    return record, job_id, save(record, index, strict=False)
+
+
+def cancel(ident: str) -> tuple[RunRecord, list[str], str | None]:
+    """Stop every attempt still queued or running and mark them cancelled; returns those job ids."""
+    from cluster.status import attempt_states, read_all_progress
+
+    index = Index()
+    record = index.find(ident)
+    states, _ = attempt_states([record], read_all_progress([record]))
+    active = [j for j, s in states[record.run_id].items() if s.active]
+    latest = record.latest_job
+    if not active and (latest is None or states[record.run_id][latest].state in ("COMPLETED", "CANCELLED")):
+        return record, [], None
+    atomic_write(Path(record.run_dir) / CANCEL_MARKER, f"{time.time()}\n".encode())
+    if record.executor == "slurm":
+        slurm.scancel(active)
+    else:
+        for job_id in active:
+            job = local.read_job(Path(record.run_dir), job_id)
+            if job is not None:
+                local.stop(job)
+    marked = active or ([latest] if latest else [])
+    record.cancelled = sorted(set(record.cancelled) | set(marked))
+    return record, marked, save(record, index, strict=False)

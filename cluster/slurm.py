@@ -1,0 +1,296 @@
+"""Talking to SLURM: the sbatch parameters of a run, checks before submitting, submission through
+submitit, and batched state queries (one ``sacct`` and one ``squeue`` call for any number of jobs).
+
+Imports neither torch nor submitit at module level (``pixpro status`` uses the query half).
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cluster.errors import Failure, UsageError
+
+if TYPE_CHECKING:
+    from schemas import RunSpec
+
+TIMEOUT_S = 60
+TERMINAL = frozenset(
+    {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+     "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
+)  # fmt: skip
+SUBMITIT_DIR = "submitit"
+
+
+def available() -> bool:
+    return shutil.which("sbatch") is not None
+
+
+def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except FileNotFoundError as exc:
+        raise Failure(f"{args[0]} not found: is this a SLURM login node?") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise Failure(f"{args[0]} did not answer within {TIMEOUT_S}s: is slurmctld up?") from exc
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()] or lines
+    return " ".join(" ".join(errors[:2]).split())
+
+
+# ------------------------------------------------------------------------------------- parameters
+def executor_parameters(spec: RunSpec) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters: one task per node, requeue on preemption, the spec's signal."""
+    res = spec.resources
+    extra: dict[str, Any] = {k: (True if v == "" else v) for k, v in res.extra_sbatch.items()}
+    params: dict[str, Any] = {
+        "job_name": spec.name,
+        "time": res.time_limit_min,
+        "nodes": res.nodes,
+        "ntasks_per_node": 1,
+        "signal_delay_s": res.signal_lead_s,
+        "stderr_to_stdout": True,
+        # The job itself reads SUBMITIT_PREEMPT_SIGNAL to know which signal means "checkpoint now".
+        "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={res.signal}"],
+        "additional_parameters": {"requeue": True, "signal": f"{res.signal}@{res.signal_lead_s}", **extra},
+    }
+    if res.gpus_per_node:
+        params["gpus_per_node"] = res.gpus_per_node
+    if res.cpus_per_task:
+        params["cpus_per_task"] = res.cpus_per_task
+    if res.mem_gb:
+        params["mem"] = f"{res.mem_gb}GB"
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(res, key):
+            params[key] = getattr(res, key)
+    return params
+
+
+def submitit_command(folder: Path, python: str | None = None) -> str:
+    return " ".join(
+        [python or shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))]
+    )
+
+
+def render_script(params: dict[str, Any], folder: Path, python: str | None = None) -> str:
+    """The exact sbatch script submitit writes for these parameters (for --dry-run and the record)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    return _make_sbatch_string(command=submitit_command(folder, python), folder=folder, **params)
+
+
+# ------------------------------------------------------------------------------------- preflight
+@dataclass
+class Partition:
+    name: str
+    default: bool = False
+    up: bool = True
+    nodes: dict[str, int] = field(default_factory=dict)  # node -> GPUs (gres/gpu count)
+
+
+def gpu_count(gres: str) -> int:
+    """GPUs in a sinfo %G string: ``gpu:2``, ``gpu:a100:4(S:0-1)``, ``gpu:2,nvme:1``, ``(null)``."""
+    total = 0
+    for item in gres.split(","):
+        item = item.split("(")[0].strip()
+        parts = item.split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def parse_sinfo(text: str) -> dict[str, Partition]:
+    """``sinfo -h -N -o '%N|%P|%G|%a'`` (one line per node and partition)."""
+    parts: dict[str, Partition] = {}
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) < 4:
+            continue
+        node, pname, gres, avail = fields[:4]
+        default = pname.endswith("*")
+        pname = pname.rstrip("*")
+        p = parts.setdefault(pname, Partition(pname))
+        p.default = p.default or default
+        p.up = avail.strip().lower() == "up"
+        p.nodes[node] = max(p.nodes.get(node, 0), gpu_count(gres))
+    return parts
+
+
+def check_partitions(spec: RunSpec, partitions: dict[str, Partition]) -> None:
+    """Refuse (exit 2) what the cluster can never run, before anything is written or queued."""
+    res = spec.resources
+    if not partitions:
+        raise Failure(
+            "sinfo lists no partitions: is slurmctld up? (cluster/slurm/setup.sh starts a local one)"
+        )
+    if res.partition:
+        names = [n for n in res.partition.split(",") if n]
+        unknown = [n for n in names if n not in partitions]
+        if unknown:
+            raise UsageError(
+                f"resources.partition: no partition {unknown[0]!r} on this cluster "
+                f"(available: {', '.join(sorted(partitions))})"
+            )
+    else:
+        names = [p.name for p in partitions.values() if p.default]
+        if not names:
+            raise UsageError("resources.partition: this cluster has no default partition; name one")
+    problems = []
+    for name in names:
+        p = partitions[name]
+        fit = [n for n, g in p.nodes.items() if g >= res.gpus_per_node]
+        if len(fit) >= res.nodes:
+            return
+        most = max(p.nodes.values(), default=0)
+        if res.gpus_per_node and most == 0:
+            problems.append(f"--gpus {res.gpus_per_node}: partition {name!r} has no GPUs (no gres/gpu)")
+        elif res.gpus_per_node > most:
+            problems.append(
+                f"--gpus {res.gpus_per_node}: partition {name!r} has at most {most} GPUs per node"
+            )
+        else:
+            gpus = f" with {res.gpus_per_node} GPUs" if res.gpus_per_node else ""
+            problems.append(f"--nodes {res.nodes}: partition {name!r} has only {len(fit)} node(s){gpus}")
+    raise UsageError(problems[0])
+
+
+def sbatch_error(stderr: str, spec: RunSpec) -> UsageError | Failure:
+    """sbatch's refusal as one actionable line."""
+    res = spec.resources
+    low = stderr.lower()
+    if "invalid generic resource" in low or "invalid gres" in low:
+        return UsageError(
+            f"--gpus {res.gpus_per_node}: the cluster has no such GPUs (sbatch: Invalid generic resource)"
+        )
+    if "invalid partition" in low:
+        return UsageError(f"resources.partition: invalid partition {res.partition!r} (sbatch refused it)")
+    if "node configuration is not available" in low:
+        return UsageError(
+            f"{res.nodes} node(s) x {res.gpus_per_node} GPUs is more than partition "
+            f"{res.partition or '(default)'} can ever give "
+            "(sbatch: Requested node configuration is not available)"
+        )
+    if "invalid account" in low or "invalid qos" in low or "time limit" in low or "invalid" in low:
+        return UsageError(f"sbatch refused the job: {_one_line(stderr)}")
+    return Failure(f"sbatch failed: {_one_line(stderr) or 'no message'}")
+
+
+def preflight(spec: RunSpec, script: str) -> str:
+    """sinfo checks, then ``sbatch --test-only`` of the real script; returns sbatch's start estimate."""
+    info = _run(["sinfo", "-h", "-N", "-o", "%N|%P|%G|%a"])
+    if info.returncode != 0:
+        raise Failure(f"sinfo failed: {_one_line(info.stderr)} (is slurmctld up?)")
+    check_partitions(spec, parse_sinfo(info.stdout))
+    test = _run(["sbatch", "--test-only"], stdin=script)
+    if test.returncode != 0:
+        raise sbatch_error(test.stderr + test.stdout, spec)
+    return _one_line(test.stderr + test.stdout)
+
+
+# ------------------------------------------------------------------------------------- submit
+def submit(task: Any, params: dict[str, Any], folder: Path, spec: RunSpec) -> str:
+    """sbatch through submitit (it pickles ``task`` beside the script); returns the job id."""
+    from submitit import SlurmExecutor
+
+    executor = SlurmExecutor(folder=folder, max_num_timeout=3)
+    executor.update_parameters(**params)
+    try:
+        job = executor.submit(task)
+    except Exception as exc:
+        raise sbatch_error(str(exc), spec) from None
+    return str(job.job_id)
+
+
+def scancel(job_ids: list[str]) -> None:
+    if not job_ids:
+        return
+    proc = _run(["scancel", *job_ids])
+    if proc.returncode != 0:
+        raise Failure(f"scancel failed: {_one_line(proc.stderr)}")
+
+
+# ------------------------------------------------------------------------------------- queries
+@dataclass
+class HistoryLine:
+    """One line of sacct: a finished run of the job (each requeue adds one)."""
+
+    state: str
+    exit_code: int
+    signal: int
+    start: float | None
+    end: float | None
+
+
+@dataclass
+class SlurmJob:
+    job_id: str
+    queue_state: str | None = None  # squeue %T while slurmctld still knows the job
+    reason: str = ""
+    history: list[HistoryLine] = field(default_factory=list)
+
+
+def _time(text: str) -> float | None:
+    try:
+        return time.mktime(time.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def _exit(text: str) -> tuple[int, int]:
+    code, _, sig = text.partition(":")
+    try:
+        return int(code or 0), int(sig or 0)
+    except ValueError:
+        return 0, 0
+
+
+def query(
+    job_ids: list[str], submitted: dict[str, float] | None = None
+) -> tuple[dict[str, SlurmJob], list[str]]:
+    """States of many jobs with one squeue and one sacct call; also returns warnings (one line each).
+
+    History lines that ended before our submission belong to an older job with a reused id
+    (slurmctld restarted without its state) and are dropped.
+    """
+    jobs = {j: SlurmJob(j) for j in job_ids}
+    warnings: list[str] = []
+    if not jobs:
+        return jobs, warnings
+    ids = ",".join(jobs)
+    q = _run(["squeue", "-h", "--states=all", "-o", "%i|%T|%r", "-j", ids])
+    if q.returncode == 0:
+        for line in q.stdout.splitlines():
+            jid, _, rest = line.strip().partition("|")
+            state, _, reason = rest.partition("|")
+            if jid in jobs:
+                jobs[jid].queue_state = state.strip()
+                jobs[jid].reason = "" if reason.strip() in ("None", "(null)") else reason.strip()
+    elif "invalid job id" not in q.stderr.lower():
+        warnings.append(f"squeue failed: {_one_line(q.stderr)}")
+    a = _run(["sacct", "-P", "-n", "-o", "JobID,State,ExitCode,Start,End", "-j", ids])
+    if a.returncode == 0:
+        for line in a.stdout.splitlines():
+            fields = line.strip().split("|")
+            if len(fields) < 5 or fields[0] not in jobs:
+                continue  # job steps (123.batch) and unrelated lines
+            code, sig = _exit(fields[2])
+            state = fields[1].split()[0] if fields[1].strip() else "UNKNOWN"
+            if state in ("PENDING", "REQUEUE_FED", "REQUEUE_HOLD"):
+                state = "REQUEUED"  # a finished run that was requeued (jobcomp logs it as PENDING)
+            hl = HistoryLine(state, code, sig, _time(fields[3]), _time(fields[4]))
+            since = (submitted or {}).get(fields[0])
+            if since is not None and hl.end is not None and hl.end < since - 5:
+                continue
+            jobs[fields[0]].history.append(hl)
+    else:
+        warnings.append(f"sacct failed: {_one_line(a.stderr)}")
+    return jobs, warnings

@@ -1,0 +1,106 @@
+"""Rows of ``pixpro status``: each run's attempts and state plus the trainer's own progress.
+
+All SLURM jobs of all runs are queried with one ``squeue`` and one ``sacct`` call; checkpoint
+folders on object stores are read in parallel. Nothing here imports torch or submitit.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from cluster import local, slurm
+from cluster.progress import Progress, read_progress
+from cluster.record import RunRecord
+from cluster.states import AttemptState, local_state, slurm_state
+from cluster.storage import is_local, open_store
+
+RECENT_S = 120.0  # a job this young may not be visible to squeue/sacct yet: PENDING, not UNKNOWN
+
+
+def read_all_progress(records: list[RunRecord]) -> dict[str, Progress]:
+    def one(rec: RunRecord) -> Progress:
+        try:
+            return read_progress(open_store(rec.checkpoint_url, rec.storage_options))
+        except Exception as exc:
+            return Progress(error=f"{type(exc).__name__}: {exc}")
+
+    remote = [r for r in records if not is_local(r.checkpoint_url)]
+    out = {r.run_id: one(r) for r in records if is_local(r.checkpoint_url)}
+    if remote:
+        with ThreadPoolExecutor(max_workers=min(16, len(remote))) as pool:
+            out.update(zip([r.run_id for r in remote], pool.map(one, remote), strict=False))
+    return out
+
+
+def attempt_states(
+    records: list[RunRecord], progress: dict[str, Progress]
+) -> tuple[dict[str, dict[str, AttemptState]], list[str]]:
+    """State of every attempt of every run: {run_id: {job_id: AttemptState}}, and warnings."""
+    slurm_ids = [j for r in records if r.executor == "slurm" for j in r.attempts]
+    submitted = {j: t for r in records for j, t in r.submitted.items()}
+    jobs, warnings = slurm.query(slurm_ids, submitted) if slurm_ids else ({}, [])
+    now = time.time()
+    out: dict[str, dict[str, AttemptState]] = {}
+    for rec in records:
+        trainer = progress[rec.run_id].trainer if rec.run_id in progress else None
+        states: dict[str, AttemptState] = {}
+        for job_id in rec.attempts:
+            cancelled = job_id in rec.cancelled
+            if rec.executor == "slurm":
+                recent = now - rec.submitted.get(job_id, 0.0) < RECENT_S
+                states[job_id] = slurm_state(jobs[job_id], trainer, cancelled, recent)
+            else:
+                states[job_id] = local_state(local.read_job(Path(rec.run_dir), job_id), trainer, cancelled)
+        out[rec.run_id] = states
+    return out, warnings
+
+
+def run_state(rec: RunRecord, states: dict[str, AttemptState]) -> AttemptState:
+    if not rec.attempts:
+        return AttemptState("UNKNOWN", "never submitted")
+    return states[rec.attempts[-1]]
+
+
+def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
+    progress = read_all_progress(records)
+    states, warnings = attempt_states(records, progress)
+    now = time.time()
+    rows = []
+    for rec in records:
+        p = progress[rec.run_id]
+        st = run_state(rec, states[rec.run_id])
+        rows.append(
+            {
+                "run_id": rec.run_id,
+                "name": rec.name,
+                "state": st.state,
+                "reason": st.reason,
+                "job_id": rec.latest_job,
+                "attempts": [
+                    {"job_id": j, "state": s.state, "reason": s.reason, "history": list(s.history)}
+                    for j, s in states[rec.run_id].items()
+                ],
+                "executor": rec.executor,
+                "nodes": rec.nodes,
+                "gpus_per_node": rec.gpus_per_node,
+                "step": p.step,
+                "total_steps": p.total_steps,
+                "epoch": p.epoch,
+                "trainer_state": (p.trainer or {}).get("state"),
+                "checkpoint_step": p.checkpoint_step,
+                "checkpoint_age_s": None if p.checkpoint_time is None else round(now - p.checkpoint_time, 1),
+                "lr": p.metric("lr"),
+                "ema_momentum": p.metric("ema_momentum"),
+                "img_per_s": p.metric("img_per_s"),
+                "loss": p.metric("loss"),
+                "updated": (p.trainer or {}).get("updated"),
+                "created": rec.created,
+                "checkpoint_url": rec.checkpoint_url,
+                "run_dir": rec.run_dir,
+                "store_error": p.error,
+            }
+        )
+    return rows, warnings

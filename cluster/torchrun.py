@@ -1,0 +1,85 @@
+"""The per-node trainer command: ``python -m launch.run <torchrun options> -- spec --run-dir dir``.
+
+Pure functions of the allocation, so ``--dry-run`` prints exactly what a node will run.
+"""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+PORT_BASE = 29500
+PORT_SLOTS = 2500  # ports PORT_BASE .. PORT_BASE + 8 * PORT_SLOTS - 1
+PREFIX_TEMPLATE = "[rank${rank}]: "
+"""torchrun's prefix for tee'd lines; ``pixpro logs --rank R`` filters on it."""
+
+
+def procs_per_node(gpus_per_node: int) -> int:
+    return gpus_per_node if gpus_per_node > 0 else 1
+
+
+def rdzv_port(job_id: str, restart: int = 0) -> int:
+    """Derived from the job id (every node computes the same) and the restart count, so a requeued
+    attempt never races a lingering socket of the previous one for the same port."""
+    digits = "".join(c for c in job_id if c.isdigit()) or "0"
+    return PORT_BASE + (int(digits) % PORT_SLOTS) * 8 + restart % 8
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def first_host(nodelist: str) -> str:
+    """First host of the allocation, expanded by SLURM itself (never localhost: a wrong endpoint
+    makes every node a world of one that waits forever)."""
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    if not out:
+        raise RuntimeError(f"scontrol show hostnames {nodelist!r} printed nothing")
+    return out[0]
+
+
+def torchrun_options(
+    *,
+    nnodes: int,
+    nproc_per_node: int,
+    endpoint: str,
+    rdzv_id: str,
+    max_restarts: int,
+    log_dir: Path | None = None,
+) -> list[str]:
+    opts = [
+        "--nnodes", str(nnodes),
+        "--nproc-per-node", str(nproc_per_node),
+        "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", endpoint,
+        "--rdzv-id", rdzv_id,
+        "--max-restarts", str(max_restarts),
+    ]  # fmt: skip
+    if log_dir is not None:  # per-rank files, and every console line tagged with its global rank
+        opts += ["--log-dir", str(log_dir), "--tee", "3", "--log-line-prefix-template", PREFIX_TEMPLATE]
+    return opts
+
+
+def launch_command(
+    options: list[str], spec_path: Path, run_dir: Path, python: str | None = None
+) -> list[str]:
+    return [python or sys.executable, "-u", "-m", "launch.run", *options, "--", str(spec_path),
+            "--run-dir", str(run_dir)]  # fmt: skip
+
+
+def shell_join(cmd: list[str]) -> str:
+    """Shell-quoted, except that ``$SLURM_*``/``$FIRST_HOST``/``$PORT`` placeholders stay expandable."""
+
+    def quote(arg: str) -> str:
+        if any(v in arg for v in ("$SLURM_", "$FIRST_HOST", "$PORT")) and not any(c in arg for c in "\"`'"):
+            return f'"{arg}"'
+        return shlex.quote(arg)
+
+    return " ".join(quote(c) for c in cmd)

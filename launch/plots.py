@@ -1,0 +1,108 @@
+"""Training curves from a run's metrics records: loss, learning rate and EMA momentum against step.
+
+Torch-free (matplotlib's object API, no pyplot state), so a login node can draw a run's curves from
+the metrics beside its checkpoints. A vertical line marks every resume: the step where the records'
+``attempt`` changes, i.e. where a preempted or failed attempt's successor took over.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+EXIT_BAD_INPUT = 2
+EXIT_NOT_FOUND = 3
+
+PANELS: tuple[tuple[str, str], ...] = (
+    ("loss", "loss"),
+    ("lr", "learning rate"),
+    ("ema_momentum", "EMA momentum"),
+)
+FIGSIZE = (8.0, 7.5)  # inches
+DPI = 100  # FIGSIZE * DPI = the PNG's pixel size, 800 x 750
+
+
+class PlotError(Exception):
+    """A one-line, user-facing problem; ``exit_code`` 2 (bad input) or 3 (not found)."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(" ".join(message.split()))
+        self.exit_code = exit_code
+
+
+@dataclass
+class PlotData:
+    """Exactly what was drawn: per panel the (steps, values) series, and the resume steps."""
+
+    series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    resumes: list[tuple[int, str]] = field(default_factory=list)  # (first step of the attempt, attempt)
+
+
+def plot_data(records: Sequence[dict[str, Any]]) -> PlotData:
+    """Series of each panel (records lacking a value are skipped) and where the attempt changes."""
+    records = sorted((r for r in records if isinstance(r.get("step"), int)), key=lambda r: r["step"])
+    data = PlotData()
+    for key, _ in PANELS:
+        points = [(r["step"], float(r[key])) for r in records if isinstance(r.get(key), (int, float))]
+        data.series[key] = ([s for s, _ in points], [v for _, v in points])
+    for before, after in itertools.pairwise(records):
+        if after.get("attempt") != before.get("attempt"):
+            data.resumes.append((after["step"], str(after.get("attempt"))))
+    return data
+
+
+def metrics_figure(records: Sequence[dict[str, Any]], title: str = "") -> tuple[Figure, PlotData]:
+    """Three stacked panels sharing the step axis; returns the figure and the data it shows."""
+    data = plot_data(records)
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    axes = fig.subplots(len(PANELS), 1, sharex=True)
+    for ax, (key, label) in zip(axes, PANELS, strict=True):
+        steps, values = data.series[key]
+        ax.plot(steps, values, color="tab:blue", linewidth=1.2, label=label)
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        for i, (step, _) in enumerate(data.resumes):
+            ax.axvline(step, color="tab:red", linestyle="--", linewidth=1, label="resume" if i == 0 else None)
+    axes[-1].set_xlabel("step")
+    if data.resumes:
+        axes[0].legend(loc="upper right", fontsize="small")
+    attempts = len(data.resumes) + 1 if records else 0
+    fig.suptitle(f"{title}  ({attempts} attempt{'s' if attempts != 1 else ''})".strip(), fontsize="medium")
+    return fig, data
+
+
+def save_metrics_plot(records: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> PlotData:
+    """Draw the curves into a PNG of ``FIGSIZE * DPI`` pixels; returns the plotted data."""
+    fig, data = metrics_figure(records, title)
+    fig.savefig(path, format="png")
+    return data
+
+
+def store_url(path: str) -> str:
+    """A run folder stands for its ``checkpoints/`` store; a missing local path raises (exit 3)."""
+    if "://" in path and not path.startswith("file://"):
+        return path
+    local = Path(path.removeprefix("file://")).expanduser()
+    if not local.is_dir():
+        raise PlotError(f"checkpoint store {path} does not exist", EXIT_NOT_FOUND)
+    return str(local / "checkpoints") if (local / "checkpoints").is_dir() else str(local)
+
+
+def plot_run(url: str, output: str | Path) -> PlotData:
+    """Read a run's metrics (store URL or run folder) and save its curves as a PNG."""
+    from launch.metrics import read_metrics
+    from launch.store import CheckpointStore, StoreError
+
+    url = store_url(url)
+    try:
+        records = read_metrics(CheckpointStore(url))
+    except (StoreError, OSError, ValueError) as exc:
+        raise PlotError(f"cannot read metrics under {url}: {exc}") from None
+    if not records:
+        raise PlotError(f"no metrics under {url} (has the run logged a step yet?)", EXIT_NOT_FOUND)
+    return save_metrics_plot(records, output, title=url)
