@@ -322,5 +322,79 @@ def cancel(ident: Annotated[str, typer.Argument(metavar="ID", help="Run id or jo
         typer.echo(f"run {record.run_id} has nothing to cancel")
 
 
+# --- results: compute-side tools run in their own process (the login-node CLI never imports torch) ---
+def _run_tool(module: str, args: list[str]) -> None:
+    """Run ``python -m launch.<module>`` with the run's folder resolved; its exit status is ours."""
+    import subprocess
+
+    raise typer.Exit(subprocess.call([sys.executable, "-m", f"launch.{module}", *args]))
+
+
+def _source(ident: str) -> str:
+    """A run id names its run folder (checkpoints and spec.json inside); anything else passes as given."""
+    from cluster.home import run_dir
+
+    if "/" not in ident and not ident.endswith(".pt"):
+        rdir = run_dir(ident)
+        if rdir.is_dir():
+            return str(rdir)
+    return ident
+
+
+_SOURCE = typer.Argument(metavar="RUN", help="Run id, run folder, checkpoint folder/URL or .pt file.")
+
+
+@app.command("export")
+@guard
+def export_(
+    ident: Annotated[str, _SOURCE],
+    output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="torchvision or detectron2.")] = "torchvision",
+    spec: Annotated[Path | None, typer.Option(help="The run's spec (default: spec.json of the run).")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing output file.")] = False,
+) -> None:
+    """Export the online encoder: a torchvision state_dict or a detectron2 weights pickle."""
+    args = [_source(ident), "--format", fmt, "-o", str(output)]
+    _run_tool("export", args + (["--spec", str(spec)] if spec else []) + (["--force"] if force else []))
+
+
+@app.command("eval")
+@guard
+def eval_(
+    ident: Annotated[str, _SOURCE],
+    data: Annotated[Path, typer.Option(help="Folder with images/ and masks/ (e.g. the demo data).")],
+    random_init: Annotated[bool, typer.Option(help="Score the untrained architecture instead.")] = False,
+    seed: int = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    spec: Annotated[Path | None, typer.Option(help="The run's spec (default: spec.json of the run).")] = None,
+) -> None:
+    """Dense linear probe (frozen backbone, 1x1 conv) on per-pixel labels; mIoU on a held-out split."""
+    args = [_source(ident), "--data", str(data), "--seed", str(seed)]
+    args += (["--random-init"] if random_init else []) + (["--json"] if as_json else [])
+    _run_tool("probe", args + (["--spec", str(spec)] if spec else []))
+
+
+@app.command()
+@guard
+def viz(
+    image: Annotated[Path, typer.Argument(help="An image to augment.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write.")],
+    seed: int = 0,
+    crop: Annotated[int, typer.Option(help="View size in pixels.")] = 224,
+) -> None:
+    """Draw two augmented views with cell centres and one cell's positive matches (PNG)."""
+    _run_tool("viz", ["pairs", str(image), "-o", str(output), "--seed", str(seed), "--crop", str(crop)])
+
+
+@app.command()
+@guard
+def plot(
+    ident: Annotated[str, _SOURCE],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write.")],
+) -> None:
+    """Plot loss, LR and EMA momentum against step, marking each preemption/resume (PNG)."""
+    _run_tool("viz", ["plot", _source(ident), "-o", str(output)])
+
+
 if __name__ == "__main__":
     app()
