@@ -86,7 +86,8 @@ def moto_s3() -> Iterator[MotoS3]:
             fs = s3fs.S3FileSystem(
                 client_kwargs={"endpoint_url": f"http://127.0.0.1:{port}"}, skip_instance_cache=True
             )
-            fs.mkdir(BUCKET)
+            if not fs.exists(BUCKET):  # moto's backend is per process: a second server sees the bucket
+                fs.mkdir(BUCKET)
             yield MotoS3("127.0.0.1", port, BUCKET)
         finally:
             server.stop()

@@ -133,7 +133,7 @@ def test_signal_to_every_process_commits_exits_preempted_and_resumes_exactly(
 def test_sigkill_of_one_rank_is_restarted_by_torchrun_from_the_last_checkpoint(tmp_path, data_root, golden):
     spec = write_spec(tmp_path / "spec.json", _spec(data_root))
     run = tmp_path / "run"
-    proc = _launch(spec, run, max_restarts=1)
+    proc = _launch(spec, run, max_restarts=3)  # a loaded machine can fail one rendezvous
     _wait_for_step(proc, run, 10)
     workers = children_of(proc.pid)
     assert len(workers) == 2, workers

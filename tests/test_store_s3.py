@@ -14,32 +14,10 @@ import pytest
 
 from launch.store import CheckpointStore, CorruptCheckpoint, Manifest, StoreError, StoreUnavailable
 
-try:
-    from tests.conftest_s3 import (
-        FAKE_KEY_ID,
-        FAKE_SECRET,
-        MotoS3,
-        fault_proxy,
-        moto_s3,
-        raw_s3,
-        s3_storage_options,
-        s3_url,
-        s3fs_fresh,
-    )
-    from tests.faultproxy import FaultProxy
-except ImportError:
-    from conftest_s3 import (  # noqa: F401 (fixtures are used by name)
-        FAKE_KEY_ID,
-        FAKE_SECRET,
-        MotoS3,
-        fault_proxy,
-        moto_s3,
-        raw_s3,
-        s3_storage_options,
-        s3_url,
-        s3fs_fresh,
-    )
-    from faultproxy import FaultProxy
+# The fixtures (moto_s3, s3_url, raw_s3, fault_proxy, s3fs_fresh) come from tests/conftest.py's plugin:
+# importing them here too would register a second session server sharing moto's in-process backend.
+from tests.conftest_s3 import FAKE_KEY_ID, FAKE_SECRET, MotoS3, s3_storage_options
+from tests.faultproxy import FaultProxy
 
 LOGGER = "launch.store"
 pytestmark = pytest.mark.timeout(180)
