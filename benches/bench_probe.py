@@ -28,6 +28,7 @@ import torch
 from launch.probe import probe
 from launch.weights import build_encoder, load_encoder
 from pixpro.demo_data import generate_demo_dataset
+from pixpro.model import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,6 +88,32 @@ def pretrain(work: Path, spec: dict) -> tuple[Path, Path, float]:
     return run_dir, spec_path, time.perf_counter() - start
 
 
+@torch.no_grad()
+def mean_share(run_dir: Path, spec_path: Path, probe_data: Path) -> float:
+    """Share of the online projector's output energy in its mean direction, over held-out cells.
+
+    Near 1 means every cell of every image projects to about the same vector: the loss is being lowered
+    by aligning everything (the collapsed phase of BYOL-style training), not by telling cells apart.
+    """
+    from launch.checkpoint import TRAIN_FILE, from_bytes
+    from launch.probe import load_data
+    from launch.store import CheckpointStore
+    from launch.train import build_model
+    from pixpro.augment import IMAGENET_MEAN, IMAGENET_STD
+    from schemas import load_spec
+
+    spec = load_spec(spec_path)
+    store = CheckpointStore(str(run_dir / "checkpoints"))
+    model = build_model(spec)
+    model.load_state_dict(from_bytes(store.read(store.resolve(), TRAIN_FILE))["state"]["model"])
+    _, test, _ = load_data(probe_data)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    z = model.eval().projector(model.backbone((test.images.float() - mean) / std))
+    cells = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    return float(cells.mean(0).pow(2).sum() / cells.pow(2).sum(1).mean())
+
+
 def final_loss(run_dir: Path) -> float | None:
     from launch.metrics import read_metrics
     from launch.store import CheckpointStore
@@ -117,32 +144,41 @@ def main() -> None:
         rows = []
         torch.manual_seed(0)
         random = build_encoder("resnet18", None, "random init")
-        rows.append(("random init", "-", None, None, probe(random, probe_data, 0, probe_epochs)))
+        rows.append(
+            ("random init (torchvision)", "-", None, None, None, probe(random, probe_data, 0, probe_epochs))
+        )
+        torch.manual_seed(0)  # what pretraining starts from: the spec's seed, zero-init residual BN
+        start, _ = build_backbone("resnet18", zero_init_residual=True)
+        rows.append(
+            ("PixPro init (step 0)", "0", None, None, None, probe(start, probe_data, 0, probe_epochs))
+        )
         for weight in (0.0, 1.0):
             spec = make_spec(data, settings, weight, args.threads)
             run_dir, spec_path, seconds = pretrain(work, spec)
             encoder = load_encoder(run_dir, spec_path)
             label = "PixPro" if weight == 0 else "PixPro + instance (w=1)"
             result = probe(encoder.backbone, probe_data, 0, probe_epochs)
-            rows.append((label, f"{encoder.step}", seconds, final_loss(run_dir), result))
+            share = mean_share(run_dir, spec_path, probe_data)
+            rows.append((label, f"{encoder.step}", seconds, final_loss(run_dir), share, result))
 
     s = settings
     print(
         f"\nresnet18, demo scenes: pretrain {s['images']} images at {s['image_size']}px, crop {s['crop']}, "
         f"batch {s['batch']}, {s['steps']} steps (LARS, base LR 1.0 sqrt-scaled, cosine EMA from 0.99); "
         f"probe on {s['probe_images']} other scenes (80/20 split), 1x1 conv on frozen C5 "
-        f"({rows[0][4]['feature_size'][0]}x{rows[0][4]['feature_size'][1]}), {probe_epochs} epochs, seed 0\n"
+        f"({rows[0][5]['feature_size'][0]}x{rows[0][5]['feature_size'][1]}), {probe_epochs} epochs, seed 0\n"
     )
-    print("| weights | steps | pretrain s | final loss | mIoU % | pixel acc % |")
-    print("|---|---|---|---|---|---|")
-    for label, steps, seconds, loss, r in rows:
+    print("| weights | steps | pretrain s | final loss | proj. mean share | mIoU % | pixel acc % |")
+    print("|---|---|---|---|---|---|---|")
+    for label, steps, seconds, loss, share, r in rows:
         secs = f"{seconds:.0f}" if seconds is not None else "-"
         loss_text = f"{loss:.3f}" if loss is not None else "-"
+        share_text = f"{share:.2f}" if share is not None else "-"
         print(
-            f"| {label} | {steps} | {secs} | {loss_text} | {100 * r['miou']:.1f} | "
+            f"| {label} | {steps} | {secs} | {loss_text} | {share_text} | {100 * r['miou']:.1f} | "
             f"{100 * r['pixel_accuracy']:.1f} |"
         )
-    per_class = " | ".join(rows[0][4]["per_class_iou"])
+    per_class = " | ".join(rows[0][5]["per_class_iou"])
     print(f"\nper-class IoU % ({per_class}):")
     for label, *_, r in rows:
         print(f"- {label}: " + ", ".join(f"{100 * v:.0f}" for v in r["per_class_iou"].values()))
