@@ -32,7 +32,7 @@ from pixpro.model import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 
-FULL = {"images": 512, "image_size": 128, "crop": 96, "batch": 32, "steps": 240, "probe_images": 256}
+FULL = {"images": 512, "image_size": 128, "crop": 96, "batch": 32, "steps": 200, "probe_images": 256}
 QUICK = {"images": 128, "image_size": 96, "crop": 64, "batch": 16, "steps": 16, "probe_images": 96}
 
 
