@@ -21,11 +21,3 @@ def write_status(store: CheckpointStore, **fields: Any) -> None:
         store.put_aux(STATUS_FILE, json.dumps(record, sort_keys=True).encode())
     except Exception as exc:
         log.warning("could not write %s: %s", STATUS_FILE, type(exc).__name__)
-
-
-def read_status(store: CheckpointStore) -> dict[str, Any] | None:
-    data = store.read_aux(STATUS_FILE)
-    try:
-        return json.loads(data) if data else None
-    except json.JSONDecodeError:
-        return None

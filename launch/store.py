@@ -219,6 +219,18 @@ class _Backend(Protocol):
     def close(self) -> None: ...
 
 
+def _put_if_current(backend: Any, rel: str, data: bytes, token: str | None) -> bool:
+    """Compare-and-swap for backends without conditional writes; the caller holds their lock.
+
+    ``token`` None means create-only; otherwise the object's current token (sha256) must equal it.
+    """
+    cur = backend.get(rel)
+    if (cur is not None) if token is None else (cur is None or cur[1] != token):
+        return False
+    backend.put(rel, data)
+    return True
+
+
 _LOCAL_LOCKS: dict[str, threading.Lock] = {}
 _LOCAL_LOCKS_GUARD = threading.Lock()
 
@@ -267,13 +279,7 @@ class _LocalBackend:
 
     def put_if(self, rel: str, data: bytes, token: str | None) -> bool:
         with self._locked():
-            cur = self.get(rel)
-            if (token is None and cur is not None) or (
-                token is not None and (cur is None or cur[1] != token)
-            ):
-                return False
-            self.put(rel, data)
-            return True
+            return _put_if_current(self, rel, data, token)
 
     def get(self, rel: str) -> tuple[bytes, str] | None:
         data = self.read(rel)
@@ -494,13 +500,7 @@ class _FsspecBackend:
 
     def put_if(self, rel: str, data: bytes, token: str | None) -> bool:
         with self._lock:
-            cur = self.get(rel)
-            if (token is None and cur is not None) or (
-                token is not None and (cur is None or cur[1] != token)
-            ):
-                return False
-            self.put(rel, data)
-            return True
+            return _put_if_current(self, rel, data, token)
 
     def get(self, rel: str) -> tuple[bytes, str] | None:
         data = self.read(rel)
