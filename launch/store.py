@@ -219,23 +219,32 @@ class _Backend(Protocol):
     def close(self) -> None: ...
 
 
-def _put_if_current(backend: Any, rel: str, data: bytes, token: str | None) -> bool:
-    """Compare-and-swap for backends without conditional writes; the caller holds their lock.
+class _HashCAS:
+    """Compare-and-swap for backends without conditional writes: the token is the sha256 of the
+    content, and ``put_if`` reads, compares and writes under the backend's ``_cas_lock()``."""
 
-    ``token`` None means create-only; otherwise the object's current token (sha256) must equal it.
-    """
-    cur = backend.get(rel)
-    if (cur is not None) if token is None else (cur is None or cur[1] != token):
-        return False
-    backend.put(rel, data)
-    return True
+    def _cas_lock(self) -> contextlib.AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def get(self, rel: str) -> tuple[bytes, str] | None:
+        data = self.read(rel)  # type: ignore[attr-defined]
+        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+
+    def put_if(self, rel: str, data: bytes, token: str | None) -> bool:
+        """``token`` None means create-only; otherwise the current token must equal it."""
+        with self._cas_lock():
+            cur = self.get(rel)
+            if (cur is not None) if token is None else (cur is None or cur[1] != token):
+                return False
+            self.put(rel, data)  # type: ignore[attr-defined]
+            return True
 
 
 _LOCAL_LOCKS: dict[str, threading.Lock] = {}
 _LOCAL_LOCKS_GUARD = threading.Lock()
 
 
-class _LocalBackend:
+class _LocalBackend(_HashCAS):
     """A local (or shared POSIX) folder: temp file + fsync + os.replace; CAS under fcntl + thread lock."""
 
     kind = "local"
@@ -277,13 +286,8 @@ class _LocalBackend:
             finally:
                 fcntl.lockf(lf, fcntl.LOCK_UN)
 
-    def put_if(self, rel: str, data: bytes, token: str | None) -> bool:
-        with self._locked():
-            return _put_if_current(self, rel, data, token)
-
-    def get(self, rel: str) -> tuple[bytes, str] | None:
-        data = self.read(rel)
-        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+    def _cas_lock(self) -> contextlib.AbstractContextManager[None]:
+        return self._locked()
 
     def read(self, rel: str) -> bytes | None:
         try:
@@ -475,7 +479,7 @@ class _S3Backend:
         pass
 
 
-class _FsspecBackend:
+class _FsspecBackend(_HashCAS):
     """Any other fsspec filesystem: no conditional writes there, so CAS is only safe within a process."""
 
     def __init__(self, fs: Any, root: str) -> None:
@@ -498,13 +502,8 @@ class _FsspecBackend:
         if size != len(data):
             raise StoreError(f"{rel}: wrote {len(data)} bytes but the store holds {size}")
 
-    def put_if(self, rel: str, data: bytes, token: str | None) -> bool:
-        with self._lock:
-            return _put_if_current(self, rel, data, token)
-
-    def get(self, rel: str) -> tuple[bytes, str] | None:
-        data = self.read(rel)
-        return None if data is None else (data, hashlib.sha256(data).hexdigest())
+    def _cas_lock(self) -> contextlib.AbstractContextManager[bool]:
+        return self._lock
 
     def read(self, rel: str) -> bytes | None:
         try:

@@ -1,55 +1,7 @@
-"""Validated run specs for pixpro, importable without torch (the CLI checks specs on login nodes)."""
+"""Validated run specs for pixpro, importable without torch (the CLI checks specs on login nodes).
 
-from schemas.run_spec import (
-    CREDENTIAL_KEYS,
-    OWNED_SBATCH_OPTIONS,
-    SCHEMA_PATH,
-    URL_SCHEMES,
-    AffineSpec,
-    CheckpointSpec,
-    DataSpec,
-    DemoDataSpec,
-    ElasticSpec,
-    LossSpec,
-    ModelSpec,
-    OptimSpec,
-    PerspectiveSpec,
-    ResourceSpec,
-    RotationSpec,
-    RunSpec,
-    SpatialTransformSpec,
-    SpecError,
-    hash_payload,
-    json_schema,
-    json_schema_text,
-    load_spec,
-    parse_spec,
-    spec_hash,
-)
+The public names are those of :mod:`schemas.run_spec` (its ``__all__``), re-exported here.
+"""
 
-__all__ = [
-    "CREDENTIAL_KEYS",
-    "OWNED_SBATCH_OPTIONS",
-    "SCHEMA_PATH",
-    "URL_SCHEMES",
-    "AffineSpec",
-    "CheckpointSpec",
-    "DataSpec",
-    "DemoDataSpec",
-    "ElasticSpec",
-    "LossSpec",
-    "ModelSpec",
-    "OptimSpec",
-    "PerspectiveSpec",
-    "ResourceSpec",
-    "RotationSpec",
-    "RunSpec",
-    "SpatialTransformSpec",
-    "SpecError",
-    "hash_payload",
-    "json_schema",
-    "json_schema_text",
-    "load_spec",
-    "parse_spec",
-    "spec_hash",
-]
+from schemas.run_spec import *  # noqa: F403
+from schemas.run_spec import __all__ as __all__

@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tests.trainutil import (
     final_state,
     run_trainer,
     tiny_spec,
+    trainer_cmd,
     trainer_env,
     write_spec,
 )
@@ -34,11 +34,6 @@ def _spec(data_root: Path, **overrides) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data") / "tiny"
-
-
-@pytest.fixture(scope="module")
 def golden(tmp_path_factory, data_root):
     d = tmp_path_factory.mktemp("golden")
     spec = write_spec(d / "spec.json", _spec(data_root))
@@ -48,25 +43,8 @@ def golden(tmp_path_factory, data_root):
 
 
 def _launch(spec: Path, run: Path, max_restarts: int = 0) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "launch.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node=2",
-        "--rdzv-backend",
-        "c10d",
-        "--rdzv-endpoint",
-        "127.0.0.1:0",
-        f"--max-restarts={max_restarts}",
-        "--",
-        str(spec),
-        "--run-dir",
-        str(run),
-    ]
     return subprocess.Popen(
-        cmd,
+        trainer_cmd(spec, run, nproc=2, max_restarts=max_restarts),
         cwd=REPO,
         env=trainer_env(),
         stdout=subprocess.PIPE,

@@ -9,11 +9,6 @@ from tests.trainutil import assert_identical, final_state, run_trainer, tiny_spe
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data") / "tiny"
-
-
-@pytest.fixture(scope="module")
 def golden(tmp_path_factory, data_root):
     """Run A: 10 steps uninterrupted, single process."""
     d = tmp_path_factory.mktemp("golden")

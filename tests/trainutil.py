@@ -56,31 +56,39 @@ def trainer_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def trainer_cmd(spec: Path, run_dir: Path, nproc: int = 1, max_restarts: int = 0) -> list[str]:
+    """``python -m launch.train`` for one process, else ``nproc`` ranks under our torchrun wrapper."""
+    args = [str(spec), "--run-dir", str(run_dir)]
+    if nproc == 1 and max_restarts == 0:
+        return [sys.executable, "-m", "launch.train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "launch.run",
+        "--nnodes",
+        "1",
+        f"--nproc-per-node={nproc}",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "127.0.0.1:0",
+        f"--max-restarts={max_restarts}",
+        "--",
+        *args,
+    ]
+
+
 def run_trainer(
     spec: Path, run_dir: Path, nproc: int = 1, timeout: float = 300, **env: str
 ) -> subprocess.CompletedProcess:
-    """One process (``python -m launch.train``) or ``nproc`` ranks under our torchrun wrapper."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "launch.train", str(spec), "--run-dir", str(run_dir)]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "launch.run",
-            "--nnodes",
-            "1",
-            f"--nproc-per-node={nproc}",
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            "127.0.0.1:0",
-            "--",
-            str(spec),
-            "--run-dir",
-            str(run_dir),
-        ]
+    """Run the trainer to the end (see :func:`trainer_cmd`), output captured."""
     return subprocess.run(
-        cmd, cwd=REPO, env=trainer_env(**env), capture_output=True, text=True, timeout=timeout
+        trainer_cmd(spec, run_dir, nproc),
+        cwd=REPO,
+        env=trainer_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
