@@ -1,9 +1,13 @@
 """Synthetic cluttered scenes with per-pixel class masks, for the demo run and the dense probe.
 
 Each object class has its own shape and texture, so pixel-level features can tell classes apart while
-a single global image embedding cannot (scenes mix classes). Backgrounds are cluttered with textures
-no object uses, so "not background" is not trivially "has any texture". Everything is drawn with
-vectorized numpy from one generator per image, so image ``i`` depends only on ``(seed, i)``.
+a single global image embedding cannot (scenes mix classes). Colours are drawn per object,
+independently of the class: as in natural images, colour is a nuisance that pretraining's colour
+jitter is meant to discard, and a probe cannot score well from patch colour statistics alone
+(class-coded palettes let a fixed colour/variance feature beat every learned one). Backgrounds are
+cluttered with textures no object uses, so "not background" is not trivially "has any texture".
+Everything is drawn with vectorized numpy from one generator per image, so image ``i`` depends only
+on ``(seed, i)``.
 
 Layout: ``root/images/00000.png`` (RGB), ``root/masks/00000.png`` (uint8 class id per pixel, 0 =
 background) and ``root/classes.json`` (class names by id plus the generation parameters).
@@ -28,21 +32,10 @@ from PIL import Image
 from pixpro.data import DatasetError
 
 FORMAT = "pixpro-demo"
-VERSION = 1  # bump whenever rendering changes, so stale datasets are not silently reused
+VERSION = 2  # bump whenever rendering changes, so stale datasets are not silently reused
 CLASS_NAMES: tuple[str, ...] = ("background", "disc", "square", "triangle", "ring", "star")
 TEXTURE_NAMES: tuple[str, ...] = ("none", "stripes", "checker", "dots", "gradient", "waves")
-# Two base colours per class (id 1..5); instances jitter them, textures blend between them.
-_PALETTES = np.array(
-    [
-        [[0, 0, 0], [0, 0, 0]],
-        [[225, 60, 50], [250, 215, 120]],
-        [[40, 80, 200], [205, 225, 250]],
-        [[35, 150, 70], [235, 235, 90]],
-        [[145, 55, 185], [250, 155, 210]],
-        [[235, 135, 30], [70, 45, 30]],
-    ],
-    dtype=np.float32,
-)
+_MIN_CONTRAST = 90.0  # RGB distance between an object's two colours, so its texture stays visible
 _TWO_PI = np.float32(2 * np.pi)
 
 Array = np.ndarray
@@ -171,6 +164,17 @@ def _background(rng: np.random.Generator, yy: Array, xx: Array) -> Array:
     return image
 
 
+def _object_colours(rng: np.random.Generator) -> Array:
+    """Two random colours ``[2, 3]`` at least ``_MIN_CONTRAST`` apart: the first of 8 candidates that
+    is, else (about one object in a million) the cube corner farthest from the first colour."""
+    first = rng.uniform(0, 255, 3).astype(np.float32)
+    candidates = rng.uniform(0, 255, (8, 3)).astype(np.float32)
+    far = np.linalg.norm(candidates - first, axis=1) >= _MIN_CONTRAST
+    corner = np.where(first < 127.5, np.float32(255), np.float32(0))
+    second = candidates[int(np.argmax(far))] if far.any() else corner
+    return np.stack([first, second])
+
+
 def _draw_objects(rng: np.random.Generator, image: Array, mask: Array, yy: Array, xx: Array) -> None:
     """Paint 1-5 textured objects in order; later ones occlude earlier ones in image and mask."""
     size = mask.shape[0]
@@ -179,9 +183,7 @@ def _draw_objects(rng: np.random.Generator, image: Array, mask: Array, yy: Array
         radius = rng.uniform(0.1, 0.28) * size
         cx, cy = rng.uniform(0.12, 0.88, 2) * size
         theta = rng.uniform(0, 2 * np.pi)
-        colours = _PALETTES[cls] * np.float32(rng.uniform(0.8, 1.2))
-        colours += rng.uniform(-30, 30, (1, 3)).astype(np.float32)
-        colours += rng.uniform(-15, 15, (2, 3)).astype(np.float32)
+        colours = _object_colours(rng)
         # Work in the object's bounding window only: objects are small, scenes are not.
         y0, y1 = max(int(cy - radius) - 1, 0), min(int(cy + radius) + 2, size)
         x0, x1 = max(int(cx - radius) - 1, 0), min(int(cx + radius) + 2, size)

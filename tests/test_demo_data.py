@@ -63,17 +63,29 @@ def test_masks_align_with_images(demo: DemoInfo) -> None:
     assert masks.shape == (NUM, SIZE, SIZE) and masks.dtype == np.uint8
     assert set(np.unique(masks).tolist()) == set(range(demo.num_classes))  # every class, nothing else
     pixels = images.astype(np.float64)
-    background = pixels[masks == 0].mean(0)
+
+    def edge_strength(labels: np.ndarray) -> float:
+        """Mean colour jump between horizontal neighbours whose labels differ."""
+        jump = np.abs(np.diff(pixels, axis=2)).sum(-1)
+        return float(jump[labels[:, :, 1:] != labels[:, :, :-1]].mean())
+
+    # Mask edges are image edges: far sharper there than at the same edges shifted by a few pixels.
+    assert edge_strength(masks) > 2 * edge_strength(np.roll(masks, 5, axis=2))
+
+
+def test_colour_does_not_code_the_class() -> None:
+    """Object colours are drawn per object: every class spans the colour cube, with the same mean."""
+    rng = np.random.default_rng(0)
+    colours = np.stack([demo_data._object_colours(rng) for _ in range(2000)])
+    assert np.all(np.linalg.norm(colours[:, 0] - colours[:, 1], axis=1) >= demo_data._MIN_CONTRAST - 1e-3)
+    assert np.abs(colours.reshape(-1, 3).mean(0) - 127.5).max() < 10
+
+
+def test_rendered_class_colours_vary_across_images(demo: DemoInfo) -> None:
+    images, masks = _arrays(demo)
     for cls in range(1, demo.num_classes):
-        assert np.abs(pixels[masks == cls].mean(0) - background).max() > 40, CLASS_NAMES[cls]
-
-    def nearest_mean_accuracy(labels: np.ndarray) -> float:
-        means = np.stack([pixels[labels == k].mean(0) for k in range(demo.num_classes)])
-        predicted = ((pixels[..., None, :] - means) ** 2).sum(-1).argmin(-1)
-        return float((predicted == labels).mean())
-
-    # Colour explains the true mask far better than the same mask shifted by a few pixels.
-    assert nearest_mean_accuracy(masks) > nearest_mean_accuracy(np.roll(masks, 5, axis=2)) + 0.1
+        means = [images[i][masks[i] == cls].mean(0) for i in range(NUM) if (masks[i] == cls).sum() > 20]
+        assert len(means) >= 3 and np.std(means, axis=0).max() > 35, CLASS_NAMES[cls]
 
 
 def test_image_folder_finds_all_images(demo: DemoInfo) -> None:
@@ -158,3 +170,16 @@ def test_concurrent_generator_that_finishes_first_wins(
     assert not info.created
     assert sorted(p.name for p in tmp_path.iterdir()) == ["shared"]  # staging folders cleaned up
     assert len(ImageFolder(info.images_dir)) == 2
+
+
+def test_object_colours_fall_back_to_the_far_corner() -> None:
+    """When no candidate is far enough, the second colour is the cube corner farthest from the first."""
+
+    class Grey:
+        def uniform(self, low: float, high: float, size: int | tuple[int, ...]) -> np.ndarray:
+            return np.full(size, 120.0)
+
+    colours = demo_data._object_colours(Grey())  # type: ignore[arg-type]
+    assert colours.dtype == np.float32
+    assert colours[1].tolist() == [255.0, 255.0, 255.0]
+    assert np.linalg.norm(colours[0] - colours[1]) >= demo_data._MIN_CONTRAST
