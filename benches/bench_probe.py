@@ -9,7 +9,7 @@ frozen last-layer features of a *separate* demo dataset (other seed) and reports
 effective rank of those features (exp of the entropy of their PCA spectrum) shows dimensional
 collapse, the failure mode of BYOL-style objectives early in training.
 
-    python benches/bench_probe.py                 # the full run, about 15 minutes on 2 cores
+    python benches/bench_probe.py                 # the full run, about 17 minutes on 2 cores
     python benches/bench_probe.py --steps 3000 --size 224   # the GPU-sized check: 7x7 cells
     python benches/bench_probe.py --quick         # a 2-minute smoke version (too short to learn)
 
