@@ -33,9 +33,13 @@ from cli_support import (
     write_spec,
 )
 
+from pixpro import demo_data
+
 pytestmark = pytest.mark.slow
 
 SHARED = Path("/tmp/pixpro-cli-slurm-tests")  # every node sees it: both nodes run on this machine
+# The demo data is shared across sessions; a new generator version must not meet an old cached copy.
+DATA_DIR = f"data-tiny48-v{demo_data.VERSION}"
 MOTO_PORT = 5577
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "pixpro-test-key-id",
@@ -72,7 +76,7 @@ def home() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def spec_file(home: Path) -> Path:
     # One data root for all runs: the demo images are identical, and so is the spec hash.
-    return write_spec(home.parent / "tiny.json", tiny_spec(SHARED / "data-tiny48"))
+    return write_spec(home.parent / "tiny.json", tiny_spec(SHARED / DATA_DIR))
 
 
 def submit(home: Path, spec: Path, *args: str, env: dict[str, str] | None = None) -> tuple[str, str]:
@@ -354,7 +358,7 @@ def test_s3_checkpoints_through_requeue_cancel_resume(home: Path, moto: str, ref
     url = f"s3://{bucket}/runs/tiny"
     spec = write_spec(
         home.parent / "tiny-s3.json",
-        tiny_spec(SHARED / "data-tiny48", checkpoint__url=url, checkpoint__storage_options=options),
+        tiny_spec(SHARED / DATA_DIR, checkpoint__url=url, checkpoint__storage_options=options),
     )
 
     def read(rel: str) -> bytes:
