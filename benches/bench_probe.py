@@ -90,8 +90,8 @@ def start_pretraining(work: Path, spec: dict) -> tuple[subprocess.Popen, Path, P
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIXPRO_", "SLURM_", "TORCHELASTIC_"))}
     env["PYTHONPATH"] = str(REPO)
     cmd = [sys.executable, "-m", "launch.train", str(spec_path), "--run-dir", str(run_dir)]
-    log = open(run_dir / "train.log", "w")  # noqa: SIM115 - closed with the process below
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    with open(run_dir / "train.log", "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     return proc, run_dir, spec_path
 
 
@@ -109,10 +109,9 @@ class PatchColour(nn.Module):
 
 
 @torch.no_grad()
-def effective_rank(backbone: nn.Module, probe_data: Path) -> float:
-    """exp(entropy) of the PCA spectrum of the held-out images' last-layer features (cells as samples)."""
-    _, test, _ = load_data(probe_data)
-    feats = extract_features(backbone, test.images)
+def effective_rank(backbone: nn.Module, images: torch.Tensor) -> float:
+    """exp(entropy) of the PCA spectrum of the images' last-layer features (cells as samples)."""
+    feats = extract_features(backbone, images)
     cells = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
     energy = torch.linalg.svdvals(cells - cells.mean(0)).pow(2)
     p = energy / energy.sum()
@@ -156,12 +155,13 @@ def main() -> None:
         runs = [start_pretraining(work, make_spec(data, settings, w, threads, recipe)) for w in (0.0, 1.0)]
 
         torch.set_num_threads(1)  # the baselines share the machine with the two trainers
+        held_out = load_data(probe_data)[1].images  # read once for every effective rank
         rows = []
         for seed in (0, 1, 2):
             torch.manual_seed(seed)
             random = build_encoder("resnet18", None, "random init")
             result = probe(random, probe_data, 0, probe_epochs)
-            rank = effective_rank(random, probe_data)
+            rank = effective_rank(random, held_out)
             rows.append((f"random init (torchvision), seed {seed}", "-", None, None, rank, result))
         control = probe(PatchColour(), probe_data, 0, probe_epochs)
         rows.append(("patch colour statistics (no network)", "-", None, None, None, control))
@@ -173,7 +173,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             encoder = load_encoder(run_dir, spec_path)
             result = probe(encoder.backbone, probe_data, 0, probe_epochs)
-            rank = effective_rank(encoder.backbone, probe_data)
+            rank = effective_rank(encoder.backbone, held_out)
             rows.append((label, f"{encoder.step}", seconds, final_loss(run_dir), rank, result))
 
     s = settings
