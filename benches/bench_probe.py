@@ -1,15 +1,21 @@
 """Does it learn? Pretrain resnet18 on the demo scenes with the real trainer, then dense-probe it.
 
-Rows: the architecture at random init (three seeds), a no-network control (patch colour statistics),
-PixPro, and PixPro with the instance branch (weight 1). Each pretraining is
+Weights compared: the architecture at random init (three seeds), PixPro, and PixPro with the instance
+branch (weight 1); for scale, a no-network control (patch colour statistics), the same resnet18 trained
+*with the masks* for the same steps (how far any training moves the probe in this budget), and the
+probe's ceiling at C5 resolution (true class fractions per 32-px cell). Each pretraining is
 ``python -m launch.train SPEC --run-dir DIR`` in a subprocess, exactly as a user runs it; the two run
-side by side, each on half of the cores (on this 2-core machine that is 1.4x the throughput of running
-them one after the other with 2 threads each). The probe (:mod:`launch.probe`) trains a 1x1 conv on
-frozen last-layer features of a *separate* demo dataset (other seed) and reports held-out mIoU. The
-effective rank of those features (exp of the entropy of their PCA spectrum) shows dimensional
-collapse, the failure mode of BYOL-style objectives early in training.
+side by side on half of the cores each, in bf16 autocast (``cpu_autocast``) when that measures
+faster on this CPU.
 
-    python benches/bench_probe.py                 # the full run, about 17 minutes on 2 cores
+Each encoder is read out on a *separate* demo dataset (other seed), frozen, from its last feature map:
+- the class probe (:mod:`launch.probe`): a 1x1 conv, held-out mIoU over the 6 classes;
+- the foreground probe: the same on object-vs-background masks;
+- linear read-outs (ridge R^2 on held-out cells) of each cell's mean colour and object fraction: what
+  the features encode, and what pretraining made them drop (colour jitter) or gain;
+- the effective rank (exp of the entropy of the PCA spectrum): dimensional collapse.
+
+    python benches/bench_probe.py                 # the full run, about 16 minutes on 2 cores
     python benches/bench_probe.py --steps 3000 --size 224   # the GPU-sized check: 7x7 cells
     python benches/bench_probe.py --quick         # a 2-minute smoke version (too short to learn)
 
@@ -21,30 +27,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from bench_step import cpu_autocast_speedup
+from PIL import Image
 from torch import nn
 
-from launch.probe import extract_features, load_data, probe
+from launch.probe import IGNORE, confusion, extract_features, load_data, miou, probe, train_head
 from launch.weights import build_encoder, load_encoder
+from pixpro.augment import IMAGENET_MEAN, IMAGENET_STD
 from pixpro.demo_data import generate_demo_dataset
+from pixpro.model import build_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 
 # 160 px crops give 5x5 C5 cells (96 px gave 3x3: too coarse for a pixel loss); batch 16 keeps the
 # step cost of a 96 px batch of 32.
-FULL = {"images": 512, "image_size": 160, "crop": 160, "batch": 16, "steps": 300, "probe_images": 256}
+FULL = {"images": 512, "image_size": 160, "crop": 160, "batch": 16, "steps": 600, "probe_images": 256}
 QUICK = {"images": 128, "image_size": 96, "crop": 64, "batch": 16, "steps": 16, "probe_images": 96}
 # Short-budget recipe: see benches/RESULTS.md for why it departs from the 100-epoch ImageNet one.
 RECIPE = {"lr": 1.0, "zero_init_residual": False, "ema": 0.99}
 
 
-def make_spec(data: Path, s: dict, instance_weight: float, threads: int, recipe: dict) -> dict:
+def make_spec(
+    data: Path, s: dict, instance_weight: float, threads: int, recipe: dict, autocast: bool = False
+) -> dict:
     """The demo run sized to ``s``: LARS at absolute LR ``recipe['lr']``, cosine EMA, no AMP."""
     steps_per_epoch = s["images"] // s["batch"]
     return {
@@ -73,7 +87,8 @@ def make_spec(data: Path, s: dict, instance_weight: float, threads: int, recipe:
             "max_steps": s["steps"],
             "ema_base_momentum": recipe["ema"],
         },
-        "precision": "fp32",
+        "precision": "bf16" if autocast else "fp32",
+        "cpu_autocast": autocast,
         "threads": threads,
         "checkpoint": {"every_minutes": 10.0, "keep_last": 1},
         "log_every_steps": 10,
@@ -118,6 +133,101 @@ def effective_rank(backbone: nn.Module, images: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
 
 
+def supervised_reference(data: Path, steps: int, batch: int, threads: int, autocast: bool) -> nn.Module:
+    """resnet18 trained *with the masks* of the pretraining scenes for the same steps and batch.
+
+    Not a method under test: it shows how far any training can move the probe in this budget, so
+    PixPro's gain over random init reads as a share of the learnable gap. Full images with random
+    flips, SGD 0.05 (momentum 0.9, wd 1e-4), per-pixel cross-entropy on bilinearly upsampled logits,
+    in the pretraining's precision.
+    """
+    torch.set_num_threads(threads)
+    train, held_out, classes = load_data(data)
+    images, masks = torch.cat([train.images, held_out.images]), torch.cat([train.masks, held_out.masks])
+    torch.manual_seed(0)
+    backbone, channels = build_backbone("resnet18", zero_init_residual=False)
+    head = nn.Conv2d(channels, len(classes), 1)
+    model = nn.Sequential(backbone, head).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(len(images), (batch,), generator=generator)
+        x, y = (images[idx].float() - mean) / std, masks[idx]
+        flip = torch.rand(batch, generator=generator) < 0.5
+        x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+        logits = nn.functional.interpolate(logits.float(), size=y.shape[-2:], mode="bilinear")
+        loss = nn.functional.cross_entropy(logits, y, ignore_index=IGNORE)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return backbone.to(memory_format=torch.contiguous_format)
+
+
+def oracle_probe(data: Path, epochs: int) -> dict:
+    """The probe's ceiling at C5 resolution: features = each 32-px cell's true class fractions."""
+    train, held_out, classes = load_data(data)
+
+    def fractions(masks: torch.Tensor) -> torch.Tensor:
+        onehot = nn.functional.one_hot(masks.clamp(max=len(classes) - 1), len(classes))
+        return nn.functional.avg_pool2d(onehot.permute(0, 3, 1, 2).float(), 32)
+
+    f_train, f_test = fractions(train.masks), fractions(held_out.masks)
+    mean, std = f_train.mean((0, 2, 3), keepdim=True), f_train.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+    head = train_head((f_train - mean) / std, train.masks, len(classes), epochs, 0)
+    conf = confusion(head, (f_test - mean) / std, held_out.masks, len(classes))
+    score, ious = miou(conf)
+    return {
+        "miou": score,
+        "pixel_accuracy": float(conf.diag().sum() / conf.sum()),
+        "per_class_iou": {classes[k]: v for k, v in ious.items()},
+    }
+
+
+def foreground_copy(data: Path, out: Path) -> Path:
+    """``data`` with every object class merged into one: the object-vs-background probe's dataset."""
+    if not (out / "classes.json").exists():
+        (out / "masks").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(data / "images", out / "images", dirs_exist_ok=True)
+        for mask in sorted((data / "masks").iterdir()):
+            merged = (np.asarray(Image.open(mask)) > 0).astype(np.uint8)
+            Image.fromarray(merged).save(out / "masks" / mask.name)
+        (out / "classes.json").write_text(json.dumps({"classes": ["background", "object"]}))
+    return out
+
+
+@torch.no_grad()
+def readout_r2(backbone: nn.Module, data: Path) -> dict[str, float]:
+    """Held-out R^2 of ridge read-outs from standardized C5 cells to each 32-px cell's mean colour
+    (RGB) and object fraction; fitted on the probe's training split."""
+    train, held_out, _ = load_data(data)
+
+    def cells(t: torch.Tensor) -> torch.Tensor:
+        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+    def targets(split) -> dict[str, torch.Tensor]:
+        colour = nn.functional.avg_pool2d(split.images.float() / 255, 32)
+        objects = nn.functional.avg_pool2d((split.masks > 0).float()[:, None], 32)
+        return {"colour": cells(colour), "objectness": cells(objects)}
+
+    x_train, x_test = (cells(extract_features(backbone, split.images)) for split in (train, held_out))
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+    ones = torch.ones(1)
+    x_train = torch.cat([(x_train - mean) / std, ones.expand(len(x_train), 1)], 1).double()
+    x_test = torch.cat([(x_test - mean) / std, ones.expand(len(x_test), 1)], 1).double()
+    gram = x_train.T @ x_train + 10.0 * torch.eye(x_train.shape[1], dtype=torch.float64)
+    out = {}
+    for (name, y_train), y_test in zip(targets(train).items(), targets(held_out).values(), strict=True):
+        w = torch.linalg.solve(gram, x_train.T @ y_train.double())
+        residual = ((x_test @ w - y_test) ** 2).sum(0)
+        total = ((y_test - y_train.double().mean(0)) ** 2).sum(0)
+        out[name] = float((1 - residual / total).mean())
+    return out
+
+
 def final_loss(run_dir: Path) -> float | None:
     from launch.metrics import read_metrics
     from launch.store import CheckpointStore
@@ -135,6 +245,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=RECIPE["lr"], help="absolute LARS learning rate")
     parser.add_argument("--zero-init-residual", action="store_true", help="the ImageNet recipe's init")
     parser.add_argument("--probe-epochs", type=int, default=None)
+    parser.add_argument("--fp32", action="store_true", help="never use bf16 autocast on CPU")
     args = parser.parse_args()
     settings = dict(QUICK if args.quick else FULL)
     if args.steps is not None:
@@ -145,60 +256,93 @@ def main() -> None:
     probe_epochs = args.probe_epochs or (10 if args.quick else 30)
     cores = os.cpu_count() or 1
     threads = max(1, cores // 2)
+    torch.set_num_threads(threads)
+    speedup = (
+        None if args.fp32 else cpu_autocast_speedup("resnet18", settings["crop"], settings["batch"], 3, 1024)
+    )
+    autocast = speedup is not None and speedup["speedup"] > 1.2
 
     with tempfile.TemporaryDirectory(prefix="pixpro-bench-probe-") as tmp:
         work = args.work or Path(tmp)
         data, probe_data = work / "pretrain-data", work / "probe-data"
         generate_demo_dataset(data, settings["images"], settings["image_size"], seed=0)
         generate_demo_dataset(probe_data, settings["probe_images"], settings["image_size"], seed=1)
+        fg_data = foreground_copy(probe_data, work / "probe-foreground")
         start = time.perf_counter()
-        runs = [start_pretraining(work, make_spec(data, settings, w, threads, recipe)) for w in (0.0, 1.0)]
+        specs = [make_spec(data, settings, w, threads, recipe, autocast) for w in (0.0, 1.0)]
+        runs = [start_pretraining(work, spec) for spec in specs]
 
         torch.set_num_threads(1)  # the baselines share the machine with the two trainers
         held_out = load_data(probe_data)[1].images  # read once for every effective rank
         rows = []
+
+        def add(label: str, module: nn.Module, steps: str = "-", seconds=None, loss=None) -> None:
+            cls = probe(module, probe_data, 0, probe_epochs)
+            fg = probe(module, fg_data, 0, probe_epochs)
+            rank = effective_rank(module, held_out)
+            rows.append((label, steps, seconds, loss, rank, readout_r2(module, probe_data), cls, fg))
+
         for seed in (0, 1, 2):
             torch.manual_seed(seed)
-            random = build_encoder("resnet18", None, "random init")
-            result = probe(random, probe_data, 0, probe_epochs)
-            rank = effective_rank(random, held_out)
-            rows.append((f"random init (torchvision), seed {seed}", "-", None, None, rank, result))
-        control = probe(PatchColour(), probe_data, 0, probe_epochs)
-        rows.append(("patch colour statistics (no network)", "-", None, None, None, control))
+            add(f"random init (torchvision), seed {seed}", build_encoder("resnet18", None, "random init"))
+        colour = PatchColour()
+        cls, fg = probe(colour, probe_data, 0, probe_epochs), probe(colour, fg_data, 0, probe_epochs)
+        rows.append(("patch colour statistics (no network)", "-", None, None, None, None, cls, fg))
 
         labels = ("PixPro", "PixPro + instance (w=1)")
         for (proc, run_dir, spec_path), label in zip(runs, labels, strict=True):
             if proc.wait() != 0:
                 sys.exit(f"trainer failed ({proc.returncode}); see {run_dir / 'train.log'}")
-            seconds = time.perf_counter() - start
             encoder = load_encoder(run_dir, spec_path)
-            result = probe(encoder.backbone, probe_data, 0, probe_epochs)
-            rank = effective_rank(encoder.backbone, held_out)
-            rows.append((label, f"{encoder.step}", seconds, final_loss(run_dir), rank, result))
+            seconds = time.perf_counter() - start
+            add(label, encoder.backbone, f"{encoder.step}", seconds, final_loss(run_dir))
+
+        torch.set_num_threads(cores)
+        t = time.perf_counter()
+        supervised = supervised_reference(data, settings["steps"], settings["batch"], cores, autocast)
+        torch.set_num_threads(1)
+        add(
+            "reference: supervised with the masks",
+            supervised,
+            f"{settings['steps']}",
+            time.perf_counter() - t,
+        )
+        oracle = oracle_probe(probe_data, probe_epochs), oracle_probe(fg_data, probe_epochs)
+        rows.append(("ceiling: true class fractions per C5 cell", "-", None, None, None, None, *oracle))
 
     s = settings
+    precision = "bf16 autocast + channels_last" if autocast else "fp32"
+    measured = f" ({speedup['speedup']:.1f}x faster than fp32 here)" if speedup is not None else ""
     print(
         f"\nresnet18, demo scenes: pretrain {s['images']} images at {s['image_size']}px, crop {s['crop']}, "
         f"batch {s['batch']}, {s['steps']} steps (LARS at LR {recipe['lr']:g}, cosine EMA from "
-        f"{recipe['ema']}, zero-init residual {recipe['zero_init_residual']}), both runs side by side with "
-        f"{threads} thread(s) each; probe on {s['probe_images']} other scenes (80/20 split), 1x1 conv on "
-        f"frozen C5 ({rows[0][5]['feature_size'][0]}x{rows[0][5]['feature_size'][1]}), "
-        f"{probe_epochs} epochs, seed 0\n"
+        f"{recipe['ema']}, zero-init residual {recipe['zero_init_residual']}), {precision}{measured}; "
+        f"both runs side by side with {threads} thread(s) each; probes on {s['probe_images']} other scenes "
+        f"(80/20 split), 1x1 conv on frozen C5 ({rows[0][6]['feature_size'][0]}x"
+        f"{rows[0][6]['feature_size'][1]}), {probe_epochs} epochs, seed 0\n"
     )
-    print("| weights | steps | wall s | final loss | C5 effective rank | mIoU % | pixel acc % |")
-    print("|---|---|---|---|---|---|---|")
-    for label, steps, seconds, loss, rank, r in rows:
-        secs = f"{seconds:.0f}" if seconds is not None else "-"
-        loss_text = f"{loss:.3f}" if loss is not None else "-"
-        rank_text = f"{rank:.1f}" if rank is not None else "-"
-        print(
-            f"| {label} | {steps} | {secs} | {loss_text} | {rank_text} | {100 * r['miou']:.1f} | "
-            f"{100 * r['pixel_accuracy']:.1f} |"
-        )
-    per_class = " | ".join(rows[0][5]["per_class_iou"])
+    print(
+        "| weights | steps | wall s | final loss | C5 eff. rank | R² colour | R² objectness "
+        "| class mIoU % | foreground mIoU % |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, steps, seconds, loss, rank, r2, cls, fg in rows:
+        cells = [
+            label,
+            steps,
+            f"{seconds:.0f}" if seconds is not None else "-",
+            f"{loss:.3f}" if loss is not None else "-",
+            f"{rank:.1f}" if rank is not None else "-",
+            f"{r2['colour']:.2f}" if r2 else "-",
+            f"{r2['objectness']:.2f}" if r2 else "-",
+            f"{100 * cls['miou']:.1f}",
+            f"{100 * fg['miou']:.1f}",
+        ]
+        print("| " + " | ".join(cells) + " |")
+    per_class = " | ".join(rows[0][6]["per_class_iou"])
     print(f"\nper-class IoU % ({per_class}):")
-    for label, *_, r in rows:
-        print(f"- {label}: " + ", ".join(f"{100 * v:.0f}" for v in r["per_class_iou"].values()))
+    for label, *_, cls, _fg in rows:
+        print(f"- {label}: " + ", ".join(f"{100 * v:.0f}" for v in cls["per_class_iou"].values()))
 
 
 if __name__ == "__main__":

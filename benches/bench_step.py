@@ -1,9 +1,12 @@
-"""PixPro step time over its floor, and two-view augmentation throughput per core.
+"""PixPro step time over its floor, CPU bf16 autocast against fp32, and augmentation throughput per core.
 
 Floor = the backbone's own work for the same batch: two views through the online backbone forward and
 backward, plus two target-backbone forwards. The PixPro step adds projectors, PPM, positive masks,
 losses, the LARS update and the EMA update. Both are timed in the same process, interleaved, and the
 ratio of medians is reported (the machine is shared, so absolute times swing).
+
+The ``cpu_autocast`` row times the same PixPro step in fp32 and under bf16 autocast with
+channels_last (what ``cpu_autocast: true`` in a spec turns on), interleaved, as a ratio of medians.
 
     python benches/bench_step.py [--backbone resnet50] [--size 224] [--batch 8] [--reps 7]
 """
@@ -72,6 +75,36 @@ def step_ratio(backbone: str, size: int, batch: int, reps: int, hidden: int) -> 
     }
 
 
+def cpu_autocast_speedup(backbone: str, size: int, batch: int, reps: int, hidden: int) -> dict:
+    """Median PixPro step time in fp32 and in bf16 autocast + channels_last, interleaved."""
+    torch.manual_seed(0)
+    models = {}
+    for name, memory_format in (("fp32", torch.contiguous_format), ("bf16", torch.channels_last)):
+        model = PixPro(backbone=backbone, projector_hidden=hidden).train().to(memory_format=memory_format)
+        models[name] = (model, LARS(lars_param_groups(model, 1e-5), lr=0.1), memory_format)
+    views = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
+    box = torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(batch, 1)
+    c2 = torch.tensor([0.1, 0.1, 0.9, 0.9]).repeat(batch, 1)
+
+    def step(name: str) -> None:
+        model, opt, memory_format = models[name]
+        v1, v2 = (v.contiguous(memory_format=memory_format) for v in views)
+        model.update_target(0.99)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+            out = model(v1, v2, box, c2)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+
+    step("fp32"), step("bf16")  # warm-up (oneDNN picks its kernels on the first call)
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(reps):
+        for name in times:
+            times[name] += _time(lambda name=name: step(name), 1)
+    fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
+    return {"fp32_s": fp32, "bf16_s": bf16, "speedup": fp32 / bf16}
+
+
 def augment_rate(reps: int) -> dict:
     """Two-view samples/s on one core from a 500x375 image at 224 (box coordinates and rotation maps)."""
     from torchvision.transforms import v2
@@ -114,6 +147,14 @@ def main() -> None:
         f"| {r['backbone']} | {r['size']} px | {r['batch']} | {r['hidden']} | {r['pixpro_s']:.3f} | "
         f"{r['floor_s']:.3f} | {r['ratio']:.3f} |"
     )
+    print()
+    c = cpu_autocast_speedup("resnet18", 160, 16, a.reps, 1024)
+    print(
+        "| CPU PixPro step (resnet18, 160 px, batch 16, hidden 1024) | fp32 (s) "
+        "| bf16 autocast + channels_last (s) | speedup |"
+    )
+    print("|---|---|---|---|")
+    print(f"| {a.threads} thread(s) | {c['fp32_s']:.3f} | {c['bf16_s']:.3f} | {c['speedup']:.2f}x |")
     print()
     print("| two-view augmentation, 500x375 -> 224, 1 core | samples/s |")
     print("|---|---|")

@@ -1,8 +1,8 @@
 """Training curves from a run's metrics records: loss, learning rate and EMA momentum against step.
 
 Torch-free (matplotlib's object API, no pyplot state), so a login node can draw a run's curves from
-the metrics beside its checkpoints. A vertical line marks every resume: the step where the records'
-``attempt`` changes, i.e. where a preempted or failed attempt's successor took over.
+the metrics beside its checkpoints. A vertical line marks every resume: where the records' ``attempt``
+changes, at the checkpoint step the new attempt resumed from (``resumed_from``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class PlotData:
     """Exactly what was drawn: per panel the (steps, values) series, and the resume steps."""
 
     series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
-    resumes: list[tuple[int, str]] = field(default_factory=list)  # (first step of the attempt, attempt)
+    resumes: list[tuple[int, str]] = field(default_factory=list)  # (step resumed from, attempt)
 
 
 def plot_data(records: Sequence[dict[str, Any]]) -> PlotData:
@@ -52,7 +52,9 @@ def plot_data(records: Sequence[dict[str, Any]]) -> PlotData:
         data.series[key] = ([s for s, _ in points], [v for _, v in points])
     for before, after in itertools.pairwise(records):
         if after.get("attempt") != before.get("attempt"):
-            data.resumes.append((after["step"], str(after.get("attempt"))))
+            start = after.get("resumed_from")
+            step = start if isinstance(start, int) else after["step"]  # older records lack it
+            data.resumes.append((step, str(after.get("attempt"))))
     return data
 
 

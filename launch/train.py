@@ -212,10 +212,11 @@ class Trainer:
             torch.set_num_threads(spec.threads)
         if cuda:
             torch.cuda.set_device(self.device)
-        elif spec.precision != "fp32" and env.rank == 0:
-            log.info("precision %s applies on GPU; this CPU run trains in fp32", spec.precision)
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision) if cuda else None
-        self.memory_format = torch.channels_last if (cuda and spec.channels_last) else torch.contiguous_format
+        elif spec.precision != "fp32" and not spec.cpu_autocast and env.rank == 0:
+            log.info("precision %s applies on GPU or with cpu_autocast; this trains in fp32", spec.precision)
+        fast = cuda or spec.cpu_autocast
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision) if fast else None
+        self.memory_format = torch.channels_last if (fast and spec.channels_last) else torch.contiguous_format
 
         seed_everything(spec.seed, env.rank)  # a fresh start is reproducible; a resume restores the RNG
         self.dataset, self.sampler = build_data(spec, env)
@@ -422,6 +423,8 @@ class Trainer:
             "positives": self._last_positives,
             "total_steps": self.plan.total_steps,
         }
+        if self.resumed_step is not None:
+            rec["resumed_from"] = self.resumed_step
         self.metrics.append(rec)
         self.metrics.flush()
         if not sys.stderr.isatty():

@@ -555,13 +555,27 @@ class RunSpec(_Spec):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "bf16", description="Autocast dtype; fp16 adds a GradScaler."
     )
-    channels_last: bool = Field(True, description="channels_last memory format (applied on GPU only).")
+    channels_last: bool = Field(
+        True, description="channels_last memory format (on GPU; on CPU too with cpu_autocast)."
+    )
+    cpu_autocast: bool = Field(
+        False,
+        description="Apply precision (bf16 only) and channels_last on CPU ranks too: about 2.5x faster "
+        "on CPUs with AMX or AVX512-BF16, slower on others; still bitwise reproducible.",
+    )
     threads: int | None = Field(
         None, ge=1, description="torch threads per rank on CPU; None = torch's default."
     )
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint store.")
     log_every_steps: int = Field(10, ge=1, description="Log metrics every this many optimizer steps.")
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="SLURM allocation.")
+
+    @field_validator("cpu_autocast")
+    @classmethod
+    def _bf16_only_on_cpu(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("precision") == "fp16":
+            raise _fail("cpu_fp16", "needs precision 'bf16' or 'fp32' (CPU autocast has no fast fp16)")
+        return value
 
     @field_validator("name")
     @classmethod
@@ -585,9 +599,18 @@ checked separately, from the checkpoint), where/how often checkpoints go, loggin
 workers (augmentation is seeded per sample, not per worker) and CPU threads (only float rounding)."""
 
 
+_ADDED_LATER: dict[str, Any] = {"cpu_autocast": False}
+"""Fields added after checkpoints existed: left out of the hash at these defaults, so those checkpoints
+still resume."""
+
+
 def hash_payload(spec: RunSpec) -> dict[str, Any]:
     """The part of the spec :func:`spec_hash` covers, as JSON data (to show what changed on a refusal)."""
-    return spec.model_dump(mode="json", exclude=_HASH_EXCLUDE)
+    payload = spec.model_dump(mode="json", exclude=_HASH_EXCLUDE)
+    for key, default in _ADDED_LATER.items():
+        if payload.get(key) == default:
+            del payload[key]
+    return payload
 
 
 def spec_hash(spec: RunSpec) -> str:

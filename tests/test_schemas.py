@@ -279,6 +279,7 @@ BAD_VALUES = [
     ("optim.max_steps", 0, "optim.max_steps"),
     ("precision", "fp8", "precision"),
     ("channels_last", "sometimes", "channels_last"),
+    ("cpu_autocast", "maybe", "cpu_autocast"),
     ("threads", 0, "threads"),
     ("checkpoint.url", "", "checkpoint.url"),
     ("checkpoint.url", "http://example.com/x", "checkpoint.url"),
@@ -318,6 +319,14 @@ def test_each_constraint_is_rejected_with_its_field_path(dotted: str, value: Any
         parse_spec(with_value(MINIMAL, dotted, value))
     assert_well_formed(info.value)
     assert any(line.startswith(f"{path}: ") for line in info.value.problems), info.value.problems
+
+
+def test_cpu_autocast_refuses_fp16() -> None:
+    lines = errors_of(with_value(with_value(MINIMAL, "precision", "fp16"), "cpu_autocast", True))
+    assert lines == [
+        "cpu_autocast: needs precision 'bf16' or 'fp32' (CPU autocast has no fast fp16) (got True)"
+    ]
+    assert parse_spec(with_value(MINIMAL, "cpu_autocast", True)).cpu_autocast  # bf16, the default
 
 
 def test_every_problem_is_reported_at_once() -> None:
@@ -693,6 +702,7 @@ def test_spec_hash_ignores_what_does_not_change_training(dotted: str, value: Any
         ("data.spatial", []),
         ("seed", 4),
         ("precision", "bf16"),
+        ("cpu_autocast", True),
     ],
 )
 def test_spec_hash_changes_with_the_training_recipe(dotted: str, value: Any) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from launch.metrics import read_metrics
 from launch.preempt import EXIT_PREEMPTED
+from launch.store import CheckpointStore
 from tests.trainutil import assert_identical, final_state, run_trainer, tiny_spec, write_spec
 
 
@@ -37,6 +40,8 @@ def test_two_resumes_mid_epoch_and_at_boundary_equal_uninterrupted(tmp_path, dat
     assert state["__step__"] == 10
     assert_identical(golden, state)
     assert "resumed from step 6" in res.stderr
+    records = read_metrics(CheckpointStore(str(tmp_path / "run" / "checkpoints")))
+    assert [r.get("resumed_from") for r in records] == [None] * 4 + [4] * 2 + [6] * 4  # plot's resume marks
 
 
 def test_resume_refuses_a_changed_spec(tmp_path, data_root):
@@ -64,3 +69,21 @@ def test_two_ranks_resume_equals_uninterrupted(tmp_path, data_root):
     b.mkdir()
     state, _ = _segments(b, data_root, [3, 6], nproc=2, data__batch_size=2)
     assert_identical(golden2, state)
+
+
+def test_cpu_autocast_trains_in_bf16_and_resumes_bitwise(tmp_path, data_root, golden):
+    bf16 = {"precision": "bf16", "cpu_autocast": True}
+    a = tmp_path / "a"
+    a.mkdir()
+    spec = write_spec(a / "spec.json", tiny_spec(data_root, **bf16))
+    res = run_trainer(spec, a / "run")
+    assert res.returncode == 0, res.stderr[-3000:]
+    uninterrupted = final_state(str(a / "run" / "checkpoints"))
+
+    b = tmp_path / "b"
+    b.mkdir()
+    state, _ = _segments(b, data_root, [4], **bf16)
+    assert_identical(uninterrupted, state)
+    # The same run in fp32 (the golden one) ends elsewhere: autocast really ran.
+    weights, fp32_weights = uninterrupted["train.pt"]["state"]["model"], golden["train.pt"]["state"]["model"]
+    assert not torch.equal(weights["backbone.conv1.weight"], fp32_weights["backbone.conv1.weight"])

@@ -85,6 +85,7 @@ def _write_metrics(url: str) -> None:
                     "lr": 0.01 * s,
                     "ema_momentum": 0.99 + 0.001 * s,
                 }
+                | ({"resumed_from": 4} if attempt == "job1.1" else {})
             )
             for s in steps
         ]
@@ -101,13 +102,13 @@ def test_plot_draws_exactly_the_metrics_and_marks_the_resume(tmp_path, capsys):
 
     records = read_metrics(CheckpointStore(url))
     fig, data = metrics_figure(records)
-    assert data.resumes == [(5, "job1.1")]
+    assert data.resumes == [(4, "job1.1")]  # the checkpoint it resumed from, not its first record
     for ax, key in zip(fig.axes, ("loss", "lr", "ema_momentum"), strict=True):
         (line,) = [ln for ln in ax.get_lines() if len(ln.get_xdata()) > 2]
         assert list(line.get_xdata()) == [r["step"] for r in records] == list(range(1, 11))
         assert list(line.get_ydata()) == [r[key] for r in records]
         markers = [ln for ln in ax.get_lines() if ln is not line]
-        assert [list(m.get_xdata()) for m in markers] == [[5, 5]]
+        assert [list(m.get_xdata()) for m in markers] == [[4, 4]]
     assert data.series["loss"][1][4:] == [-0.1 * s - 0.05 for s in range(5, 11)]  # the resumed attempt wins
 
 
