@@ -488,6 +488,26 @@ def _setup_logging(rank: int) -> None:
     )
 
 
+def init_process_group(env: DistEnv) -> None:
+    """The default process group; after a torchrun restart, on keys no earlier round wrote.
+
+    torchrun's agent keeps one store across restarts of the worker group and torch adds no
+    per-round prefix to it, so a restarted rank could read a dead rank's address from the previous
+    round and fail to connect ("Connection refused"), costing a restart each time. The restart
+    count makes every round's keys its own.
+    """
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restarts == "0":
+        dist.init_process_group(backend)
+        return
+    agent_store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size, is_master=False
+    )
+    store = dist.PrefixStore(f"pixpro/restart-{restarts}", agent_store)
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__)
     parser.add_argument("spec", type=Path, help="run spec (JSON or YAML)")
@@ -503,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     flag = PreemptionFlag(preemption_signals(spec.resources.signal)).install()
     run_dir = args.run_dir or Path("runs") / spec.name
     if env.world_size > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        init_process_group(env)
     try:
         outcome = Trainer(spec, run_dir, env, flag).fit()
     except (SpecError, DatasetError) as exc:  # bad input: one line, no traceback, no barrier to hang in

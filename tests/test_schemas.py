@@ -80,6 +80,7 @@ FULL: dict[str, Any] = {
     },
     "precision": "fp32",
     "channels_last": False,
+    "cpu_autocast": False,
     "threads": 2,
     "checkpoint": {
         "url": "s3://bucket/prefix",
