@@ -27,22 +27,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from bench_step import cpu_autocast_speedup
-from PIL import Image
 from torch import nn
 
-from launch.probe import IGNORE, confusion, extract_features, load_data, miou, probe, train_head
+from launch.probe import IGNORE, Split, extract_features, load_data, normalize, score_features
 from launch.weights import build_encoder, load_encoder
-from pixpro.augment import IMAGENET_MEAN, IMAGENET_STD
 from pixpro.demo_data import generate_demo_dataset
 from pixpro.model import build_backbone
 
@@ -123,14 +120,49 @@ class PatchColour(nn.Module):
         return torch.cat([mean, var, mean * mean, r * g, g * b, r * b], 1)
 
 
-@torch.no_grad()
-def effective_rank(backbone: nn.Module, images: torch.Tensor) -> float:
-    """exp(entropy) of the PCA spectrum of the images' last-layer features (cells as samples)."""
-    feats = extract_features(backbone, images)
-    cells = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
+def _cells(t: torch.Tensor) -> torch.Tensor:
+    """``[N, C, h, w]`` -> ``[N*h*w, C]``: one row per feature-map cell."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def effective_rank(feats: torch.Tensor) -> float:
+    """exp(entropy) of the PCA spectrum of last-layer features (cells as samples)."""
+    cells = _cells(feats)
     energy = torch.linalg.svdvals(cells - cells.mean(0)).pow(2)
     p = energy / energy.sum()
     return float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
+
+
+FOREGROUND = ["background", "object"]
+
+
+@dataclass
+class ProbeData:
+    """The probe scenes, read once: both splits and the class names."""
+
+    train: Split
+    test: Split
+    classes: list[str]
+
+    def class_score(self, train_feats: torch.Tensor, test_feats: torch.Tensor, epochs: int) -> dict:
+        t, h = self.train, self.test
+        return score_features(train_feats, t.masks, test_feats, h.masks, self.classes, epochs)
+
+    def foreground_score(self, train_feats: torch.Tensor, test_feats: torch.Tensor, epochs: int) -> dict:
+        t, h = self.train, self.test
+        return score_features(
+            train_feats, _objects(t.masks), test_feats, _objects(h.masks), FOREGROUND, epochs
+        )
+
+    def scores(self, train_feats: torch.Tensor, test_feats: torch.Tensor, epochs: int) -> tuple[dict, dict]:
+        """(class probe, object-vs-background probe) on the given features of the two splits."""
+        feats = train_feats, test_feats
+        return self.class_score(*feats, epochs), self.foreground_score(*feats, epochs)
+
+
+def _objects(masks: torch.Tensor) -> torch.Tensor:
+    """Every object class merged into 1; ignored pixels stay ignored."""
+    return torch.where(masks == IGNORE, masks, (masks > 0).long())
 
 
 def supervised_reference(data: Path, steps: int, batch: int, threads: int, autocast: bool) -> nn.Module:
@@ -149,12 +181,10 @@ def supervised_reference(data: Path, steps: int, batch: int, threads: int, autoc
     head = nn.Conv2d(channels, len(classes), 1)
     model = nn.Sequential(backbone, head).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
         idx = torch.randint(len(images), (batch,), generator=generator)
-        x, y = (images[idx].float() - mean) / std, masks[idx]
+        x, y = normalize(images[idx]), masks[idx]
         flip = torch.rand(batch, generator=generator) < 0.5
         x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -167,60 +197,29 @@ def supervised_reference(data: Path, steps: int, batch: int, threads: int, autoc
     return backbone.to(memory_format=torch.contiguous_format)
 
 
-def oracle_probe(data: Path, epochs: int) -> dict:
-    """The probe's ceiling at C5 resolution: features = each 32-px cell's true class fractions."""
-    train, held_out, classes = load_data(data)
-
-    def fractions(masks: torch.Tensor) -> torch.Tensor:
-        onehot = nn.functional.one_hot(masks.clamp(max=len(classes) - 1), len(classes))
-        return nn.functional.avg_pool2d(onehot.permute(0, 3, 1, 2).float(), 32)
-
-    f_train, f_test = fractions(train.masks), fractions(held_out.masks)
-    mean, std = f_train.mean((0, 2, 3), keepdim=True), f_train.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
-    head = train_head((f_train - mean) / std, train.masks, len(classes), epochs, 0)
-    conf = confusion(head, (f_test - mean) / std, held_out.masks, len(classes))
-    score, ious = miou(conf)
-    return {
-        "miou": score,
-        "pixel_accuracy": float(conf.diag().sum() / conf.sum()),
-        "per_class_iou": {classes[k]: v for k, v in ious.items()},
-    }
+def oracle_features(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The probe's ceiling at C5 resolution: each 32-px cell's true class fractions as its features."""
+    onehot = nn.functional.one_hot(masks.clamp(max=num_classes - 1), num_classes)
+    return nn.functional.avg_pool2d(onehot.permute(0, 3, 1, 2).float(), 32)
 
 
-def foreground_copy(data: Path, out: Path) -> Path:
-    """``data`` with every object class merged into one: the object-vs-background probe's dataset."""
-    if not (out / "classes.json").exists():
-        (out / "masks").mkdir(parents=True, exist_ok=True)
-        shutil.copytree(data / "images", out / "images", dirs_exist_ok=True)
-        for mask in sorted((data / "masks").iterdir()):
-            merged = (np.asarray(Image.open(mask)) > 0).astype(np.uint8)
-            Image.fromarray(merged).save(out / "masks" / mask.name)
-        (out / "classes.json").write_text(json.dumps({"classes": ["background", "object"]}))
-    return out
-
-
-@torch.no_grad()
-def readout_r2(backbone: nn.Module, data: Path) -> dict[str, float]:
+def readout_r2(train_feats: torch.Tensor, test_feats: torch.Tensor, data: ProbeData) -> dict[str, float]:
     """Held-out R^2 of ridge read-outs from standardized C5 cells to each 32-px cell's mean colour
     (RGB) and object fraction; fitted on the probe's training split."""
-    train, held_out, _ = load_data(data)
 
-    def cells(t: torch.Tensor) -> torch.Tensor:
-        return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-
-    def targets(split) -> dict[str, torch.Tensor]:
+    def targets(split: Split) -> dict[str, torch.Tensor]:
         colour = nn.functional.avg_pool2d(split.images.float() / 255, 32)
         objects = nn.functional.avg_pool2d((split.masks > 0).float()[:, None], 32)
-        return {"colour": cells(colour), "objectness": cells(objects)}
+        return {"colour": _cells(colour), "objectness": _cells(objects)}
 
-    x_train, x_test = (cells(extract_features(backbone, split.images)) for split in (train, held_out))
+    x_train, x_test = _cells(train_feats), _cells(test_feats)
     mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
     ones = torch.ones(1)
     x_train = torch.cat([(x_train - mean) / std, ones.expand(len(x_train), 1)], 1).double()
     x_test = torch.cat([(x_test - mean) / std, ones.expand(len(x_test), 1)], 1).double()
     gram = x_train.T @ x_train + 10.0 * torch.eye(x_train.shape[1], dtype=torch.float64)
     out = {}
-    for (name, y_train), y_test in zip(targets(train).items(), targets(held_out).values(), strict=True):
+    for (name, y_train), y_test in zip(targets(data.train).items(), targets(data.test).values(), strict=True):
         w = torch.linalg.solve(gram, x_train.T @ y_train.double())
         residual = ((x_test @ w - y_test) ** 2).sum(0)
         total = ((y_test - y_train.double().mean(0)) ** 2).sum(0)
@@ -267,27 +266,27 @@ def main() -> None:
         data, probe_data = work / "pretrain-data", work / "probe-data"
         generate_demo_dataset(data, settings["images"], settings["image_size"], seed=0)
         generate_demo_dataset(probe_data, settings["probe_images"], settings["image_size"], seed=1)
-        fg_data = foreground_copy(probe_data, work / "probe-foreground")
+        probes = ProbeData(*load_data(probe_data))
         start = time.perf_counter()
         specs = [make_spec(data, settings, w, threads, recipe, autocast) for w in (0.0, 1.0)]
         runs = [start_pretraining(work, spec) for spec in specs]
 
         torch.set_num_threads(1)  # the baselines share the machine with the two trainers
-        held_out = load_data(probe_data)[1].images  # read once for every effective rank
         rows = []
 
+        def features(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+            return extract_features(module, probes.train.images), extract_features(module, probes.test.images)
+
         def add(label: str, module: nn.Module, steps: str = "-", seconds=None, loss=None) -> None:
-            cls = probe(module, probe_data, 0, probe_epochs)
-            fg = probe(module, fg_data, 0, probe_epochs)
-            rank = effective_rank(module, held_out)
-            rows.append((label, steps, seconds, loss, rank, readout_r2(module, probe_data), cls, fg))
+            feats = features(module)
+            rank, r2 = effective_rank(feats[1]), readout_r2(*feats, probes)
+            rows.append((label, steps, seconds, loss, rank, r2, *probes.scores(*feats, probe_epochs)))
 
         for seed in (0, 1, 2):
             torch.manual_seed(seed)
             add(f"random init (torchvision), seed {seed}", build_encoder("resnet18", None, "random init"))
-        colour = PatchColour()
-        cls, fg = probe(colour, probe_data, 0, probe_epochs), probe(colour, fg_data, 0, probe_epochs)
-        rows.append(("patch colour statistics (no network)", "-", None, None, None, None, cls, fg))
+        control = probes.scores(*features(PatchColour()), probe_epochs)
+        rows.append(("patch colour statistics (no network)", "-", None, None, None, None, *control))
 
         labels = ("PixPro", "PixPro + instance (w=1)")
         for (proc, run_dir, spec_path), label in zip(runs, labels, strict=True):
@@ -307,8 +306,11 @@ def main() -> None:
             f"{settings['steps']}",
             time.perf_counter() - t,
         )
-        oracle = oracle_probe(probe_data, probe_epochs), oracle_probe(fg_data, probe_epochs)
-        rows.append(("ceiling: true class fractions per C5 cell", "-", None, None, None, None, *oracle))
+        k = len(probes.classes)
+        oracle = oracle_features(probes.train.masks, k), oracle_features(probes.test.masks, k)
+        merged = (oracle_features(_objects(split.masks), 2) for split in (probes.train, probes.test))
+        ceiling = probes.class_score(*oracle, probe_epochs), probes.foreground_score(*merged, probe_epochs)
+        rows.append(("ceiling: true class fractions per C5 cell", "-", None, None, None, None, *ceiling))
 
     s = settings
     precision = "bf16 autocast + channels_last" if autocast else "fp32"
@@ -318,8 +320,8 @@ def main() -> None:
         f"batch {s['batch']}, {s['steps']} steps (LARS at LR {recipe['lr']:g}, cosine EMA from "
         f"{recipe['ema']}, zero-init residual {recipe['zero_init_residual']}), {precision}{measured}; "
         f"both runs side by side with {threads} thread(s) each; probes on {s['probe_images']} other scenes "
-        f"(80/20 split), 1x1 conv on frozen C5 ({rows[0][6]['feature_size'][0]}x"
-        f"{rows[0][6]['feature_size'][1]}), {probe_epochs} epochs, seed 0\n"
+        f"(80/20 split), 1x1 conv on frozen C5 ({oracle[1].shape[-2]}x{oracle[1].shape[-1]}), "
+        f"{probe_epochs} epochs, seed 0\n"
     )
     print(
         "| weights | steps | wall s | final loss | C5 eff. rank | R² colour | R² objectness "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -33,20 +34,32 @@ def _time(fn, reps: int) -> list[float]:
     return out
 
 
-def step_ratio(backbone: str, size: int, batch: int, reps: int, hidden: int) -> dict:
-    torch.manual_seed(0)
-    model = PixPro(backbone=backbone, projector_hidden=hidden).train()
+def pixpro_step(
+    backbone: str, size: int, batch: int, hidden: int, bf16: bool = False
+) -> tuple[PixPro, tuple[torch.Tensor, torch.Tensor], Callable[[], None]]:
+    """A model, its two fixed random views and one full training step on them (EMA update, forward,
+    backward, LARS); ``bf16``: under CPU bf16 autocast with channels_last, as ``cpu_autocast`` runs."""
+    memory_format = torch.channels_last if bf16 else torch.contiguous_format
+    model = PixPro(backbone=backbone, projector_hidden=hidden).train().to(memory_format=memory_format)
     opt = LARS(lars_param_groups(model, 1e-5), lr=0.1)
-    v1, v2 = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
+    views = tuple(torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format) for _ in range(2))
     box = torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(batch, 1)
     c2 = torch.tensor([0.1, 0.1, 0.9, 0.9]).repeat(batch, 1)
 
-    def pixpro_step() -> None:
+    def step() -> None:
         model.update_target(0.99)
-        out = model(v1, v2, box, c2)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(*views, box, c2)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
+
+    return model, views, step
+
+
+def step_ratio(backbone: str, size: int, batch: int, reps: int, hidden: int) -> dict:
+    torch.manual_seed(0)
+    model, (v1, v2), step = pixpro_step(backbone, size, batch, hidden)
 
     online, target = model.backbone, model.target_backbone
 
@@ -58,10 +71,10 @@ def step_ratio(backbone: str, size: int, batch: int, reps: int, hidden: int) -> 
         online.zero_grad(set_to_none=True)
         loss.backward()
 
-    pixpro_step(), floor_step()  # warm-up
+    step(), floor_step()  # warm-up
     full, floor = [], []
     for _ in range(reps):  # interleave so both see the same machine load
-        full += _time(pixpro_step, 1)
+        full += _time(step, 1)
         floor += _time(floor_step, 1)
     f, b = statistics.median(full), statistics.median(floor)
     return {
@@ -78,29 +91,15 @@ def step_ratio(backbone: str, size: int, batch: int, reps: int, hidden: int) -> 
 def cpu_autocast_speedup(backbone: str, size: int, batch: int, reps: int, hidden: int) -> dict:
     """Median PixPro step time in fp32 and in bf16 autocast + channels_last, interleaved."""
     torch.manual_seed(0)
-    models = {}
-    for name, memory_format in (("fp32", torch.contiguous_format), ("bf16", torch.channels_last)):
-        model = PixPro(backbone=backbone, projector_hidden=hidden).train().to(memory_format=memory_format)
-        models[name] = (model, LARS(lars_param_groups(model, 1e-5), lr=0.1), memory_format)
-    views = torch.randn(batch, 3, size, size), torch.randn(batch, 3, size, size)
-    box = torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(batch, 1)
-    c2 = torch.tensor([0.1, 0.1, 0.9, 0.9]).repeat(batch, 1)
-
-    def step(name: str) -> None:
-        model, opt, memory_format = models[name]
-        v1, v2 = (v.contiguous(memory_format=memory_format) for v in views)
-        model.update_target(0.99)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
-            out = model(v1, v2, box, c2)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-
-    step("fp32"), step("bf16")  # warm-up (oneDNN picks its kernels on the first call)
-    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    steps = {
+        name: pixpro_step(backbone, size, batch, hidden, bf16=name == "bf16")[2] for name in ("fp32", "bf16")
+    }
+    for step in steps.values():
+        step()  # warm-up (oneDNN picks its kernels on the first call)
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(reps):
-        for name in times:
-            times[name] += _time(lambda name=name: step(name), 1)
+        for name, step in steps.items():
+            times[name] += _time(step, 1)
     fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
     return {"fp32_s": fp32, "bf16_s": bf16, "speedup": fp32 / bf16}
 

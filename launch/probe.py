@@ -151,13 +151,18 @@ def _class_names(root: Path, at_least: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- probing
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, 3, H, W]`` -> float, ImageNet-normalized as the backbones were trained."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    return (images.float() - mean) / std
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
     """Last feature map ``[N, C, h, w]`` of ImageNet-normalized uint8 images, backbone in eval mode."""
     backbone.eval()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-    out = [backbone((images[i : i + batch].float() - mean) / std) for i in range(0, len(images), batch)]
+    out = [backbone(normalize(images[i : i + batch])) for i in range(0, len(images), batch)]
     return torch.cat(out).float()
 
 
@@ -213,6 +218,35 @@ def miou(conf: torch.Tensor) -> tuple[float, dict[int, float]]:
     return float(np.mean(list(ious.values()))), ious
 
 
+def score_features(
+    train_feats: torch.Tensor,
+    train_masks: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_masks: torch.Tensor,
+    classes: Sequence[str],
+    epochs: int = 30,
+    seed: int = 0,
+    lr: float = 1e-2,
+) -> dict:
+    """The probe on given feature maps: ``{"miou", "pixel_accuracy", "per_class_iou"}``.
+
+    Features are standardized per channel with the training split's statistics, then the 1x1-conv
+    head is trained on the training split and scored on the held-out one.
+    """
+    mean = train_feats.mean((0, 2, 3), keepdim=True)
+    std = train_feats.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+    train_feats, test_feats = (train_feats - mean) / std, (test_feats - mean) / std
+    num_classes = len(classes)
+    head = train_head(train_feats, train_masks, num_classes, epochs, seed, lr)
+    conf = confusion(head, test_feats, test_masks, num_classes)
+    score, ious = miou(conf)
+    return {
+        "miou": score,
+        "pixel_accuracy": float(conf.diag().sum() / conf.sum().clamp_min(1)),
+        "per_class_iou": {classes[k]: v for k, v in ious.items()},
+    }
+
+
 def probe(
     backbone: nn.Module,
     data: str | Path,
@@ -225,17 +259,8 @@ def probe(
     train, test, classes = load_data(data, size)
     train_feats = extract_features(backbone, train.images)
     test_feats = extract_features(backbone, test.images)
-    mean = train_feats.mean((0, 2, 3), keepdim=True)
-    std = train_feats.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
-    train_feats, test_feats = (train_feats - mean) / std, (test_feats - mean) / std
-    num_classes = len(classes)
-    head = train_head(train_feats, train.masks, num_classes, epochs, seed, lr)
-    conf = confusion(head, test_feats, test.masks, num_classes)
-    score, ious = miou(conf)
     return {
-        "miou": score,
-        "pixel_accuracy": float(conf.diag().sum() / conf.sum().clamp_min(1)),
-        "per_class_iou": {classes[k]: v for k, v in ious.items()},
+        **score_features(train_feats, train.masks, test_feats, test.masks, classes, epochs, seed, lr),
         "image_size": int(train.images.shape[-1]),
         "feature_size": list(train_feats.shape[-2:]),
         "train_images": len(train.names),
