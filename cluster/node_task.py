@@ -161,7 +161,7 @@ class NodeTask:
             endpoint=ctx.endpoint,
             rdzv_id=ctx.job_id,
             max_restarts=self.max_restarts,
-            log_dir=Path(self.run_dir) / "logs" / ctx.attempt / f"node{ctx.node}",
+            log_dir=Path(self.run_dir) / "logs",
         )
         return launch_command(opts, Path(self.spec_path), Path(self.run_dir), python=self.python)
 

@@ -97,20 +97,16 @@ class Plan:
     def torchrun_command(self) -> list[str]:
         res = self.spec.resources
         if self.executor == "slurm":
-            endpoint, rdzv, logs = (
-                "$FIRST_HOST:$PORT",
-                "$SLURM_JOB_ID",
-                "$SLURM_JOB_ID.$SLURM_RESTART_COUNT/node$SLURM_NODEID",
-            )
+            endpoint, rdzv = "$FIRST_HOST:$PORT", "$SLURM_JOB_ID"
         else:
-            endpoint, rdzv, logs = f"127.0.0.1:{free_port()}", "local-<n>", "local-<n>/node0"
+            endpoint, rdzv = f"127.0.0.1:{free_port()}", "local-<n>"
         opts = torchrun_options(
             nnodes=res.nodes,
             nproc_per_node=procs_per_node(res.gpus_per_node),
             endpoint=endpoint,
             rdzv_id=rdzv,
             max_restarts=res.max_restarts,
-            log_dir=self.run_dir / "logs" / logs,
+            log_dir=self.run_dir / "logs",
         )
         return launch_command(opts, self.run_dir / SPEC_FILE, self.run_dir)
 
@@ -146,7 +142,8 @@ def plan_submission(
     cwd = Path.cwd()
     plan = Plan(with_checkpoint_url(spec, rdir, cwd), run_id, rdir, chosen, cwd)
     if chosen == "slurm":
-        plan.params = slurm.executor_parameters(plan.spec)
+        cpus = slurm.node_cpus(plan.spec) if check_cluster else None
+        plan.params = slurm.executor_parameters(plan.spec, cpus)
         plan.script = slurm.render_script(plan.params, rdir / slurm.SUBMITIT_DIR)
         if check_cluster:
             plan.estimate = slurm.preflight(plan.spec, plan.script)
@@ -223,7 +220,10 @@ def submit_attempt(record: RunRecord, spec: RunSpec, index: Index) -> str:
     rdir = Path(record.run_dir)
     if record.executor == "slurm":
         job_id = slurm.submit(
-            NodeTask.for_run(record), slurm.executor_parameters(spec), rdir / slurm.SUBMITIT_DIR, spec
+            NodeTask.for_run(record),
+            slurm.executor_parameters(spec, slurm.node_cpus(spec)),
+            rdir / slurm.SUBMITIT_DIR,
+            spec,
         )
     else:
         job_id = index.next_local_job_id()
@@ -263,7 +263,10 @@ def resume(ident: str) -> tuple[RunRecord, str, str | None]:
     if record.executor == "slurm":
         slurm.preflight(
             spec,
-            slurm.render_script(slurm.executor_parameters(spec), Path(record.run_dir) / slurm.SUBMITIT_DIR),
+            slurm.render_script(
+                slurm.executor_parameters(spec, slurm.node_cpus(spec)),
+                Path(record.run_dir) / slurm.SUBMITIT_DIR,
+            ),
         )
     (Path(record.run_dir) / CANCEL_MARKER).unlink(missing_ok=True)
     job_id = submit_attempt(record, spec, index)

@@ -48,9 +48,45 @@ def _one_line(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- parameters
-def executor_parameters(spec: RunSpec) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters: one task per node, requeue on preemption, the spec's signal."""
+def default_cpus(spec: RunSpec) -> int:
+    """CPUs a node task needs: one per rank and one per DataLoader worker of each rank."""
+    return max(1, spec.resources.gpus_per_node) * (spec.data.num_workers + 1)
+
+
+def cpus_per_task(spec: RunSpec, node_cpus: int | None = None) -> int:
+    """``resources.cpus_per_task``, else :func:`default_cpus` capped at the CPUs a node has (when known).
+
+    Without a request SLURM gives one CPU per task: under cgroups every rank and worker of a node would
+    share one core, and a whole-node job could not preempt this one as expected.
+    """
+    if spec.resources.cpus_per_task:
+        return spec.resources.cpus_per_task
+    wanted = default_cpus(spec)
+    return min(wanted, node_cpus) if node_cpus else wanted
+
+
+def node_cpus(spec: RunSpec) -> int | None:
+    """The fewest CPUs of a node in the run's partition(s) (sinfo), None when sinfo cannot tell."""
+    try:
+        proc = _run(["sinfo", "-h", "-N", "-o", "%N|%P|%c"])
+    except Failure:
+        return None
+    names = set((spec.resources.partition or "").split(",")) - {""}
+    counts = []
+    for line in proc.stdout.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) == 3 and fields[2].isdigit():
+            part = fields[1]
+            if (part.rstrip("*") in names) if names else part.endswith("*"):
+                counts.append(int(fields[2]))
+    return min(counts) if proc.returncode == 0 and counts else None
+
+
+def executor_parameters(spec: RunSpec, node_cpus: int | None = None) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters: one task per node, requeue on preemption, the spec's signal,
+    CPUs for every rank and DataLoader worker (:func:`cpus_per_task`)."""
     res = spec.resources
+    cpus = cpus_per_task(spec, node_cpus)
     extra: dict[str, Any] = {k: (True if v == "" else v) for k, v in res.extra_sbatch.items()}
     params: dict[str, Any] = {
         "job_name": spec.name,
@@ -59,14 +95,15 @@ def executor_parameters(spec: RunSpec) -> dict[str, Any]:
         "ntasks_per_node": 1,
         "signal_delay_s": res.signal_lead_s,
         "stderr_to_stdout": True,
+        "cpus_per_task": cpus,
+        # srun no longer inherits the job's --cpus-per-task (SLURM 22.05+): the step would get one CPU.
+        "srun_args": [f"--cpus-per-task={cpus}"],
         # The job itself reads SUBMITIT_PREEMPT_SIGNAL to know which signal means "checkpoint now".
         "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={res.signal}"],
         "additional_parameters": {"requeue": True, "signal": f"{res.signal}@{res.signal_lead_s}", **extra},
     }
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node
-    if res.cpus_per_task:
-        params["cpus_per_task"] = res.cpus_per_task
     if res.mem_gb:
         params["mem"] = f"{res.mem_gb}GB"
     for key in ("partition", "account", "qos", "constraint"):

@@ -15,6 +15,8 @@ PORT_BASE = 29500
 PORT_SLOTS = 2500  # ports PORT_BASE .. PORT_BASE + 8 * PORT_SLOTS - 1
 PREFIX_TEMPLATE = "[rank${rank}]: "
 """torchrun's prefix for tee'd lines; ``pixpro logs --rank R`` filters on it."""
+LOGS_SPECS = "pixpro"
+"""The ``torchrun.logs_specs`` entry point (launch.elastic.RankLogsSpecs): ``logs/<attempt>/rank<R>/``."""
 
 
 def procs_per_node(gpus_per_node: int) -> int:
@@ -62,8 +64,9 @@ def torchrun_options(
         "--rdzv-id", rdzv_id,
         "--max-restarts", str(max_restarts),
     ]  # fmt: skip
-    if log_dir is not None:  # per-rank files, and every console line tagged with its global rank
-        opts += ["--log-dir", str(log_dir), "--tee", "3", "--log-line-prefix-template", PREFIX_TEMPLATE]
+    if log_dir is not None:  # files per global rank (launch.elastic), console lines tagged with it too
+        opts += ["--log-dir", str(log_dir), "--logs-specs", LOGS_SPECS, "--tee", "3",
+                 "--log-line-prefix-template", PREFIX_TEMPLATE]  # fmt: skip
     return opts
 
 

@@ -75,14 +75,17 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def forward_to_children(signals: Iterable[signal.Signals]) -> None:
+def forward_to_children(signals: Iterable[signal.Signals], mark_env: str | None = None) -> None:
     """Install handlers that pass each preemption signal on to this process's children.
 
     Used in the torchrun agent: it must not die from the user signal, and a SIGTERM aimed at the agent
     alone (not the whole job step) must still reach the trainers so they checkpoint before exiting.
+    ``mark_env`` is set in this process's environment, which children started later inherit.
     """
 
     def handle(signum: int, frame: FrameType | None) -> None:
+        if mark_env:
+            os.environ[mark_env] = signal.Signals(signum).name
         for child in children_of(os.getpid()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)

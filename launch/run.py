@@ -5,7 +5,8 @@
 torchrun would die from SLURM's user signal (default action) and would SIGKILL its workers 30 s after
 a SIGTERM. Here the agent instead forwards SIGTERM and the user signal to its workers and waits: they
 agree on a step, commit a checkpoint and exit 0 with a marker (so torchrun does not restart them);
-this process then exits with :data:`launch.preempt.EXIT_PREEMPTED`.
+this process then exits with :data:`launch.preempt.EXIT_PREEMPTED`. :mod:`launch.elastic` adjusts the
+agent for multi-node restarts (one store per rendezvous round, broken groups killed at once).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from launch import elastic
 from launch.preempt import EXIT_PREEMPTED, forward_to_children, preemption_signals
 
 
@@ -30,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     # --signals-to-handle option); SIGTERM and the user signal go to the trainers, with no 30 s SIGKILL.
     if not any(a.startswith(("--signals-to-handle", "--signals_to_handle")) for a in torchrun_args):
         torchrun_args = ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *torchrun_args]
-    forward_to_children(preemption_signals(user_signal))
+    # Workers that torchrun starts after the signal (a restart racing the preemption) stop at once.
+    forward_to_children(preemption_signals(user_signal), mark_env=elastic.PREEMPT_ENV)
+    elastic.install()
     with tempfile.TemporaryDirectory(prefix="pixpro-exit-") as exit_dir:
         os.environ["PIXPRO_EXIT_DIR"] = exit_dir
         from torch.distributed.run import main as torchrun_main

@@ -30,8 +30,10 @@ URL's userinfo (``s3://KEY:SECRET@bucket/run``, discouraged) or the botocore cha
 ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, profiles). The endpoint is, first match wins:
 ``storage_options["endpoint_url"]`` or ``storage_options["client_kwargs"]["endpoint_url"]``, then
 ``PIXPRO_S3_ENDPOINT`` (passed as ``client_kwargs={"endpoint_url": ...}``), then botocore's own
-``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``. Defaults: botocore ``standard`` retries with 5 attempts,
-connect timeout 5 s, read timeout 30 s, s3fs's outer retry loop cut to 2 tries; on top of that every S3
+``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``. Retries: botocore makes one attempt per call, since it draws
+its retry jitter from the process-wide ``random`` module on whichever thread uploads, which would shift the
+trainer's saved Python RNG stream with network weather; s3fs's own loop retries instead (5 tries, fixed
+back-off) on transport errors, throttling and 5xx answers. Connect timeout 5 s, read timeout 30 s; every S3
 operation has a wall-clock deadline (``timeout_s`` + 1 s per MiB), because aiohttp applies no read
 timeout while it waits for ``100 Continue`` (botocore sends ``Expect: 100-continue`` on uploads): a
 stalled server would otherwise hang a PUT forever. Credentials never reach manifests, ``latest``, log
@@ -81,12 +83,10 @@ _CRED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _MIN_SECRET_LEN = 4
 _MAX_STEP = 10**12 - 1
 
-_S3_CONFIG_DEFAULTS: dict[str, Any] = {
-    "connect_timeout": 5,
-    "read_timeout": 30,
-    "retries": {"max_attempts": 5, "mode": "standard"},
-}
-_S3FS_RETRIES = 2  # s3fs wraps every call in its own retry loop on top of botocore's; keep it short
+_S3_CONFIG_DEFAULTS: dict[str, Any] = {"connect_timeout": 5, "read_timeout": 30}
+_NO_BOTOCORE_RETRIES = {"total_max_attempts": 1, "mode": "standard"}  # its jitter uses the global random
+_S3FS_RETRIES = 5  # s3fs's loop: fixed back-off 0.1 s x 1.7^i, no randomness
+_JITTER = random.Random()  # the CAS back-off's own generator: never the trainer's saved stream
 _MIN_BYTES_PER_S = 2**20  # the per-operation deadline grants 1 s per MiB on top of timeout_s
 _CAS_MAX_TRIES = 100
 
@@ -368,6 +368,7 @@ class _S3Backend:
             raise StoreError("botocore is too old for conditional PutObject (IfMatch/IfNoneMatch)")
         self.fs = s3fs.S3FileSystem(**options, skip_instance_cache=True, use_listings_cache=False)
         self.fs.retries = _S3FS_RETRIES
+        s3fs.core.set_custom_error_handler(_is_transient)  # what botocore's retries would have covered
         self.timeout_s = timeout_s
         self.bucket, _, self.key_root = root.strip("/").partition("/")
         self.key_root = self.key_root.strip("/")
@@ -568,6 +569,19 @@ def _is_transport_error(e: BaseException) -> bool:
 
     kinds = (bex.ConnectionError, bex.HTTPClientError, aiohttp.ClientError, TimeoutError, ConnectionError)
     return any(isinstance(x, kinds) for x in _exc_chain(e))
+
+
+def _is_transient(e: BaseException) -> bool:
+    """Worth another try in s3fs's retry loop: transport errors, throttling, 5xx answers."""
+    import botocore.exceptions as bex
+
+    if _is_transport_error(e):
+        return True
+    if isinstance(e, bex.ClientError):
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        return status >= 500 or code in ("Throttling", "ThrottlingException", "RequestTimeout", "SlowDown")
+    return False
 
 
 def _one_line(text: str, limit: int = 300) -> str:
@@ -827,7 +841,7 @@ class CheckpointStore:
                 return True
             self.cas_conflicts += 1
             log.info("%s: latest changed while moving it to step %d; retrying", self.url, manifest.step)
-            time.sleep(random.uniform(0.005, 0.05))
+            time.sleep(_JITTER.uniform(0.005, 0.05))
         raise StoreError(f"could not move latest to step {manifest.step} after {_CAS_MAX_TRIES} conflicts")
 
     def _prune(self) -> None:
@@ -1175,5 +1189,10 @@ def _s3_options(storage_options: dict[str, Any], userinfo: tuple[str, str] | Non
         client_kwargs["endpoint_url"] = endpoint
     opts["client_kwargs"] = client_kwargs
     config = {**_S3_CONFIG_DEFAULTS, **(opts.pop("config_kwargs", None) or {})}
-    opts["config_kwargs"] = config
+    if config.get("retries") not in (None, _NO_BOTOCORE_RETRIES):
+        log.warning(
+            "config_kwargs.retries is ignored: the store retries itself (botocore's jitter would "
+            "draw from the trainer's random stream)"
+        )
+    opts["config_kwargs"] = {**config, "retries": dict(_NO_BOTOCORE_RETRIES)}
     return opts

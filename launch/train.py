@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from launch import elastic
 from launch.checkpoint import Checkpointer
 from launch.metrics import MetricsLog
 from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_signals, preemption_signals
@@ -69,9 +70,10 @@ def attempt_id(world_size: int) -> str:
     """A name unique to this launch, the same on every rank: it names the attempt's checkpoint prefixes.
 
     The launcher's ``PIXPRO_ATTEMPT`` (SLURM job id and restart count), else rank 0's clock and pid;
-    torchrun's restart count is appended, so workers it restarts never reuse a prefix.
+    the rendezvous round is appended after a torchrun restart (the same on every node, unlike torchrun's
+    per-agent restart count), so restarted workers never reuse a prefix.
     """
-    base = os.environ.get("PIXPRO_ATTEMPT")
+    base = os.environ.get(elastic.ATTEMPT_ENV)
     if base is None and "SLURM_JOB_ID" in os.environ:
         base = f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
     if base is None:
@@ -80,8 +82,7 @@ def attempt_id(world_size: int) -> str:
             box = [base]
             dist.broadcast_object_list(box, src=0)
             base = box[0]
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    return f"{base}.r{restarts}" if restarts else base
+    return elastic.round_suffix(base, elastic.rendezvous_round())
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -488,26 +489,6 @@ def _setup_logging(rank: int) -> None:
     )
 
 
-def init_process_group(env: DistEnv) -> None:
-    """The default process group; after a torchrun restart, on keys no earlier round wrote.
-
-    torchrun's agent keeps one store across restarts of the worker group and torch adds no
-    per-round prefix to it, so a restarted rank could read a dead rank's address from the previous
-    round and fail to connect ("Connection refused"), costing a restart each time. The restart
-    count makes every round's keys its own.
-    """
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restarts == "0":
-        dist.init_process_group(backend)
-        return
-    agent_store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size, is_master=False
-    )
-    store = dist.PrefixStore(f"pixpro/restart-{restarts}", agent_store)
-    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__)
     parser.add_argument("spec", type=Path, help="run spec (JSON or YAML)")
@@ -521,9 +502,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pixpro: {exc}", file=sys.stderr)
         return 2
     flag = PreemptionFlag(preemption_signals(spec.resources.signal)).install()
+    if os.environ.get(elastic.PREEMPT_ENV):  # restarted by torchrun after the preemption signal arrived
+        flag.trigger()
     run_dir = args.run_dir or Path("runs") / spec.name
     if env.world_size > 1:
-        init_process_group(env)
+        # env:// on the store of this rendezvous round (see launch.elastic: no stale keys to read)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         outcome = Trainer(spec, run_dir, env, flag).fit()
     except (SpecError, DatasetError) as exc:  # bad input: one line, no traceback, no barrier to hang in

@@ -48,11 +48,7 @@ def free_port() -> int:
 
 def s3_storage_options(endpoint: str, **config: Any) -> dict[str, Any]:
     """storage_options for tests: short timeouts and few retries so fault tests finish in seconds."""
-    cfg: dict[str, Any] = {
-        "connect_timeout": 2,
-        "read_timeout": 3,
-        "retries": {"max_attempts": 2, "mode": "standard"},
-    }
+    cfg: dict[str, Any] = {"connect_timeout": 2, "read_timeout": 3}
     cfg.update(config)
     return {"client_kwargs": {"endpoint_url": endpoint}, "config_kwargs": cfg}
 

@@ -219,6 +219,10 @@ def test_dry_run_prints_sbatch_and_torchrun_and_writes_nothing(home: Path, spec_
     assert "#SBATCH --ntasks-per-node=1" in out and "#SBATCH --requeue" in out
     assert "#SBATCH --signal=USR2@60" in out and "export SUBMITIT_PREEMPT_SIGNAL=USR2" in out
     assert "sbatch --test-only: sbatch: Job" in out
+    # CPUs for every rank and DataLoader worker (capped at a node's CPUs), for the job and its srun step
+    cpus = next(ln for ln in out.splitlines() if ln.startswith("#SBATCH --cpus-per-task="))
+    srun = next(ln for ln in out.splitlines() if ln.startswith("srun "))
+    assert cpus.split("--")[1] in srun and int(cpus.split("=")[1]) >= 2, (cpus, srun)
     torchrun = next(line for line in out.splitlines() if "-m launch.run" in line)
     for part in (
         "--nnodes 2",

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -119,12 +120,15 @@ def flat(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def final_state(read: Callable[[str], bytes]) -> dict[str, Any]:
-    """Every tensor and value of the final ``train.pt`` (the file layout of launch/checkpoint.py)."""
+    """Every tensor and value of every file of the final checkpoint (``train.pt`` and each rank's RNG)."""
     import torch
 
-    latest = json.loads(read("latest"))
-    data = read(f"{latest['prefix']}/train.pt")
-    return dict(flat(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)))
+    prefix = json.loads(read("latest"))["prefix"]
+    out: dict[str, Any] = {}
+    for entry in json.loads(read(f"{prefix}/manifest.json"))["files"]:
+        data = read(f"{prefix}/{entry['name']}")
+        out |= dict(flat(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), entry["name"]))
+    return out
 
 
 def assert_same_state(got: dict[str, Any], want: dict[str, Any], what: str) -> None:
@@ -137,8 +141,8 @@ def assert_same_state(got: dict[str, Any], want: dict[str, Any], what: str) -> N
         if (not torch.equal(got[k], want[k]) if torch.is_tensor(want[k]) else got[k] != want[k])
     ]
     assert not differ, (
-        f"{what}: final train.pt differs from the uninterrupted run in {len(differ)} of {len(want)} entries "
-        f"(first: {differ[:4]}); zero tolerance"
+        f"{what}: the final checkpoint differs from the uninterrupted run in {len(differ)} of "
+        f"{len(want)} entries (first: {differ[:4]}); zero tolerance"
     )
 
 
@@ -213,7 +217,8 @@ def test_two_nodes_four_ranks_complete(home: Path, ref4: dict[str, Any]) -> None
     assert (rdir / "submitit" / f"{job}_0_log.out").exists() and (
         rdir / "submitit" / f"{job}_1_log.out"
     ).exists()
-    assert {p.name for p in (rdir / "logs" / f"{job}.0").iterdir()} == {"node0", "node1"}
+    # torchrun's files by global rank, whichever node the rendezvous gave each rank
+    assert {p.name for p in (rdir / "logs" / f"{job}.0").iterdir()} == {f"rank{r}" for r in range(4)}
 
     logs = cli("logs", job, "--rank", "0", home=home)  # rank 0 may be on either node: both files are read
     lines = [ln for ln in logs.stdout.splitlines() if ln.strip()]
@@ -324,6 +329,68 @@ def test_cancel_then_resume_by_job_id_continues_exactly(
     assert_same_state(
         final_state(files_reader(rdir / "checkpoints")), ref2["state"], "cancelled + resumed run"
     )
+
+
+def trainers(job: str) -> dict[int, list[int]]:
+    """Trainer pids of a job by SLURM node index (both "nodes" run on this machine)."""
+    found: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            raw = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        env = dict(kv.split(b"=", 1) for kv in raw if b"=" in kv)
+        if b"launch.train" in cmd and env.get(b"SLURM_JOB_ID") == job.encode():
+            found.setdefault(int(env.get(b"SLURM_NODEID", b"0")), []).append(int(entry))
+    return found
+
+
+@pytest.mark.timeout(600)
+def test_sigkill_of_a_rank_on_either_node_restarts_every_node_and_ends_exact(
+    home: Path, ref2: dict[str, Any]
+) -> None:
+    """torchrun restarts after a rank's death on either node agree on the round (no hang, no stale
+    address), also with a preemption signal arriving as the rank dies; the end equals an uninterrupted run."""
+    import random
+
+    rng = random.Random(os.getpid())
+    tiny = tiny_spec(SHARED / DATA_DIR, resources__max_restarts=3)
+    spec = write_spec(home.parent / "tiny-restarts.json", tiny)
+    run_id, job = submit(home, spec, "--nodes", "2", "--gpus", "1")
+    rdir = run_dir(home, run_id)
+    latest = local_latest(rdir / "checkpoints")
+
+    def step() -> int:
+        return int((latest() or {}).get("step", 0))
+
+    def both() -> dict[int, list[int]] | None:
+        found = trainers(job)
+        return found if len(found) == 2 else None
+
+    # a rank on the second node; then one on the first as a preemption signal reaches the job
+    for kills, (node, preempt) in enumerate(((1, False), (0, True)), start=1):
+        at = min(step() + rng.randint(2, 4), 14)
+        wait_for(f"a checkpoint at step {at}", lambda at=at: step() >= at, 240)
+        victims = wait_for("a trainer on each node", both, 60)
+        os.kill(victims[node][0], signal.SIGKILL)
+        if preempt:
+            subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+            break
+        t0 = time.monotonic()
+        wait_for(
+            f"the restart after the kill on node {node}",
+            lambda n=kills: job_log(rdir, job, lines=10**6).count("resumed from step") >= n,
+            120,
+        )
+        print(f"kill {kills} (node {node}, step >= {at}): resumed {time.monotonic() - t0:.1f}s later")
+    seen: list[str] = []
+    row = wait_status(home, job, finished, 400, seen)
+    no_failed(seen)
+    log = job_log(rdir, job, lines=10**6)
+    assert "Connection refused" not in log, log[-3000:]
+    assert row["attempts"][0]["job_id"] == job and len(row["attempts"]) == 1, row
+    assert_same_state(final_state(files_reader(rdir / "checkpoints")), ref2["state"], "run with killed ranks")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -137,3 +138,122 @@ def test_world_size_two_to_one_finishes_the_epoch_with_the_remaining_samples(tmp
     # (steps 5-8), and step 9 opens epoch 1.
     assert state["train.pt"]["state"]["progress"]["step"] == 9
     assert (sampler["epoch"], sampler["consumed"]) == (1, 2)
+
+
+# --- two torchrun agents ("nodes") on one machine: restarts agree on the round across nodes ----------
+class _Agents:
+    """Two ``launch.run`` agents, one rank each, meeting through the c10d rendezvous on 127.0.0.1:
+    what a 2-node SLURM job runs, without SLURM. Each agent's output goes to its own file."""
+
+    def __init__(self, spec: Path, run: Path, attempt: str, max_restarts: int) -> None:
+        from cluster.torchrun import free_port
+
+        self.logs = [run.parent / f"{attempt}.agent{i}.log" for i in range(2)]
+        port = free_port()
+        self.procs = []
+        for log in self.logs:
+            cmd = [
+                *trainer_cmd(spec, run, nproc=2, max_restarts=max_restarts)[:3],
+                "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", attempt,
+                f"--max-restarts={max_restarts}", "--log-dir", str(run / "logs"), "--logs-specs", "pixpro",
+                "--", str(spec), "--run-dir", str(run),
+            ]  # fmt: skip
+            with open(log, "w") as out:
+                self.procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        cwd=REPO,
+                        env=trainer_env(PIXPRO_ATTEMPT=attempt),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+
+    def output(self) -> str:
+        return "".join(log.read_text(errors="replace") for log in self.logs)
+
+    def trainer(self, agent: int) -> int:
+        found = children_of(self.procs[agent].pid)
+        assert len(found) == 1, (agent, found)
+        return found[0]
+
+    def wait(self, timeout: float) -> list[int]:
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired as exc:
+                self.kill()
+                tail = self.output()[-4000:]
+                raise AssertionError(f"agents still running after {timeout:.0f}s:\n{tail}") from exc
+        return [p.returncode for p in self.procs]
+
+    def kill(self) -> None:
+        for p in self.procs:
+            for pid in [*children_of(p.pid), p.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+
+
+def _wait_until(what: str, predicate, agents: _Agents, timeout: float) -> float:
+    """Seconds until ``predicate()`` held; fails (with the agents' output) if an agent ended first."""
+    t0 = time.monotonic()
+    while not predicate():
+        ended = [p.returncode for p in agents.procs if p.poll() is not None]
+        if ended or time.monotonic() - t0 > timeout:
+            agents.kill()
+            raise AssertionError(f"{what}: agents ended {ended} / timed out\n{agents.output()[-4000:]}")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_sigkill_on_either_node_restarts_every_node_in_one_round_and_ends_exact(tmp_path, data_root, golden):
+    rng = random.Random(os.getpid())
+    spec = write_spec(tmp_path / "spec.json", _spec(data_root))
+    run = tmp_path / "run"
+    agents = _Agents(spec, run, "job7.0", max_restarts=3)
+    recoveries = []
+    kill_at = rng.randint(3, 8)
+    for n, agent in enumerate((1, 0)):  # a rank on the second node, then one on the first
+        _wait_until(f"step {kill_at}", lambda s=kill_at: _current_step(run) >= s, agents, 180)
+        os.kill(agents.trainer(agent), signal.SIGKILL)
+        recoveries.append(
+            _wait_until(
+                f"restart {n + 1} (kill at step {kill_at} on agent {agent})",
+                lambda n=n: agents.output().count("resumed from step") >= n + 1,
+                agents,
+                120,
+            )
+        )
+        kill_at = _current_step(run) + rng.randint(2, 6)
+    assert agents.wait(timeout=240) == [0, 0], agents.output()[-4000:]
+    out = agents.output()
+    assert "Connection refused" not in out, out[-4000:]
+    # Both nodes named the restarted rounds alike: one attempt name per round, all ranks in one prefix.
+    assert_identical(golden, final_state(str(run / "checkpoints")))
+    # Files by global rank, one folder per round, whichever node held the rank.
+    folders = {p.name: sorted(q.name for q in p.iterdir()) for p in (run / "logs").iterdir()}
+    assert folders == {a: ["rank0", "rank1"] for a in ("job7.0", "job7.0.r1", "job7.0.r2")}, folders
+    prefixes = {p.name.split(".", 1)[1] for p in (run / "checkpoints").glob("step-*")}
+    assert prefixes <= {"job7.0", "job7.0.r1", "job7.0.r2"}, prefixes
+    print(f"recovery after SIGKILL: {', '.join(f'{s:.1f}s' for s in recoveries)}")
+
+
+def test_sigkill_with_a_concurrent_preemption_commits_and_resumes_exact(tmp_path, data_root, golden):
+    spec = write_spec(tmp_path / "spec.json", _spec(data_root))
+    run = tmp_path / "run"
+    agents = _Agents(spec, run, "job8.0", max_restarts=3)
+    _wait_until("step 6", lambda: _current_step(run) >= 6, agents, 180)
+    os.kill(agents.trainer(0), signal.SIGKILL)
+    for p in agents.procs:  # the preemption signal reaches both agents as the rank dies
+        os.kill(p.pid, signal.SIGUSR2)
+    codes = agents.wait(timeout=180)
+    assert codes == [EXIT_PREEMPTED, EXIT_PREEMPTED], agents.output()[-4000:]
+    stopped = final_state(str(run / "checkpoints"))["__step__"]
+    assert stopped < STEPS
+    again = _Agents(spec, run, "job8.1", max_restarts=0)
+    assert again.wait(timeout=240) == [0, 0], again.output()[-4000:]
+    assert f"resumed from step {stopped}" in again.output()
+    assert_identical(golden, final_state(str(run / "checkpoints")))

@@ -1,0 +1,103 @@
+"""torchrun's agent, made safe for multi-node restarts; installed by :mod:`launch.run` in the agent process.
+
+torchrun counts restarts per agent: a restart caused by another node's failure does not count on a
+healthy node, so anything keyed on ``TORCHELASTIC_RESTART_COUNT`` (a store prefix, a checkpoint
+attempt name, a log folder) disagrees across nodes after a remote failure. Here:
+
+* every rendezvous round gets its own TCPStore (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``), hosted by
+  that round's rank 0 on a fresh port: no rank can read a key of an earlier round (a dead rank's
+  address), so a restart is never spent on a stale address and no prefix is needed;
+* the rendezvous round, the same on every node, reaches the workers as :data:`ROUND_ENV`;
+* a worker group that torchrun restarts or gives up on is stopped with SIGKILL at once. Its ranks cannot
+  agree on a checkpoint (one is dead), and a SIGTERM only sets their preemption flag while they sit in a
+  collective or a store wait: torchrun would wait its 30 s grace before killing them anyway;
+* each worker's stdout/stderr files are named by its global rank (:class:`RankLogsSpecs`), not by the
+  node's local rank: the rendezvous, not the node index, decides which node holds rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, LogsDest, Std, to_map
+
+ROUND_ENV = "PIXPRO_RDZV_ROUND"
+ATTEMPT_ENV = "PIXPRO_ATTEMPT"
+PREEMPT_ENV = "PIXPRO_PREEMPT_PENDING"
+"""Set in the agent when a preemption signal arrived: workers it starts later stop at their first step."""
+KILL_WAIT_S = 10
+_UNNAMED = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # a launch without PIXPRO_ATTEMPT
+
+
+def rendezvous_round() -> int:
+    """This worker's rendezvous round (0 for the first), the same on every node; torchrun's restart
+    count where the agent is plain torchrun (one node: the same thing)."""
+    return int(os.environ.get(ROUND_ENV) or os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+
+
+def round_suffix(name: str, round_: int) -> str:
+    return f"{name}.r{round_}" if round_ else name
+
+
+def install() -> None:
+    """Adjust torchrun's agent in this process (call before torch.distributed.run.main)."""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
+
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    join = DynamicRendezvousHandler.next_rendezvous
+
+    def next_rendezvous(self: DynamicRendezvousHandler) -> Any:
+        info = join(self)
+        os.environ[ROUND_ENV] = str(self._state_holder.state.round)  # workers inherit os.environ
+        return info
+
+    def stop_workers(self: LocalElasticAgent, worker_group: Any, *args: Any, **kwargs: Any) -> None:
+        self._shutdown(death_sig=signal.SIGKILL, timeout=KILL_WAIT_S)
+
+    DynamicRendezvousHandler.next_rendezvous = next_rendezvous  # type: ignore[method-assign]
+    LocalElasticAgent._stop_workers = stop_workers  # type: ignore[method-assign]
+
+
+class RankLogsSpecs(DefaultLogsSpecs):
+    """``<log_dir>/<attempt>[.r<round>]/rank<R>/{stdout,stderr}.log`` (torchrun ``--logs-specs pixpro``).
+
+    ``<attempt>`` is the launcher's attempt id (the checkpoint prefixes use the same name), so the files
+    of a restarted round sit beside, not over, those of the round before.
+    """
+
+    def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
+        attempt = round_suffix(os.environ.get(ATTEMPT_ENV) or _UNNAMED, rendezvous_round())
+        base = os.path.join(self.root_log_dir, attempt)
+        nprocs = len(envs)
+        redirects, tees = to_map(self._redirects, nprocs), to_map(self._tee, nprocs)
+        stdouts, stderrs = dict.fromkeys(range(nprocs), ""), dict.fromkeys(range(nprocs), "")
+        tee_out: dict[int, str] = {}
+        tee_err: dict[int, str] = {}
+        errors: dict[int, str] = {}
+        for local, env in envs.items():
+            folder = os.path.join(base, f"rank{env['RANK']}")
+            os.makedirs(folder, exist_ok=True)
+            mode = redirects[local] | tees[local]  # a tee is a redirect that is also tailed
+            if mode & Std.OUT == Std.OUT:
+                stdouts[local] = os.path.join(folder, "stdout.log")
+                if tees[local] & Std.OUT == Std.OUT:
+                    tee_out[local] = stdouts[local]
+            if mode & Std.ERR == Std.ERR:
+                stderrs[local] = os.path.join(folder, "stderr.log")
+                if tees[local] & Std.ERR == Std.ERR:
+                    tee_err[local] = stderrs[local]
+            errors[local] = os.path.join(folder, "error.json")
+            env["TORCHELASTIC_ERROR_FILE"] = errors[local]
+        return LogsDest(
+            stdouts,
+            stderrs,
+            tee_out,
+            tee_err,
+            errors,
+            os.path.join(base, "filtered_stdout.log"),
+            os.path.join(base, "filtered_stderr.log"),
+        )
