@@ -9,7 +9,7 @@ side by side on half of the cores each, in bf16 autocast (``cpu_autocast``) when
 faster on this CPU.
 
 Each encoder is read out on a *separate* demo dataset (other seed), frozen, from its last feature map:
-- the class probe (:mod:`launch.probe`): a 1x1 conv, held-out mIoU over the 6 classes;
+- the class probe (:mod:`launch.tools.probe`): a 1x1 conv, held-out mIoU over the 6 classes;
 - the foreground probe: the same on object-vs-background masks;
 - linear read-outs (ridge R^2 on held-out cells) of each cell's mean colour and object fraction: what
   the features encode, and what pretraining made them drop (colour jitter) or gain;
@@ -38,8 +38,8 @@ import torch
 from bench_step import cpu_autocast_speedup
 from torch import nn
 
-from launch.probe import IGNORE, Split, extract_features, load_data, normalize, score_features
-from launch.weights import build_encoder, load_encoder
+from launch.tools.probe import IGNORE, Split, extract_features, load_data, normalize, score_features
+from launch.tools.weights import build_encoder, load_encoder
 from pixpro.demo_data import generate_demo_dataset
 from pixpro.model import build_backbone
 
@@ -228,7 +228,7 @@ def readout_r2(train_feats: torch.Tensor, test_feats: torch.Tensor, data: ProbeD
 
 
 def final_loss(run_dir: Path) -> float | None:
-    from launch.metrics import read_metrics
+    from launch.records import read_metrics
     from launch.store import CheckpointStore
 
     records = read_metrics(CheckpointStore(str(run_dir / "checkpoints")))

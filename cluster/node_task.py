@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.record import CANCEL_MARKER, RunRecord
+from cluster.record import RunRecord
 from cluster.torchrun import (
     first_host,
     launch_command,
@@ -32,8 +32,9 @@ from cluster.torchrun import (
     shell_join,
     torchrun_options,
 )
+from schemas.contract import CANCEL_MARKER, LOGS_DIR, STATUS_FILE, Exit, preemption_deadlines
 
-EXIT_PREEMPTED = 75  # launch.run: checkpoint committed, resume me
+EXIT_PREEMPTED = Exit.PREEMPTED  # launch.run: checkpoint committed, resume me
 POLL_S = 0.2
 REQUEUE_SETTLE_S = 60.0
 
@@ -161,7 +162,7 @@ class NodeTask:
             endpoint=ctx.endpoint,
             rdzv_id=ctx.job_id,
             max_restarts=self.max_restarts,
-            log_dir=Path(self.run_dir) / "logs",
+            log_dir=Path(self.run_dir) / LOGS_DIR,
         )
         return launch_command(opts, Path(self.spec_path), Path(self.run_dir), python=self.python)
 
@@ -212,10 +213,9 @@ class NodeTask:
         if not self.checkpoint_url:
             return False
         try:
-            from cluster.progress import STATUS_FILE
-            from cluster.storage import open_store
+            from cluster.progress import open_run_store
 
-            data = open_store(self.checkpoint_url, self.storage_options).cat(STATUS_FILE)
+            data = open_run_store(self.checkpoint_url, self.storage_options).read_aux(STATUS_FILE)
             status = json.loads(data or b"{}")
         except Exception:
             return False
@@ -258,7 +258,7 @@ class NodeTask:
         from submitit.helpers import DelayedSubmission
 
         self.forward(getattr(signal, f"SIG{self.signal_name}"))
-        budget = max(10.0, self.signal_lead_s - 10.0)
+        _, budget = preemption_deadlines(self.signal_lead_s)
         rc = self.wait(timeout=budget) if self._proc is not None else None
         _say(f"preemption signal: launcher status {rc!r} after waiting up to {budget:.0f}s")
         if rc == 0 or (rc not in (None, EXIT_PREEMPTED) and self._ctx and self.trainer_completed(self._ctx)):

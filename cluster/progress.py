@@ -1,24 +1,23 @@
-"""What the trainer wrote beside its checkpoints, read without importing ``launch`` (or torch).
+"""What the trainer wrote beside its checkpoints, read through the same store code it writes with.
 
-``status.json`` (state, step, epoch, attempt, committed step), the newest metrics record
-(``metrics/<attempt>.<chunk>.jsonl``; later attempts win), and the ``latest`` pointer with the age
-of the checkpoint it names. Every file is optional: a run that has not started has none of them.
+``status.json`` (:class:`schemas.contract.TrainerStatus`), the newest metrics record (the last line of the
+newest ``metrics/<attempt>.<chunk>.jsonl`` of each attempt) and the ``latest`` pointer, whose move time is
+the commit time of the checkpoint it names. Every object is optional: a run that has not started has
+none. No torch here: :mod:`launch.store` is torch-free.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cluster.storage import Store
+from launch.store import CheckpointStore
+from schemas.contract import METRICS_DIR, STATUS_FILE
 
-STATUS_FILE = "status.json"
-LATEST_FILE = "latest"
-METRICS_DIR = "metrics"
-MANIFEST_FILE = "manifest.json"
-_STEP_DIR = re.compile(r"^step-0*(\d+)(?:\..*)?$")
+READ_TIMEOUT_S = 10.0
+"""Per-call deadline of the CLI's store reads: a stalled S3 server costs ``pixpro status`` seconds, not
+forever."""
 
 
 @dataclass
@@ -63,90 +62,41 @@ def _first(*records: dict[str, Any] | None, key: str) -> Any:
 
 
 def _json(data: bytes | None) -> Any:
-    if data is None:
-        return None
     try:
-        return json.loads(data)
+        return json.loads(data) if data is not None else None
     except ValueError:
         return None
 
 
-def _last_chunks(store: Store) -> list[str]:
-    """The newest chunk of every attempt: ``metrics/<attempt>.<chunk>.jsonl`` or
-    ``metrics/<attempt>/<chunk>.jsonl`` (both layouts are read)."""
-    newest: dict[str, str] = {}
-    for entry in store.listdir(METRICS_DIR):
-        if entry.endswith(".jsonl"):
-            attempt = entry[: -len(".jsonl")].rsplit(".", 1)[0]
-            newest[attempt] = max(newest.get(attempt, ""), f"{METRICS_DIR}/{entry}")
-        else:
-            chunks = [c for c in store.listdir(f"{METRICS_DIR}/{entry}") if c.endswith(".jsonl")]
-            if chunks:
-                newest[entry] = f"{METRICS_DIR}/{entry}/{chunks[-1]}"
-    return list(newest.values())
+def open_run_store(url: str, storage_options: dict[str, Any] | None = None) -> CheckpointStore:
+    """The run's checkpoint store as the CLI opens it: the trainer's endpoint rule, a short deadline."""
+    return CheckpointStore(url, storage_options, timeout_s=READ_TIMEOUT_S)
 
 
-def newest_metrics(store: Store) -> dict[str, Any] | None:
+def newest_metrics(store: CheckpointStore) -> dict[str, Any] | None:
     """The most recent record: the last line of the newest chunk of each attempt, newest by time."""
+    newest: dict[str, str] = {}  # attempt -> its newest chunk ("<attempt>.<chunk>.jsonl" sorts by chunk)
+    for rel in store.list_aux(METRICS_DIR):
+        attempt = rel.removeprefix(f"{METRICS_DIR}/").rsplit(".", 2)[0]
+        newest[attempt] = max(newest.get(attempt, ""), rel)
     best: dict[str, Any] | None = None
-    for chunk in _last_chunks(store):
-        data = store.cat(chunk) or b""
-        for line in reversed(data.decode(errors="replace").splitlines()):
-            rec = _json(line.encode()) if line.strip() else None
-            if isinstance(rec, dict):
-                if best is None or (rec.get("time") or 0) >= (best.get("time") or 0):
-                    best = rec
-                break
+    for rel in newest.values():
+        lines = (store.read_aux(rel) or b"").decode(errors="replace").splitlines()
+        rec = _json(lines[-1].encode()) if lines else None
+        if isinstance(rec, dict) and (best is None or (rec.get("time") or 0) >= (best.get("time") or 0)):
+            best = rec
     return best
 
 
-def latest_checkpoint(store: Store) -> tuple[int | None, float | None]:
-    """(step, commit time) of the checkpoint ``latest`` points at."""
-    pointer = _json(store.cat(LATEST_FILE))
-    if isinstance(pointer, dict):
-        step = pointer.get("step")
-    elif isinstance(pointer, int):
-        step = pointer
-    else:
-        return None, None
-    if not isinstance(step, int):
-        return None, None
-    folder = next(
-        (
-            pointer[k]
-            for k in ("dir", "prefix", "path", "name")
-            if isinstance(pointer, dict) and isinstance(pointer.get(k), str)
-        ),
-        None,
-    )
-    if folder is None or "/" in folder.strip("/"):
-        folder = next(
-            (d for d in store.listdir() if (m := _STEP_DIR.match(d)) and int(m.group(1)) == step), None
-        )
-    when = None
-    if folder is not None:
-        manifest = _json(store.cat(f"{folder}/{MANIFEST_FILE}"))
-        if isinstance(manifest, dict):
-            meta = manifest.get("meta") if isinstance(manifest.get("meta"), dict) else {}
-            when = meta.get("time") or manifest.get("time") or manifest.get("created")
-        if not isinstance(when, (int, float)):
-            when = store.mtime(f"{folder}/{MANIFEST_FILE}")
-    if isinstance(pointer, dict) and not isinstance(when, (int, float)):
-        when = pointer.get("time") if isinstance(pointer.get("time"), (int, float)) else None
-    if when is None:
-        when = store.mtime(LATEST_FILE)
-    return step, when
-
-
-def read_progress(store: Store) -> Progress:
+def read_progress(store: CheckpointStore) -> Progress:
     try:
-        trainer = _json(store.cat(STATUS_FILE))
-        step, when = latest_checkpoint(store)
+        trainer = _json(store.read_aux(STATUS_FILE))
+        pointer = store.latest() or {}
         return Progress(
             trainer=trainer if isinstance(trainer, dict) else None,
             metrics=newest_metrics(store),
-            checkpoint_step=step,
-            checkpoint_time=when,
+            checkpoint_step=pointer.get("step"),
+            checkpoint_time=pointer.get("updated"),
         )
     except Exception as exc:
         return Progress(error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")

@@ -15,10 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-RECORD_FILE = "run.json"
-SPEC_FILE = "spec.json"
-CANCEL_MARKER = "CANCELLED"
-"""A file in the run folder while the user's cancel stands: a job that sees it does not requeue itself."""
+from schemas.contract import CANCEL_MARKER, RECORD_FILE, SPEC_FILE
+
+__all__ = ["CANCEL_MARKER", "RECORD_FILE", "SPEC_FILE", "RunRecord", "atomic_write"]
 
 
 @dataclass

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from cluster import local, slurm
-from cluster.progress import Progress, read_progress
+from cluster.progress import Progress, open_run_store, read_progress
 from cluster.record import RunRecord
 from cluster.states import AttemptState, local_state, slurm_state
-from cluster.storage import is_local, open_store
+from launch.store.format import is_local_url
 
 RECENT_S = 120.0  # a job this young may not be visible to squeue/sacct yet: PENDING, not UNKNOWN
 
@@ -23,12 +23,12 @@ RECENT_S = 120.0  # a job this young may not be visible to squeue/sacct yet: PEN
 def read_all_progress(records: list[RunRecord]) -> dict[str, Progress]:
     def one(rec: RunRecord) -> Progress:
         try:
-            return read_progress(open_store(rec.checkpoint_url, rec.storage_options))
+            return read_progress(open_run_store(rec.checkpoint_url, rec.storage_options))
         except Exception as exc:
             return Progress(error=f"{type(exc).__name__}: {exc}")
 
-    remote = [r for r in records if not is_local(r.checkpoint_url)]
-    out = {r.run_id: one(r) for r in records if is_local(r.checkpoint_url)}
+    remote = [r for r in records if not is_local_url(r.checkpoint_url)]
+    out = {r.run_id: one(r) for r in records if is_local_url(r.checkpoint_url)}
     if remote:
         with ThreadPoolExecutor(max_workers=min(16, len(remote))) as pool:
             out.update(zip([r.run_id for r in remote], pool.map(one, remote), strict=False))

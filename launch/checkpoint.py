@@ -20,14 +20,11 @@ import torch
 import torch.distributed as dist
 
 from launch.store import CheckpointStore, CorruptCheckpoint, FileEntry, Manifest
+from schemas.contract import TRAIN_FILE, rank_file
 
 log = logging.getLogger(__name__)
 
-TRAIN_FILE = "train.pt"
-
-
-def rank_file(rank: int) -> str:
-    return f"rank{rank}.pt"
+__all__ = ["TRAIN_FILE", "Checkpointer", "from_bytes", "rank_file", "to_bytes"]
 
 
 def to_bytes(obj: Any) -> bytes:

@@ -15,9 +15,11 @@ import threading
 from collections.abc import Iterable
 from types import FrameType
 
+from schemas.contract import Exit
+
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "preempted, resume me"
+EXIT_PREEMPTED = Exit.PREEMPTED
 
 
 def preemption_signals(user_signal: str = "USR2") -> tuple[signal.Signals, ...]:

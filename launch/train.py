@@ -29,19 +29,19 @@ from torch.utils.data import DataLoader
 
 from launch import elastic
 from launch.checkpoint import Checkpointer
-from launch.metrics import MetricsLog
 from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_signals, preemption_signals
+from launch.records import MetricsLog, write_status
 from launch.rng import capture_rng, restore_rng
 from launch.sampler import ResumableSampler
-from launch.status import write_status
 from launch.store import CheckpointStore
+from launch.train_state import Schedule, TrainState
 from pixpro.augment import TwoViewTransform
 from pixpro.builder import PixPro
 from pixpro.data import DatasetError, ImageFolder, TwoViewDataset
 from pixpro.demo_data import generate_demo_dataset
 from pixpro.lars import LARS, lars_param_groups
-from pixpro.schedules import ema_momentum, learning_rate, scaled_lr
 from schemas import RunSpec, SpecError, load_spec, spec_hash
+from schemas.contract import preemption_deadlines
 
 log = logging.getLogger("pixpro.train")
 
@@ -166,41 +166,6 @@ def build_optimizer(spec: RunSpec, model: PixPro) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum)
 
 
-@dataclass
-class Plan:
-    """The schedule's fixed numbers, decided at the first start and kept across resumes."""
-
-    total_steps: int
-    warmup_steps: int
-    peak_lr: float
-    global_batch: int
-
-    @classmethod
-    def make(cls, spec: RunSpec, num_samples: int, world_size: int) -> Plan:
-        global_batch = spec.data.batch_size * world_size
-        steps_per_epoch = num_samples // global_batch
-        if steps_per_epoch == 0:
-            raise SpecError(f"data: {num_samples} images are fewer than one global batch of {global_batch}")
-        total = spec.optim.epochs * steps_per_epoch
-        if spec.optim.max_steps is not None:
-            total = min(total, spec.optim.max_steps)
-        warmup = min(round(spec.optim.warmup_epochs * steps_per_epoch), total)
-        peak = scaled_lr(spec.optim.base_lr, global_batch, spec.optim.lr_scaling)
-        return cls(total, warmup, peak, global_batch)
-
-    def lr(self, step: int, spec: RunSpec) -> float:
-        return learning_rate(
-            step,
-            base_lr=self.peak_lr,
-            total_steps=self.total_steps,
-            warmup_steps=self.warmup_steps,
-            final_lr=spec.optim.final_lr,
-        )
-
-    def momentum(self, step: int, spec: RunSpec) -> float:
-        return ema_momentum(step, total_steps=self.total_steps, base=spec.optim.ema_base_momentum)
-
-
 # --- the trainer -----------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, spec: RunSpec, run_dir: Path, env: DistEnv, flag: PreemptionFlag) -> None:
@@ -228,9 +193,11 @@ class Trainer:
             log.info("CPU/gloo: SyncBatchNorm needs GPUs, so each rank keeps its own BatchNorm statistics")
         self.optimizer = build_optimizer(spec, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.plan = Plan.make(spec, len(self.dataset), env.world_size)
-        self.step = 0
-        self.epoch = 0
+        self.schedule = Schedule.make(spec, len(self.dataset), env.world_size)
+        self.spec_hash = spec_hash(spec)
+        self.state = TrainState(
+            self.model, self.optimizer, self.scaler, self.sampler, self.schedule, self.spec_hash
+        )
         self.resumed_step: int | None = None
 
         self.attempt = attempt_id(env.world_size)
@@ -241,27 +208,24 @@ class Trainer:
             attempt=self.attempt,
         )
         self.checkpointer = Checkpointer(self.store, env.rank, env.world_size)
-        self.spec_hash = spec_hash(spec)
         self.metrics = MetricsLog(self.store, self.attempt) if env.rank == 0 else None
 
-    # state ----------------------------------------------------------------------------------------
-    def train_state(self) -> dict:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "progress": {"step": self.step, "epoch": self.epoch},
-            "sampler": self.sampler.state_dict(),
-            "plan": vars(self.plan).copy(),
-        }
+    # state: the step and epoch live in the TrainState that checkpoints hold -------------------------
+    @property
+    def step(self) -> int:
+        return self.state.step
 
-    def load_train_state(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch = state["progress"]["step"], state["progress"]["epoch"]
-        self.sampler.load_state_dict(state["sampler"])
-        self.plan = Plan(**state["plan"])
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.state.epoch = value
 
     def resume(self) -> None:
         found = self.checkpointer.load_latest()
@@ -269,13 +233,8 @@ class Trainer:
             log.info("no committed checkpoint under %s: starting at step 0", self.store.url)
             return
         step, train_state, rank_state = found
-        saved_hash = train_state.get("spec_hash", self.spec_hash)
-        if saved_hash != self.spec_hash:
-            raise SpecError(
-                f"the checkpoint at step {step} was written by a different run spec (hash {saved_hash[:12]}, "
-                f"now {self.spec_hash[:12]}); resuming would silently change the run. Start a new run instead"
-            )
-        self.load_train_state(train_state.get("state", train_state))
+        self.state.load_state_dict(train_state, f"the checkpoint at step {step}")
+        self.schedule = self.state.schedule
         if rank_state is not None:
             restore_rng(rank_state["rng"])
         else:
@@ -286,12 +245,10 @@ class Trainer:
             )
             torch.manual_seed(hash((self.spec.seed, self.step, self.env.rank)) & 0x7FFF_FFFF)
         self.resumed_step = self.step
-        log.info("resumed from step %d (epoch %d) of %d", self.step, self.epoch, self.plan.total_steps)
+        log.info("resumed from step %d (epoch %d) of %d", self.step, self.epoch, self.schedule.total_steps)
 
     def save(self, blocking: bool, budget_s: float | None = None) -> None:
-        train_state = (
-            {"state": self.train_state(), "spec_hash": self.spec_hash} if self.env.rank == 0 else None
-        )
+        train_state = self.state.state_dict() if self.env.rank == 0 else None
         meta = {"step": self.step, "epoch": self.epoch, "spec_hash": self.spec_hash, "attempt": self.attempt}
         self.checkpointer.save(
             self.step, train_state, {"rng": capture_rng()}, meta, blocking=blocking, budget_s=budget_s
@@ -316,9 +273,9 @@ class Trainer:
         last_ckpt_time = time.monotonic()
         t_last, n_last = time.monotonic(), self.step
         outcome = "completed"
-        progress = _progress_bar(self.plan.total_steps, self.step) if env.rank == 0 else None
+        progress = _progress_bar(self.schedule.total_steps, self.step) if env.rank == 0 else None
 
-        while self.step < self.plan.total_steps and outcome == "completed":
+        while self.step < self.schedule.total_steps and outcome == "completed":
             if self.sampler.steps_remaining() == 0:
                 self.epoch += 1
                 self.sampler.set_epoch(self.epoch)
@@ -329,7 +286,7 @@ class Trainer:
                 if self.step == stop_at:
                     self.flag.trigger()
                 if self.metrics is not None and (
-                    self.step % spec.log_every_steps == 0 or self.step == self.plan.total_steps
+                    self.step % spec.log_every_steps == 0 or self.step == self.schedule.total_steps
                 ):
                     now = time.monotonic()
                     rate = (self.step - n_last) * self.sampler.global_batch_size / max(now - t_last, 1e-9)
@@ -338,25 +295,25 @@ class Trainer:
                 if progress is not None:
                     progress.update(self.step, loss)
                 preempt, due = self._agree(self.flag.requested(), self._checkpoint_due(last_ckpt_time))
-                if preempt and self.step < self.plan.total_steps:  # at the last step, just finish
+                if preempt and self.step < self.schedule.total_steps:  # at the last step, just finish
                     outcome = "preempted"
                     break
-                if due and self.step < self.plan.total_steps:
+                if due and self.step < self.schedule.total_steps:
                     self.save(blocking=False)
                     last_ckpt_time = time.monotonic()
-                if self.step >= self.plan.total_steps:
+                if self.step >= self.schedule.total_steps:
                     break
         if progress is not None:
             progress.close()
         if self.step != self.resumed_step:  # nothing new to save when stopped before the first step
             # A preemption must commit within the signal's lead time; leave a margin for the exit.
-            lead = 0.75 * spec.resources.signal_lead_s
-            self.save(blocking=True, budget_s=lead if outcome == "preempted" else None)
+            commit_s, _ = preemption_deadlines(spec.resources.signal_lead_s)
+            self.save(blocking=True, budget_s=commit_s if outcome == "preempted" else None)
         self.checkpointer.flush()
         if self.metrics is not None:
             self.metrics.flush(wait=True)
         self._status(outcome)
-        log.info("%s at step %d of %d", outcome, self.step, self.plan.total_steps)
+        log.info("%s at step %d of %d", outcome, self.step, self.schedule.total_steps)
         del model
         return outcome
 
@@ -374,10 +331,11 @@ class Trainer:
         )
 
     def _train_step(self, model: torch.nn.Module, batch: dict) -> float:
-        lr = self.plan.lr(self.step, self.spec)
+        lr = self.schedule.lr(self.step, self.spec)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.update_target(self.plan.momentum(self.step, self.spec))  # before the target forward (O)
+        # before the target forward, as the official code does
+        self.model.update_target(self.schedule.momentum(self.step, self.spec))
         v1, v2, c1, c2 = (
             batch[k].to(self.device, non_blocking=True) for k in ("view1", "view2", "coords1", "coords2")
         )
@@ -418,11 +376,11 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "loss": loss,
-            "lr": self.plan.lr(self.step - 1, self.spec),
-            "ema_momentum": self.plan.momentum(self.step - 1, self.spec),
+            "lr": self.schedule.lr(self.step - 1, self.spec),
+            "ema_momentum": self.schedule.momentum(self.step - 1, self.spec),
             "img_per_s": round(rate, 2),
             "positives": self._last_positives,
-            "total_steps": self.plan.total_steps,
+            "total_steps": self.schedule.total_steps,
         }
         if self.resumed_step is not None:
             rec["resumed_from"] = self.resumed_step
@@ -432,7 +390,7 @@ class Trainer:
             log.info(
                 "step %d/%d loss %.4f lr %.3g m %.5f %.1f img/s",
                 self.step,
-                self.plan.total_steps,
+                self.schedule.total_steps,
                 loss,
                 rec["lr"],
                 rec["ema_momentum"],
@@ -445,7 +403,7 @@ class Trainer:
                 self.store,
                 state=state,
                 step=self.step,
-                total_steps=self.plan.total_steps,
+                total_steps=self.schedule.total_steps,
                 epoch=self.epoch,
                 attempt=self.attempt,
                 committed_step=self.checkpointer.last_committed,

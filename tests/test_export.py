@@ -11,9 +11,9 @@ import torch
 import torchvision
 from torch import nn
 
-from launch.export import main
+from launch.tools.export import main
+from launch.tools.weights import load_online_encoder
 from launch.train import build_model
-from launch.weights import load_online_encoder
 from pixpro.model import build_backbone
 from schemas import load_spec
 from tests.trainutil import final_state, run_trainer, tiny_spec, write_spec
@@ -38,7 +38,7 @@ def _export(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 
 
 def _online_encoder_from_checkpoint(run: Path) -> nn.Module:
-    """The checkpoint's online encoder rebuilt as the trainer built it (not through launch.weights)."""
+    """The checkpoint's online encoder rebuilt as the trainer built it (not through launch.tools.weights)."""
     model = build_model(load_spec(run / "spec.json"))
     model.load_state_dict(final_state(str(run / "checkpoints"))["train.pt"]["state"]["model"])
     return model.online_encoder().eval()

@@ -1,4 +1,6 @@
-"""CheckpointStore on a local folder: the commit protocol, corruption handling, fencing and CAS races."""
+"""The checkpoint store's protocol, run against a local folder and against S3 (moto over HTTP): commit,
+corruption handling, fencing, compare-and-swap races, auxiliary objects. S3-only behaviour (faults,
+endpoint rule, real conditional writes, credentials) is in test_store_s3.py."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import logging
 import multiprocessing as mp
 import os
 import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,87 +24,96 @@ from launch.store import (
     CommitTimeout,
     CorruptCheckpoint,
     FileEntry,
-    Manifest,
 )
+from tests.conftest_s3 import s3_storage_options
+from tests.support.store import Target, committed_steps, payload, save
 
 LOGGER = "launch.store"
-
-
-def payload(step: int, rank: int, size: int = 4096) -> bytes:
-    return (f"step={step} rank={rank};".encode() * size)[:size]
-
-
-def save(store: CheckpointStore, step: int, world: int = 2, size: int = 4096, **meta: object) -> Manifest:
-    entries = [store.write(step, f"rank{r}.pt", payload(step, r, size)) for r in range(world)]
-    return store.commit(step, entries, {"world_size": world, "spec_hash": "abc", **meta}, wait_s=5)
+pytestmark = pytest.mark.timeout(180)
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= logging.WARNING]
 
 
-def test_round_trip_and_layout(tmp_path: Path) -> None:
-    store = CheckpointStore(str(tmp_path), attempt="j1")
+@pytest.fixture(params=["local", "s3"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    if request.param == "local":
+        yield Target("local", str(tmp_path / "store"), {}, root=tmp_path / "store")
+        return
+    import s3fs
+
+    moto = request.getfixturevalue("moto_s3")
+    request.getfixturevalue("s3fs_fresh")
+    fs = s3fs.S3FileSystem(
+        client_kwargs={"endpoint_url": moto.endpoint}, skip_instance_cache=True, use_listings_cache=False
+    )
+    url = f"s3://{moto.bucket}/run-{uuid.uuid4().hex[:12]}"
+    yield Target("s3", url, s3_storage_options(moto.endpoint), fs=fs)
+
+
+# -- round trip --------------------------------------------------------------------------------------
+
+
+def test_round_trip_and_layout(target: Target) -> None:
+    store = target.store(attempt="j1")
     m = save(store, 1234)
     assert m.prefix == "step-000000001234.j1"
-    assert sorted(os.listdir(tmp_path / m.prefix)) == ["manifest.json", "rank0.pt", "rank1.pt"]
-    doc = json.loads((tmp_path / m.prefix / MANIFEST).read_text())
+    assert target.top() == ["latest", m.prefix]
+    doc = json.loads(target.read(f"{m.prefix}/{MANIFEST}"))
     assert doc["step"] == 1234 and doc["attempt"] == "j1" and doc["meta"]["world_size"] == 2
     assert [f["name"] for f in doc["files"]] == ["rank0.pt", "rank1.pt"]
-    ptr = json.loads((tmp_path / "latest").read_text())
-    assert ptr["step"] == 1234 and ptr["prefix"] == m.prefix
+    assert target.latest()["step"] == 1234 and target.latest()["prefix"] == m.prefix
 
     got = store.resolve()
     assert got == m
     assert store.read(got, "rank1.pt") == payload(1234, 1)
     loaded = store.load_latest(["rank0.pt"])
     assert loaded is not None and loaded[1] == {"rank0.pt": payload(1234, 0)}
-    assert store.list_steps() == [1234]
+    assert committed_steps(store) == [1234]
 
 
-def test_empty_store_resolves_to_none(tmp_path: Path) -> None:
-    store = CheckpointStore(str(tmp_path / "nothing-yet"))
-    assert store.resolve() is None and store.load_latest() is None and store.list_steps() == []
+def test_empty_store_resolves_to_none(target: Target) -> None:
+    store = target.store()
+    assert store.resolve() is None and store.load_latest() is None and store.latest() is None
 
 
-def test_latest_moves_and_keep_last_prunes(tmp_path: Path) -> None:
-    store = CheckpointStore(f"file://{tmp_path}", keep_last=2)
+def test_latest_moves_and_keep_last_prunes(target: Target) -> None:
+    store = target.store(keep_last=2)
     for step in (100, 200):
         save(store, step)
         assert store.latest()["step"] == step
     # junk from a crashed older attempt, below everything kept: pruned too
-    junk = CheckpointStore(str(tmp_path), attempt="crashed")
-    junk.write(150, "rank0.pt", b"partial")
+    target.store(attempt="crashed").write(150, "rank0.pt", b"partial")
     for step in (300, 400):
         save(store, step)
-    assert store.list_steps() == [300, 400]
-    assert not any(p.name.startswith("step-000000000150") for p in tmp_path.iterdir())
+    assert committed_steps(store) == [300, 400]
+    assert target.top() == ["latest", "step-000000000300.0", "step-000000000400.0"]
     assert store.resolve().step == 400
 
 
-def test_write_refuses_a_committed_prefix(tmp_path: Path) -> None:
-    store = CheckpointStore(str(tmp_path))
+def test_write_refuses_a_committed_prefix(target: Target) -> None:
+    store = target.store()
     save(store, 5)
     with pytest.raises(CheckpointExists):
         store.write(5, "rank0.pt", b"again")
-    # a new attempt writes the same step into its own prefix
-    save(CheckpointStore(str(tmp_path), attempt="1"), 5)
+    save(target.store(attempt="1"), 5)  # a new attempt writes the same step into its own prefix
 
 
 def test_exception_mid_write_leaves_nothing_and_retry_succeeds(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    target: Target, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = CheckpointStore(str(tmp_path))
+    store = target.store()
     good = save(store, 10)
 
     def serializer_that_dies(f: object) -> None:
-        f.write(b"x" * 1000)  # type: ignore[attr-defined]
+        f.write(b"x" * 100_000)  # type: ignore[attr-defined]
         raise RuntimeError("torch.save blew up")
 
     e0 = store.write(20, "rank0.pt", payload(20, 0))
     with pytest.raises(RuntimeError, match="blew up"):
         store.write(20, "rank1.pt", serializer_that_dies)
-    assert not (tmp_path / "step-000000000020.0" / "rank1.pt").exists()
+    assert not target.exists("step-000000000020.0/rank1.pt")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert store.resolve() == good  # latest validates: newer junk is not even looked at
         assert warnings_of(caplog) == []
@@ -114,16 +127,15 @@ def test_exception_mid_write_leaves_nothing_and_retry_succeeds(
     assert store.resolve() == m and store.read(m, "rank1.pt") == payload(20, 1)
 
 
-def test_commit_waits_for_other_ranks_then_times_out(tmp_path: Path) -> None:
-    store = CheckpointStore(str(tmp_path))
+def test_commit_waits_for_other_ranks_then_times_out(target: Target) -> None:
+    store = target.store()
     e0 = store.write(7, "rank0.pt", b"a" * 10)
     ghost = FileEntry("rank1.pt", 10, "0" * 64)
     with pytest.raises(CommitTimeout, match=r"rank1.pt \(absent\)"):
         store.commit(7, [e0, ghost], {}, wait_s=0.3)
-    assert store.resolve() is None and store.list_steps() == []
+    assert store.resolve() is None and committed_steps(store) == []
 
-    # a slower rank that finishes while commit waits
-    def late_rank() -> None:
+    def late_rank() -> None:  # a slower rank that finishes while commit waits
         threading.Event().wait(0.3)
         store.write(7, "rank1.pt", b"b" * 10)
 
@@ -135,11 +147,14 @@ def test_commit_waits_for_other_ranks_then_times_out(tmp_path: Path) -> None:
     assert store.read(m, "rank1.pt") == b"b" * 10
 
 
-def test_truncated_file_in_newest_step_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    store = CheckpointStore(str(tmp_path))
+# -- corruption ----------------------------------------------------------------------------------------
+
+
+def test_truncated_file_in_newest_step_is_skipped(target: Target, caplog: pytest.LogCaptureFixture) -> None:
+    store = target.store()
     good = save(store, 1100)
     bad = save(store, 1200)
-    (tmp_path / bad.prefix / "rank0.pt").write_bytes(payload(1200, 0)[:100])
+    target.write(f"{bad.prefix}/rank0.pt", payload(1200, 0)[:100])
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert store.resolve() == good
     (line,) = warnings_of(caplog)
@@ -148,13 +163,13 @@ def test_truncated_file_in_newest_step_is_skipped(tmp_path: Path, caplog: pytest
 
 
 def test_wrong_checksum_detected_on_read_and_load_falls_back(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    target: Target, caplog: pytest.LogCaptureFixture
 ) -> None:
-    store = CheckpointStore(str(tmp_path))
+    store = target.store()
     good = save(store, 1100)
     bad = save(store, 1200)
-    path = tmp_path / bad.prefix / "rank1.pt"
-    path.write_bytes(b"Z" + path.read_bytes()[1:])  # same size, different bytes (bit rot)
+    rel = f"{bad.prefix}/rank1.pt"
+    target.write(rel, b"Z" + target.read(rel)[1:])  # same size, different bytes (bit rot)
     assert store.resolve() == bad  # sizes are fine: only a read can tell
     with pytest.raises(CorruptCheckpoint, match=r"step 1200 .*rank1.pt has sha256 .* manifest says"):
         store.read(bad, "rank1.pt")
@@ -169,49 +184,46 @@ def test_wrong_checksum_detected_on_read_and_load_falls_back(
     assert len(warnings_of(caplog)) == 1
 
 
-def test_manifest_with_wrong_checksum_entry(tmp_path: Path) -> None:
-    store = CheckpointStore(str(tmp_path))
+def test_manifest_rewritten_after_commit_is_caught(target: Target) -> None:
+    store = target.store()
     good = save(store, 1)
     bad = save(store, 2)
-    doc = json.loads((tmp_path / bad.prefix / MANIFEST).read_text())
+    doc = json.loads(target.read(f"{bad.prefix}/{MANIFEST}"))
     doc["files"][0]["sha256"] = "f" * 64
-    (tmp_path / bad.prefix / MANIFEST).write_text(json.dumps(doc))
+    target.write(f"{bad.prefix}/{MANIFEST}", json.dumps(doc).encode())
     # latest recorded the manifest's sha256, so the rewritten manifest is caught before any read
     assert store.resolve() == good
 
 
-def test_latest_naming_missing_step(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    store = CheckpointStore(str(tmp_path))
+def test_latest_naming_a_missing_step(target: Target, caplog: pytest.LogCaptureFixture) -> None:
+    store = target.store()
     good = save(store, 1100)
     bad = save(store, 1200)
-    for f in (tmp_path / bad.prefix).iterdir():
-        f.unlink()
-    (tmp_path / bad.prefix).rmdir()
+    target.remove_folder(bad.prefix)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert store.resolve() == good
     (line,) = warnings_of(caplog)
     assert "skipping step 1200" in line and "named by latest" in line and "missing" in line
 
 
-def test_garbled_latest_and_foreign_objects(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    store = CheckpointStore(str(tmp_path))
+def test_garbled_latest_and_foreign_objects(target: Target, caplog: pytest.LogCaptureFixture) -> None:
+    store = target.store()
     good = save(store, 3)
-    (tmp_path / "latest").write_text("{not json")
-    (tmp_path / "notes.txt").write_text("hello")
-    (tmp_path / "step-12").mkdir()
+    target.write("latest", b"{not json")
+    target.write("notes.txt", b"hello")
+    target.write("step-12/x", b"not a checkpoint prefix")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert store.resolve() == good
     lines = warnings_of(caplog)
     assert len(lines) == 2
     assert "2 foreign object(s)" in lines[0] and "notes.txt" in lines[0] and "step-12/" in lines[0]
     assert "'latest' is unreadable" in lines[1]
-    # the next commit repairs the pointer through the normal CAS path
-    save(store, 4)
+    save(store, 4)  # the next commit repairs the pointer through the normal CAS path
     assert store.latest()["step"] == 4
 
 
-def test_expect_filters_foreign_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    store = CheckpointStore(str(tmp_path))
+def test_expect_filters_foreign_runs(target: Target, caplog: pytest.LogCaptureFixture) -> None:
+    store = target.store()
     mine = save(store, 10, spec_hash="mine")
     save(store, 20, spec_hash="other")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
@@ -221,36 +233,33 @@ def test_expect_filters_foreign_runs(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert store.resolve(expect={"spec_hash": "nobody"}) is None
 
 
-def test_fencing_stale_attempt_cannot_roll_back(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    new = CheckpointStore(str(tmp_path), attempt="job2")
-    stale = CheckpointStore(str(tmp_path), attempt="job1")
+# -- fencing and compare-and-swap ----------------------------------------------------------------------
+
+
+def test_fencing_stale_attempt_cannot_roll_back(target: Target, caplog: pytest.LogCaptureFixture) -> None:
+    new = target.store(attempt="job2")
+    stale = target.store(attempt="job1")
     stale_entries = [stale.write(500, f"rank{r}.pt", payload(500, r)) for r in range(2)]
     newer = save(new, 800)
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         m = stale.commit(500, stale_entries, {"world_size": 2})
-    assert m.step == 500 and store_latest(tmp_path)["prefix"] == newer.prefix
+    assert m.step == 500 and target.latest()["prefix"] == newer.prefix
     assert any("not moving it to step 500" in line for line in warnings_of(caplog))
     assert new.resolve() == newer
-    # the same step from two attempts: first one keeps latest
-    save(stale, 800)
-    assert store_latest(tmp_path)["prefix"] == newer.prefix
+    save(stale, 800)  # the same step from two attempts: the first keeps latest
+    assert target.latest()["prefix"] == newer.prefix
 
 
-def store_latest(root: Path) -> dict:
-    return json.loads((root / "latest").read_text())
-
-
-def test_cas_race_threads(tmp_path: Path) -> None:
-    steps = list(range(1, 41))
+def test_cas_race_threads(target: Target) -> None:
+    steps = list(range(1, 25))
     errors: list[BaseException] = []
 
     def writer(k: int) -> None:
         try:
-            store = CheckpointStore(str(tmp_path), attempt=f"w{k}", keep_last=50)
+            store = target.store(attempt=f"w{k}", keep_last=50)
             for step in steps[k::4]:
-                e = store.write(step, "rank0.pt", payload(step, 0, 64))
-                store.commit(step, [e], {})
-        except BaseException as e:  # pragma: no cover - reported below
+                store.commit(step, [store.write(step, "rank0.pt", payload(step, 0, 64))], {})
+        except BaseException as e:  # reported below
             errors.append(e)
 
     threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
@@ -259,8 +268,8 @@ def test_cas_race_threads(tmp_path: Path) -> None:
 
     def watcher() -> None:
         while not stop.is_set():
-            with contextlib.suppress(FileNotFoundError):
-                observed.append(store_latest(tmp_path)["step"])
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                observed.append(target.latest()["step"])
 
     w = threading.Thread(target=watcher)
     w.start()
@@ -271,66 +280,16 @@ def test_cas_race_threads(tmp_path: Path) -> None:
     stop.set()
     w.join()
     assert not errors
-    assert store_latest(tmp_path)["step"] == max(steps)
+    assert target.latest()["step"] == max(steps)
     assert observed == sorted(observed), "latest went backwards"
-    assert CheckpointStore(str(tmp_path)).list_steps() == steps
+    assert committed_steps(target.store()) == steps
 
 
-def _process_writer(root: str, k: int, steps: list[int]) -> None:
-    store = CheckpointStore(root, attempt=f"p{k}", keep_last=100)
-    for step in steps:
-        store.commit(step, [store.write(step, "rank0.pt", payload(step, 0, 64))], {})
+# -- auxiliary objects and guards ----------------------------------------------------------------------
 
 
-def test_cas_race_processes(tmp_path: Path) -> None:
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=_process_writer, args=(str(tmp_path), k, list(range(k, 60, 3)))) for k in range(3)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0, 0]
-    assert store_latest(tmp_path)["step"] == 59
-    store = CheckpointStore(str(tmp_path))
-    assert store.list_steps() == list(range(60)) and store.resolve().step == 59
-
-
-def test_delete_and_list(tmp_path: Path) -> None:
-    store = CheckpointStore(str(tmp_path), keep_last=5)
-    for step in (1, 2, 3):
-        save(store, step)
-    store.delete(2)
-    assert store.list_steps() == [1, 3]
-    with pytest.raises(Exception, match="latest names"):
-        store.delete(3)
-
-
-def test_write_async_and_meta_guards(tmp_path: Path) -> None:
-    with CheckpointStore(str(tmp_path)) as store:
-        futs = [store.write_async(9, f"rank{r}.pt", payload(9, r)) for r in range(3)]
-        m = store.commit(9, [f.result() for f in futs], {"world_size": 3})
-        assert store.load_latest()[1]["rank2.pt"] == payload(9, 2)
-        with pytest.raises(ValueError, match="credential"):
-            store.commit(9, list(m.files), {"aws_secret_access_key": "x"})
-    with pytest.raises(ValueError):
-        CheckpointStore(str(tmp_path), attempt="bad/attempt")
-
-
-def test_other_fsspec_protocols_work_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    url = f"memory://pixpro-test/{os.getpid()}-{threading.get_ident()}"
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        store = CheckpointStore(url, keep_last=1)
-    assert "no conditional writes" in warnings_of(caplog)[0]
-    save(store, 1)
-    m = save(store, 2)
-    assert store.list_steps() == [2] and store.resolve() == m
-    assert store.load_latest()[1]["rank0.pt"] == payload(2, 0)
-
-
-def test_aux_objects_beside_checkpoints(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    store = CheckpointStore(str(tmp_path), keep_last=1)
+def test_aux_objects_beside_checkpoints(target: Target, caplog: pytest.LogCaptureFixture) -> None:
+    store = target.store(keep_last=1)
     store.put_aux("status.json", b'{"state": "running"}')
     store.put_aux("run.json", b"{}")
     store.put_aux("metrics/job1.0.000000.jsonl", b'{"step": 1}\n')
@@ -343,6 +302,54 @@ def test_aux_objects_beside_checkpoints(tmp_path: Path, caplog: pytest.LogCaptur
     assert store.read_aux("status.json") == b'{"state": "running"}'
     assert store.read_aux("metrics/nope.jsonl") is None
     assert store.list_aux("metrics") == ["metrics/job1.0.000000.jsonl", "metrics/job1.1/000000.jsonl"]
+    store.delete_aux("run.json")
+    store.delete_aux("run.json")  # absent is fine
+    assert store.read_aux("run.json") is None
     for bad in ("latest", "step-000000000001.0/x", "metrics/../latest", "other.json"):
         with pytest.raises(ValueError):
             store.put_aux(bad, b"x")
+
+
+def test_meta_guards_and_attempt_names(target: Target) -> None:
+    store = target.store()
+    m = save(store, 9, world=3)
+    assert store.load_latest()[1]["rank2.pt"] == payload(9, 2)
+    with pytest.raises(ValueError, match="credential"):
+        store.commit(9, list(m.files), {"aws_secret_access_key": "x"})
+    with pytest.raises(ValueError):
+        target.store(attempt="bad/attempt")
+
+
+# -- local folder and other fsspec filesystems only ----------------------------------------------------
+
+
+def _process_writer(root: str, k: int, steps: list[int]) -> None:
+    store = CheckpointStore(root, attempt=f"p{k}", keep_last=100)
+    for step in steps:
+        store.commit(step, [store.write(step, "rank0.pt", payload(step, 0, 64))], {})
+
+
+def test_cas_race_processes_on_a_local_folder(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_process_writer, args=(str(tmp_path), k, list(range(k, 60, 3)))) for k in range(3)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    store = CheckpointStore(str(tmp_path))
+    assert store.latest()["step"] == 59
+    assert committed_steps(store) == list(range(60)) and store.resolve().step == 59
+
+
+def test_other_fsspec_protocols_work_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    url = f"memory://pixpro-test/{os.getpid()}-{threading.get_ident()}"
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        store = CheckpointStore(url, keep_last=1)
+    assert "no conditional writes" in warnings_of(caplog)[0]
+    save(store, 1)
+    m = save(store, 2)
+    assert committed_steps(store) == [2] and store.resolve() == m
+    assert store.load_latest()[1]["rank0.pt"] == payload(2, 0)

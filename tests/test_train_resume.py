@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from launch.metrics import read_metrics
 from launch.preempt import EXIT_PREEMPTED
+from launch.records import read_metrics
 from launch.store import CheckpointStore
 from tests.trainutil import assert_identical, final_state, run_trainer, tiny_spec, write_spec
 
@@ -87,3 +87,43 @@ def test_cpu_autocast_trains_in_bf16_and_resumes_bitwise(tmp_path, data_root, go
     # The same run in fp32 (the golden one) ends elsewhere: autocast really ran.
     weights, fp32_weights = uninterrupted["train.pt"]["state"]["model"], golden["train.pt"]["state"]["model"]
     assert not torch.equal(weights["backbone.conv1.weight"], fp32_weights["backbone.conv1.weight"])
+
+
+def test_a_checkpoint_without_spec_hash_is_refused_in_one_line(tmp_path, data_root):
+    """A train.pt that records no spec hash could belong to any run: the trainer refuses to resume it
+    (exit 2, one line) and export refuses to read it; nothing committed is touched."""
+    import io
+    import subprocess
+    import sys
+
+    from tests.trainutil import REPO, trainer_env
+
+    spec_path = write_spec(tmp_path / "spec.json", tiny_spec(data_root))
+    run = tmp_path / "run"
+    assert run_trainer(spec_path, run, PIXPRO_STOP_AT_STEP="2").returncode == EXIT_PREEMPTED
+    store = CheckpointStore(str(run / "checkpoints"), attempt="forged")
+    good = store.resolve()
+    saved = torch.load(io.BytesIO(store.read(good, "train.pt")), weights_only=True)
+    del saved["spec_hash"]
+    buf = io.BytesIO()
+    torch.save(saved, buf)
+    entries = [
+        store.write(3, "train.pt", buf.getvalue()),
+        store.write(3, "rank0.pt", store.read(good, "rank0.pt")),
+    ]
+    store.commit(3, entries, dict(good.meta, step=3))
+
+    res = run_trainer(spec_path, run)
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [ln for ln in res.stderr.splitlines() if " ERROR " in ln]
+    assert len(errors) == 1 and "records no spec hash" in errors[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert CheckpointStore(str(run / "checkpoints")).resolve().step == 3  # refused, not deleted
+
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.tools.export", str(run / "checkpoints"), "--spec", str(spec_path),
+         "--format", "torchvision", "-o", str(tmp_path / "w.pth")],
+        cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and "records no spec hash" in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "w.pth").exists()

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from launch.metrics import read_metrics
-from launch.plots import DPI, FIGSIZE, metrics_figure
+from launch.records import read_metrics
 from launch.store import CheckpointStore
-from launch.viz import PAIRS_FIGSIZE, main, pairs_figure
+from launch.tools.plots import DPI, FIGSIZE, metrics_figure
+from launch.tools.viz import PAIRS_FIGSIZE, main, pairs_figure
 from tests.trainutil import REPO
 
 
@@ -120,7 +120,7 @@ def test_plot_errors_and_needs_no_torch(tmp_path, capsys):
 
     _write_metrics(str(tmp_path / "store"))
     code = (
-        "import sys; from launch.viz import main; "
+        "import sys; from launch.tools.viz import main; "
         f"assert main(['plot', {str(tmp_path / 'store')!r}, '-o', {str(tmp_path / 'b.png')!r}]) == 0; "
         "assert 'torch' not in sys.modules, 'plot imported torch'"
     )

@@ -1,14 +1,14 @@
 """Figures: the positive pairs PixPro learns from, and a run's training curves.
 
-    python -m launch.viz pairs IMAGE -o out.png [--seed S] [--crop 224] [--cell R C]
-    python -m launch.viz plot CHECKPOINT_URL -o out.png
+    python -m launch.tools.viz pairs IMAGE -o out.png [--seed S] [--crop 224] [--cell R C]
+    python -m launch.tools.viz plot CHECKPOINT_URL -o out.png
 
 ``pairs`` draws the image with both crop boxes, then the two augmented views (un-normalized) with
 their feature-map cell centres (``crop // 32`` per side, 7x7 at 224). One cell of view 1 (``--cell``,
 default the one with most matches) is joined by lines to its positive cells in view 2: those whose
 centres lie within 0.7 bin diagonals in the original image (:func:`pixpro.geometry.positive_mask`),
 the pairs the pixel-propagation loss pulls together. ``plot`` draws loss, LR and EMA momentum from the
-metrics beside the checkpoints (see :mod:`launch.plots`; no torch needed), one line per resume.
+metrics beside the checkpoints (see :mod:`launch.tools.plots`; no torch needed), one line per resume.
 
 Exit codes: 0 written, 2 bad input (unreadable image, cell off the grid), 3 image or run not found.
 Existing output files are replaced (figures are cheap to redraw).
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from launch.plots import EXIT_BAD_INPUT, EXIT_NOT_FOUND, PlotError, plot_run
+from launch.tools.plots import EXIT_BAD_INPUT, EXIT_NOT_FOUND, PlotError, plot_run
 
 if TYPE_CHECKING:
     import torch
@@ -171,7 +171,7 @@ def pairs_figure(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.viz", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m launch.tools.viz", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     pairs = sub.add_parser("pairs", help="two augmented views and their positive cell pairs")
     pairs.add_argument("image", type=Path)

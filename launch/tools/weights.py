@@ -30,15 +30,15 @@ from torch import nn
 
 from launch.checkpoint import TRAIN_FILE
 from launch.store import CheckpointStore, StoreError
+from launch.train_state import model_weights
 from pixpro.model import build_backbone
 from schemas import RunSpec, SpecError, load_spec, spec_hash
+from schemas.contract import CHECKPOINTS_DIR, LATEST, RECORD_FILE, SPEC_FILE, Exit
 
 log = logging.getLogger(__name__)
 
-EXIT_BAD_INPUT = 2
-EXIT_NOT_FOUND = 3
-SPEC_FILE = "spec.json"  # the run folder's copy of the resolved spec (cluster.record.SPEC_FILE)
-RECORD_FILE = "run.json"  # the run record, also kept beside the checkpoints
+EXIT_BAD_INPUT = Exit.USAGE
+EXIT_NOT_FOUND = Exit.NOT_FOUND
 
 
 class WeightsError(Exception):
@@ -83,7 +83,7 @@ def locate(checkpoint: str | Path) -> Location:
         raise WeightsError(f"checkpoint {text} does not exist", EXIT_NOT_FOUND)
     if path.is_file():
         return Location("file", str(path), None)
-    if (path / "checkpoints").is_dir() and not (path / "latest").exists():
+    if (path / CHECKPOINTS_DIR).is_dir() and not (path / LATEST).exists():
         return Location("store", str(path / "checkpoints"), path)
     parent = path.resolve().parent
     return Location("store", str(path), parent if (parent / SPEC_FILE).is_file() else None)
@@ -153,16 +153,20 @@ def _torch_load(data: bytes, where: str) -> Any:
         raise WeightsError(f"{where} is not a readable torch file ({type(exc).__name__})") from None
 
 
-def backbone_state(obj: Any) -> tuple[dict[str, torch.Tensor], int | None, str | None]:
-    """The online backbone's tensors from any accepted layout, with the step and spec hash if recorded."""
+def backbone_state(
+    obj: Any, where: str = "the checkpoint"
+) -> tuple[dict[str, torch.Tensor], int | None, str | None]:
+    """The online backbone's tensors from any accepted layout, with the step and spec hash if recorded.
+
+    A ``train.pt`` is read through :func:`launch.train_state.model_weights` (refused without a spec hash);
+    a PixPro or torchvision ``state_dict`` saved by other means is taken as it is.
+    """
     step = saved_hash = None
     if isinstance(obj, dict) and isinstance(obj.get("state"), dict):  # train.pt
-        saved_hash = obj.get("spec_hash")
-        obj = obj["state"]
-    if isinstance(obj, dict) and isinstance(obj.get("progress"), dict):
-        step = obj["progress"].get("step")
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
+        try:
+            obj, step, saved_hash = model_weights(obj, where)
+        except SpecError as exc:
+            raise WeightsError(str(exc)) from None
     if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
         raise WeightsError("no model weights found (expected train.pt, a PixPro state_dict or a state_dict)")
     state = {k.removeprefix("module."): v for k, v in obj.items()}
@@ -224,7 +228,7 @@ def load_encoder(checkpoint: str | Path, spec: RunSpec | str | Path | None = Non
         obj, step, where = _torch_load(data, str(path)), None, str(path)
     if run_spec is None:
         run_spec = read_spec(None, location, store)
-    state, recorded_step, saved_hash = backbone_state(obj)
+    state, recorded_step, saved_hash = backbone_state(obj, where)
     step = step if step is not None else recorded_step
     if saved_hash is not None and saved_hash != spec_hash(run_spec):
         log.warning(

@@ -1,6 +1,6 @@
 """Dense linear probe: how well a frozen encoder's last feature map separates per-pixel classes.
 
-    python -m launch.probe CHECKPOINT [--spec SPEC] --data DIR [--random-init] [--seed 0] [--epochs N]
+    python -m launch.tools.probe CHECKPOINT [--spec SPEC] --data DIR [--random-init] [--seed 0] [--epochs N]
                            [--size S] [--json]
 
 The backbone runs once over every image in eval mode and its features are kept in memory. A 1x1
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from launch.weights import WeightsError, build_encoder, load_encoder, resolve_spec
+from launch.tools.weights import WeightsError, build_encoder, load_encoder, resolve_spec
 from pixpro.augment import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -300,7 +300,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.probe", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m launch.tools.probe", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", nargs="?", help="checkpoint store URL/folder, run folder or .pt file")
     parser.add_argument("--spec", help="the run's spec (default: spec.json beside the run)")
     parser.add_argument("--data", required=True, type=Path, help="folder with images/ and masks/")

@@ -15,8 +15,10 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-EXIT_BAD_INPUT = 2
-EXIT_NOT_FOUND = 3
+from schemas.contract import Exit
+
+EXIT_BAD_INPUT = Exit.USAGE
+EXIT_NOT_FOUND = Exit.NOT_FOUND
 
 PANELS: tuple[tuple[str, str], ...] = (
     ("loss", "loss"),
@@ -97,7 +99,7 @@ def store_url(path: str) -> str:
 
 def plot_run(url: str, output: str | Path) -> PlotData:
     """Read a run's metrics (store URL or run folder) and save its curves as a PNG."""
-    from launch.metrics import read_metrics
+    from launch.records import read_metrics
     from launch.store import CheckpointStore, StoreError
 
     url = store_url(url)

@@ -1,4 +1,5 @@
-"""Run metrics as JSON lines next to the checkpoints, readable by ``pixpro status`` from any login node.
+"""What the trainer writes beside its checkpoints for ``pixpro status`` and ``pixpro plot``: its status
+record (``status.json``) and its metrics as JSON lines (formats in :mod:`schemas.contract`).
 
 Object stores cannot append, so each attempt writes its own chunk files
 (``metrics/<attempt>.<chunk>.jsonl``); only the current chunk is rewritten, which keeps a flush small
@@ -15,10 +16,20 @@ import time
 from typing import Any
 
 from launch.store import CheckpointStore
+from schemas.contract import METRICS_DIR, STATUS_FILE, MetricsRecord, TrainerStatus
 
 log = logging.getLogger(__name__)
 
 CHUNK_LINES = 500
+
+
+def write_status(store: CheckpointStore, **fields: Any) -> None:
+    """Overwrite ``status.json`` (one small PUT); failures are logged, never fatal."""
+    record = TrainerStatus(updated=round(time.time(), 3), **fields)
+    try:
+        store.put_aux(STATUS_FILE, record.model_dump_json().encode())
+    except Exception as exc:
+        log.warning("could not write %s: %s", STATUS_FILE, type(exc).__name__)
 
 
 class MetricsLog:
@@ -27,7 +38,7 @@ class MetricsLog:
 
     def __init__(self, store: CheckpointStore, attempt: str) -> None:
         self.store = store
-        self.prefix = f"metrics/{attempt}"
+        self.prefix = f"{METRICS_DIR}/{attempt}"
         self.attempt = attempt
         self._chunks: list[list[str]] = [[]]
         self._lock = threading.Lock()
@@ -35,11 +46,11 @@ class MetricsLog:
         self._pending: set[int] = set()  # chunk numbers with lines not yet written
 
     def append(self, record: dict[str, Any]) -> None:
-        record = {"time": round(time.time(), 3), "attempt": self.attempt, **record}
+        line = MetricsRecord(time=round(time.time(), 3), attempt=self.attempt, **record)
         with self._lock:
             if len(self._chunks[-1]) >= CHUNK_LINES:
                 self._chunks.append([])
-            self._chunks[-1].append(json.dumps(record, sort_keys=True))
+            self._chunks[-1].append(json.dumps(line.model_dump(exclude_none=True), sort_keys=True))
             self._pending.add(len(self._chunks) - 1)
 
     def flush(self, wait: bool = False) -> None:
@@ -69,7 +80,7 @@ class MetricsLog:
 def read_metrics(store: CheckpointStore) -> list[dict[str, Any]]:
     """All records of all attempts, one per step, the latest attempt winning, sorted by step."""
     by_step: dict[int, dict[str, Any]] = {}
-    for rel in sorted(store.list_aux("metrics")):
+    for rel in sorted(store.list_aux(METRICS_DIR)):
         data = store.read_aux(rel)
         for line in (data or b"").decode().splitlines():
             try:

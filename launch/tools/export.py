@@ -1,6 +1,6 @@
 """Export a run's online encoder for transfer: torchvision ``state_dict`` or detectron2 pickle.
 
-    python -m launch.export CHECKPOINT [--spec SPEC] --format torchvision|detectron2 -o FILE [--force]
+    python -m launch.tools.export CHECKPOINT [--spec SPEC] --format torchvision|detectron2 -o FILE [--force]
 
 ``torchvision``: ``torch.save`` of the backbone's ``state_dict``; it loads with ``strict=True`` into
 ``torchvision.models.get_model(name)`` once the classifier is removed (``fc`` for ResNets), or with
@@ -33,7 +33,7 @@ import torch
 import torchvision
 from torch import nn
 
-from launch.weights import EXIT_BAD_INPUT, WeightsError, load_encoder
+from launch.tools.weights import EXIT_BAD_INPUT, WeightsError, load_encoder
 
 FORMATS = ("torchvision", "detectron2")
 D2_INPUT_HINT = (
@@ -125,7 +125,7 @@ def export(checkpoint: str, spec: str | None, fmt: str, output: Path, force: boo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m launch.tools.export", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="checkpoint store URL/folder, run folder or .pt file")
     parser.add_argument("--spec", help="the run's spec (default: spec.json beside the run)")
     parser.add_argument("--format", dest="fmt", default="torchvision", help=" or ".join(FORMATS))

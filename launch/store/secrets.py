@@ -1,0 +1,101 @@
+"""Credentials the store must never write or echo: collected from storage options, the URL's user-info
+and the AWS environment, redacted from every exception message that leaves a store call, and refused in
+manifests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from launch.store.backends import exc_chain
+from launch.store.format import StoreError, one_line
+
+# storage_options keys whose values are credentials (redacted everywhere).
+_CRED_OPTION_RE = re.compile(r"key|secret|token|passw|username|credential", re.IGNORECASE)
+# meta keys that must never be written into a manifest.
+_CRED_META_RE = re.compile(r"secret|passw|token|credential|access_key|session_key", re.IGNORECASE)
+_CRED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_MIN_SECRET_LEN = 4
+
+
+def split_url(url: str) -> tuple[str, str, tuple[str, str] | None, str]:
+    """(protocol, path without protocol, userinfo, display URL with userinfo redacted)."""
+    if "://" not in url:
+        return "", url, None, url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    userinfo = None
+    if "@" in netloc:
+        info, netloc = netloc.rsplit("@", 1)
+        user, _, password = info.partition(":")
+        userinfo = (user, password)
+    path = netloc + parts.path
+    display = f"{parts.scheme}://{'***@' if userinfo else ''}{path}"
+    return parts.scheme.lower(), path, userinfo, display
+
+
+def collect_secrets(options: dict[str, Any], userinfo: tuple[str, str] | None) -> frozenset[str]:
+    found: set[str] = set()
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if isinstance(v, (dict, list, tuple)):
+                    walk(v)
+                elif isinstance(v, str) and _CRED_OPTION_RE.search(str(k)):
+                    found.add(v)
+
+    walk(options)
+    found.update(userinfo or ())
+    found.update(os.environ.get(k, "") for k in _CRED_ENV)
+    return frozenset(s for s in found if len(s) >= _MIN_SECRET_LEN)
+
+
+class Redactor:
+    """The credential values of one store, and the guards that keep them out of messages and files."""
+
+    def __init__(self, secrets: frozenset[str]) -> None:
+        self.secrets = secrets
+
+    def redact(self, text: str) -> str:
+        for s in sorted(self.secrets, key=len, reverse=True):
+            text = text.replace(s, "***")
+        return text
+
+    def leaks(self, e: BaseException) -> bool:
+        return any(s in f"{x!s} {x.args!r}" for x in exc_chain(e) for s in self.secrets)
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """Re-raise an exception whose text (or cause's) contains a credential as a redacted StoreError."""
+        try:
+            yield
+        except Exception as e:
+            if self.secrets and self.leaks(e):
+                raise StoreError(self.redact(one_line(f"{type(e).__name__}: {e}", 500))) from None
+            raise
+
+    @staticmethod
+    def check_meta(meta: dict[str, Any]) -> None:
+        def walk(obj: Any, path: str) -> None:
+            if isinstance(obj, dict):
+                for k, v in obj.items():
+                    if _CRED_META_RE.search(str(k)):
+                        raise ValueError(f"meta key {path}{k} looks like a credential; refusing to store it")
+                    walk(v, f"{path}{k}.")
+            elif isinstance(obj, (list, tuple)):
+                for v in obj:
+                    walk(v, path)
+
+        if not isinstance(meta, dict):
+            raise TypeError("meta must be a dict")
+        walk(meta, "")
+
+    def check_no_secrets(self, body: bytes) -> None:
+        text = body.decode()
+        if any(s in text for s in self.secrets):
+            raise ValueError("refusing to commit: the manifest would contain a configured credential")

@@ -1,0 +1,112 @@
+"""The contract between the login node (``cluster``) and the compute nodes (``launch``), defined once.
+
+What one side writes and the other reads: the run folder's and the checkpoint store's file names, the
+trainer's ``status.json`` and metrics records, the exit statuses every process of the tree uses, and the
+preemption deadlines both sides budget from ``resources.signal_lead_s``. Torch-free and import-light:
+``pixpro status`` reads through it.
+
+Run folder (``runs/<run_id>/`` on the login node, shared with the compute nodes)::
+
+    spec.json       the resolved spec the trainers load        run.json   the run record (also in the store)
+    sbatch.sh       the script submitit queued                 CANCELLED  present while a cancel stands
+    submitit/       submitit's pickles and per-node logs       local/     local executor's job records/logs
+    logs/<attempt>[.r<round>]/rank<R>/   each global rank's stdout/stderr (torchrun)
+    checkpoints/    the checkpoint store, unless checkpoint.url points elsewhere
+
+Checkpoint store (any fsspec URL; format and commit protocol in :mod:`launch.store`)::
+
+    step-<012d step>.<attempt>/{train.pt, rank<R>.pt, manifest.json}   one checkpoint, manifest last
+    latest          pointer to the newest committed checkpoint, moved by compare-and-swap
+    status.json     TrainerStatus       metrics/<attempt>.<chunk>.jsonl   MetricsRecord lines
+    run.json        the run record
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+# -- run folder --------------------------------------------------------------------------------------
+SPEC_FILE = "spec.json"
+RECORD_FILE = "run.json"
+SBATCH_FILE = "sbatch.sh"
+CANCEL_MARKER = "CANCELLED"
+"""Present in the run folder while the user's cancel stands: a job that sees it does not requeue itself."""
+SUBMITIT_DIR = "submitit"
+LOGS_DIR = "logs"
+CHECKPOINTS_DIR = "checkpoints"
+
+# -- checkpoint store --------------------------------------------------------------------------------
+LATEST = "latest"
+MANIFEST = "manifest.json"
+STATUS_FILE = "status.json"
+METRICS_DIR = "metrics"
+TRAIN_FILE = "train.pt"
+AUX_TOP = frozenset({METRICS_DIR, STATUS_FILE, RECORD_FILE, "aux"})
+"""Top-level store objects beside the checkpoints: never part of one, never pruned, never foreign."""
+
+
+def rank_file(rank: int) -> str:
+    """Each rank's own file of a checkpoint (its RNG streams)."""
+    return f"rank{rank}.pt"
+
+
+# -- exit statuses -----------------------------------------------------------------------------------
+class Exit(IntEnum):
+    """Exit statuses of the CLI and of every process between ``sbatch`` and a trainer rank."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2  # bad options or spec: nothing written, nothing queued
+    NOT_FOUND = 3  # no such run, job or checkpoint
+    PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was committed, resume me
+    INTERRUPTED = 130  # Ctrl-C on the CLI
+
+
+# -- records the trainer writes beside its checkpoints -----------------------------------------------
+TrainerState = Literal["running", "completed", "preempted"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow")  # readers keep what a newer writer added
+
+
+class TrainerStatus(_Record):
+    """``status.json``: rewritten by rank 0 when an attempt starts and when it ends."""
+
+    updated: float
+    state: TrainerState
+    step: int
+    total_steps: int
+    epoch: int
+    attempt: str
+    committed_step: int | None = None
+
+
+class MetricsRecord(_Record):
+    """One line of ``metrics/<attempt>.<chunk>.jsonl`` (every ``log_every_steps``)."""
+
+    time: float
+    attempt: str
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    ema_momentum: float
+    img_per_s: float
+    positives: float
+    total_steps: int
+    resumed_from: int | None = None
+
+
+# -- preemption --------------------------------------------------------------------------------------
+def preemption_deadlines(signal_lead_s: float) -> tuple[float, float]:
+    """(commit_s, wait_s) after SLURM's warning signal, both inside the lead time.
+
+    The trainers give their final checkpoint ``commit_s`` to land; the node task waits ``wait_s`` for them
+    to exit before it asks for the requeue, leaving a margin before SLURM kills the step.
+    """
+    wait = signal_lead_s - min(10.0, 0.1 * signal_lead_s)
+    return 0.75 * signal_lead_s, wait
