@@ -51,7 +51,7 @@ def table(rows: list[dict[str, Any]]) -> Table:
         ("STEP", "right"), ("EPOCH", "right"), ("CKPT", "right"), ("CKPT AGE", "right"),
         ("LR", "right"), ("EMA", "right"), ("IMG/S", "right"),
     ):  # fmt: skip
-        t.add_column(name, justify=justify, no_wrap=name != "STATE")
+        t.add_column(name, justify="right" if justify == "right" else "left", no_wrap=name != "STATE")
     for r in rows:
         state = Text(r["state"], style=_STYLE.get(r["state"], ""))
         if r["reason"]:

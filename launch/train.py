@@ -120,7 +120,9 @@ def build_data(spec: RunSpec, env: DistEnv) -> tuple[TwoViewDataset, ResumableSa
         root = root / "images"
     folder = ImageFolder(root, min_size=spec.data.crop_size)
     transform = TwoViewTransform(
-        crop_size=spec.data.crop_size, scale=tuple(spec.data.crop_scale), spatial=build_spatial(spec)
+        crop_size=spec.data.crop_size,
+        scale=(spec.data.crop_scale[0], spec.data.crop_scale[1]),
+        spatial=build_spatial(spec),
     )
     dataset = TwoViewDataset(folder, transform, seed=spec.seed)
     sampler = ResumableSampler(
@@ -186,7 +188,7 @@ class Trainer:
 
         seed_everything(spec.seed, env.rank)  # a fresh start is reproducible; a resume restores the RNG
         self.dataset, self.sampler = build_data(spec, env)
-        self.model = build_model(spec).to(self.device, memory_format=self.memory_format)
+        self.model = build_model(spec).to(self.device).to(memory_format=self.memory_format)
         if cuda and env.world_size > 1:
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         elif env.world_size > 1 and env.rank == 0:
@@ -259,7 +261,7 @@ class Trainer:
         """Train to the end or to a preemption; returns "completed" or "preempted"."""
         spec, env = self.spec, self.env
         self.resume()
-        model = self.model
+        model: torch.nn.Module = self.model
         if env.world_size > 1:
             cuda = self.device.type == "cuda"
             # find_unused_parameters keeps DDP from re-bucketing after its first backward: otherwise the
@@ -372,6 +374,7 @@ class Trainer:
         return bool(flags[0]), bool(flags[1])
 
     def _log_metrics(self, loss: float, rate: float) -> None:
+        assert self.metrics is not None  # rank 0 only
         rec = {
             "step": self.step,
             "epoch": self.epoch,

@@ -173,8 +173,8 @@ def gaussian_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.
     weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
     weights /= weights.sum()
     reach = int(offsets[weights > 1e-7].abs().max())
-    taps = weights[r - reach : r + reach + 1]
-    taps = (taps / taps.sum()).tolist()
+    kept = weights[r - reach : r + reach + 1]
+    taps: list[float] = (kept / kept.sum()).tolist()
 
     out = image.to(torch.float32)
     for dim in (-1, -2):
@@ -368,16 +368,16 @@ class TwoViewTransform:
     ) -> None:
         recipe = ViewRecipe(
             crop_size=crop_size,
-            scale=tuple(scale),
-            ratio=tuple(ratio),
+            scale=(scale[0], scale[1]),
+            ratio=(ratio[0], ratio[1]),
             flip_p=flip_p,
-            jitter=tuple(jitter),
+            jitter=(jitter[0], jitter[1], jitter[2], jitter[3]),
             jitter_p=jitter_p,
             grayscale_p=grayscale_p,
-            blur_sigma=tuple(blur_sigma),
+            blur_sigma=(blur_sigma[0], blur_sigma[1]),
             solarize_threshold=solarize_threshold,
-            mean=tuple(mean),
-            std=tuple(std),
+            mean=(mean[0], mean[1], mean[2]),
+            std=(std[0], std[1], std[2]),
         )
         self.crop_size = crop_size
         blur, solar = _per_view(blur_p), _per_view(solarize_p)

@@ -89,8 +89,8 @@ class PixPro(nn.Module):
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         """EMA of the parameters, ``t <- m t + (1 - m) o``; buffers (BN running stats) are not averaged."""
-        online = [p for m in self._online_modules() for p in m.parameters()]
-        target = [p for m in self._target_modules() for p in m.parameters()]
+        online: list[torch.Tensor] = [p for m in self._online_modules() for p in m.parameters()]
+        target: list[torch.Tensor] = [p for m in self._target_modules() for p in m.parameters()]
         if len(online) != len(target):
             raise RuntimeError("online and target branches have different parameter lists")
         torch._foreach_mul_(target, momentum)

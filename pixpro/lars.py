@@ -80,7 +80,8 @@ def lars_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` or any other module swap. Frozen parameters (the
     EMA target) are left out.
     """
-    weights, flat = [], []
+    weights: list[torch.nn.Parameter] = []
+    flat: list[torch.nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             (weights if p.ndim >= 2 else flat).append(p)

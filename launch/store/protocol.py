@@ -354,16 +354,16 @@ class CheckpointStore:
             have = m.meta.get(key, "<absent>")
             if have != want:
                 return f"meta {key} is {short(have)}, expected {short(want)}"
-        for e in m.files:
-            size = files.get(e.name)
+        for entry in m.files:
+            size = files.get(entry.name)
             if size is None:
-                return f"file {e.name} is missing"
-            if size != e.size:
-                return f"file {e.name} is {size} bytes, manifest says {e.size}"
+                return f"file {entry.name} is missing"
+            if size != entry.size:
+                return f"file {entry.name} is {size} bytes, manifest says {entry.size}"
         if verify_checksums:
-            for e in m.files:
+            for entry in m.files:
                 try:
-                    self._read_verified(m, e.name)
+                    self._read_verified(m, entry.name)
                 except CorruptCheckpoint as err:
                     return err.reason
         return m

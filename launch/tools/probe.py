@@ -186,7 +186,7 @@ def train_head(
         for i in range(0, len(feats), batch):
             idx = order[i : i + batch]
             loss = F.cross_entropy(
-                _logits(head, feats[idx], masks.shape[-2:]), masks[idx], ignore_index=IGNORE
+                _logits(head, feats[idx], (masks.shape[-2], masks.shape[-1])), masks[idx], ignore_index=IGNORE
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -200,7 +200,7 @@ def confusion(head: nn.Conv2d, feats: torch.Tensor, masks: torch.Tensor, num_cla
     """``[K, K]`` counts, rows = ground truth, columns = prediction; ignored pixels left out."""
     out = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for i in range(0, len(feats), 16):
-        pred = _logits(head, feats[i : i + 16], masks.shape[-2:]).argmax(1)
+        pred = _logits(head, feats[i : i + 16], (masks.shape[-2], masks.shape[-1])).argmax(1)
         gt = masks[i : i + 16]
         keep = gt != IGNORE
         out += torch.bincount(gt[keep] * num_classes + pred[keep], minlength=num_classes**2).view(
