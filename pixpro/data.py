@@ -1,4 +1,4 @@
-"""Image files on disk -> deterministic two-view training samples.
+"""Images from a folder or a packed dataset -> deterministic two-view training samples.
 
 The sample stream is a pure function of ``(seed, epoch, index)``: each sample draws its augmentation
 from its own generator seeded by those three numbers, and unreadable files are replaced by the next
@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+from pixpro.sources import ImageSource, ReadFailed, SourceError, open_source
+
 _SEED_MASK = (1 << 63) - 1
 # torchvision 0.29 deprecates its decoders with a warning on every call; they are still the fastest
 # dependency-free path, so the notice is silenced locally rather than spamming every epoch.
@@ -30,31 +31,17 @@ _CPP_PREFIX = re.compile(r"^[\w()]+, \S+:\d+, ")
 
 
 class DatasetError(ValueError):
-    """A dataset folder that cannot be used (missing, empty, or entirely unreadable)."""
+    """A dataset that cannot be used (missing, empty, or entirely unreadable)."""
 
 
-def _find_images(root: Path) -> list[Path]:
-    """JPEG/PNG files under ``root`` by relative path; a folder reached twice via links is read once."""
-    found: list[Path] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink cycle or a folder linked twice
-            dirnames.clear()
-            continue
-        seen.add(real)
-        dirnames.sort()  # visit order decides which of two links to one folder is kept
-        found.extend(Path(dirpath, f) for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
-def _decode_rgb(path: Path) -> torch.Tensor:
-    """Decode one file to uint8 ``[3, H, W]`` RGB, raising ``RuntimeError`` with a short reason."""
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """Decode one encoded image to uint8 ``[3, H, W]`` RGB, raising ``RuntimeError`` with a short reason."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_DEPRECATION)
         try:
-            image = decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-        except RuntimeError as error:
+            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            image = decode_image(encoded, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except (RuntimeError, ValueError) as error:
             raise RuntimeError(_CPP_PREFIX.sub("", str(error))) from error
     if image.dtype == torch.uint16:  # 16-bit PNG
         image = torch.div(image.to(torch.int32) + 128, 257, rounding_mode="floor").to(torch.uint8)
@@ -62,47 +49,67 @@ def _decode_rgb(path: Path) -> torch.Tensor:
 
 
 class ImageFolder:
-    """Every JPEG/PNG under ``root`` (class subfolders or flat), in a deterministic order.
+    """The images of a folder (local path or fsspec URL, class subfolders or flat) or of a packed dataset
+    (``pixpro pack``; recognised by its manifest), by global index in one deterministic order.
 
-    Files that cannot be decoded, or whose shorter side is below ``min_size``, are skipped with one
-    warning per file (per process) and replaced by the next usable index, wrapping around, so
-    ``load(i)`` is still a pure function of ``i``.
+    Images that cannot be read or decoded, or whose shorter side is below ``min_size``, are skipped with
+    one warning per image (per process) and replaced by the next usable index, wrapping around, so
+    ``load(i)`` is a pure function of ``i`` as long as the storage answers. A read that keeps failing
+    after retries (:class:`~pixpro.sources.ReadFailed`) is skipped the same way but not remembered: the
+    next epoch tries again. ``skipped`` counts the replacements this process made.
     """
 
-    def __init__(self, root: str | Path, min_size: int = 0) -> None:
-        self.root = Path(root)
-        if not self.root.exists():
-            raise DatasetError(f"dataset folder {self.root} does not exist")
-        if not self.root.is_dir():
-            raise DatasetError(f"dataset path {self.root} is not a folder")
-        self.paths: list[Path] = _find_images(self.root)
-        if not self.paths:
-            raise DatasetError(f"no JPEG or PNG images under {self.root}")
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        min_size: int = 0,
+        storage_options: dict[str, Any] | None = None,
+        source: ImageSource | None = None,
+    ) -> None:
+        self.root = os.fspath(root)
+        try:
+            self.source: ImageSource = source or open_source(root, storage_options)
+        except SourceError as error:
+            raise DatasetError(str(error)) from None
         self.min_size = int(min_size)
+        self.skipped = 0
         self._unusable: set[int] = set()  # indices already warned about in this process
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.source)
+
+    @property
+    def paths(self) -> list[Path]:
+        """Every image's path (a local folder only): one object per image, for tools and tests."""
+        return [Path(self.root, self.source.name(i)) for i in range(len(self.source))]
 
     def _try_load(self, index: int) -> torch.Tensor | None:
         if index in self._unusable:
             return None
-        path = self.paths[index]
-        try:
-            image = _decode_rgb(path)
-        except (RuntimeError, OSError) as error:
-            reason = f"unreadable ({error})"
+        where = f"{self.root}/{self.source.name(index)}"
+        transient = False
+        if not self.source.usable(index):
+            reason = "undecodable when it was packed"
         else:
-            if min(image.shape[-2:]) >= self.min_size:
-                return image
-            reason = f"{image.shape[-1]}x{image.shape[-2]} is smaller than min_size {self.min_size}"
-        self._unusable.add(index)
-        warnings.warn(f"skipping image {path}: {reason}", stacklevel=2)
+            try:
+                image = decode_rgb(self.source.read(index))
+            except ReadFailed as error:
+                reason, transient = f"read failed ({error})", True
+            except (RuntimeError, OSError) as error:
+                reason = f"unreadable ({error})"
+            else:
+                if min(image.shape[-2:]) >= self.min_size:
+                    return image
+                reason = f"{image.shape[-1]}x{image.shape[-2]} is smaller than min_size {self.min_size}"
+        if not transient:
+            self._unusable.add(index)
+        self.skipped += 1
+        warnings.warn(f"skipping image {where}: {reason}", stacklevel=2)
         return None
 
     def load_indexed(self, index: int) -> tuple[int, torch.Tensor]:
         """The image at ``index`` (or the next usable one) and the index it actually came from."""
-        n = len(self.paths)
+        n = len(self.source)
         if not -n <= index < n:
             raise IndexError(f"image index {index} out of range for {n} images")
         index %= n
@@ -153,6 +160,9 @@ class TwoViewDataset(Dataset):
         if not (isinstance(key, tuple) and len(key) == 2):
             raise TypeError(f"TwoViewDataset is indexed by (epoch, index) tuples, got {key!r}")
         epoch, index = (int(k) for k in key)
-        image = self.folder.load(index)
+        source_index, image = self.folder.load_indexed(index)
         view1, view2, coords1, coords2 = self.transform(image, sample_generator(self.seed, epoch, index))
-        return {"view1": view1, "view2": view2, "coords1": coords1, "coords2": coords2, "index": index}
+        # "skipped": the image came from another index (unreadable, undecodable or too small here)
+        skipped = int(source_index != index)
+        return {"view1": view1, "view2": view2, "coords1": coords1, "coords2": coords2, "index": index,
+                "skipped": skipped}  # fmt: skip

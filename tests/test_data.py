@@ -178,7 +178,8 @@ def test_dataset_sample_is_function_of_epoch_and_index(folder: Path) -> None:
     dataset = TwoViewDataset(ImageFolder(folder), _stand_in_transform, seed=11)
     assert len(dataset) == 5
     sample = dataset[(2, 3)]
-    assert set(sample) == {"view1", "view2", "coords1", "coords2", "index"}
+    assert set(sample) == {"view1", "view2", "coords1", "coords2", "index", "skipped"}
+    assert sample["skipped"] == 0
     assert sample["index"] == 3
     repeat = dataset[(2, 3)]
     assert all(torch.equal(sample[k], repeat[k]) for k in ("view1", "view2", "coords1", "coords2"))

@@ -1,0 +1,272 @@
+"""Where encoded images come from: a folder (local or any fsspec URL) or a packed dataset of tar shards.
+
+Both are indexed by a global sample index in one fixed order and hold their per-sample data as flat
+arrays, never one Python object per sample: 1.28 M names as ``pathlib.Path`` objects cost hundreds of MB,
+copied on access into every DataLoader worker of every rank (reference counts touch the pages).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+PACK_FORMAT = "pixpro-pack/1"
+PACK_MANIFEST = "manifest.json"
+PACK_INDEX = "index.npz"
+
+
+class SourceError(ValueError):
+    """A dataset location that cannot be used (missing, empty, not what it claims to be)."""
+
+
+class ReadFailed(OSError):
+    """One sample's bytes could not be read, even after retries (network, truncated shard)."""
+
+
+class ImageSource(Protocol):
+    """Encoded images by global index: the folder and the packed dataset look alike to the loader."""
+
+    def __len__(self) -> int: ...
+    def name(self, index: int) -> str: ...
+    def label(self, index: int) -> int: ...
+    def usable(self, index: int) -> bool: ...
+    def read(self, index: int) -> bytes: ...
+
+
+class Names:
+    """Many short strings in two flat arrays (utf-8 bytes and offsets): constant Python objects, and
+    the pages stay shared between forked DataLoader workers."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray) -> None:
+        self.blob, self.offsets = blob, offsets
+
+    @classmethod
+    def from_list(cls, names: list[str]) -> Names:
+        encoded = [n.encode() for n in names]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        return cls(np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        return self.blob[self.offsets[index] : self.offsets[index + 1]].tobytes().decode()
+
+
+def split_url(root: str | os.PathLike[str]) -> tuple[str, str]:
+    """(protocol, path): ``""`` for a plain or ``file://`` path."""
+    text = os.fspath(root)
+    if "://" not in text:
+        return "", text
+    protocol, _, rest = text.partition("://")
+    return ("", rest) if protocol.lower() in ("file", "local") else (protocol.lower(), text)
+
+
+def _filesystem(root: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    return fs, path.rstrip("/")
+
+
+def _walk_local(root: Path) -> list[str]:
+    """Image files under ``root`` by relative path; a folder reached twice via links is read once."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink cycle or a folder linked twice
+            dirnames.clear()
+            continue
+        seen.add(real)
+        dirnames.sort()  # visit order decides which of two links to one folder is kept
+        rel = Path(dirpath).relative_to(root).as_posix()
+        found.extend(
+            f if rel == "." else f"{rel}/{f}" for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES
+        )
+    return sorted(found)
+
+
+def class_labels(names: list[str]) -> tuple[list[str], np.ndarray]:
+    """ImageNet layout: the first folder of a relative path is its class (sorted); flat files get -1."""
+    classes = sorted({n.split("/", 1)[0] for n in names if "/" in n})
+    lookup = {c: i for i, c in enumerate(classes)}
+    labels = np.array([lookup[n.split("/", 1)[0]] if "/" in n else -1 for n in names], dtype=np.int32)
+    return classes, labels
+
+
+class FolderSource:
+    """Every JPEG/PNG under a folder or URL (class subfolders or flat), in relative-path order."""
+
+    def __init__(self, root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
+        self.root = os.fspath(root)
+        protocol, path = split_url(root)
+        self._fs: Any = None
+        if protocol:
+            self._fs, self._base = _filesystem(self.root, storage_options)
+            try:
+                listing = self._fs.find(self._base)
+            except FileNotFoundError:
+                listing = []
+            if not listing and not self._fs.exists(self._base):
+                raise SourceError(f"dataset folder {self.root} does not exist")
+            strip = len(self._base) + 1
+            names = sorted(p[strip:] for p in listing if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            self._base = path
+            local = Path(path)
+            if not local.exists():
+                raise SourceError(f"dataset folder {self.root} does not exist")
+            if not local.is_dir():
+                raise SourceError(f"dataset path {self.root} is not a folder")
+            names = _walk_local(local)
+        if not names:
+            raise SourceError(f"no JPEG or PNG images under {self.root}")
+        _, self._labels = class_labels(names)
+        self._names = Names.from_list(names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def name(self, index: int) -> str:
+        return self._names[index]
+
+    def path(self, index: int) -> str:
+        return f"{self._base}/{self._names[index]}"
+
+    def label(self, index: int) -> int:
+        return int(self._labels[index])
+
+    def usable(self, index: int) -> bool:
+        return True
+
+    def read(self, index: int) -> bytes:
+        if self._fs is None:
+            with open(self.path(index), "rb") as f:
+                return f.read()
+        return _retrying(lambda: self._fs.cat_file(self.path(index)), self.path(index))
+
+
+class PackedSource:
+    """A packed dataset (``pixpro pack``): tar shards, a flat index, and a manifest written last.
+
+    Each sample is one range read of its shard (no scanning, no tar parsing at read time). Local shards
+    are read with ``os.pread`` on a per-process file handle; remote ones with fsspec range reads, retried
+    within a deadline.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
+        self.root = os.fspath(root).rstrip("/")
+        protocol, path = split_url(self.root)
+        self._fs: Any = None
+        if protocol:
+            self._fs, self._base = _filesystem(self.root, storage_options)
+        else:
+            self._base = path
+        manifest = self._read_small(PACK_MANIFEST)
+        if manifest is None:
+            raise SourceError(f"{self.root} holds no packed dataset ({PACK_MANIFEST} is missing)")
+        try:
+            self.manifest = json.loads(manifest)
+            if self.manifest.get("format") != PACK_FORMAT:
+                raise ValueError(f"format {self.manifest.get('format')!r}")
+            index = np.load(io.BytesIO(self._read_small(PACK_INDEX) or b""), allow_pickle=False)
+            self._shard = index["shard"]
+            self._offset = index["offset"]
+            self._length = index["length"]
+            self._labels = index["label"]
+            self._names = Names(index["name_blob"], index["name_offsets"])
+        except (ValueError, KeyError, OSError) as exc:
+            raise SourceError(f"{self.root}: unreadable pack index or manifest ({exc})") from None
+        self.shards: list[str] = [s["name"] for s in self.manifest["shards"]]
+        sizes = [int(s["size"]) for s in self.manifest["shards"]]
+        n = len(self._names)
+        if not (n == len(self._shard) == len(self._offset) == self.manifest.get("samples")):
+            raise SourceError(f"{self.root}: the index does not match its manifest ({n} entries)")
+        ends = self._offset + self._length
+        if n and (self._shard.max() >= len(sizes) or np.any(ends > np.asarray(sizes)[self._shard])):
+            raise SourceError(f"{self.root}: the index points past the end of a shard")
+        self._handles: dict[int, int] = {}
+        self._pid = os.getpid()
+
+    def _read_small(self, rel: str) -> bytes | None:
+        try:
+            if self._fs is None:
+                return Path(self._base, rel).read_bytes()
+            return _retrying(lambda: self._fs.cat_file(f"{self._base}/{rel}"), rel)
+        except FileNotFoundError:
+            return None
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def name(self, index: int) -> str:
+        return self._names[index]
+
+    def label(self, index: int) -> int:
+        return int(self._labels[index])
+
+    def usable(self, index: int) -> bool:
+        """False for a source file the packer could not decode: kept in the index (so indices match the
+        folder it came from) and skipped at load time, like a corrupt file in a folder."""
+        return bool(self._length[index] > 0)
+
+    def read(self, index: int) -> bytes:
+        shard, start, length = int(self._shard[index]), int(self._offset[index]), int(self._length[index])
+        path = f"{self._base}/{self.shards[shard]}"
+        if self._fs is None:
+            if self._pid != os.getpid():  # forked into a DataLoader worker: the handles are the parent's
+                self._handles, self._pid = {}, os.getpid()
+            fd = self._handles.get(shard)
+            if fd is None:
+                fd = self._handles[shard] = os.open(path, os.O_RDONLY)
+            data = os.pread(fd, length, start)
+        else:
+            data = _retrying(lambda: self._fs.cat_file(path, start=start, end=start + length), path)
+        if len(data) != length:
+            raise ReadFailed(f"{path}: {len(data)} of {length} bytes at offset {start} (truncated shard?)")
+        return data
+
+
+def open_source(
+    root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> FolderSource | PackedSource:
+    """A packed dataset where ``root`` holds a pack manifest, else a folder of images."""
+    protocol, path = split_url(root)
+    if protocol:
+        fs, base = _filesystem(os.fspath(root), storage_options)
+        packed = fs.exists(f"{base}/{PACK_MANIFEST}")
+    else:
+        packed = Path(path, PACK_MANIFEST).is_file()
+    return PackedSource(root, storage_options) if packed else FolderSource(root, storage_options)
+
+
+READ_TRIES = 4
+READ_DEADLINE_S = 60.0
+
+
+def _retrying(fn: Any, what: str) -> bytes:
+    """A remote read with a fixed back-off and an overall deadline; FileNotFoundError is not retried."""
+    deadline = time.monotonic() + READ_DEADLINE_S
+    delay = 0.2
+    for attempt in range(READ_TRIES):
+        try:
+            return bytes(fn())
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # transport errors of any fsspec backend
+            if attempt == READ_TRIES - 1 or time.monotonic() + delay > deadline:
+                raise ReadFailed(
+                    f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+                ) from None
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")

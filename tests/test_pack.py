@@ -1,0 +1,196 @@
+"""``pixpro pack``: tar shards + a flat index that the trainer reads by range, bitwise like the folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from launch.tools.pack import main as pack_main
+from launch.tools.pack import parse_size
+from pixpro.augment import TwoViewTransform
+from pixpro.data import ImageFolder, TwoViewDataset
+from pixpro.sources import FolderSource, PackedSource, open_source
+from tests.trainutil import REPO, trainer_env
+
+
+def _images(root: Path, n: int = 30) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        cls = f"n{i % 3:02d}"
+        path = root / cls / f"img{i:03d}.{'jpg' if i % 2 else 'png'}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40 + i, 48, 3), dtype=np.uint8)).save(path)
+    (root / "n01" / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+def test_pack_indexes_every_file_and_reads_back_the_same_bytes(tmp_path: Path, capsys) -> None:
+    src = _images(tmp_path / "src")
+    assert pack_main([str(src), str(tmp_path / "packed"), "--shard-size", "20KB", "--workers", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "1 undecodable image(s)" in err  # reported, never dropped silently
+    folder, packed = FolderSource(src), open_source(tmp_path / "packed")
+    assert isinstance(packed, PackedSource) and len(packed) == len(folder) == 31
+    assert len(packed.shards) > 3
+    for i in range(len(folder)):
+        assert packed.name(i) == folder.name(i) and packed.label(i) == folder.label(i)
+        if folder.name(i).endswith("broken.jpg"):
+            assert not packed.usable(i)
+        else:
+            assert packed.read(i) == folder.read(i)
+    manifest = json.loads((tmp_path / "packed" / "manifest.json").read_text())
+    assert (
+        manifest["samples"] == 31
+        and manifest["usable"] == 30
+        and manifest["classes"] == ["n00", "n01", "n02"]
+    )
+    assert [u["path"] for u in manifest["undecodable"]] == ["n01/broken.jpg"]
+    with tarfile.open(tmp_path / "packed" / "shard-000000.tar") as tar:  # standard tools read it
+        names = tar.getnames()
+    assert names[:2] == ["000000000.png", "000000000.cls"]
+
+
+def test_packed_training_samples_equal_the_folder_s(tmp_path: Path) -> None:
+    src = _images(tmp_path / "src")
+    assert pack_main([str(src), str(tmp_path / "packed"), "--workers", "1"]) == 0
+    transform = TwoViewTransform(crop_size=32, scale=(0.3, 1.0))
+    a = TwoViewDataset(ImageFolder(src, min_size=32), transform, seed=5)
+    b = TwoViewDataset(ImageFolder(tmp_path / "packed", min_size=32), transform, seed=5)
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        for key in [(0, i) for i in range(len(a))] + [(1, 7)]:
+            x, y = a[key], b[key]
+            assert all(torch.equal(x[k], y[k]) for k in ("view1", "view2", "coords1", "coords2")), key
+            assert x["skipped"] == y["skipped"]
+
+
+def test_killed_pack_continues_and_a_finished_one_is_verified(tmp_path: Path) -> None:
+    src = _images(tmp_path / "src", n=60)
+    dest = tmp_path / "packed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.tools.pack",
+        str(src),
+        str(dest),
+        "--shard-size",
+        "8KB",
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(list(dest.glob("shard-*.json"))) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (dest / "manifest.json").exists()
+    done = {p.name: p.stat().st_mtime_ns for p in dest.glob("shard-*.tar")}
+    res = subprocess.run(
+        [*cmd, "--json"], cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["action"] == "packed" and summary["shards_reused"] >= 3
+    kept = [n for n, t in done.items() if (dest / n).stat().st_mtime_ns == t]
+    assert len(kept) >= 3  # finished shards were not rewritten
+    again = subprocess.run(
+        [*cmd, "--json"], cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120
+    )
+    assert again.returncode == 0 and json.loads(again.stdout)["action"] == "verified"
+    for i in range(len(FolderSource(src))):
+        if PackedSource(dest).usable(i):
+            assert PackedSource(dest).read(i) == FolderSource(src).read(i)
+
+
+def test_bad_input_is_one_line_and_nothing_is_lost(tmp_path: Path, capsys) -> None:
+    src = _images(tmp_path / "src", n=6)
+    assert pack_main([str(src), str(tmp_path / "packed"), "--shard-size", "8KB"]) == 0
+    manifest = (tmp_path / "packed" / "manifest.json").read_bytes()
+    other = _images(tmp_path / "other", n=4)
+    capsys.readouterr()
+    assert pack_main([str(other), str(tmp_path / "packed"), "--shard-size", "8KB"]) == 2  # another pack
+    assert "already holds a different pack" in capsys.readouterr().err
+    assert (tmp_path / "packed" / "manifest.json").read_bytes() == manifest
+    assert pack_main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert pack_main([str(src), str(tmp_path / "y"), "--shard-size", "lots"]) == 2
+    assert parse_size("1GB") == 10**9 and parse_size("256MiB") == 256 * 2**20
+
+    shard = tmp_path / "packed" / "shard-000000.tar"  # a shard truncated on the store
+    shard.write_bytes(shard.read_bytes()[:3000])
+    assert pack_main([str(src), str(tmp_path / "packed"), "--shard-size", "8KB"]) == 2
+    assert "shard-000000.tar is 3000 bytes" in capsys.readouterr().err
+    images = ImageFolder(tmp_path / "packed")  # training skips what the truncation cut, and counts it
+    with pytest.warns(UserWarning, match="read failed"):
+        for i in range(len(images)):
+            images.load(i)
+    assert images.skipped >= 1
+
+    index = tmp_path / "packed" / "index.npz"  # an index that does not match its shards
+    arrays = dict(np.load(index))
+    arrays["offset"] = arrays["offset"] + 10**9
+    np.savez(index, **arrays)
+    with pytest.raises(ValueError, match="points past the end of a shard"):
+        PackedSource(tmp_path / "packed")
+
+
+def test_index_of_1_28m_entries_is_flat_and_cheap_in_forked_workers(tmp_path: Path) -> None:
+    """Load time and per-worker memory growth after touching every entry in a forked worker."""
+    n = 1_281_167
+    names = [f"n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG" for i in range(n)]
+    blob = "".join(names).encode()
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in names], out=offsets[1:])
+    root = tmp_path / "big"
+    root.mkdir()
+    np.savez(
+        root / "index.npz",
+        shard=(np.arange(n) // 1000).astype(np.uint32),
+        offset=(np.arange(n) % 1000 * 1536).astype(np.int64),
+        length=np.full(n, 1024, dtype=np.int64),
+        label=(np.arange(n) % 1000).astype(np.int32),
+        name_blob=np.frombuffer(blob, dtype=np.uint8),
+        name_offsets=offsets,
+    )
+    shards = [
+        {"name": f"shard-{s:06d}.tar", "size": 2_000_000, "sha256": "0" * 64} for s in range(n // 1000 + 1)
+    ]
+    (root / "manifest.json").write_text(
+        json.dumps({"format": "pixpro-pack/1", "samples": n, "shards": shards, "undecodable": []})
+    )
+    del names, blob
+    t0 = time.perf_counter()
+    source = PackedSource(root)
+    load_s = time.perf_counter() - t0
+    assert len(source) == n
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a DataLoader worker: touch every entry, report resident growth in kB
+        before = _rss_kb()
+        total = sum(len(source.name(i)) + source.label(i) for i in range(0, n, 1))
+        os.write(write, f"{_rss_kb() - before} {total}".encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    growth_kb, _ = (int(x) for x in os.read(read, 100).split())
+    print(f"\n1.28 M-entry index: load {load_s:.2f} s, forked worker RSS growth {growth_kb / 1024:.1f} MB")
+    assert growth_kb < 64 * 1024  # flat arrays: copy-on-write pages stay shared (a list of Paths: ~300 MB)
+
+
+def _rss_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
