@@ -270,3 +270,83 @@ def _retrying(fn: Any, what: str) -> bytes:
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
+
+
+class CachedSource:
+    """Keeps the encoded bytes of samples once read (the official code's ``--cache-mode part``, bounded).
+
+    ``memory``: a dict in each loader process, up to ``max_bytes`` per process. ``disk``: one file per
+    sample under ``folder`` (node-local storage), shared by every rank and loader worker of the node; the
+    total is bounded by ``max_bytes`` through a counter under an ``fcntl`` lock. Samples are added until the
+    bound is reached, never evicted (no churn). A miss reads the wrapped source; the cache never changes
+    what a sample is: the bytes are the source's, verified by length on the way back.
+    """
+
+    def __init__(self, source: ImageSource, mode: str, max_bytes: int, folder: str | None = None) -> None:
+        if mode not in ("memory", "disk"):
+            raise ValueError(f"cache mode {mode!r} must be 'memory' or 'disk'")
+        if mode == "disk" and not folder:
+            raise ValueError("a disk cache needs a folder (node-local storage)")
+        self.source, self.mode, self.max_bytes = source, mode, int(max_bytes)
+        self.folder = Path(folder) if folder else None
+        self._memory: dict[int, bytes] = {}
+        self._held = 0
+        self.hits = self.misses = 0
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def name(self, index: int) -> str:
+        return self.source.name(index)
+
+    def label(self, index: int) -> int:
+        return self.source.label(index)
+
+    def usable(self, index: int) -> bool:
+        return self.source.usable(index)
+
+    def _file(self, index: int) -> Path:
+        assert self.folder is not None
+        return self.folder / f"{index // 4096:05d}" / f"{index}.bin"
+
+    def read(self, index: int) -> bytes:
+        cached = self._memory.get(index) if self.mode == "memory" else self._disk_get(index)
+        if cached is not None:
+            self.hits += 1
+            return cached
+        self.misses += 1
+        data = self.source.read(index)
+        if self.mode == "memory":
+            if self._held + len(data) <= self.max_bytes:
+                self._memory[index] = data
+                self._held += len(data)
+        else:
+            self._disk_put(index, data)
+        return data
+
+    def _disk_get(self, index: int) -> bytes | None:
+        try:
+            return self._file(index).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _disk_put(self, index: int, data: bytes) -> None:
+        import fcntl
+
+        assert self.folder is not None
+        with open(self.folder / ".budget", "a+b") as lock:
+            fcntl.lockf(lock, fcntl.LOCK_EX)
+            lock.seek(0)
+            used = int(lock.read() or b"0")
+            if used + len(data) > self.max_bytes:
+                return
+            path = self._file(index)
+            path.parent.mkdir(exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # whole or absent: a reader never sees a partial sample
+            lock.seek(0)
+            lock.truncate()
+            lock.write(str(used + len(data)).encode())

@@ -20,7 +20,7 @@ from launch.tools.pack import main as pack_main
 from launch.tools.pack import parse_size
 from pixpro.augment import TwoViewTransform
 from pixpro.data import ImageFolder, TwoViewDataset
-from pixpro.sources import FolderSource, PackedSource, open_source
+from pixpro.sources import CachedSource, FolderSource, PackedSource, open_source
 from tests.trainutil import REPO, trainer_env
 
 
@@ -194,3 +194,24 @@ def _rss_kb() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+@pytest.mark.parametrize("mode", ["memory", "disk"])
+def test_cache_keeps_bytes_up_to_its_bound_and_never_changes_a_sample(tmp_path: Path, mode: str) -> None:
+    src = _images(tmp_path / "src", n=12)
+    assert pack_main([str(src), str(tmp_path / "packed"), "--workers", "1"]) == 0
+    packed = PackedSource(tmp_path / "packed")
+    sizes = [packed._length[i] for i in range(len(packed)) if packed.usable(i)]
+    bound = int(sum(sizes) // 2)
+    cache = CachedSource(packed, mode, bound, str(tmp_path / "cache") if mode == "disk" else None)
+    usable = [i for i in range(len(packed)) if packed.usable(i)]
+    first = [cache.read(i) for i in usable]
+    second = [cache.read(i) for i in usable]
+    assert first == second == [packed.read(i) for i in usable]
+    assert cache.misses == len(usable) + (len(usable) - cache.hits)  # what did not fit is read again
+    assert 0 < cache.hits < len(usable)  # about half fit under the bound
+    if mode == "disk":
+        held = sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*.bin"))
+        assert 0 < held <= bound
+        other = CachedSource(packed, "disk", bound, str(tmp_path / "cache"))  # another rank on the node
+        assert [other.read(i) for i in usable] == first and other.hits == cache.hits
