@@ -353,10 +353,12 @@ class Trainer:
         self.scaler.scale(out["loss"]).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        loss = float(out["loss"].detach())
+        # one device-to-host copy for both numbers (each float() of a CUDA tensor is a sync)
+        loss, self._last_positives = torch.stack(
+            [out["loss"].detach().float(), torch.as_tensor(out["positives"]).float()]
+        ).tolist()
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {self.step}")
-        self._last_positives = float(out["positives"])
         return loss
 
     def _checkpoint_due(self, last_time: float) -> bool:
