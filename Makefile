@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SPEC ?= launch/specs/demo.json
+# Job history of the local test cluster: slurmdbd (real accounting: mariadbd + slurmdbd) or jobcomp.
+SLURM_ACCOUNTING ?= $(or $(PIXPRO_SLURM_ACCOUNTING),slurmdbd)
 
-.PHONY: venv demo test lint services bench clean-services
+.PHONY: venv demo test lint services bench clean-services gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +19,7 @@ demo: venv
 	$(VENV)/bin/pixpro submit --executor local --follow $(SPEC)
 
 services: venv
-	bash cluster/slurm/setup.sh
+	PIXPRO_SLURM_ACCOUNTING=$(SLURM_ACCOUNTING) bash cluster/slurm/setup.sh
 	PYTHON=$(PY) bash cluster/s3/moto.sh start
 
 lint: venv
@@ -31,5 +33,13 @@ bench: venv
 	$(PY) benches/run_all.py
 
 clean-services:
-	-bash cluster/slurm/stop.sh
+	-bash cluster/slurm/stop.sh --cancel-jobs
 	-bash cluster/s3/moto.sh stop
+
+# GPU acceptance check (benches/gpu_check.py): under 8 minutes on one GPU, offline; record and table in
+# $(OUT). GPU_CHECK_ARGS: --cpu (toy CPU mode), --quick, --only NAME[,NAME] (rerun merges into the record).
+OUT ?= runs/gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check:
+	test -x $(PY) || $(MAKE) venv
+	$(PY) benches/gpu_check.py $(OUT) $(GPU_CHECK_ARGS)

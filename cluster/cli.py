@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -18,19 +20,38 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from cluster import errors
 from cluster.errors import EXIT_FAILURE, EXIT_USAGE, PixproError
 
 try:  # typer >= 0.22 vendors click
     from typer._click.exceptions import ClickException, UsageError
 except ImportError:  # pragma: no cover - older typer on real click
-    from click.exceptions import ClickException, UsageError
+    from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_INTERRUPTED = 130
 
 
+MAX_LINE = 200
+_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
+SET_HELP = "Override one spec value, validated like the file and recorded in the run (repeatable)."
+
+
+def _cut(text: str, limit: int = MAX_LINE) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _err(line: str) -> None:
-    print(f"pixpro: {line}", file=sys.stderr, flush=True)
+    print(f"pixpro: {_cut(line)}", file=sys.stderr, flush=True)
+
+
+def _check_id(ident: str) -> str:
+    """Run and job ids are short words: refuse anything else before any lookup (an empty id must not
+    mean "all runs", an option-like one must not reach a subprocess)."""
+    if not _ID.fullmatch(ident):
+        shown = _cut(repr(ident), 60)
+        raise errors.UsageError(f"ID {shown}: not a run or job id (letters, digits, _ . : -; at most 128)")
+    return ident
 
 
 def guard(fn: F) -> F:
@@ -49,6 +70,13 @@ def guard(fn: F) -> F:
         except KeyboardInterrupt:
             _err("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as exc:
+            if exc.filename is None or os.environ.get("PIXPRO_DEBUG"):
+                raise
+            # a path the user gave: too long, a folder, no permission... one line, exit 2
+            name = _cut(" ".join(str(exc.filename).split()), 100)
+            _err(f"{name}: {exc.strerror or type(exc).__name__}")
+            raise typer.Exit(EXIT_USAGE) from None
         except Exception as exc:
             # schemas is only imported by commands that read specs (status must not pay for pydantic)
             spec_error = getattr(sys.modules.get("schemas"), "SpecError", None)
@@ -114,14 +142,32 @@ def main(
 
 
 # ----------------------------------------------------------------------------------------- validate
+_SET = typer.Option("--set", metavar="KEY.PATH=VALUE", help=SET_HELP)
+
+
 @app.command()
 @guard
-def validate(spec: Annotated[Path, typer.Argument(help="Run spec (JSON, or YAML with .yaml/.yml).")]) -> None:
+def validate(
+    spec: Annotated[Path, typer.Argument(help="Run spec (JSON, or YAML with .yaml/.yml).")],
+    sets: Annotated[list[str] | None, _SET] = None,
+    deep: Annotated[
+        bool,
+        typer.Option(
+            "--deep",
+            help="Also run the preflight (model step, data samples, checkpoint probe) in a child process.",
+        ),
+    ] = False,
+) -> None:
     """Check a spec and print it with every default filled in (JSON)."""
-    from cluster.runs import spec_json
-    from schemas import load_spec
+    from cluster.runs import resolve_spec, spec_json
 
-    typer.echo(spec_json(load_spec(spec)), nl=False)
+    resolved = resolve_spec(spec, overrides=sets or ())
+    if deep:
+        from cluster.preflight import run_preflight
+
+        summary = run_preflight(resolved)
+        _err(f"preflight passed in {summary.get('total_s', '?')} s (loss {summary.get('loss', 0):.4g})")
+    typer.echo(spec_json(resolved), nl=False)
 
 
 # ----------------------------------------------------------------------------------------- submit
@@ -139,16 +185,30 @@ def submit(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help='Print {"run_id", "job_id"} only.')] = False,
     follow: Annotated[bool, typer.Option("--follow", help="Stream the log until the attempt ends.")] = False,
+    sets: Annotated[list[str] | None, _SET] = None,
+    no_preflight: Annotated[
+        bool,
+        typer.Option("--no-preflight", help="Skip the preflight (model step, data, checkpoint probe)."),
+    ] = False,
 ) -> None:
     """Create a run and queue its first attempt."""
     from cluster import runs
 
-    plan = runs.plan_submission(spec, nodes=nodes, gpus=gpus, executor=executor)
+    plan = runs.plan_submission(
+        spec,
+        nodes=nodes,
+        gpus=gpus,
+        executor=executor,
+        overrides=sets or (),
+        dry_run=dry_run,
+        preflight=not no_preflight,
+    )
     if dry_run:
         if as_json:
             payload = {
                 "run_id": plan.run_id,
                 "executor": plan.executor,
+                "cluster_checked": plan.cluster_checked,
                 "spec": plan.spec.model_dump(mode="json"),
                 "sbatch": plan.script,
                 "torchrun": plan.torchrun_command(),
@@ -209,7 +269,7 @@ def resume(
     """Queue a new attempt that continues from the run's last committed checkpoint."""
     from cluster import runs
 
-    record, job_id, warning = runs.resume(ident)
+    record, job_id, warning = runs.resume(_check_id(ident))
     if warning:
         _err(f"warning: {warning}")
     _announce(record.run_id, job_id, record.executor, as_json, "resumed")
@@ -228,9 +288,15 @@ def status(
         bool, typer.Option("--json", help="JSON: a list of runs, or one object for ID.")
     ] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh until Ctrl-C.")] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between refreshes with --watch.", min=0.5)] = 5.0,
+    interval: Annotated[
+        float, typer.Option(help="Seconds between refreshes with --watch (0.5 to 3600).")
+    ] = 5.0,
 ) -> None:
     """Runs, their attempts and states, progress, last checkpoint, LR, EMA momentum and throughput."""
+    if not (math.isfinite(interval) and 0.5 <= interval <= 3600):
+        raise errors.UsageError(f"--interval {interval}: must be a number of seconds from 0.5 to 3600")
+    if ident is not None:
+        _check_id(ident)
     from cluster.index import Index
     from cluster.status import collect
 
@@ -294,7 +360,7 @@ def logs(
     from cluster.errors import NotFound
     from cluster.index import Index
 
-    record = Index().find(ident)
+    record = Index().find(_check_id(ident))
     job = ident if ident in record.attempts else record.latest_job
     if job is None:
         raise NotFound(f"run {record.run_id} has no attempts yet")
@@ -313,7 +379,7 @@ def cancel(ident: Annotated[str, typer.Argument(metavar="ID", help="Run id or jo
     """Stop every queued or running attempt of the run and mark it cancelled (resume later if you like)."""
     from cluster import runs
 
-    record, jobs, warning = runs.cancel(ident)
+    record, jobs, warning = runs.cancel(_check_id(ident))
     if warning:
         _err(f"warning: {warning}")
     if jobs:
@@ -324,10 +390,10 @@ def cancel(ident: Annotated[str, typer.Argument(metavar="ID", help="Run id or jo
 
 # --- results: compute-side tools run in their own process (the login-node CLI never imports torch) ---
 def _run_tool(module: str, args: list[str]) -> None:
-    """Run ``python -m launch.<module>`` with the run's folder resolved; its exit status is ours."""
+    """Run ``python -m launch.tools.<module>`` with the run's folder resolved; its exit status is ours."""
     import subprocess
 
-    raise typer.Exit(subprocess.call([sys.executable, "-m", f"launch.{module}", *args]))
+    raise typer.Exit(subprocess.call([sys.executable, "-m", f"launch.tools.{module}", *args]))
 
 
 def _source(ident: str) -> str:

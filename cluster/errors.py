@@ -6,6 +6,12 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
+MAX_LINE = 200
+"""Longest error line: an echoed key, value or path is shortened, never a screenful."""
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
 
 
 class PixproError(Exception):
@@ -15,7 +21,7 @@ class PixproError(Exception):
 
     def __init__(self, message: str | list[str]) -> None:
         lines = message if isinstance(message, list) else [message]
-        self.lines = [" ".join(str(line).split()) for line in lines if str(line).strip()] or ["error"]
+        self.lines = [_cut(" ".join(str(line).split())) for line in lines if str(line).strip()] or ["error"]
         super().__init__("\n".join(self.lines))
 
 

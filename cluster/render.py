@@ -14,6 +14,7 @@ _STYLE = {
     "PENDING": "yellow",
     "REQUEUED": "yellow",
     "PREEMPTED": "magenta",
+    "NODE_FAIL": "yellow",  # requeued after a node failure: the run goes on
     "TIMEOUT": "magenta",
     "FAILED": "red",
     "CANCELLED": "dim",

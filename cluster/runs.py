@@ -10,6 +10,7 @@ import contextlib
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -20,10 +21,12 @@ from cluster.errors import Failure, UsageError
 from cluster.home import new_run_id, run_dir
 from cluster.index import Index
 from cluster.node_task import NodeTask
+from cluster.preflight import check_local_gpus, run_preflight
+from cluster.progress import open_run_store
 from cluster.record import CANCEL_MARKER, RECORD_FILE, SPEC_FILE, RunRecord, atomic_write, write_local
-from cluster.storage import absolute_url, open_store
 from cluster.torchrun import free_port, launch_command, procs_per_node, shell_join, torchrun_options
-from schemas import RunSpec, SpecError, load_spec, parse_spec, spec_hash
+from launch.store.format import absolute_url
+from schemas import RunSpec, SpecError, apply_overrides, load_spec, load_spec_data, parse_spec, spec_hash
 
 EXECUTORS = ("auto", "slurm", "local")
 
@@ -36,25 +39,32 @@ def pixpro_version() -> str:
 
 
 # ------------------------------------------------------------------------------------------ specs
-def resolve_spec(path: Path, nodes: int | None = None, gpus: int | None = None) -> RunSpec:
-    """Load and validate, apply ``--nodes``/``--gpus`` and validate again (SpecError: exit 2)."""
-    spec = load_spec(path)
-    if nodes is None and gpus is None:
-        return spec
-    data = spec.model_dump(mode="json")
-    if nodes is not None:
-        data["resources"]["nodes"] = nodes
-    if gpus is not None:
-        data["resources"]["gpus_per_node"] = gpus
+def resolve_spec(
+    path: Path, nodes: int | None = None, gpus: int | None = None, overrides: Sequence[str] = ()
+) -> RunSpec:
+    """Load the file, apply ``--set`` overrides and ``--nodes``/``--gpus``, validate once (SpecError:
+    exit 2). A problem with a value that came from a flag names the flag, so the user fixes the
+    command line rather than the file."""
+    data = apply_overrides(load_spec_data(path), tuple(overrides))
+    flags: dict[str, str] = {}
+    for dotted in overrides:
+        key = dotted.partition("=")[0].strip()
+        flags[key] = f"--set {key}"
+    for key, value, flag in (("nodes", nodes, "--nodes"), ("gpus_per_node", gpus, "--gpus")):
+        resources = data.setdefault("resources", {})
+        if value is not None and isinstance(resources, dict):  # else the spec error about it stands
+            resources[key] = value
+            flags[f"resources.{key}"] = flag
     try:
         return parse_spec(data)
     except SpecError as exc:
-        flags = {"resources.nodes": "--nodes", "resources.gpus_per_node": "--gpus"}
         lines = []
         for line in exc.problems:
             for key, flag in flags.items():
-                if line.startswith(key + ":"):
+                if line.startswith(key + ":") and not flag.startswith("--set"):
                     line = f"{flag} ({key}){line[len(key) :]}"
+                elif line.startswith(key + ":"):
+                    line = f"{line} (from {flag})"
             lines.append(line)
         raise SpecError(lines) from None
 
@@ -70,12 +80,14 @@ def spec_json(spec: RunSpec) -> str:
     return json.dumps(spec.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
 
 
-def choose_executor(name: str) -> str:
+def choose_executor(name: str, dry_run: bool = False) -> str:
+    """``auto`` is SLURM when sbatch is on PATH, else local; a dry run previews SLURM without sbatch (the
+    machine where specs are written often has none), saying that nothing was checked against a cluster."""
     if name not in EXECUTORS:
         raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)} (got {name!r})")
     if name == "auto":
-        return "slurm" if slurm.available() else "local"
-    if name == "slurm" and not slurm.available():
+        return "slurm" if slurm.available() or dry_run else "local"
+    if name == "slurm" and not slurm.available() and not dry_run:
         raise UsageError("--executor slurm: sbatch is not on PATH (use --executor local on this machine)")
     return name
 
@@ -93,6 +105,8 @@ class Plan:
     params: dict[str, Any] = field(default_factory=dict)
     script: str | None = None
     estimate: str | None = None
+    cluster_checked: bool = False
+    preflight: dict[str, Any] | None = None
 
     def torchrun_command(self) -> list[str]:
         res = self.spec.resources
@@ -116,6 +130,11 @@ class Plan:
             out += ["", "# sbatch script", self.script.rstrip()]
             if self.estimate:
                 out += ["", f"# sbatch --test-only: {self.estimate}"]
+            if not self.cluster_checked:
+                out += [
+                    "",
+                    "# sbatch is not on PATH: nothing was checked against a cluster",
+                ]
         attempt = "$SLURM_JOB_ID.$SLURM_RESTART_COUNT" if self.executor == "slurm" else "local-<n>"
         env = f"PIXPRO_ATTEMPT={attempt}"
         out += ["", f"# torchrun command (per node; executor {self.executor}, cwd {self.workdir})"]
@@ -125,28 +144,46 @@ class Plan:
                 "PORT derived from the job id and restart count"
             )
         out.append(f"{env} PIXPRO_SIGNAL={self.spec.resources.signal} {shell_join(self.torchrun_command())}")
+        out += ["", "# preflight: not run by --dry-run (pixpro validate --deep SPEC runs it; submit does)"]
         return "\n".join(out) + "\n"
 
 
 def plan_submission(
-    spec_path: Path, *, nodes: int | None, gpus: int | None, executor: str, check_cluster: bool = True
+    spec_path: Path,
+    *,
+    nodes: int | None,
+    gpus: int | None,
+    executor: str,
+    check_cluster: bool = True,
+    overrides: Sequence[str] = (),
+    dry_run: bool = False,
+    preflight: bool = True,
 ) -> Plan:
-    spec = resolve_spec(spec_path, nodes, gpus)
-    chosen = choose_executor(executor)
+    """Every check before anything is written: spec, executor resources (local: visible CUDA devices;
+    SLURM: sinfo + ``sbatch --test-only``), then the preflight child (skipped by ``--dry-run`` and
+    ``--no-preflight``). A dry run without sbatch renders the SLURM plan unchecked."""
+    spec = resolve_spec(spec_path, nodes, gpus, overrides)
+    chosen = choose_executor(executor, dry_run=dry_run)
     if chosen == "local" and spec.resources.nodes > 1:
         raise UsageError(
             f"--executor local runs one node; this run asks for {spec.resources.nodes} (--nodes)"
         )
+    if chosen == "local":
+        check_local_gpus(spec.resources.gpus_per_node)
     run_id = new_run_id(spec.name)
     rdir = run_dir(run_id)
     cwd = Path.cwd()
     plan = Plan(with_checkpoint_url(spec, rdir, cwd), run_id, rdir, chosen, cwd)
     if chosen == "slurm":
+        check_cluster = check_cluster and slurm.available()
         cpus = slurm.node_cpus(plan.spec) if check_cluster else None
         plan.params = slurm.executor_parameters(plan.spec, cpus)
         plan.script = slurm.render_script(plan.params, rdir / slurm.SUBMITIT_DIR)
         if check_cluster:
             plan.estimate = slurm.preflight(plan.spec, plan.script)
+            plan.cluster_checked = True
+    if preflight and not dry_run:
+        plan.preflight = run_preflight(plan.spec)
     return plan
 
 
@@ -159,7 +196,9 @@ def save(record: RunRecord, index: Index, *, strict: bool = True) -> str | None:
     write_local(record)
     index.put(record)
     try:
-        open_store(record.checkpoint_url, record.storage_options).pipe(RECORD_FILE, record.to_json().encode())
+        open_run_store(record.checkpoint_url, record.storage_options).put_aux(
+            RECORD_FILE, record.to_json().encode()
+        )
     except Exception as exc:
         problem = f"could not write {RECORD_FILE} to {record.checkpoint_url}: {_short(exc)}"
         if strict:
@@ -174,9 +213,9 @@ def _short(exc: BaseException) -> str:
 
 def _check_checkpoint_folder_free(url: str, options: dict[str, Any]) -> None:
     try:
-        store = open_store(url, options)
-        taken = store.cat(RECORD_FILE)
-        has_latest = store.exists("latest")
+        store = open_run_store(url, options)
+        taken = store.read_aux(RECORD_FILE)
+        has_latest = store.latest() is not None
     except Exception as exc:
         raise Failure(f"cannot reach the checkpoint folder {url}: {_short(exc)}") from None
     if taken is not None or has_latest:
@@ -211,7 +250,7 @@ def create_run(plan: Plan) -> RunRecord:
 def _rollback(record: RunRecord, index: Index) -> None:
     index.remove(record.run_id)
     with contextlib.suppress(Exception):
-        open_store(record.checkpoint_url, record.storage_options).delete(RECORD_FILE)
+        open_run_store(record.checkpoint_url, record.storage_options).delete_aux(RECORD_FILE)
     shutil.rmtree(record.run_dir, ignore_errors=True)
 
 

@@ -256,9 +256,14 @@ def scancel(job_ids: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------- queries
+SQUEUE_ARGS = ("-h", "--states=all", "-o", "%i|%T|%r", "-j")
+# -D: every run of a requeued job (slurmdbd; jobcomp logs one line per run anyway); -X: no steps.
+SACCT_ARGS = ("-D", "-X", "-P", "-n", "-o", "JobID,State,ExitCode,Start,End", "-j")
+
+
 @dataclass
 class HistoryLine:
-    """One line of sacct: a finished run of the job (each requeue adds one)."""
+    """One sacct record of the job: a run (each requeue adds one), or the run not yet ended."""
 
     state: str
     exit_code: int
@@ -272,14 +277,15 @@ class SlurmJob:
     job_id: str
     queue_state: str | None = None  # squeue %T while slurmctld still knows the job
     reason: str = ""
-    history: list[HistoryLine] = field(default_factory=list)
+    history: list[HistoryLine] = field(default_factory=list)  # ended runs, oldest first
+    current: HistoryLine | None = None  # slurmdbd's record of the run not ended yet (PENDING/RUNNING)
 
 
 def _time(text: str) -> float | None:
     try:
         return time.mktime(time.strptime(text.strip(), "%Y-%m-%dT%H:%M:%S"))
     except ValueError:
-        return None
+        return None  # "Unknown", "None": not started / not ended
 
 
 def _exit(text: str) -> tuple[int, int]:
@@ -290,44 +296,65 @@ def _exit(text: str) -> tuple[int, int]:
         return 0, 0
 
 
+def parse_squeue(text: str, jobs: dict[str, SlurmJob]) -> None:
+    """``squeue -h --states=all -o '%i|%T|%r'`` into ``queue_state`` and ``reason``."""
+    for line in text.splitlines():
+        jid, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        if jid in jobs:
+            jobs[jid].queue_state = state.strip()
+            jobs[jid].reason = "" if reason.strip() in ("None", "(null)") else reason.strip()
+
+
+def parse_sacct(text: str, jobs: dict[str, SlurmJob], submitted: dict[str, float] | None = None) -> None:
+    """``sacct -D -X -P -n -o JobID,State,ExitCode,Start,End`` into ``history`` and ``current``.
+
+    Both kinds of job history read alike. slurmdbd (-D): one record per run -- REQUEUED, PREEMPTED,
+    NODE_FAIL for runs that were requeued, then the record of the current run, which has no End
+    while it is PENDING or RUNNING (and lags: it may still say PENDING for a run that started).
+    jobcomp/filetxt (``--completion``): one line per ended run; a requeued run is logged as PENDING
+    (with its End), so an ended PENDING record is a requeued run. Records are not grouped by job.
+    History records that ended before our submission belong to an older job with a reused id
+    (slurmctld restarted without its state) and are dropped.
+    """
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) < 5 or fields[0] not in jobs:
+            continue  # job steps (123.batch) and unrelated lines
+        code, sig = _exit(fields[2])
+        state = fields[1].split()[0] if fields[1].strip() else "UNKNOWN"  # "CANCELLED by 0"
+        rec = HistoryLine(state, code, sig, _time(fields[3]), _time(fields[4]))
+        job = jobs[fields[0]]
+        if rec.end is None:
+            job.current = rec
+            continue
+        since = (submitted or {}).get(fields[0])
+        if since is not None and rec.end < since - 5:
+            continue
+        if state in ("PENDING", "REQUEUE_FED", "REQUEUE_HOLD", "REQUEUED"):
+            rec.state = "REQUEUED"  # an ended run that was requeued (jobcomp logs it as PENDING)
+        job.history.append(rec)
+    for job in jobs.values():
+        job.history.sort(key=lambda r: r.end or 0.0)  # stable: sacct's order among equal ends
+
+
 def query(
     job_ids: list[str], submitted: dict[str, float] | None = None
 ) -> tuple[dict[str, SlurmJob], list[str]]:
-    """States of many jobs with one squeue and one sacct call; also returns warnings (one line each).
-
-    History lines that ended before our submission belong to an older job with a reused id
-    (slurmctld restarted without its state) and are dropped.
-    """
+    """States of many jobs with one squeue and one sacct call; also returns warnings (one line each)."""
     jobs = {j: SlurmJob(j) for j in job_ids}
     warnings: list[str] = []
     if not jobs:
         return jobs, warnings
     ids = ",".join(jobs)
-    q = _run(["squeue", "-h", "--states=all", "-o", "%i|%T|%r", "-j", ids])
+    q = _run(["squeue", *SQUEUE_ARGS, ids])
     if q.returncode == 0:
-        for line in q.stdout.splitlines():
-            jid, _, rest = line.strip().partition("|")
-            state, _, reason = rest.partition("|")
-            if jid in jobs:
-                jobs[jid].queue_state = state.strip()
-                jobs[jid].reason = "" if reason.strip() in ("None", "(null)") else reason.strip()
+        parse_squeue(q.stdout, jobs)
     elif "invalid job id" not in q.stderr.lower():
         warnings.append(f"squeue failed: {_one_line(q.stderr)}")
-    a = _run(["sacct", "-P", "-n", "-o", "JobID,State,ExitCode,Start,End", "-j", ids])
+    a = _run(["sacct", *SACCT_ARGS, ids])
     if a.returncode == 0:
-        for line in a.stdout.splitlines():
-            fields = line.strip().split("|")
-            if len(fields) < 5 or fields[0] not in jobs:
-                continue  # job steps (123.batch) and unrelated lines
-            code, sig = _exit(fields[2])
-            state = fields[1].split()[0] if fields[1].strip() else "UNKNOWN"
-            if state in ("PENDING", "REQUEUE_FED", "REQUEUE_HOLD"):
-                state = "REQUEUED"  # a finished run that was requeued (jobcomp logs it as PENDING)
-            hl = HistoryLine(state, code, sig, _time(fields[3]), _time(fields[4]))
-            since = (submitted or {}).get(fields[0])
-            if since is not None and hl.end is not None and hl.end < since - 5:
-                continue
-            jobs[fields[0]].history.append(hl)
+        parse_sacct(a.stdout, jobs, submitted)
     else:
         warnings.append(f"sacct failed: {_one_line(a.stderr)}")
     return jobs, warnings

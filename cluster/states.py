@@ -13,9 +13,12 @@ from cluster.local import LocalJob
 from cluster.slurm import TERMINAL, SlurmJob
 
 EXIT_PREEMPTED = 75
-ACTIVE = frozenset({"PENDING", "REQUEUED", "RUNNING", "SUSPENDED"})
-STATES = ("PENDING", "REQUEUED", "RUNNING", "SUSPENDED", "PREEMPTED", "TIMEOUT", "FAILED", "CANCELLED",
-          "COMPLETED", "UNKNOWN")  # fmt: skip
+# NODE_FAIL (active): a node of the run failed and SLURM requeued it; the job goes on by itself.
+ACTIVE = frozenset({"PENDING", "REQUEUED", "NODE_FAIL", "RUNNING", "SUSPENDED"})
+STATES = ("PENDING", "REQUEUED", "NODE_FAIL", "RUNNING", "SUSPENDED", "PREEMPTED", "TIMEOUT", "FAILED",
+          "CANCELLED", "COMPLETED", "UNKNOWN")  # fmt: skip
+_QUEUED = ("PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "REQUEUED", "RESV_DEL_HOLD")
+_RUNNING = ("RUNNING", "CONFIGURING", "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT")
 
 
 @dataclass
@@ -41,24 +44,41 @@ def trainer_says(trainer: dict | None, state: str, attempt_prefix: str) -> bool:
     return attempt == attempt_prefix or attempt.startswith(attempt_prefix + ".")
 
 
+def _join(*parts: str) -> str:
+    return ", ".join(p for p in parts if p)
+
+
 def slurm_state(job: SlurmJob, trainer: dict | None, cancelled: bool, recent: bool) -> AttemptState:
-    history = tuple(h.state for h in job.history)
+    """``job.history`` holds the ended runs of the job id (oldest first); while the job is queued or
+    running, every one of them is an earlier run that was requeued: ``restart N`` counts them."""
+    runs = job.history
+    history = tuple(h.state for h in runs)
     q = (job.queue_state or "").upper()
+    if not q and job.current is not None:  # squeue failed or forgot the job; sacct has a run not ended
+        q = job.current.state.upper()
     if q and q not in TERMINAL:
-        if q in ("PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "REQUEUED", "RESV_DEL_HOLD"):
-            requeued = bool(history) or q.startswith("REQUEUE")
-            return AttemptState("REQUEUED" if requeued else "PENDING", job.reason, None, history)
-        if q in ("RUNNING", "CONFIGURING", "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT"):
-            notes = [] if q == "RUNNING" else [q.lower()]
-            if history:
-                notes.append(f"restart {len(history)}")  # requeued under the same job id
-            return AttemptState("RUNNING", ", ".join(notes), None, history)
+        earlier = sum(1 for r in runs if r.start is not None)
+        if q in _QUEUED:
+            if not runs and not q.startswith("REQUEUE"):
+                return AttemptState("PENDING", job.reason, None, history)  # never ran
+            previous = runs[-1].state.upper() if runs else "REQUEUED"
+            if previous == "NODE_FAIL":
+                return AttemptState("NODE_FAIL", _join("requeued", job.reason), None, history)
+            return AttemptState(
+                "REQUEUED", _join(job.reason, "preempted" if previous == "PREEMPTED" else ""), None, history
+            )
+        if q in _RUNNING:
+            # restart N: N earlier runs of this job id were requeued (a first attempt has no note)
+            notes = _join("" if q == "RUNNING" else q.lower(), f"restart {earlier}" if earlier else "")
+            return AttemptState("RUNNING", notes, None, history)
         if q in ("SUSPENDED", "STOPPED"):
             return AttemptState("SUSPENDED", job.reason, None, history)
         return AttemptState(q, job.reason, None, history)
-    last = job.history[-1] if job.history else None
+    last = runs[-1] if runs else None
     final = last.state.upper() if last else q
     code = last.exit_code if last else None
+    if q and job.current is not None:  # slurmdbd has not recorded the end yet: squeue's state is newer
+        final, code = q, None
     if not final:
         return AttemptState("PENDING" if recent else "UNKNOWN", "" if recent else "not in squeue or sacct")
     preempted = code == EXIT_PREEMPTED or trainer_says(trainer, "preempted", job.job_id)
@@ -74,7 +94,8 @@ def slurm_state(job: SlurmJob, trainer: dict | None, cancelled: bool, recent: bo
         return AttemptState("TIMEOUT", "", code, history)
     if final == "FAILED":
         return AttemptState("FAILED", f"exit {code}" if code else "", code, history)
-    return AttemptState("FAILED", final, code, history)  # NODE_FAIL, OUT_OF_MEMORY, BOOT_FAIL ...
+    # NODE_FAIL not requeued (--no-requeue), OUT_OF_MEMORY, BOOT_FAIL ...: the job is over
+    return AttemptState("FAILED", final, code, history)
 
 
 def local_state(job: LocalJob | None, trainer: dict | None, cancelled: bool) -> AttemptState:

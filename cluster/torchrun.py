@@ -38,13 +38,26 @@ def free_port() -> int:
 
 def first_host(nodelist: str) -> str:
     """First host of the allocation, expanded by SLURM itself (never localhost: a wrong endpoint
-    makes every node a world of one that waits forever)."""
+    makes every node a world of one that waits forever). A node name that does not resolve (test
+    clusters name their nodes node1, node2 on one machine) is replaced by the address SLURM itself
+    uses for that node, its NodeAddr from ``scontrol show node``."""
     out = subprocess.run(
         ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=60, check=True
     ).stdout.split()
     if not out:
         raise RuntimeError(f"scontrol show hostnames {nodelist!r} printed nothing")
-    return out[0]
+    try:
+        socket.getaddrinfo(out[0], None)
+        return out[0]
+    except (socket.gaierror, UnicodeError):
+        pass
+    node = subprocess.run(
+        ["scontrol", "show", "node", "-o", out[0]], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    addr = next((f.split("=", 1)[1] for f in node.split() if f.startswith("NodeAddr=")), "")
+    if not addr or addr in ("(null)", "None"):
+        raise RuntimeError(f"node {out[0]!r} does not resolve and scontrol shows no NodeAddr for it")
+    return addr
 
 
 def torchrun_options(

@@ -23,7 +23,7 @@ import reprlib
 import types
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -33,13 +33,20 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic.functional_validators import BeforeValidator, PlainValidator
-from pydantic.json_schema import WithJsonSchema
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonValue, WithJsonSchema
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from schemas.backbones import backbone, backbone_names
+from schemas.secrets import is_secret_key, secret_paths
 
 __all__ = [
+    "ANNOTATION_KEYS",
     "CREDENTIAL_KEYS",
+    "CROSS_FIELD_RULES",
+    "MAX_SPEC_BYTES",
     "OWNED_SBATCH_OPTIONS",
     "SCHEMA_PATH",
     "URL_SCHEMES",
@@ -57,10 +64,12 @@ __all__ = [
     "RunSpec",
     "SpatialTransformSpec",
     "SpecError",
+    "apply_overrides",
     "hash_payload",
     "json_schema",
     "json_schema_text",
     "load_spec",
+    "load_spec_data",
     "parse_spec",
     "spec_hash",
 ]
@@ -84,8 +93,22 @@ CREDENTIAL_KEYS = frozenset(
         "connection_string",
     }
 )
-"""storage_options keys (case-insensitive, at any depth) refused: credentials never go into a spec,
-which is copied into job records and logs."""
+"""Examples of refused keys, kept for callers; the rule itself is :mod:`schemas.secrets` (normalised key
+patterns and value shapes, anywhere in the spec): credentials never go into a spec, which is copied into
+job records and logs."""
+
+MAX_SPEC_BYTES = 256 * 1024
+"""Largest spec, as a file and as JSON after YAML aliases are expanded: a spec is copied into the run
+record, every attempt's log and error lines, so a 500-byte alias bomb must not become megabytes."""
+
+_MAX_NODES = 20_000  # values in a spec after alias expansion (a real spec has about 100)
+_MAX_LINE = 200  # longest error line; offending keys and values are shortened to fit
+_MAX_KEY_SHOWN = 40
+MAX_SEED = 2**32 - 1
+"""Seeds are numpy/torch generator seeds; the trainer derives per-rank seeds as ``seed * 1000 + rank``."""
+MAX_STEPS = 10**12 - 1
+"""The checkpoint store names prefixes ``step-<12 digits>``."""
+MAX_THREADS = 1024
 
 URL_SCHEMES = ("file", "s3", "gs", "az", "memory")
 """Checkpoint URL schemes the checkpoint store supports (besides a plain path)."""
@@ -114,23 +137,71 @@ OWNED_SBATCH_OPTIONS: dict[str, str] = {
 conflicting value would silently win or break requeue/signal handling)."""
 
 _MAX_NESTING = 16
-_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-_IDENT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
-_SLURM_WORD_PATTERN = r"^[^\s]+$"
+_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"  # never an option (-x) or a hidden/dot folder
+_SLURM_WORD_PATTERN = r"^[!-~]+$"  # printable ASCII without spaces (the same in every regex engine)
 _SBATCH_KEY_PATTERN = r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$"
 _SBATCH_VALUE_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+
+
+@functools.cache
+def _int_fields(model: type[BaseModel]) -> tuple[str, ...]:
+    """Fields of ``model`` typed ``int`` or ``int | None``."""
+    names = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        union = get_origin(ann) in (Union, types.UnionType)
+        if ann is int or (union and int in get_args(ann)):
+            names.append(name)
+    return tuple(names)
+
+
+def _kind_required(schema: dict[str, Any]) -> None:
+    """pydantic picks a spatial transform by its ``kind`` key, so the schema requires it too."""
+    schema["required"] = sorted({*schema.get("required", []), "kind"})
 
 
 class _Spec(BaseModel):
     """Shared config: unknown keys are errors, NaN/inf are refused, defaults are validated too (so a
     default written as ``5`` is stored as ``5.0`` exactly like a user's ``5`` and hashes the same)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, validate_default=True, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        """``16.0`` is an integer to JSON Schema; strict mode alone would refuse it for an ``int`` field."""
+        if not isinstance(data, dict):
+            return data
+        fixed = None
+        for name in _int_fields(cls):
+            value = data.get(name)
+            if isinstance(value, float) and value.is_integer():
+                fixed = fixed if fixed is not None else dict(data)
+                fixed[name] = int(value)
+        return data if fixed is None else fixed
 
 
 def _fail(kind: str, message: str) -> PydanticCustomError:
     """A validation error with our own type name and a finished message (no "Value error, " prefix)."""
     return PydanticCustomError(kind, message)  # no context: braces in the message stay literal
+
+
+def _list_to_tuple(value: Any) -> Any:
+    """JSON and YAML have no tuples: a 2-element array is the pair (strict mode would refuse a list)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _json_int(value: Any) -> Any:
+    """An integer as JSON Schema means it: ``16`` or ``16.0``, never ``true``, ``"16"`` or ``16.5``
+    (strict mode alone would refuse ``16.0``, which the exported schema accepts)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail("int_type", "Input should be a valid integer")
+    return value
+
+
+_Pair = Annotated[tuple[float, float], BeforeValidator(_list_to_tuple)]
 
 
 def _check_range_pair(value: tuple[float, float], lo_min: float, hi_max: float | None) -> tuple[float, float]:
@@ -150,13 +221,17 @@ def _check_range_pair(value: tuple[float, float], lo_min: float, hi_max: float |
 class DemoDataSpec(_Spec):
     """A synthetic dataset, so a demo or a test runs without downloading images."""
 
-    num_images: int = Field(512, ge=1, description="Number of synthetic images to generate.")
-    image_size: int = Field(160, ge=16, description="Side length in pixels of each generated image.")
-    seed: int = Field(0, ge=0, description="Seed of the generator; same seed, same images.")
+    num_images: int = Field(512, ge=1, le=1_000_000, description="Number of synthetic images to generate.")
+    image_size: int = Field(
+        160, ge=16, le=4096, description="Side length in pixels of each generated image; >= data.crop_size."
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the generator; same seed, same images.")
 
 
 class RotationSpec(_Spec):
     """Random rotation by an angle drawn uniformly from [-degrees, degrees]."""
+
+    model_config = ConfigDict(json_schema_extra=_kind_required)
 
     kind: Literal["rotation"] = Field("rotation", description="Transform type tag.")
     degrees: float = Field(ge=0, le=180, description="Maximum absolute rotation angle in degrees.")
@@ -165,15 +240,15 @@ class RotationSpec(_Spec):
 class AffineSpec(_Spec):
     """Random affine warp (torchvision RandomAffine semantics)."""
 
+    model_config = ConfigDict(json_schema_extra=_kind_required)
+
     kind: Literal["affine"] = Field("affine", description="Transform type tag.")
     degrees: float = Field(ge=0, le=180, description="Maximum absolute rotation angle in degrees.")
-    translate: tuple[float, float] = Field(
+    translate: _Pair = Field(
         (0.0, 0.0),
         description="Maximum horizontal and vertical shift as fractions of the image size, each in [0, 1].",
     )
-    scale: tuple[float, float] = Field(
-        (1.0, 1.0), description="Range (lo, hi) of the scale factor, 0 < lo <= hi."
-    )
+    scale: _Pair = Field((1.0, 1.0), description="Range (lo, hi) of the scale factor, 0 < lo <= hi.")
     shear: float = Field(0.0, ge=0, lt=90, description="Maximum absolute x-shear angle in degrees.")
 
     @field_validator("translate")
@@ -192,6 +267,8 @@ class AffineSpec(_Spec):
 class PerspectiveSpec(_Spec):
     """Random perspective distortion (torchvision RandomPerspective semantics and defaults)."""
 
+    model_config = ConfigDict(json_schema_extra=_kind_required)
+
     kind: Literal["perspective"] = Field("perspective", description="Transform type tag.")
     distortion_scale: float = Field(0.5, ge=0, le=1, description="How far corners may move, in [0, 1].")
     p: float = Field(0.5, ge=0, le=1, description="Probability of applying the distortion.")
@@ -199,6 +276,8 @@ class PerspectiveSpec(_Spec):
 
 class ElasticSpec(_Spec):
     """Random elastic warp (torchvision ElasticTransform semantics and defaults)."""
+
+    model_config = ConfigDict(json_schema_extra=_kind_required)
 
     kind: Literal["elastic"] = Field("elastic", description="Transform type tag.")
     alpha: float = Field(50.0, ge=0, description="Magnitude of the displacement field, in pixels.")
@@ -215,13 +294,21 @@ SpatialTransformSpec = Annotated[
 class DataSpec(_Spec):
     """Where images come from and how the two views are cropped."""
 
-    root: str = Field(min_length=1, description="Folder of training images (searched recursively).")
+    root: str = Field(
+        min_length=1, max_length=4096, description="Folder of training images (searched recursively)."
+    )
     demo: DemoDataSpec | None = Field(
         None,
         description="If set, a synthetic demo dataset is generated into root when root does not exist.",
     )
-    crop_size: int = Field(224, ge=32, description="Side length in pixels of each random-resized crop.")
-    crop_scale: tuple[float, float] = Field(
+    crop_size: int = Field(
+        224,
+        ge=32,
+        le=4096,
+        description="Side length in pixels of each random-resized crop; the backbone's last feature map "
+        "must be at least 2x2 (e.g. >= 33 for ResNets, >= 64 for ConvNeXt and VGG).",
+    )
+    crop_scale: _Pair = Field(
         (0.08, 1.0),
         description="RandomResizedCrop area fraction range (lo, hi), 0 < lo <= hi <= 1; the official "
         "scripts pass 0.08 although the option default is 0.2.",
@@ -231,8 +318,13 @@ class DataSpec(_Spec):
         description="Extra spatial transforms after crop and flip, in order; pixels brought in from "
         "outside the image are marked invalid and never pair.",
     )
-    batch_size: int = Field(128, ge=1, description="Images per rank per optimizer step.")
-    num_workers: int = Field(8, ge=0, description="DataLoader worker processes per rank.")
+    batch_size: int = Field(
+        128,
+        ge=2,
+        le=65536,
+        description="Images per rank per optimizer step; >= 2 (the projector's BatchNorm always trains).",
+    )
+    num_workers: int = Field(8, ge=0, le=256, description="DataLoader worker processes per rank.")
 
     @field_validator("crop_scale")
     @classmethod
@@ -248,18 +340,37 @@ class ModelSpec(_Spec):
 
     backbone: str = Field(
         "resnet50",
-        pattern=_IDENT_PATTERN,
-        description="torchvision classification model name, cut at its last feature map.",
+        description="torchvision classification model name, cut at its last feature map "
+        "(convolutional feature extractors only; list: schemas/backbones.json).",
+        json_schema_extra={"enum": list(backbone_names())},
     )
-    projector_hidden: int = Field(4096, ge=1, description="Hidden channels of the 1x1-conv projector.")
-    projector_out: int = Field(256, ge=1, description="Output channels of the projector (and the PPM).")
-    ppm_gamma: float = Field(2.0, gt=0, description="Sharpness exponent of the PPM similarity.")
-    ppm_layers: Literal[0, 1, 2] = Field(
+    projector_hidden: int = Field(
+        4096, ge=1, le=65536, description="Hidden channels of the 1x1-conv projector."
+    )
+    projector_out: int = Field(
+        256, ge=1, le=65536, description="Output channels of the projector (and the PPM)."
+    )
+    ppm_gamma: float = Field(2.0, gt=0, le=100, description="Sharpness exponent of the PPM similarity.")
+    ppm_layers: Annotated[Literal[0, 1, 2], BeforeValidator(_json_int)] = Field(
         1, description="Layers of the PPM transform g: 0 = identity, 1 = conv1x1, 2 = conv-BN-ReLU-conv."
     )
     zero_init_residual: bool = Field(
         True, description="Zero-init the last BN gamma of every residual block, as the official code."
     )
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        if backbone(value) is not None:
+            return value
+        names = list(backbone_names())
+        close = get_close_matches(value.lower(), names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise _fail(
+            "backbone",
+            f"not a torchvision convolutional backbone; {hint}e.g. resnet18, resnet50, convnext_tiny, "
+            "regnet_y_400mf (all: schemas/backbones.json)",
+        )
 
 
 class LossSpec(_Spec):
@@ -269,10 +380,18 @@ class LossSpec(_Spec):
         "pixpro", description="pixpro = pixel-propagation consistency; pixcontrast = pixel InfoNCE."
     )
     positive_threshold: float = Field(
-        0.7, gt=0, description="Cells closer than this many bin diagonals form positive pairs."
+        0.7, gt=0, le=100, description="Cells closer than this many bin diagonals form positive pairs."
     )
-    instance_weight: float = Field(0.0, ge=0, description="Weight of the instance (BYOL-style) branch.")
-    pixcontrast_tau: float = Field(0.3, gt=0, description="Temperature of the PixContrast InfoNCE loss.")
+    instance_weight: float = Field(
+        0.0, ge=0, le=1e6, description="Weight of the instance (BYOL-style) branch."
+    )
+    pixcontrast_tau: float = Field(
+        0.3,
+        ge=1e-3,
+        le=100,
+        description="Temperature of the PixContrast InfoNCE loss, in [0.001, 100] (smaller ones overflow "
+        "the logits to inf/NaN in fp16/bf16).",
+    )
 
 
 # ------------------------------------------------------------------------------------------ optimizer
@@ -292,7 +411,7 @@ class OptimSpec(_Spec):
     weight_decay: float = Field(1e-5, ge=0, description="Weight decay (not applied to 1-D parameters).")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient.")
-    epochs: int = Field(100, ge=1, description="Training epochs.")
+    epochs: int = Field(100, ge=1, le=1_000_000, description="Training epochs.")
     warmup_epochs: float = Field(
         5.0, ge=0, description="Linear warmup from lr/100, in epochs (may be fractional); < epochs."
     )
@@ -303,6 +422,7 @@ class OptimSpec(_Spec):
     max_steps: int | None = Field(
         None,
         ge=1,
+        le=MAX_STEPS,
         description="Cap on total optimizer steps (demos, tests); LR and EMA schedules use the capped total.",
     )
 
@@ -357,35 +477,9 @@ _StorageOptionValue = Annotated[
 ]
 
 
-def _credential_paths(value: Any, prefix: str = "", depth: int = 0) -> list[str]:
-    """Dotted paths of credential-looking keys anywhere in nested dicts/lists."""
-    if depth > _MAX_NESTING:
-        return []
-    found: list[str] = []
-    if isinstance(value, dict):
-        for k, v in value.items():
-            path = f"{prefix}.{k}" if prefix else str(k)
-            if isinstance(k, str) and k.lower() in CREDENTIAL_KEYS:
-                found.append(path)
-            found.extend(_credential_paths(v, path, depth + 1))
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            found.extend(_credential_paths(v, f"{prefix}[{i}]", depth + 1))
-    return found
-
-
-def _contains_credentials(value: Any, depth: int = 0) -> bool:
-    """Whether an error's input may hold a secret; too-deep values count as yes (never echo them)."""
-    if depth > _MAX_NESTING:
-        return True
-    if isinstance(value, dict):
-        return any(
-            (isinstance(k, str) and k.lower() in CREDENTIAL_KEYS) or _contains_credentials(v, depth + 1)
-            for k, v in value.items()
-        )
-    if isinstance(value, (list, tuple)):
-        return any(_contains_credentials(v, depth + 1) for v in value)
-    return False
+def _contains_credentials(value: Any) -> bool:
+    """Whether an error's input may hold a secret (the one policy of :mod:`schemas.secrets`)."""
+    return bool(secret_paths(value))
 
 
 class CheckpointSpec(_Spec):
@@ -396,11 +490,15 @@ class CheckpointSpec(_Spec):
         description="fsspec URL or local path of the checkpoint store, e.g. s3://bucket/prefix; "
         f"schemes: {', '.join(URL_SCHEMES)}. None = a local folder beside the run.",
     )
-    every_steps: int | None = Field(None, ge=1, description="Commit every this many optimizer steps.")
+    every_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="Commit every this many optimizer steps."
+    )
     every_minutes: float | None = Field(
         10.0, gt=0, description="Commit when this many minutes passed since the last commit."
     )
-    keep_last: int = Field(3, ge=1, description="Committed checkpoints kept; older ones are deleted.")
+    keep_last: int = Field(
+        3, ge=1, le=10_000, description="Committed checkpoints kept; older ones are deleted."
+    )
     storage_options: dict[str, _StorageOptionValue] = Field(
         default_factory=dict,
         description="fsspec storage options (endpoint_url, client_kwargs, ...). Credentials (key, secret, "
@@ -425,10 +523,10 @@ class CheckpointSpec(_Spec):
                 f"{', '.join(s + '://' for s in URL_SCHEMES)} or a plain path",
             )
         netloc = rest.split("/", 1)[0]
-        if "@" in netloc and ":" in netloc.split("@", 1)[0]:
+        if "@" in netloc:
             raise _fail(
                 "credentials",
-                "must not embed credentials (user:secret@); credentials come from the environment",
+                "must not embed user info (user[:secret]@); credentials come from the environment",
             )
         if scheme.lower() in ("s3", "gs", "az") and not netloc:
             raise _fail("url_bucket", f"{scheme}:// URL needs a bucket or container")
@@ -438,13 +536,9 @@ class CheckpointSpec(_Spec):
     @classmethod
     def _no_credentials(cls, value: Any) -> Any:
         # before the type checks, so a credential is refused even when another option is malformed
-        found = _credential_paths(value)
-        if found:
-            raise _fail(
-                "credentials",
-                f"credential keys are not allowed ({', '.join(repr(k) for k in found)}): credentials "
-                "come from the environment (AWS_* variables, profiles, instance roles), never the spec",
-            )
+        # (parse_spec refuses them for the whole spec first; this guards direct model validation)
+        if secret_paths(value):
+            raise _fail("credentials", _CREDENTIALS_HINT)
         return value
 
 
@@ -452,7 +546,10 @@ class CheckpointSpec(_Spec):
 
 
 def _number_to_str(value: Any) -> Any:
-    """YAML reads ``nice: 10`` as an int; sbatch values are text either way."""
+    """YAML reads ``nice: 10`` as an int; sbatch values are text either way (``10.0`` is an integer to
+    JSON Schema, so it is ``10`` here too)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return value
@@ -460,17 +557,29 @@ def _number_to_str(value: Any) -> Any:
 
 _SbatchKey = Annotated[str, StringConstraints(pattern=_SBATCH_KEY_PATTERN)]
 _SbatchValue = Annotated[
-    str, StringConstraints(pattern=_SBATCH_VALUE_PATTERN), BeforeValidator(_number_to_str)
+    str,
+    StringConstraints(pattern=_SBATCH_VALUE_PATTERN, max_length=1024),
+    BeforeValidator(_number_to_str),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": _SBATCH_VALUE_PATTERN, "maxLength": 1024},
+                {"type": "integer"},
+            ]
+        }
+    ),
 ]
-_SlurmWord = Annotated[str, StringConstraints(pattern=_SLURM_WORD_PATTERN)]
+_SlurmWord = Annotated[str, StringConstraints(pattern=_SLURM_WORD_PATTERN, max_length=256)]
 _Url = Annotated[
     str,
-    StringConstraints(min_length=1),
+    StringConstraints(min_length=1, max_length=4096),
     WithJsonSchema(
         {
             "type": "string",
             "minLength": 1,
-            "pattern": r"^(?:(?:file|s3|gs|az|memory)://|(?![A-Za-z][A-Za-z0-9+.-]*://))",
+            "maxLength": 4096,
+            "pattern": r"^(?:(?:[Ff][Ii][Ll][Ee]|[Ss]3|[Gg][Ss]|[Aa][Zz]|[Mm][Ee][Mm][Oo][Rr][Yy])://"
+            r"|(?![A-Za-z][A-Za-z0-9+.-]*://))",
         }
     ),
 ]
@@ -479,11 +588,17 @@ _Url = Annotated[
 class ResourceSpec(_Spec):
     """What to ask SLURM for, and how the job is warned before it is stopped."""
 
-    nodes: int = Field(1, ge=1, description="Nodes; one torchrun per node.")
-    gpus_per_node: int = Field(0, ge=0, description="GPUs (= trainer ranks) per node; 0 = one CPU rank.")
-    cpus_per_task: int | None = Field(None, ge=1, description="CPUs per node task (sbatch --cpus-per-task).")
-    mem_gb: int | None = Field(None, ge=1, description="Memory per node in GiB (sbatch --mem).")
-    time_limit_min: int = Field(60 * 24, ge=1, description="Wall-clock limit per attempt, in minutes.")
+    nodes: int = Field(1, ge=1, le=4096, description="Nodes; one torchrun per node.")
+    gpus_per_node: int = Field(
+        0, ge=0, le=64, description="GPUs (= trainer ranks) per node; 0 = one CPU rank."
+    )
+    cpus_per_task: int | None = Field(
+        None, ge=1, le=4096, description="CPUs per node task (sbatch --cpus-per-task)."
+    )
+    mem_gb: int | None = Field(None, ge=1, le=1_048_576, description="Memory per node in GiB (sbatch --mem).")
+    time_limit_min: int = Field(
+        60 * 24, ge=1, le=366 * 24 * 60, description="Wall-clock limit per attempt, in minutes."
+    )
     partition: _SlurmWord | None = Field(None, description="SLURM partition(s).")
     account: _SlurmWord | None = Field(None, description="SLURM account.")
     qos: _SlurmWord | None = Field(None, description="SLURM quality of service.")
@@ -493,15 +608,21 @@ class ResourceSpec(_Spec):
         description="Signal SLURM sends before the time limit; USR2 as submitit (NCCL may use USR1).",
     )
     signal_lead_s: int = Field(
-        120, ge=10, description="Seconds before the limit the signal arrives; < time_limit_min * 60."
+        120,
+        ge=10,
+        le=366 * 24 * 3600,
+        description="Seconds before the limit the signal arrives; < time_limit_min * 60.",
     )
-    max_restarts: int = Field(0, ge=0, description="torchrun --max-restarts after a worker failure.")
+    max_restarts: int = Field(0, ge=0, le=100, description="torchrun --max-restarts after a worker failure.")
     extra_sbatch: dict[_SbatchKey, _SbatchValue] = Field(
         default_factory=dict,
         description='Extra sbatch long options without dashes, e.g. {"exclusive": "", "gres": '
         '"nvme:1"}; an empty value writes a bare flag. Options pixpro sets itself are refused.',
         json_schema_extra={
-            "propertyNames": {"pattern": _SBATCH_KEY_PATTERN, "not": {"enum": sorted(OWNED_SBATCH_OPTIONS)}},
+            "propertyNames": {
+                "pattern": _SBATCH_KEY_PATTERN,
+                "not": {"enum": cast(list[JsonValue], sorted(OWNED_SBATCH_OPTIONS))},
+            },
         },
     )
 
@@ -545,9 +666,10 @@ class RunSpec(_Spec):
     name: str = Field(
         "pixpro",
         pattern=_NAME_PATTERN,
-        description="Run name: 1-64 characters of A-Z a-z 0-9 _ . - (used in paths and job names).",
+        description="Run name: 1-64 characters of A-Z a-z 0-9 _ . -, not starting with . or - (it "
+        "becomes a folder, a job name and the start of the run id, a CLI argument).",
     )
-    seed: int = Field(0, ge=0, description="Seed of sampling, augmentation and initialization.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of sampling, augmentation and initialization.")
     data: DataSpec = Field(description="Images and views.")
     model: ModelSpec = Field(default_factory=ModelSpec, description="Backbone, projector and PPM.")
     loss: LossSpec = Field(default_factory=LossSpec, description="Pixel (and instance) loss.")
@@ -564,10 +686,12 @@ class RunSpec(_Spec):
         "on CPUs with AMX or AVX512-BF16, slower on others; still bitwise reproducible.",
     )
     threads: int | None = Field(
-        None, ge=1, description="torch threads per rank on CPU; None = torch's default."
+        None, ge=1, le=MAX_THREADS, description="torch threads per rank on CPU; None = torch's default."
     )
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint store.")
-    log_every_steps: int = Field(10, ge=1, description="Log metrics every this many optimizer steps.")
+    log_every_steps: int = Field(
+        10, ge=1, le=MAX_STEPS, description="Log metrics every this many optimizer steps."
+    )
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="SLURM allocation.")
 
     @field_validator("cpu_autocast")
@@ -583,6 +707,44 @@ class RunSpec(_Spec):
         if value in (".", ".."):
             raise _fail("name_dot", "must not be '.' or '..' (the name becomes a folder)")
         return value
+
+
+_CREDENTIALS_RULE = "credentials come from the environment or a named profile, never the spec"
+_CREDENTIALS_HINT = f"looks like a credential; {_CREDENTIALS_RULE}"
+
+CROSS_FIELD_RULES: dict[str, str] = {
+    "optim.warmup_epochs": "less than optim.epochs",
+    "resources.signal_lead_s": "less than resources.time_limit_min * 60",
+    "cpu_autocast": "not with precision fp16",
+    "data.crop_size": "at least the backbone's min_crop (last feature map at least 2x2)",
+    "data.demo.image_size": "at least data.crop_size",
+    "data.crop_scale": "0 < lo <= hi <= 1",
+    "data.spatial": "scale 0 < lo <= hi; translate fractions in [0, 1]",
+    "checkpoint.url": "no user info, a bucket for object stores",
+    "name": "not '.' or '..'",
+}
+"""Rules the exported JSON Schema cannot express (relations between fields, tables, URL parts), by the
+field path an error names; besides these, credentials are refused anywhere (:mod:`schemas.secrets`).
+Everything else the validator and the schema decide alike (tested by generating specs from the schema)."""
+
+
+def _model_problems(spec: RunSpec) -> list[str]:
+    """Checks that need the backbone table: what would otherwise crash the trainer after queueing."""
+    problems: list[str] = []
+    info = backbone(spec.model.backbone)
+    crop = spec.data.crop_size
+    if info is not None and crop < info.min_crop:
+        problems.append(
+            f"data.crop_size: {crop} px is too small for {spec.model.backbone} (output stride "
+            f"{info.stride}): its last feature map would be smaller than 2x2; use at least {info.min_crop}"
+        )
+    demo = spec.data.demo
+    if demo is not None and demo.image_size < crop:
+        problems.append(
+            f"data.demo.image_size: {demo.image_size} px demo images are smaller than data.crop_size "
+            f"({crop}); the loader would skip every image"
+        )
+    return problems
 
 
 # ------------------------------------------------------------------------------------------- hashing
@@ -628,8 +790,15 @@ def spec_hash(spec: RunSpec) -> str:
 
 
 def json_schema() -> dict[str, Any]:
-    """JSON Schema (draft 2020-12) of a run spec, for editors and docs."""
-    return RunSpec.model_json_schema()
+    """JSON Schema (draft 2020-12) of a run spec, for editors and docs; ``$schema``/``$comment`` are
+    allowed so a spec file can point an editor at this schema and say what it is for."""
+    schema = RunSpec.model_json_schema()
+    annotations = {
+        "$schema": {"type": "string", "description": "Where editors find this schema (ignored by pixpro)."},
+        "$comment": {"type": "string", "description": "Free text for readers (ignored by pixpro)."},
+    }
+    schema["properties"] = {**annotations, **schema["properties"]}
+    return schema
 
 
 def json_schema_text() -> str:
@@ -646,9 +815,13 @@ class SpecError(ValueError):
     def __init__(self, problems: list[str] | str) -> None:
         if isinstance(problems, str):
             problems = problems.splitlines()
-        cleaned = [" ".join(p.splitlines()).strip() for p in problems]  # a problem is exactly one line
+        cleaned = [_cut(" ".join(str(p).split())) for p in problems]  # a problem is exactly one short line
         self.problems: list[str] = [p for p in dict.fromkeys(cleaned) if p] or ["invalid spec"]
         super().__init__("\n".join(self.problems))
+
+
+def _cut(line: str, limit: int = _MAX_LINE) -> str:
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 _REPR = reprlib.Repr()
@@ -692,9 +865,11 @@ def _node_for(annotation: Any) -> Any:
 
 
 def _fmt_key(key: Any, first: bool) -> str:
+    if isinstance(key, str) and len(key) > _MAX_KEY_SHOWN:
+        return f"[{key[: _MAX_KEY_SHOWN - 10]!r}...]"  # a megabyte-long key is not echoed whole
     if isinstance(key, str) and _KEY_RE.fullmatch(key):
         return key if first else f".{key}"
-    return f"[{key!r}]"
+    return f"[{_short_repr(key)}]"
 
 
 def _render_loc(loc: tuple[Any, ...]) -> tuple[str, Any, bool]:
@@ -733,7 +908,7 @@ def _suggest(key: str, allowed: list[str]) -> str | None:
     return words[0] if len(words) == 1 else None
 
 
-def _error_line(err: dict[str, Any]) -> str:
+def _error_line(err: ErrorDetails | dict[str, Any]) -> str:
     loc = tuple(err.get("loc", ()))
     path, parent, is_key = _render_loc(loc)
     kind = err.get("type", "")
@@ -750,7 +925,7 @@ def _error_line(err: dict[str, Any]) -> str:
         message = "missing 'kind' (one of: rotation, affine, perspective, elastic)"
     if is_key:
         message = f"invalid key: {message}"
-    secret = kind in _NO_GOT or any(isinstance(s, str) and s.lower() in CREDENTIAL_KEYS for s in loc)
+    secret = kind in _NO_GOT or any(is_secret_key(s) for s in loc)
     value = err.get("input")
     if secret or _contains_credentials(value):
         return f"{path}: {message}"
@@ -764,18 +939,117 @@ def _validation_problems(exc: ValidationError) -> list[str]:
 ANNOTATION_KEYS = frozenset({"$schema", "$comment"})
 
 
+def _expanded_size(value: Any, memo: dict[int, tuple[int, int]], depth: int = 0) -> tuple[int, int]:
+    """(approximate JSON bytes, values) of ``value`` with every YAML alias expanded, without expanding:
+    a shared node is measured once and counted as often as it is referenced."""
+    key = id(value)
+    if key in memo:
+        return memo[key]
+    if depth > 64:
+        raise SpecError(["spec: nested too deeply"])
+    if isinstance(value, dict):
+        size, count = 2, 1
+        for k, v in value.items():
+            sub = _expanded_size(v, memo, depth + 1)
+            size, count = size + len(str(k)) + 4 + sub[0], count + 1 + sub[1]
+    elif isinstance(value, (list, tuple)):
+        size, count = 2, 1
+        for v in value:
+            sub = _expanded_size(v, memo, depth + 1)
+            size, count = size + 2 + sub[0], count + sub[1]
+    elif isinstance(value, str):
+        size, count = len(value) + 2, 1
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**40:
+        size, count = 41, 1  # never str() a huge int (Python refuses above 4300 digits)
+    else:
+        size, count = len(repr(value)), 1
+    if isinstance(value, (dict, list, tuple)):
+        memo[key] = (size, count)
+    return size, count
+
+
+def _check_size(obj: Any, where: str) -> None:
+    size, count = _expanded_size(obj, {})
+    if size > MAX_SPEC_BYTES or count > _MAX_NODES:
+        raise SpecError(
+            [
+                f"{where}: too large (about {size // 1024} KiB, {count} values with YAML aliases "
+                f"expanded; at most {MAX_SPEC_BYTES // 1024} KiB and {_MAX_NODES} values)"
+            ]
+        )
+
+
 def parse_spec(obj: Any) -> RunSpec:
-    """Validate already-loaded data (a dict) into a :class:`RunSpec`, or raise :class:`SpecError`."""
+    """Validate already-loaded data (a dict) into a :class:`RunSpec`, or raise :class:`SpecError`.
+
+    Order matters: size first (an alias bomb must not be walked), then credentials anywhere (a spec
+    holding one is refused without echoing any of its values), then types and ranges, then the checks
+    that need the backbone table.
+    """
     if not isinstance(obj, dict):
         raise SpecError([f"spec: top level must be an object (mapping), got {type(obj).__name__}"])
+    _check_size(obj, "spec")
+    secrets = secret_paths(obj)
+    if secrets:
+        raise SpecError(
+            [f"{_shorten_path(p)}: {why} is not allowed: {_CREDENTIALS_RULE}" for p, why in secrets]
+        )
     # Editors' "$schema" and authors' "$comment" annotate the file; they are not part of the run.
+    bad = [k for k in ANNOTATION_KEYS if k in obj and not isinstance(obj[k], str)]
+    if bad:
+        raise SpecError([f"{k}: must be a string (got {type(obj[k]).__name__})" for k in sorted(bad)])
     obj = {k: v for k, v in obj.items() if k not in ANNOTATION_KEYS}
     try:
-        return RunSpec.model_validate(obj)
+        spec = RunSpec.model_validate(obj)
     except ValidationError as exc:
         raise SpecError(_validation_problems(exc)) from None
     except RecursionError:
         raise SpecError(["spec: nested too deeply"]) from None
+    problems = _model_problems(spec)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def _shorten_path(path: str) -> str:
+    parts = path.split(".")
+    return ".".join(p if len(p) <= _MAX_KEY_SHOWN else p[: _MAX_KEY_SHOWN - 3] + "..." for p in parts)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """A copy of ``data`` with ``a.b.c=value`` overrides applied (``--set``); a value is JSON when it
+    parses as JSON (``16``, ``true``, ``[0.2, 1.0]``, ``null``), else the text itself. Validation comes
+    after, exactly as for the file, so ``--set data.batch_size=x`` fails like ``"batch_size": "x"``."""
+    out = json.loads(json.dumps(data)) if overrides else data
+    for item in overrides:
+        shown = _cut(" ".join(str(item).split()), 80)
+        dotted, eq, text = str(item).partition("=")
+        parts = dotted.strip().split(".")
+        if not eq or not all(parts):
+            raise SpecError([f"--set {shown}: expected KEY.PATH=VALUE, e.g. data.batch_size=16"])
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text
+        node: Any = out
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not (part.isdigit() and int(part) < len(node)):
+                    raise SpecError([f"--set {shown}: {_shorten_path(where)}: no such list index"])
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise SpecError([f"--set {shown}: {_shorten_path(where)}: parent is not an object"])
+    return out
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -820,6 +1094,12 @@ def _yaml_loader() -> type:
         return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
     StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    # YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-5`` as a string, which strict types would refuse.
+    StrictLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
     return StrictLoader
 
 
@@ -858,23 +1138,34 @@ def _parse_json(text: str, where: str) -> Any:
         raise SpecError([f"{where}: invalid JSON: {_one_line(str(exc))}"]) from None
 
 
-def load_spec(path: str | os.PathLike[str]) -> RunSpec:
-    """Read a spec file (YAML for .yaml/.yml, else JSON) and validate it, or raise :class:`SpecError`."""
+def load_spec_data(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a spec file (YAML for .yaml/.yml, else JSON) into data, not yet validated. Every problem
+    with the path or its contents (missing, a folder, unreadable, a name too long, too large, not UTF-8,
+    bad syntax) is a :class:`SpecError` of one line."""
     p = Path(path)
-    where = str(p)
-    if not p.exists():
-        raise SpecError([f"{where}: no such file"])
-    if not p.is_file():
-        raise SpecError([f"{where}: not a file"])
+    where = _cut(" ".join(str(p).split()), 120)
     try:
-        text = p.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise SpecError([f"{where}: not UTF-8 text ({_one_line(exc.reason)} at byte {exc.start})"]) from None
+        if not p.is_file():
+            raise SpecError([f"{where}: {'not a file' if p.exists() else 'no such file'}"])
+        with p.open("rb") as fh:
+            raw = fh.read(MAX_SPEC_BYTES + 1)
     except OSError as exc:
         raise SpecError([f"{where}: cannot read: {_one_line(exc.strerror or str(exc))}"]) from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError([f"{where}: larger than {MAX_SPEC_BYTES // 1024} KiB; a run spec is a few KiB"])
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"{where}: not UTF-8 text ({_one_line(exc.reason)} at byte {exc.start})"]) from None
     is_yaml = p.suffix.lower() in (".yaml", ".yml")
     data = _parse_yaml(text, where) if is_yaml else _parse_json(text, where)
     if not isinstance(data, dict):
         kind = "null" if data is None else type(data).__name__
         raise SpecError([f"{where}: top level must be an object (mapping), got {kind}"])
-    return parse_spec(data)
+    _check_size(data, where)
+    return data
+
+
+def load_spec(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
+    """Read a spec file, apply ``--set`` overrides and validate it, or raise :class:`SpecError`."""
+    return parse_spec(apply_overrides(load_spec_data(path), overrides))

@@ -426,7 +426,8 @@ def test_credentials_in_storage_options_are_refused(options: dict[str, Any]) -> 
         parse_spec(with_value(MINIMAL, "checkpoint.storage_options", options))
     text = str(info.value)
     assert_well_formed(info.value)
-    assert text.startswith("checkpoint.storage_options: credential keys are not allowed")
+    assert text.startswith("checkpoint.storage_options.")
+    assert "is not allowed: credentials come from the environment" in text
     assert "environment" in text and "never the spec" in text
     for secret in ("AKIAEXAMPLE", "hunter2-secret", "tok-secret"):
         assert secret not in text
@@ -437,9 +438,10 @@ def test_secrets_are_never_echoed_from_misplaced_keys() -> None:
     spec = with_value(spec, "storage_options", {"token": "tok-secret"})
     spec = with_value(spec, "checkpoint.url", "s3://AKIA:hunter2-secret@bucket/p")
     text = "\n".join(errors_of(spec))
-    assert "hunter2-secret" not in text and "tok-secret" not in text
-    assert "checkpoint.url: must not embed credentials" in text
-    assert "checkpoint.aws_secret_access_key: unknown key" in text
+    assert "hunter2-secret" not in text and "tok-secret" not in text and "AKIA" not in text
+    assert "checkpoint.url: a value that looks like a URL with user:password is not allowed" in text
+    assert "checkpoint.aws_secret_access_key: a credential key is not allowed" in text
+    assert "storage_options.token: a credential key is not allowed" in text
 
 
 def test_harmless_storage_options_are_accepted() -> None:
@@ -699,7 +701,7 @@ def test_spec_hash_ignores_what_does_not_change_training(dotted: str, value: Any
         ("optim.base_lr", 2.0),
         ("optim.max_steps", 11),
         ("loss.kind", "pixpro"),
-        ("data.crop_size", 96),
+        ("data.crop_size", 48),
         ("data.spatial", []),
         ("seed", 4),
         ("precision", "bf16"),
@@ -840,3 +842,302 @@ def test_fuzz_load_spec_text(fuzz_dir: Path, text: str, suffix: str) -> None:
     except SpecError as err:
         lines = str(err).split("\n")
         assert all(line and line == line.strip() for line in lines), lines
+
+
+# ------------------------------------------------------------------------------ issue 12: strict types
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value"),
+    [
+        ("data.batch_size", "16"),
+        ("data.batch_size", True),
+        ("data.batch_size", 16.5),
+        ("model.ppm_layers", True),
+        ("model.ppm_layers", "1"),
+        ("optim.epochs", True),
+        ("optim.base_lr", "1.0"),
+        ("optim.base_lr", False),
+        ("channels_last", 1),
+        ("channels_last", "true"),
+        ("data.crop_scale", ["0.2", 1.0]),
+        ("resources.extra_sbatch", {"nice": True}),
+        ("name", 7),
+    ],
+)
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_quoted_numbers_and_booleans_are_refused_in_json_and_yaml(
+    tmp_path: Path, dotted: str, value: Any, suffix: str
+) -> None:
+    """No silent coercion: the error names the field that is wrong, in JSON and YAML alike."""
+    import yaml
+
+    spec = with_value(MINIMAL, dotted, value)
+    path = tmp_path / f"s{suffix}"
+    path.write_text(json.dumps(spec) if suffix == ".json" else yaml.safe_dump(spec))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.problems[0].startswith(f"{dotted}"), info.value.problems
+    assert not jsonschema.Draft202012Validator(json_schema()).is_valid(spec)
+
+
+def test_epochs_true_is_blamed_on_epochs_not_warmup() -> None:
+    assert errors_of(with_value(MINIMAL, "optim.epochs", True)) == [
+        "optim.epochs: Input should be a valid integer (got True)"
+    ]
+
+
+def test_integral_floats_are_integers_as_in_the_schema() -> None:
+    """JSON Schema calls 16.0 an integer; so does the validator (and stores 16)."""
+    spec = parse_spec(with_value(with_value(MINIMAL, "data.batch_size", 16.0), "threads", 2.0))
+    assert spec.data.batch_size == 16 and type(spec.data.batch_size) is int and spec.threads == 2
+    assert jsonschema.Draft202012Validator(json_schema()).is_valid(
+        with_value(MINIMAL, "data.batch_size", 16.0)
+    )
+
+
+def test_yaml_exponent_floats_are_numbers(tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text("data: {root: x}\noptim: {weight_decay: 1e-5, final_lr: -0E+0, base_lr: 2e0}\n")
+    spec = load_spec(path)
+    assert (spec.optim.weight_decay, spec.optim.final_lr, spec.optim.base_lr) == (1e-5, 0.0, 2.0)
+
+
+def test_example_specs_validate_against_the_exported_schema() -> None:
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+    for path in sorted((REPO / "launch/specs").glob("*.json")):
+        data = json.loads(path.read_text())
+        assert data["$schema"] == "../../schemas/run_spec.schema.json" and data["$comment"], path
+        assert (path.parent / data["$schema"]).resolve() == SCHEMA_PATH.resolve()
+        validator.validate(data)
+        load_spec(path)
+    assert errors_of({**MINIMAL, "$comment": 5}) == ["$comment: must be a string (got int)"]
+
+
+# -------------------------------------------------------------------------------- issue 12: secrets
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "credential",  # adlfs
+        "api_key",
+        "API-KEY",
+        "apiKey",
+        "x-api-key",
+        "Authorization",
+        "token",
+        "refresh_token",
+        "client_secret",
+        "Password",
+        " password ",
+        "\u200bpassword",
+        "pass\u200bword",
+        "AWS.Secret.Access.Key",
+        "sas_token",
+        "connection_string",
+        "private_key",
+        "key",
+    ],
+)
+def test_secret_keys_are_refused_after_normalisation(key: str) -> None:
+    from schemas.secrets import is_secret_key
+
+    assert is_secret_key(key)
+    for where in (
+        "checkpoint.storage_options",
+        "checkpoint.storage_options.client_kwargs.headers",
+        "resources.extra_sbatch",
+    ):
+        lines = errors_of(with_value(MINIMAL, where, {key: "hunter2-secret"}))
+        assert len(lines) == 1 and "a credential key is not allowed" in lines[0], lines
+        assert "hunter2-secret" not in lines[0]
+
+
+@pytest.mark.parametrize(
+    "key", ["endpoint_url", "region_name", "profile", "anon", "account_name", "SSEKMSKeyId", "use_ssl"]
+)
+def test_harmless_keys_are_not_secrets(key: str) -> None:
+    from schemas.secrets import is_secret_key
+
+    assert not is_secret_key(key)
+    parse_spec(with_value(MINIMAL, "checkpoint.storage_options", {key: "us-east-1"}))
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value", "what"),
+    [
+        ("checkpoint.storage_options.client_kwargs.endpoint_url", "http://u:hunter2@h:9000", "user:password"),
+        ("checkpoint.url", "s3://minio:hunter2@bucket/p", "user:password"),
+        ("checkpoint.storage_options.profile", "AKIAABCDEFGHIJKLMNOP", "AWS access key id"),
+        ("resources.extra_sbatch.comment", "Bearer abcdefghijklmnopqrs", "authorization value"),
+        ("resources.extra_sbatch.comment", "AccountKey=abcdEFGH==;", "connection string"),
+        ("data.root", "https://acct.blob.core.windows.net/c?sv=1&sig=hunter2", "signed-URL signature"),
+        ("checkpoint.storage_options.headers", ["ghp_abcdefghijklmnopqrstuvwxyz012345"], "GitHub token"),
+    ],
+)
+def test_secret_values_are_refused_by_shape_anywhere(dotted: str, value: Any, what: str) -> None:
+    lines = errors_of(with_value(MINIMAL, dotted, value))
+    assert len(lines) == 1 and what in lines[0] and "is not allowed" in lines[0], lines
+    assert lines[0].startswith(dotted.split(".")[0])
+    for part in ("hunter2", "AKIAABCD", "abcdefghijklmnopqrs", "abcdEFGH", "ghp_"):
+        assert part not in lines[0]
+
+
+def test_redact_hides_what_the_validator_refuses() -> None:
+    from schemas.secrets import MASK, redact, secret_value_problem
+
+    data = {
+        "endpoint_url": "http://u:pw12345@host/x",
+        "Api-Key": "k-123456",
+        "nested": [{"token": "t-123456"}, "AKIAABCDEFGHIJKLMNOP"],
+        "region_name": "us-east-1",
+    }
+    out = redact(data)
+    assert out == {
+        "endpoint_url": f"http://{MASK}@host/x",
+        "Api-Key": MASK,
+        "nested": [{"token": MASK}, MASK],
+        "region_name": "us-east-1",
+    }
+    assert data["Api-Key"] == "k-123456"  # a copy
+    text = redact("connect password=hunter2 to http://u:pw@h with Authorization: Bearer abcdefghijkl")
+    assert "hunter2" not in text and "pw@" not in text and "abcdefghijkl" not in text, text
+    assert redact(7) == 7 and secret_value_problem("plain words") is None
+    prose = "NoCredentialsError: Unable to locate credentials"
+    assert redact(prose) == prose  # an exception's name is not a key=value pair
+
+
+# ------------------------------------------------------------------------ issue 12: model-aware checks
+
+
+@pytest.mark.parametrize(
+    ("backbone", "too_small", "smallest"),
+    [
+        ("resnet18", 32, 33),
+        ("resnet50", 32, 33),
+        ("convnext_tiny", 63, 64),
+        ("vgg16", 63, 64),
+        ("alexnet", 94, 95),
+    ],
+)
+def test_crop_too_small_for_the_backbone(backbone: str, too_small: int, smallest: int) -> None:
+    """The last feature map must be at least 2x2: with 1x1, BatchNorm refuses a per-rank batch of 1."""
+    base = with_value(MINIMAL, "model.backbone", backbone)
+    (line,) = errors_of(with_value(base, "data.crop_size", too_small))
+    assert line.startswith(f"data.crop_size: {too_small} px is too small for {backbone}")
+    assert line.endswith(f"use at least {smallest}")
+    parse_spec(with_value(base, "data.crop_size", smallest))
+
+
+def test_demo_images_smaller_than_the_crop() -> None:
+    spec = with_value(with_value(MINIMAL, "data.demo", {"image_size": 64}), "data.crop_size", 96)
+    assert errors_of(spec) == [
+        "data.demo.image_size: 64 px demo images are smaller than data.crop_size (96); the loader would "
+        "skip every image"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "hint"),
+    [("vit_b_16", "not a torchvision convolutional backbone"), ("resnet5", "did you mean 'resnet50'?"),
+     ("googlenet", "not a torchvision"), ("os.system", "not a torchvision")],
+)  # fmt: skip
+def test_backbones_come_from_the_registry(name: str, hint: str) -> None:
+    (line,) = errors_of(with_value(MINIMAL, "model.backbone", name))
+    assert line.startswith("model.backbone: ") and hint in line, line
+
+
+@pytest.mark.parametrize(
+    ("dotted", "value"),
+    [
+        ("data.batch_size", 1),
+        ("seed", 2**32),
+        ("data.demo", {"seed": 2**32}),
+        ("threads", 1025),
+        ("loss.pixcontrast_tau", 1e-4),
+        ("optim.max_steps", 10**12),
+        ("resources.gpus_per_node", 65),
+        ("name", "-rf"),
+        ("name", ".hidden"),
+        ("data.root", "x" * 5000),
+    ],
+)
+def test_ranges_the_trainer_needs(dotted: str, value: Any) -> None:
+    (line,) = errors_of(with_value(MINIMAL, dotted, value))
+    assert line.startswith(dotted if not dotted.startswith("data.demo") else "data.demo.seed"), line
+    assert not jsonschema.Draft202012Validator(json_schema()).is_valid(with_value(MINIMAL, dotted, value))
+
+
+def test_backbone_table_is_in_sync_with_torchvision() -> None:
+    """schemas/backbones.json lists every torchvision classification model, and the trainer's own
+    builder still gives the recorded smallest crop (regenerate: python -m schemas.backbones --write)."""
+    import torchvision
+
+    from schemas import backbones
+
+    table = json.loads(backbones.TABLE_PATH.read_text())
+    assert table["torchvision"] == torchvision.__version__.split("+")[0]
+    listed = set(table["backbones"]) | set(table["unsupported"])
+    assert listed == set(torchvision.models.list_models(module=torchvision.models))
+    assert {"resnet50", "convnext_tiny", "regnet_y_400mf"} <= set(backbones.backbone_names())
+    assert {"vit_b_16", "googlenet"} <= set(backbones.unsupported_backbones())
+    for name in ("resnet18", "convnext_tiny", "alexnet"):
+        entry, _ = backbones._measure(name)
+        assert entry == table["backbones"][name], name
+
+
+# ---------------------------------------------------------------------------- issue 12: bounded input
+
+
+def test_yaml_alias_bomb_is_refused_quickly(tmp_path: Path) -> None:
+    lines = ["data: {root: x}", 'a0: &a0 ["xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"]']
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    assert path.stat().st_size < 1000
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    (line,) = info.value.problems
+    assert line.startswith(f"{path}: too large") and "KiB" in line, line
+
+
+def test_huge_keys_and_values_are_shortened() -> None:
+    key = "k" * 1_000_000
+    for spec in ({**MINIMAL, key[:100_000]: 1}, with_value(MINIMAL, "name", "é" * 100_000)):
+        lines = errors_of(spec)
+        assert len(lines) == 1 and len(lines[0]) <= 200, len(lines[0])
+    assert errors_of({**MINIMAL, key: 1})[0].startswith("spec: too large")
+
+
+def test_file_problems_are_one_line(tmp_path: Path) -> None:
+    long_name = tmp_path / ("x" * 300 + ".json")
+    with pytest.raises(SpecError) as info:
+        load_spec(long_name)
+    (line,) = info.value.problems
+    assert "File name too long" in line and len(line) <= 200, line
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({**MINIMAL, "$comment": "x" * 300_000}))
+    with pytest.raises(SpecError, match="larger than 256 KiB"):
+        load_spec(big)
+
+
+def test_set_overrides_are_validated_like_the_file() -> None:
+    from schemas import apply_overrides
+
+    data = apply_overrides(MINIMAL, ["data.batch_size=16", "name=run-b", "data.crop_scale=[0.2, 1]"])
+    spec = parse_spec(apply_overrides(data, ['data.spatial=[{"kind": "rotation", "degrees": 5}]']))
+    assert (spec.data.batch_size, spec.name, spec.data.crop_scale) == (16, "run-b", (0.2, 1.0))
+    spec = parse_spec(apply_overrides(spec.model_dump(mode="json"), ["data.spatial.0.degrees=7"]))
+    assert spec.data.spatial[0].degrees == 7.0 and MINIMAL == {"data": {"root": "/data/images"}}
+    assert errors_of(apply_overrides(MINIMAL, ["data.batch_size=x"]))[0].startswith("data.batch_size:")
+    assert errors_of(apply_overrides(MINIMAL, ['data.batch_size="16"']))[0].startswith("data.batch_size:")
+    for bad, message in [
+        ("nokey", "--set nokey: expected KEY.PATH=VALUE"),
+        ("a..b=1", "--set a..b=1: expected KEY.PATH=VALUE"),
+        ("data.root.x=1", "--set data.root.x=1: data.root.x: parent is not an object"),
+    ]:
+        with pytest.raises(SpecError) as info:
+            apply_overrides(MINIMAL, [bad])
+        (line,) = info.value.problems
+        assert line.startswith(message), line

@@ -1,9 +1,9 @@
 """Tests of the real local SLURM cluster that `cluster/slurm/setup.sh` brings up.
 
 They submit real jobs: two nodes (node1, node2) with fake GPUs, the `cpu` (preemptible) and `high`
-partitions, job history through the `sacct` wrapper (jobcomp/filetxt), and real partition preemption
-with requeue. CI runs `cluster/slurm/setup.sh` (as root) before pytest; without a cluster these tests
-fail (never skip) and say so.
+partitions, job history through sacct (slurmdbd, or the jobcomp/filetxt wrapper), and real
+partition preemption with requeue. CI runs `cluster/slurm/setup.sh` (as root) before pytest; without
+a cluster these tests fail (never skip) and say so.
 """
 
 from __future__ import annotations
@@ -62,9 +62,12 @@ def squeue_state(job_id: str) -> str:
 
 
 def sacct_lines(job_id: str) -> list[tuple[str, str, str]]:
-    """(JobID, State, ExitCode) per line of the `sacct` wrapper: one line per finished run of the job."""
-    out = run("sacct", "-j", job_id, "--format=JobID,State,ExitCode", "-P", "-n").stdout
-    return [tuple(line.split("|")) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
+    """(JobID, State, ExitCode) per run of the job, oldest first: `sacct -D -X` (slurmdbd: every run,
+    no steps; jobcomp: the wrapper adds --completion, one line per ended run). "CANCELLED by 0" is
+    read as CANCELLED."""
+    out = run("sacct", "-D", "-X", "-j", job_id, "--format=JobID,State,ExitCode", "-P", "-n").stdout
+    rows = [line.split("|") for line in out.splitlines() if line.strip()]
+    return [(j, (s.split() or [""])[0], e) for j, s, e in rows]
 
 
 def wait_finished(job_id: str, timeout: float) -> list[tuple[str, str, str]]:

@@ -2,14 +2,25 @@
 # Bring up a small but real SLURM cluster on this one machine (for CI and local tests).
 #
 #   cluster/slurm/setup.sh            # install (if needed), configure, start, wait until idle
-#   PIXPRO_SLURM_DIR=/some/dir cluster/slurm/setup.sh
+#   PIXPRO_SLURM_DIR=/some/dir PIXPRO_SLURM_PORT_BASE=7817 cluster/slurm/setup.sh   # a second one beside
+#   . /var/lib/pixpro-slurm/env.sh    # clients: SLURM_CONF (and PATH for the jobcomp sacct wrapper)
 #
 # Layout: munged + slurmctld + two slurmd (node1, node2) on 127.0.0.1, each node claiming
 # $PIXPRO_SLURM_CPUS CPUs (default 4), $PIXPRO_SLURM_GPUS fake GPUs (default 2) and
 # $PIXPRO_SLURM_MEM_MB MB (default 8000). Partitions: cpu (default, PriorityTier=1, jobs in it are
 # preempted by requeue with GraceTime=20) and high (PriorityTier=10, never preempted).
-# Job history without slurmdbd: jobcomp/filetxt + a sacct wrapper in /usr/local/bin that adds
-# --completion.
+#
+# Job history, PIXPRO_SLURM_ACCOUNTING=
+#   slurmdbd (default): real accounting, mariadbd + slurmdbd (~10 s more on the first start);
+#   jobcomp: jobcomp/filetxt and a sacct wrapper in $DIR/bin that adds --completion.
+#
+# Everything lives under $PIXPRO_SLURM_DIR (default /var/lib/pixpro-slurm): configuration (etc/),
+# pid files (run/), logs (log/), slurmctld state, slurmd spools, fake GPU devices, a private munged
+# (munge/: key, socket, pid, log, seed), the mariadb data folder (db/), the sacct wrapper (bin/).
+# Nothing outside it is changed apart from installing Debian packages: clients find the cluster
+# through SLURM_CONF (see env.sh), munge through AuthInfo=socket=... in slurm.conf/slurmdbd.conf.
+# Ports (PIXPRO_SLURM_PORT_BASE, default 6817): slurmctld BASE, slurmdbd BASE+2, mariadb BASE+3;
+# slurmd node1/node2 PIXPRO_SLURM_NODE_PORT and +1 (default BASE+10184, i.e. 17001/17002).
 #
 # Needs root, Debian 12 (apt), no systemd. Idempotent: when everything already runs with the same
 # configuration it prints the summary line and exits 0 at once. Stop with cluster/slurm/stop.sh.
@@ -20,11 +31,9 @@ CPUS=${PIXPRO_SLURM_CPUS:-4}
 GPUS=${PIXPRO_SLURM_GPUS:-2}
 MEM_MB=${PIXPRO_SLURM_MEM_MB:-8000}
 WAIT_S=${PIXPRO_SLURM_WAIT_S:-60}
+ACCOUNTING=${PIXPRO_SLURM_ACCOUNTING:-slurmdbd}
+PORT_BASE=${PIXPRO_SLURM_PORT_BASE:-6817}
 NODES=(node1 node2)
-PORTS=(17001 17002)
-SACCT_WRAPPER=/usr/local/bin/sacct
-REAL_SACCT=/usr/bin/sacct
-MUNGE_PID=/run/munge/munged.pid
 
 T0=$(date +%s.%N)
 log() { echo "[pixpro-slurm] $*" >&2; }
@@ -34,18 +43,45 @@ elapsed() { awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }
 [[ $(id -u) -eq 0 ]] || die "must run as root (installs packages, starts munged/slurmd)"
 [[ $CPUS =~ ^[1-9][0-9]*$ && $GPUS =~ ^[0-9]+$ && $MEM_MB =~ ^[1-9][0-9]*$ ]] \
     || die "PIXPRO_SLURM_CPUS/GPUS/MEM_MB must be integers"
+[[ $ACCOUNTING == slurmdbd || $ACCOUNTING == jobcomp ]] \
+    || die "PIXPRO_SLURM_ACCOUNTING must be slurmdbd or jobcomp (not '$ACCOUNTING')"
+[[ $PORT_BASE =~ ^[1-9][0-9]*$ ]] || die "PIXPRO_SLURM_PORT_BASE must be a port number"
+[[ $DIR == /* ]] || die "PIXPRO_SLURM_DIR must be an absolute path"
+CTLD_PORT=$PORT_BASE
+DBD_PORT=$((PORT_BASE + 2))
+DB_PORT=$((PORT_BASE + 3))
+NODE_PORT=${PIXPRO_SLURM_NODE_PORT:-$((PORT_BASE + 10184))}
+[[ $NODE_PORT =~ ^[1-9][0-9]*$ ]] || die "PIXPRO_SLURM_NODE_PORT must be a port number"
+PORTS=("$NODE_PORT" "$((NODE_PORT + 1))")
 
 CONF_DIR=$DIR/etc
 CONF=$CONF_DIR/slurm.conf
 GRES_CONF=$CONF_DIR/gres.conf
+DBD_CONF=$CONF_DIR/slurmdbd.conf
+DB_PASS_FILE=$CONF_DIR/db.pass
+ENV_FILE=$DIR/env.sh
+BIN_DIR=$DIR/bin
+SACCT_WRAPPER=$BIN_DIR/sacct
+REAL_SACCT=/usr/bin/sacct
 RUN_DIR=$DIR/run
 LOG_DIR=$DIR/log
 STATE_DIR=$DIR/state
 SPOOL_DIR=$DIR/spool
 DEV_DIR=$DIR/dev
+MUNGE_DIR=$DIR/munge
+MUNGE_SOCKET=$MUNGE_DIR/munge.socket
+MUNGE_KEY=$MUNGE_DIR/munge.key
+MUNGE_PID=$MUNGE_DIR/munged.pid
+DB_DIR=$DIR/db
+DB_DATA=$DB_DIR/data
+DB_SOCKET=$DB_DIR/mysqld.sock
+DB_PID=$DB_DIR/mysqld.pid
+DB_LOG=$DB_DIR/mariadb.log
+DBD_PID=$RUN_DIR/slurmdbd.pid
 JOBCOMP=$LOG_DIR/jobcomp.txt
 CTLD_PID=$RUN_DIR/slurmctld.pid
 slurmd_pid() { echo "$RUN_DIR/slurmd-$1.pid"; }
+export SLURM_CONF=$CONF
 
 pid_alive() {  # pid_alive PIDFILE [COMM]: the process named in PIDFILE exists (and is COMM)
     local pid
@@ -55,7 +91,14 @@ pid_alive() {  # pid_alive PIDFILE [COMM]: the process named in PIDFILE exists (
     [[ -z ${2:-} ]] || [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]]
 }
 
-munge_ok() { command -v munge >/dev/null && munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
+munge_ok() {
+    [[ -S $MUNGE_SOCKET ]] && command -v munge >/dev/null \
+        && munge -n --socket="$MUNGE_SOCKET" 2>/dev/null | unmunge --socket="$MUNGE_SOCKET" >/dev/null 2>&1
+}
+db_ok() {
+    [[ -S $DB_SOCKET ]] && mariadb-admin --no-defaults --socket="$DB_SOCKET" -uroot ping >/dev/null 2>&1
+}
+dbd_ok() { sacctmgr -n -P show cluster format=cluster 2>/dev/null | grep -qx pixpro; }
 
 # ---------------------------------------------------------------- configuration text
 render_slurm_conf() {
@@ -69,9 +112,10 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# A requeued job may start again after 10 s instead of 120 s (needs a slurmctld restart).
-AuthInfo=cred_expire=10
-SlurmctldPort=6817
+# A private munged (socket under $MUNGE_DIR). A requeued job may start again after 10 s instead
+# of 120 s (cred_expire; needs a slurmctld restart).
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
+SlurmctldPort=$CTLD_PORT
 StateSaveLocation=$STATE_DIR
 SlurmdSpoolDir=$SPOOL_DIR/%n
 SlurmctldPidFile=$CTLD_PID
@@ -105,10 +149,26 @@ SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=1,bf
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
-# Job history without slurmdbd (read with sacct --completion, see the sacct wrapper).
+EOF
+    if [[ $ACCOUNTING == slurmdbd ]]; then
+        cat <<EOF
+# Real accounting: slurmdbd (conf $DBD_CONF) on a private mariadbd. sacct -D shows every run.
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=$DBD_PORT
+# For connections to slurmdbd the munge socket comes from here, not from AuthInfo.
+AccountingStoragePass=$MUNGE_SOCKET
+JobCompType=jobcomp/none
+EOF
+    else
+        cat <<EOF
+# Job history without slurmdbd (read with sacct --completion, see the sacct wrapper in $BIN_DIR).
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$JOBCOMP
+EOF
+    fi
+    cat <<EOF
 GresTypes=gpu
 NodeName=node1 NodeHostname=$host NodeAddr=127.0.0.1 Port=${PORTS[0]} CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM_MB $gres_line State=UNKNOWN
 NodeName=node2 NodeHostname=$host NodeAddr=127.0.0.1 Port=${PORTS[1]} CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEM_MB $gres_line State=UNKNOWN
@@ -125,14 +185,63 @@ render_gres_conf() {
     fi
 }
 
+render_dbd_conf() {  # render_dbd_conf HOST PASSWORD
+    cat <<EOF
+# Generated by pixpro cluster/slurm/setup.sh -- do not edit, rerun the script instead.
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_SOCKET
+DbdHost=$1
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$DBD_PID
+LogFile=$LOG_DIR/slurmdbd.log
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$2
+StorageLoc=slurm_acct_db
+EOF
+}
+
+render_wrapper() {  # the sacct wrapper of jobcomp mode
+    cat <<EOF
+#!/bin/sh
+# Installed by pixpro cluster/slurm/setup.sh (jobcomp mode). No slurmdbd runs for this cluster, so
+# job history comes from the jobcomp/filetxt log: call the real sacct with --completion (unless
+# already given).
+for a in "\$@"; do
+    case "\$a" in -c|--completion) exec $REAL_SACCT "\$@" ;; esac
+done
+exec $REAL_SACCT --completion "\$@"
+EOF
+}
+
+render_env() {
+    cat <<EOF
+# Generated by pixpro cluster/slurm/setup.sh: source it to use this cluster's client commands.
+export SLURM_CONF=$CONF
+EOF
+    if [[ $ACCOUNTING == jobcomp ]]; then
+        echo "case \":\$PATH:\" in *\":$BIN_DIR:\"*) ;; *) export PATH=$BIN_DIR:\$PATH ;; esac"
+    fi
+}
+
 summary() {
     echo "pixpro-slurm: $1 in $(elapsed)s; nodes node1,node2 ($CPUS CPUs, gpu:$GPUS, ${MEM_MB}MB each);" \
-        "partitions cpu (default, preemptible) + high; SLURM_CONF=$CONF; logs $LOG_DIR"
+        "partitions cpu (default, preemptible) + high; accounting $ACCOUNTING; ports $CTLD_PORT," \
+        "${PORTS[0]},${PORTS[1]}$([[ $ACCOUNTING == slurmdbd ]] && echo ",$DBD_PORT,$DB_PORT");" \
+        "SLURM_CONF=$CONF (. $ENV_FILE); logs $LOG_DIR"
 }
 
 all_daemons_up() {
     munge_ok && pid_alive "$CTLD_PID" slurmctld \
-        && pid_alive "$(slurmd_pid node1)" slurmd && pid_alive "$(slurmd_pid node2)" slurmd
+        && pid_alive "$(slurmd_pid node1)" slurmd && pid_alive "$(slurmd_pid node2)" slurmd || return 1
+    if [[ $ACCOUNTING == slurmdbd ]]; then
+        pid_alive "$DB_PID" mariadbd && pid_alive "$DBD_PID" slurmdbd || return 1
+    fi
 }
 
 resume_bad_nodes() {  # a drained/down node (e.g. "Kill task failed") takes no jobs until resumed
@@ -147,12 +256,23 @@ resume_bad_nodes() {  # a drained/down node (e.g. "Kill task failed") takes no j
     done < <(sinfo -h -N -p cpu -o '%N %T' 2>/dev/null | sort -u)
 }
 
+same_file() { [[ -f $2 && "$1" == "$(<"$2")" ]]; }  # same_file TEXT PATH
+
 # ---------------------------------------------------------------- fast path: already up
 HOST=$(hostname -s)
-if [[ -f $CONF && -f $GRES_CONF && -x $SACCT_WRAPPER ]] && command -v sinfo >/dev/null \
-    && [[ "$(render_slurm_conf "$HOST")" == "$(<"$CONF")" ]] \
-    && [[ "$(render_gres_conf)" == "$(<"$GRES_CONF")" ]] \
-    && [[ $(readlink /etc/slurm/slurm.conf 2>/dev/null) == "$CONF" ]] \
+DB_PASS=""
+[[ -s $DB_PASS_FILE ]] && DB_PASS=$(<"$DB_PASS_FILE")
+accounting_files_ok() {
+    if [[ $ACCOUNTING == jobcomp ]]; then
+        [[ -x $SACCT_WRAPPER ]] && same_file "$(render_wrapper)" "$SACCT_WRAPPER"
+    else
+        [[ -n $DB_PASS && ! -e $SACCT_WRAPPER ]] && same_file "$(render_dbd_conf "$HOST" "$DB_PASS")" "$DBD_CONF"
+    fi
+}
+if command -v sinfo >/dev/null \
+    && same_file "$(render_slurm_conf "$HOST")" "$CONF" && same_file "$(render_gres_conf)" "$GRES_CONF" \
+    && same_file "$(render_env)" "$ENV_FILE" \
+    && accounting_files_ok \
     && all_daemons_up; then
     resume_bad_nodes
     summary "already running"
@@ -161,13 +281,14 @@ fi
 
 # ---------------------------------------------------------------- packages
 install_packages() {
-    local need=0 p
-    for p in slurmctld slurmd slurm-client munge; do
+    local need=0 p pkgs=(slurmctld slurmd slurm-client munge)
+    [[ $ACCOUNTING == slurmdbd ]] && pkgs+=(slurmdbd mariadb-server)
+    for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need=1
     done
     [[ $need -eq 1 ]] || return 0
     command -v apt-get >/dev/null || die "apt-get not found: this script expects Debian 12"
-    log "installing slurmctld slurmd slurm-client munge"
+    log "installing ${pkgs[*]}"
     # Keep the postinst scripts from starting services (no systemd here).
     local prc=/usr/sbin/policy-rc.d backup=""
     if [[ -e $prc ]]; then
@@ -179,7 +300,6 @@ install_packages() {
     printf '#!/bin/sh\nexit 101\n' >"$prc"
     chmod 0755 "$prc"
     export DEBIAN_FRONTEND=noninteractive
-    local pkgs=(slurmctld slurmd slurm-client munge)
     if ! apt-cache show "${pkgs[@]}" >/dev/null 2>&1; then
         log "package lists lack slurm: apt-get update"
         apt-get update -qq || die "apt-get update failed"
@@ -199,14 +319,42 @@ install_packages
 for b in slurmctld slurmd sbatch sinfo munged; do
     command -v "$b" >/dev/null || [[ -x /usr/sbin/$b ]] || die "$b missing after install"
 done
+if [[ $ACCOUNTING == slurmdbd ]]; then
+    for b in slurmdbd mariadbd mariadb-install-db mariadb-admin mariadb; do
+        command -v "$b" >/dev/null || [[ -x /usr/sbin/$b ]] || die "$b missing after install"
+    done
+fi
+
+# Earlier versions of this script changed the system; undo what they left (only if it is ours).
+undo_system_changes() {
+    if [[ -f /usr/local/bin/sacct ]] && grep -q "Installed by pixpro cluster/slurm/setup.sh" /usr/local/bin/sacct; then
+        log "removing the old sacct wrapper /usr/local/bin/sacct"
+        rm -f /usr/local/bin/sacct
+    fi
+    if [[ -L /etc/slurm/slurm.conf && $(readlink /etc/slurm/slurm.conf) == "$CONF" ]]; then
+        log "removing the old link /etc/slurm/slurm.conf -> $CONF"
+        rm -f /etc/slurm/slurm.conf
+        [[ -e /etc/slurm/slurm.conf.pixpro-orig ]] && mv -f /etc/slurm/slurm.conf.pixpro-orig /etc/slurm/slurm.conf
+    fi
+    if grep -qx '127.0.0.1 node1 node2' /etc/hosts 2>/dev/null; then
+        log "removing the old '127.0.0.1 node1 node2' line from /etc/hosts"
+        local rest
+        rest=$(grep -vx '127.0.0.1 node1 node2' /etc/hosts || true)
+        printf '%s\n' "$rest" >/etc/hosts  # in place: /etc/hosts may be a bind mount
+    fi
+}
+undo_system_changes
 
 # ---------------------------------------------------------------- files
-mkdir -p "$CONF_DIR" "$RUN_DIR" "$LOG_DIR" "$STATE_DIR" "$DEV_DIR" \
+mkdir -p "$CONF_DIR" "$RUN_DIR" "$LOG_DIR" "$STATE_DIR" "$DEV_DIR" "$BIN_DIR" \
     "$SPOOL_DIR/node1" "$SPOOL_DIR/node2"
-chmod 0755 "$DIR" "$CONF_DIR" "$RUN_DIR" "$LOG_DIR"
-# Without saved job state slurmctld numbers jobs from 1 again; old history lines would then be
-# read as the states of new jobs with the same ids. Set the old history aside.
-if [[ ! -e $STATE_DIR/job_state && ! -e $STATE_DIR/job_state.old && -s $JOBCOMP ]]; then
+# munge and mysql must reach their folders (a mktemp -d parent is 0700).
+chmod 0755 "$DIR" "$CONF_DIR" "$RUN_DIR" "$LOG_DIR" "$BIN_DIR"
+# Without saved job state slurmctld numbers jobs from 1 again; old history would then be read as
+# the states of new jobs with the same ids. Set the old history aside.
+fresh_state=0
+[[ ! -e $STATE_DIR/job_state && ! -e $STATE_DIR/job_state.old ]] && fresh_state=1
+if [[ $fresh_state -eq 1 && -s $JOBCOMP ]]; then
     mv -f "$JOBCOMP" "$JOBCOMP.$(date +%Y%m%d-%H%M%S)"
 fi
 touch "$JOBCOMP"
@@ -219,53 +367,38 @@ for ((i = 0; i < GPUS; i++)); do
     fi
 done
 
-new_conf=$(render_slurm_conf "$HOST")
-new_gres=$(render_gres_conf)
+if [[ ! -s $DB_PASS_FILE ]]; then
+    (umask 077 && od -An -N12 -tx1 /dev/urandom | tr -d ' \n' >"$DB_PASS_FILE")
+fi
+DB_PASS=$(<"$DB_PASS_FILE")
+
+write_if_changed() {  # write_if_changed TEXT PATH MODE -> 0 if it changed
+    if same_file "$1" "$2"; then return 1; fi
+    (umask 077 && printf '%s\n' "$1" >"$2.tmp")
+    chmod "$3" "$2.tmp" && mv -f "$2.tmp" "$2"
+}
 conf_changed=0
-if [[ ! -f $CONF || "$new_conf" != "$(<"$CONF")" || ! -f $GRES_CONF || "$new_gres" != "$(<"$GRES_CONF")" ]]; then
-    conf_changed=1
-    printf '%s\n' "$new_conf" >"$CONF.tmp" && mv -f "$CONF.tmp" "$CONF"
-    printf '%s\n' "$new_gres" >"$GRES_CONF.tmp" && mv -f "$GRES_CONF.tmp" "$GRES_CONF"
-fi
-
-# Client commands (sbatch, squeue, sacct, submitit) read /etc/slurm/slurm.conf.
-mkdir -p /etc/slurm
-if [[ -e /etc/slurm/slurm.conf && ! -L /etc/slurm/slurm.conf ]]; then
-    log "moving the existing /etc/slurm/slurm.conf to /etc/slurm/slurm.conf.pixpro-orig"
-    mv -f /etc/slurm/slurm.conf /etc/slurm/slurm.conf.pixpro-orig
-fi
-ln -sfn "$CONF" /etc/slurm/slurm.conf
-
-# The node names must resolve (srun's rendezvous connects to them).
-if ! grep -Eq '^[[:space:]]*127\.0\.0\.1([[:space:]].*)?[[:space:]]node1([[:space:]]|$)' /etc/hosts \
-    || ! grep -Eq '^[[:space:]]*127\.0\.0\.1([[:space:]].*)?[[:space:]]node2([[:space:]]|$)' /etc/hosts; then
-    echo "127.0.0.1 node1 node2" >>/etc/hosts
-fi
-
-# sacct wrapper: there is no slurmdbd, so read the jobcomp file instead.
-wrapper_text=$(cat <<EOF
-#!/bin/sh
-# Installed by pixpro cluster/slurm/setup.sh. No slurmdbd runs here, so job history comes from
-# the jobcomp/filetxt log: call the real sacct with --completion (unless already given).
-for a in "\$@"; do
-    case "\$a" in -c|--completion) exec $REAL_SACCT "\$@" ;; esac
-done
-exec $REAL_SACCT --completion "\$@"
-EOF
-)
-if [[ ! -f $SACCT_WRAPPER || "$wrapper_text" != "$(<"$SACCT_WRAPPER")" ]]; then
-    printf '%s\n' "$wrapper_text" >"$SACCT_WRAPPER.tmp"
-    chmod 0755 "$SACCT_WRAPPER.tmp"
-    mv -f "$SACCT_WRAPPER.tmp" "$SACCT_WRAPPER"
+write_if_changed "$(render_slurm_conf "$HOST")" "$CONF" 0644 && conf_changed=1
+write_if_changed "$(render_gres_conf)" "$GRES_CONF" 0644 && conf_changed=1
+write_if_changed "$(render_env)" "$ENV_FILE" 0644 || true
+dbd_changed=0
+if [[ $ACCOUNTING == slurmdbd ]]; then
+    # slurmdbd refuses a slurmdbd.conf that others can read or that SlurmUser does not own.
+    write_if_changed "$(render_dbd_conf "$HOST" "$DB_PASS")" "$DBD_CONF" 0600 && dbd_changed=1
+    chown root:root "$DBD_CONF"
+    rm -f "$SACCT_WRAPPER"
+else
+    # sacct wrapper: no slurmdbd, so read the jobcomp file instead. Clients put $BIN_DIR first on PATH.
+    write_if_changed "$(render_wrapper)" "$SACCT_WRAPPER" 0755 || true
 fi
 
 # ---------------------------------------------------------------- daemons
-stop_pidfile() {  # stop_pidfile PIDFILE COMM
+stop_pidfile() {  # stop_pidfile PIDFILE COMM [WAIT_S]
     local pid i
     pid_alive "$1" "$2" || { rm -f "$1"; return 0; }
     pid=$(<"$1")
     kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for ((i = 0; i < ${3:-10} * 10; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
     rm -f "$1"
 }
@@ -275,30 +408,88 @@ if [[ $conf_changed -eq 1 ]]; then
     for n in "${NODES[@]}"; do stop_pidfile "$(slurmd_pid "$n")" slurmd; done
     stop_pidfile "$CTLD_PID" slurmctld
 fi
+if [[ $dbd_changed -eq 1 || $ACCOUNTING == jobcomp ]]; then
+    stop_pidfile "$DBD_PID" slurmdbd
+fi
+[[ $ACCOUNTING == jobcomp ]] && stop_pidfile "$DB_PID" mariadbd 60
 
-# munge
+# munge: a private daemon with its own key, socket, pid, log and seed files.
 if ! munge_ok; then
-    if [[ ! -s /etc/munge/munge.key ]]; then
-        log "creating /etc/munge/munge.key"
-        install -d -o munge -g munge -m 0700 /etc/munge
-        if command -v mungekey >/dev/null; then
-            runuser -u munge -- mungekey --create --keyfile=/etc/munge/munge.key
-        else
-            dd if=/dev/urandom bs=1 count=1024 of=/etc/munge/munge.key status=none
-        fi
+    install -d -o munge -g munge -m 0755 "$MUNGE_DIR"
+    if [[ ! -s $MUNGE_KEY ]]; then
+        runuser -u munge -- mungekey --create --keyfile="$MUNGE_KEY" \
+            || die "mungekey --create --keyfile=$MUNGE_KEY failed"
     fi
-    chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
-    install -d -o munge -g munge -m 0755 /run/munge
-    install -d -o munge -g munge -m 0700 /var/lib/munge /var/log/munge
+    chown munge:munge "$MUNGE_KEY" && chmod 0400 "$MUNGE_KEY"
     # A stale pid file/socket from a killed munged makes the new one refuse to start.
-    if ! pid_alive "$MUNGE_PID" munged; then rm -f "$MUNGE_PID" /run/munge/munge.socket.2*; fi
-    runuser -u munge -- /usr/sbin/munged --force >/dev/null 2>&1 \
-        || runuser -u munge -- /usr/sbin/munged
+    if ! pid_alive "$MUNGE_PID" munged; then rm -f "$MUNGE_PID" "$MUNGE_SOCKET" "$MUNGE_SOCKET".*; fi
+    stop_pidfile "$MUNGE_PID" munged
+    munged_args=(--socket="$MUNGE_SOCKET" --key-file="$MUNGE_KEY" --pid-file="$MUNGE_PID"
+        --log-file="$MUNGE_DIR/munged.log" --seed-file="$MUNGE_DIR/munged.seed")
+    # --force: the folder may lie below a sticky /tmp that munged would otherwise distrust.
+    runuser -u munge -- /usr/sbin/munged --force "${munged_args[@]}" >/dev/null 2>&1 \
+        || runuser -u munge -- /usr/sbin/munged "${munged_args[@]}" \
+        || die "munged failed to start: $(tail -n 5 "$MUNGE_DIR/munged.log" 2>/dev/null)"
     for ((i = 0; i < 50; i++)); do munge_ok && break; sleep 0.1; done
-    munge_ok || die "munged does not answer ($(tail -n 5 /var/log/munge/munged.log 2>/dev/null))"
+    munge_ok || die "munged does not answer ($(tail -n 5 "$MUNGE_DIR/munged.log" 2>/dev/null))"
 fi
 
-export SLURM_CONF=$CONF
+start_db() {  # a private mariadbd on 127.0.0.1:$DB_PORT, data and socket under $DB_DIR
+    local i
+    if [[ $fresh_state -eq 1 && -d $DB_DATA ]]; then
+        # No saved slurmctld state: job ids restart at 1, so old records would match new jobs.
+        stop_pidfile "$DBD_PID" slurmdbd
+        stop_pidfile "$DB_PID" mariadbd 60
+        log "no saved slurmctld state: starting with an empty accounting database"
+        rm -rf "$DB_DATA"
+    fi
+    install -d -o mysql -g mysql -m 0755 "$DB_DIR"
+    install -d -o mysql -g mysql -m 0700 "$DB_DIR/tmp"
+    if [[ ! -d $DB_DATA/mysql ]]; then
+        rm -rf "$DB_DATA"
+        install -d -o mysql -g mysql -m 0700 "$DB_DATA"
+        mariadb-install-db --no-defaults --datadir="$DB_DATA" --user=mysql --skip-test-db \
+            --auth-root-authentication-method=socket --skip-name-resolve >"$DB_DIR/install.log" 2>&1 \
+            || { tail -n 20 "$DB_DIR/install.log" >&2; die "mariadb-install-db failed (see $DB_DIR/install.log)"; }
+    fi
+    if ! db_ok; then
+        stop_pidfile "$DB_PID" mariadbd 60
+        rm -f "$DB_SOCKET"
+        setsid /usr/sbin/mariadbd --no-defaults --user=mysql --datadir="$DB_DATA" \
+            --socket="$DB_SOCKET" --pid-file="$DB_PID" --port="$DB_PORT" --bind-address=127.0.0.1 \
+            --log-error="$DB_LOG" --tmpdir="$DB_DIR/tmp" --skip-name-resolve --skip-log-bin \
+            --performance-schema=OFF --innodb-buffer-pool-size=64M --innodb-log-file-size=32M \
+            --innodb-use-native-aio=0 --innodb-lock-wait-timeout=900 --max-allowed-packet=16M \
+            </dev/null >/dev/null 2>&1 &
+        for ((i = 0; i < 300; i++)); do db_ok && break; sleep 0.1; done
+        db_ok || die "mariadbd does not answer ($(tail -n 10 "$DB_LOG" 2>/dev/null))"
+    fi
+    mariadb --no-defaults --socket="$DB_SOCKET" -uroot -e "
+        CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+        ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
+        GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';" || die "cannot create the slurm db user"
+}
+
+start_dbd() {
+    local i
+    if ! pid_alive "$DBD_PID" slurmdbd; then
+        rm -f "$DBD_PID"
+        /usr/sbin/slurmdbd || die "slurmdbd failed to start: $(tail -n 20 "$LOG_DIR/slurmdbd.log")"
+    fi
+    # The first start creates the tables (a few seconds).
+    for ((i = 0; i < WAIT_S * 5; i++)); do
+        sacctmgr -n -P show cluster format=cluster >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+    dbd_ok || sacctmgr -i add cluster pixpro >/dev/null \
+        || die "slurmdbd does not answer: $(tail -n 20 "$LOG_DIR/slurmdbd.log")"
+}
+
+if [[ $ACCOUNTING == slurmdbd ]]; then
+    start_db
+    start_dbd
+fi
+
 if ! pid_alive "$CTLD_PID" slurmctld; then
     rm -f "$CTLD_PID"
     /usr/sbin/slurmctld -f "$CONF" || die "slurmctld failed to start: $(tail -n 20 "$LOG_DIR/slurmctld.log")"
@@ -332,11 +523,17 @@ while :; do
         t=$(date -d "$t" +%s 2>/dev/null || echo 0)
         [[ $t -ge $((start_epoch - 1)) ]] || ok=0
     done
+    # With slurmdbd, sacct must know the cluster (slurmctld registered) before the first job.
+    if [[ $ok -eq 1 && $ACCOUNTING == slurmdbd ]]; then
+        sacct -n -X -a -S now >/dev/null 2>&1 || ok=0
+    fi
     [[ $ok -eq 1 ]] && break
     if [[ $(date +%s) -ge $deadline ]]; then
         {
             echo "[pixpro-slurm] ERROR: nodes not idle/registered after ${WAIT_S}s; sinfo: ${states:-<no answer>}"
-            for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd-node1.log" "$LOG_DIR/slurmd-node2.log"; do
+            for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd-node1.log" "$LOG_DIR/slurmd-node2.log" \
+                "$LOG_DIR/slurmdbd.log"; do
+                [[ -f $f ]] || continue
                 echo "---- tail $f"; tail -n 15 "$f" 2>/dev/null || true
             done
         } >&2

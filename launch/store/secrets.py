@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 from launch.store.backends import exc_chain
 from launch.store.format import StoreError, one_line
+from schemas.secrets import MASK, is_secret_key, normalize_key, redact, secret_value_problem
 
-# storage_options keys whose values are credentials (redacted everywhere).
-_CRED_OPTION_RE = re.compile(r"key|secret|token|passw|username|credential", re.IGNORECASE)
-# meta keys that must never be written into a manifest.
-_CRED_META_RE = re.compile(r"secret|passw|token|credential|access_key|session_key", re.IGNORECASE)
+# The one policy (schemas.secrets) decides what a credential key or value is, for the spec and here;
+# user names are redacted from store messages too (they identify an account).
 _CRED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _MIN_SECRET_LEN = 4
 
@@ -46,7 +44,9 @@ def collect_secrets(options: dict[str, Any], userinfo: tuple[str, str] | None) -
             for k, v in obj.items():
                 if isinstance(v, (dict, list, tuple)):
                     walk(v)
-                elif isinstance(v, str) and _CRED_OPTION_RE.search(str(k)):
+                elif isinstance(v, str) and (
+                    is_secret_key(k) or normalize_key(str(k)) == "username" or secret_value_problem(v)
+                ):
                     found.add(v)
 
     walk(options)
@@ -62,9 +62,10 @@ class Redactor:
         self.secrets = secrets
 
     def redact(self, text: str) -> str:
+        """The configured values, then whatever has a credential's shape (key ids, URL user-info)."""
         for s in sorted(self.secrets, key=len, reverse=True):
-            text = text.replace(s, "***")
-        return text
+            text = text.replace(s, MASK)
+        return redact(text)
 
     def leaks(self, e: BaseException) -> bool:
         return any(s in f"{x!s} {x.args!r}" for x in exc_chain(e) for s in self.secrets)
@@ -84,9 +85,13 @@ class Redactor:
         def walk(obj: Any, path: str) -> None:
             if isinstance(obj, dict):
                 for k, v in obj.items():
-                    if _CRED_META_RE.search(str(k)):
+                    if is_secret_key(k):
                         raise ValueError(f"meta key {path}{k} looks like a credential; refusing to store it")
                     walk(v, f"{path}{k}.")
+            elif isinstance(obj, str) and secret_value_problem(obj):
+                raise ValueError(
+                    f"meta value at {path.rstrip('.')} looks like a credential; refusing to store it"
+                )
             elif isinstance(obj, (list, tuple)):
                 for v in obj:
                     walk(v, path)
