@@ -354,9 +354,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         # one device-to-host copy for both numbers (each float() of a CUDA tensor is a sync)
-        loss, self._last_positives = torch.stack(
-            [out["loss"].detach().float(), torch.as_tensor(out["positives"]).float()]
-        ).tolist()
+        pair = torch.stack([out["loss"].detach().float(), torch.as_tensor(out["positives"]).float()])
+        loss, self._last_positives = pair.tolist()  # the step's one host sync
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {self.step}")
         return loss
