@@ -96,6 +96,7 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
                 "ema_momentum": p.metric("ema_momentum"),
                 "img_per_s": p.metric("img_per_s"),
                 "loss": p.metric("loss"),
+                "data_skips": p.metric("data_skips"),
                 "updated": (p.trainer or {}).get("updated"),
                 "created": rec.created,
                 "checkpoint_url": rec.checkpoint_url,

@@ -136,7 +136,9 @@ def _image_folder(spec: Any, scratch: Path) -> Any:
         root = _demo_root(spec, scratch)
     elif "://" in spec.data.root or Path(spec.data.root, PACK_MANIFEST).is_file():
         try:
-            return ImageFolder(spec.data.root, min_size=crop)
+            from launch.train import data_storage_options
+
+            return ImageFolder(spec.data.root, min_size=crop, storage_options=data_storage_options(spec))
         except DatasetError as exc:
             raise Problem("data.root", str(exc)) from None
     else:

@@ -16,10 +16,12 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +42,7 @@ from pixpro.builder import PixPro
 from pixpro.data import DatasetError, ImageFolder, TwoViewDataset
 from pixpro.demo_data import generate_demo_dataset
 from pixpro.lars import LARS, lars_param_groups
+from pixpro.sources import CachedSource
 from schemas import RunSpec, SpecError, load_spec, spec_hash
 from schemas.contract import preemption_deadlines
 
@@ -109,16 +112,37 @@ def build_model(spec: RunSpec) -> PixPro:
     )
 
 
+def data_storage_options(spec: RunSpec) -> dict[str, Any]:
+    """fsspec options for ``data.root``: on S3 the checkpoint store's rules (endpoint from
+    ``PIXPRO_S3_ENDPOINT``, credentials from the environment, retries without jitter)."""
+    if spec.data.root.lower().startswith(("s3://", "s3a://")):
+        from launch.store.s3 import s3_options
+
+        return s3_options(dict(spec.data.storage_options), None)
+    return dict(spec.data.storage_options)
+
+
+def open_images(spec: RunSpec, root: str | Path) -> ImageFolder:
+    """The run's images (a folder or a packed dataset, local or remote), cached as the spec says."""
+    folder = ImageFolder(root, min_size=spec.data.crop_size, storage_options=data_storage_options(spec))
+    if spec.data.cache != "none":
+        where = spec.data.cache_dir or str(Path(tempfile.gettempdir(), "pixpro-cache", spec.name))
+        max_bytes = int(spec.data.cache_gb * 1e9)
+        folder.source = CachedSource(folder.source, spec.data.cache, max_bytes, where)
+    return folder
+
+
 def build_data(spec: RunSpec, env: DistEnv) -> tuple[TwoViewDataset, ResumableSampler]:
-    root = Path(spec.data.root)
+    root: str | Path = spec.data.root
     if spec.data.demo is not None:
+        root = Path(spec.data.root)
         if env.rank == 0:
             d = spec.data.demo
             generate_demo_dataset(root, num_images=d.num_images, image_size=d.image_size, seed=d.seed)
         if env.world_size > 1:
             dist.barrier()
         root = root / "images"
-    folder = ImageFolder(root, min_size=spec.data.crop_size)
+    folder = open_images(spec, root)
     transform = TwoViewTransform(
         crop_size=spec.data.crop_size,
         scale=(spec.data.crop_scale[0], spec.data.crop_scale[1]),
@@ -201,6 +225,7 @@ class Trainer:
             self.model, self.optimizer, self.scaler, self.sampler, self.schedule, self.spec_hash
         )
         self.resumed_step: int | None = None
+        self.data_skips = 0  # samples replaced by the next usable one in this attempt (unreadable etc.)
 
         self.attempt = attempt_id(env.world_size)
         self.store = CheckpointStore(
@@ -338,6 +363,7 @@ class Trainer:
             group["lr"] = lr
         # before the target forward, as the official code does
         self.model.update_target(self.schedule.momentum(self.step, self.spec))
+        self.data_skips += int(batch["skipped"].sum())
         v1, v2, c1, c2 = (
             batch[k].to(self.device, non_blocking=True) for k in ("view1", "view2", "coords1", "coords2")
         )
@@ -384,6 +410,7 @@ class Trainer:
             "ema_momentum": self.schedule.momentum(self.step - 1, self.spec),
             "img_per_s": round(rate, 2),
             "positives": self._last_positives,
+            "data_skips": self.data_skips,
             "total_steps": self.schedule.total_steps,
         }
         if self.resumed_step is not None:
@@ -411,6 +438,7 @@ class Trainer:
                 epoch=self.epoch,
                 attempt=self.attempt,
                 committed_step=self.checkpointer.last_committed,
+                data_skips=self.data_skips,
             )
 
 

@@ -83,6 +83,7 @@ class TrainerStatus(_Record):
     epoch: int
     attempt: str
     committed_step: int | None = None
+    data_skips: int | None = None
 
 
 class MetricsRecord(_Record):
@@ -99,6 +100,7 @@ class MetricsRecord(_Record):
     positives: float
     total_steps: int
     resumed_from: int | None = None
+    data_skips: int | None = None  # samples replaced by the next usable one so far in this attempt
 
 
 # -- preemption --------------------------------------------------------------------------------------

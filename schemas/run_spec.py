@@ -295,7 +295,27 @@ class DataSpec(_Spec):
     """Where images come from and how the two views are cropped."""
 
     root: str = Field(
-        min_length=1, max_length=4096, description="Folder of training images (searched recursively)."
+        min_length=1,
+        max_length=4096,
+        description="Training images: a folder (searched recursively) or a packed dataset (pixpro pack), "
+        f"as a local path or an fsspec URL ({', '.join(s + '://' for s in URL_SCHEMES)}).",
+    )
+    storage_options: dict[str, _StorageOptionValue] = Field(
+        default_factory=dict,
+        description="fsspec storage options for a data.root URL (endpoint_url, client_kwargs, ...); "
+        "credentials are refused: they come from the environment, as for checkpoints.",
+    )
+    cache: Literal["none", "memory", "disk"] = Field(
+        "none",
+        description="Keep the encoded bytes of samples once read: memory (per loader process) or disk "
+        "(cache_dir on node-local storage, shared by the node's ranks); bounded by cache_gb.",
+    )
+    cache_gb: float = Field(8.0, gt=0, le=1e6, description="Size bound of the cache, in GB.")
+    cache_dir: str | None = Field(
+        None,
+        min_length=1,
+        max_length=4096,
+        description="Node-local folder of the disk cache (default: $TMPDIR/pixpro-cache/<run name>).",
     )
     demo: DemoDataSpec | None = Field(
         None,
@@ -330,6 +350,20 @@ class DataSpec(_Spec):
     @classmethod
     def _crop_scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
         return _check_range_pair(value, 0.0, 1.0)
+
+    @field_validator("root")
+    @classmethod
+    def _root_url(cls, value: str) -> str:
+        checked = _check_url(value)
+        assert checked is not None
+        return checked
+
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _no_credentials(cls, value: Any) -> Any:
+        if secret_paths(value):
+            raise _fail("credentials", _CREDENTIALS_HINT)
+        return value
 
 
 # ------------------------------------------------------------------------------------ model and loss
@@ -482,6 +516,34 @@ def _contains_credentials(value: Any) -> bool:
     return bool(secret_paths(value))
 
 
+def _check_url(value: str | None) -> str | None:
+    """A plain path, or a URL of a supported scheme without user-info (credentials come from the
+    environment) and with a bucket where the scheme needs one."""
+    if value is None:
+        return None
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise _fail("url_control_chars", "must not contain control characters")
+    match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)\Z", value, re.DOTALL)
+    if match is None:
+        return value  # a plain local path
+    scheme, rest = match.group(1), match.group(2)
+    if scheme.lower() not in URL_SCHEMES:
+        raise _fail(
+            "url_scheme",
+            f"unsupported scheme {scheme!r}; use one of "
+            f"{', '.join(s + '://' for s in URL_SCHEMES)} or a plain path",
+        )
+    netloc = rest.split("/", 1)[0]
+    if "@" in netloc:
+        raise _fail(
+            "credentials",
+            "must not embed user info (user[:secret]@); credentials come from the environment",
+        )
+    if scheme.lower() in ("s3", "gs", "az") and not netloc:
+        raise _fail("url_bucket", f"{scheme}:// URL needs a bucket or container")
+    return value
+
+
 class CheckpointSpec(_Spec):
     """Where and how often training state is committed (see docs on the commit protocol)."""
 
@@ -508,29 +570,7 @@ class CheckpointSpec(_Spec):
     @field_validator("url")
     @classmethod
     def _supported_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        if any(ord(c) < 32 or ord(c) == 127 for c in value):
-            raise _fail("url_control_chars", "must not contain control characters")
-        match = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)\Z", value, re.DOTALL)
-        if match is None:
-            return value  # a plain local path
-        scheme, rest = match.group(1), match.group(2)
-        if scheme.lower() not in URL_SCHEMES:
-            raise _fail(
-                "url_scheme",
-                f"unsupported scheme {scheme!r}; use one of "
-                f"{', '.join(s + '://' for s in URL_SCHEMES)} or a plain path",
-            )
-        netloc = rest.split("/", 1)[0]
-        if "@" in netloc:
-            raise _fail(
-                "credentials",
-                "must not embed user info (user[:secret]@); credentials come from the environment",
-            )
-        if scheme.lower() in ("s3", "gs", "az") and not netloc:
-            raise _fail("url_bucket", f"{scheme}:// URL needs a bucket or container")
-        return value
+        return _check_url(value)
 
     @field_validator("storage_options", mode="before")
     @classmethod
@@ -718,6 +758,9 @@ CROSS_FIELD_RULES: dict[str, str] = {
     "cpu_autocast": "not with precision fp16",
     "data.crop_size": "at least the backbone's min_crop (last feature map at least 2x2)",
     "data.demo.image_size": "at least data.crop_size",
+    "data.demo": "only with a local data.root",
+    "data.cache_dir": "a local path",
+    "data.root": "no user info, a bucket for object stores",
     "data.crop_scale": "0 < lo <= hi <= 1",
     "data.spatial": "scale 0 < lo <= hi; translate fractions in [0, 1]",
     "checkpoint.url": "no user info, a bucket for object stores",
@@ -744,6 +787,10 @@ def _model_problems(spec: RunSpec) -> list[str]:
             f"data.demo.image_size: {demo.image_size} px demo images are smaller than data.crop_size "
             f"({crop}); the loader would skip every image"
         )
+    if demo is not None and "://" in spec.data.root and not spec.data.root.lower().startswith("file://"):
+        problems.append("data.demo: the demo dataset is generated into a local data.root, not a URL")
+    if spec.data.cache_dir is not None and "://" in spec.data.cache_dir:
+        problems.append("data.cache_dir: the disk cache lives on node-local storage: a local path")
     return problems
 
 
@@ -754,11 +801,12 @@ _HASH_EXCLUDE: dict[str, Any] = {
     "checkpoint": True,
     "log_every_steps": True,
     "threads": True,
-    "data": {"num_workers"},
+    "data": {"num_workers", "storage_options", "cache", "cache_gb", "cache_dir"},
 }
 """Fields that do not change what is trained, so a resume may change them: resources (world size is
 checked separately, from the checkpoint), where/how often checkpoints go, logging cadence, DataLoader
-workers (augmentation is seeded per sample, not per worker) and CPU threads (only float rounding)."""
+workers (augmentation is seeded per sample, not per worker), how data is reached and cached (never what
+a sample is) and CPU threads (only float rounding)."""
 
 
 _ADDED_LATER: dict[str, Any] = {"cpu_autocast": False}

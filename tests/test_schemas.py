@@ -50,6 +50,10 @@ FULL: dict[str, Any] = {
         ],
         "batch_size": 8,
         "num_workers": 0,
+        "storage_options": {},
+        "cache": "disk",
+        "cache_gb": 2.5,
+        "cache_dir": "/local/cache",
     },
     "model": {
         "backbone": "resnet18",
@@ -1141,3 +1145,25 @@ def test_set_overrides_are_validated_like_the_file() -> None:
             apply_overrides(MINIMAL, [bad])
         (line,) = info.value.problems
         assert line.startswith(message), line
+
+
+def test_data_root_urls_storage_options_and_cache() -> None:
+    base = {
+        "name": "urls",
+        "data": {"root": "s3://bucket/imagenet-packed", "storage_options": {"anon": False}},
+    }
+    spec = parse_spec(base)
+    assert spec.data.root == "s3://bucket/imagenet-packed" and spec.data.cache == "none"
+    cached = parse_spec(with_value(with_value(base, "data.cache", "disk"), "data.cache_gb", 100))
+    assert spec_hash(cached) == spec_hash(spec)  # how data is reached and cached never changes a sample
+    for dotted, value, field in [
+        ("data.root", "s3://user:pw@bucket/x", "data.root"),
+        ("data.root", "ftp://host/x", "data.root"),
+        ("data.storage_options", {"secret": "abc"}, "data.storage_options"),
+        ("data.cache", "ssd", "data.cache"),
+        ("data.cache_dir", "s3://bucket/cache", "data.cache_dir"),
+        ("data.demo", {"num_images": 8, "image_size": 256, "seed": 1}, "data.demo"),
+    ]:
+        lines = errors_of(with_value(base, dotted, value))
+        assert any(line.startswith(field) for line in lines), (dotted, lines)
+        assert "pw" not in " ".join(lines) and "abc" not in " ".join(lines)

@@ -1,0 +1,75 @@
+"""The trainer on packed data and on data in S3: the same run as on the folder, bitwise, through a
+resume and through cut connections; replaced samples are counted in metrics and status."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+from launch.preempt import EXIT_PREEMPTED
+from launch.records import read_metrics
+from launch.store import CheckpointStore
+from launch.tools.pack import main as pack_main
+from tests.conftest_s3 import MotoS3, s3_storage_options
+from tests.faultproxy import FaultProxy
+from tests.trainutil import assert_identical, final_state, run_trainer, tiny_spec, write_spec
+
+
+def _model_of(state: dict) -> dict:
+    """What training produced (train.pt's state, every rank's RNG), not the spec hash that names the root."""
+    return {"state": state["train.pt"]["state"], **{k: v for k, v in state.items() if k.startswith("rank")}}
+
+
+def _folder_run_and_pack(tmp_path, data_root):
+    golden_spec = write_spec(tmp_path / "golden.json", tiny_spec(data_root))
+    res = run_trainer(golden_spec, tmp_path / "golden")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert pack_main([str(data_root / "images"), str(tmp_path / "packed"), "--shard-size", "20KB"]) == 0
+    return final_state(str(tmp_path / "golden" / "checkpoints"))
+
+
+def test_packed_data_trains_bitwise_like_the_folder_through_a_resume(tmp_path, data_root):
+    golden = _folder_run_and_pack(tmp_path, data_root)
+    packed = tiny_spec(tmp_path / "packed")
+    del packed["data"]["demo"]
+    spec = write_spec(tmp_path / "packed.json", packed)
+    run = tmp_path / "run"
+    assert run_trainer(spec, run, PIXPRO_STOP_AT_STEP="4").returncode == EXIT_PREEMPTED
+    res = run_trainer(spec, run)
+    assert res.returncode == 0 and "resumed from step 4" in res.stderr, res.stderr[-3000:]
+    assert_identical(_model_of(golden), _model_of(final_state(str(run / "checkpoints"))))
+    records = read_metrics(CheckpointStore(str(run / "checkpoints")))
+    assert records[-1]["data_skips"] == 0
+
+
+def test_packed_data_in_s3_through_cut_connections_trains_bitwise_alike(
+    tmp_path, data_root, moto_s3: MotoS3, fault_proxy: FaultProxy, raw_s3
+):
+    golden = _folder_run_and_pack(tmp_path, data_root)
+    url = f"s3://{moto_s3.bucket}/data-{tmp_path.name}"
+    raw_s3.put(str(tmp_path / "packed"), url.removeprefix("s3://"), recursive=True)
+    spec_dict = tiny_spec(
+        tmp_path / "unused", data__root=url, data__storage_options=s3_storage_options(fault_proxy.url)
+    )
+    del spec_dict["data"]["demo"]
+    spec = write_spec(tmp_path / "s3.json", spec_dict)
+    stop = threading.Event()
+
+    def cut_now_and_then() -> None:  # a connection cut 200 bytes into its request, every 0.2 s
+        while not stop.wait(0.2):
+            if fault_proxy.mode == "pass":
+                fault_proxy.reset_after(200, once=True)
+
+    faults = threading.Thread(target=cut_now_and_then, daemon=True)
+    faults.start()
+    try:
+        res = run_trainer(spec, tmp_path / "run")
+    finally:
+        stop.set()
+        faults.join()
+        fault_proxy.passthrough()
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert fault_proxy.stats.resets >= 3, fault_proxy.stats
+    assert_identical(_model_of(golden), _model_of(final_state(str(tmp_path / "run" / "checkpoints"))))
+    status = json.loads((tmp_path / "run" / "checkpoints" / "status.json").read_text())
+    assert status["state"] == "completed" and status["data_skips"] == 0  # retried, never replaced
