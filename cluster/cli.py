@@ -462,5 +462,20 @@ def plot(
     _run_tool("viz", ["plot", _source(ident), "-o", str(output)])
 
 
+@app.command()
+@guard
+def pack(
+    src: Annotated[str, typer.Argument(help="Folder or URL of JPEG/PNG images (class folders or flat).")],
+    dest: Annotated[str, typer.Argument(help="Folder or URL for the shards, index and manifest.")],
+    shard_size: Annotated[str, typer.Option(help="Target shard size, e.g. 512MB, 1GB.")] = "512MB",
+    workers: Annotated[int | None, typer.Option(help="Processes (default: every core).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Pack images into tar shards with a flat index (set data.root to DEST); a killed pack continues,
+    a finished one is verified."""
+    args = [src, dest, "--shard-size", shard_size] + (["--workers", str(workers)] if workers else [])
+    _run_tool("pack", args + (["--json"] if as_json else []))
+
+
 if __name__ == "__main__":
     app()

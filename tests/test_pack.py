@@ -226,3 +226,18 @@ def test_cache_keeps_bytes_up_to_its_bound_and_never_changes_a_sample(tmp_path: 
         assert 0 < held <= bound
         other = CachedSource(packed, "disk", bound, str(tmp_path / "cache"))  # another rank on the node
         assert [other.read(i) for i in usable] == first and other.hits == cache.hits
+
+
+def test_pixpro_pack_console_script(tmp_path: Path) -> None:
+    from cli_support import PIXPRO
+
+    src = _images(tmp_path / "src", n=5)
+    run = [PIXPRO, "pack", str(src), str(tmp_path / "out"), "--workers", "1", "--json"]
+    first = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and json.loads(first.stdout)["action"] == "packed", first.stderr
+    again = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert json.loads(again.stdout)["action"] == "verified"
+    bad = subprocess.run(
+        [PIXPRO, "pack", str(tmp_path / "nope"), str(tmp_path / "x")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
