@@ -6,7 +6,7 @@ SPEC ?= launch/specs/demo.json
 # Job history of the local test cluster: slurmdbd (real accounting: mariadbd + slurmdbd) or jobcomp.
 SLURM_ACCOUNTING ?= $(or $(PIXPRO_SLURM_ACCOUNTING),slurmdbd)
 
-.PHONY: venv demo test lint services bench clean-services gpu-check
+.PHONY: venv demo test test-unit lint services bench clean-services gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ services: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# No root, no services (SLURM, moto server), about 2 minutes on 2 cores: the end-to-end trainer runs
+# (slow) and the SLURM tests (cluster) are left to `make test`.
+test-unit: venv
+	$(PY) -m pytest -q -m "not cluster and not slow"
 
 test: services lint
 	$(PY) -m pytest -q

@@ -217,6 +217,7 @@ def test_fuzz_1000_malformed_specs_exit_2_one_line_per_problem(tmp_path: Path) -
 
 
 # ----------------------------------------------------------------------------------------- submit
+@pytest.mark.cluster
 def test_dry_run_prints_sbatch_and_torchrun_and_writes_nothing(home: Path, spec_file: Path) -> None:
     which_or_fail("sbatch", "sinfo")
     name = json.loads(spec_file.read_text())["name"]
@@ -253,6 +254,7 @@ def test_dry_run_prints_sbatch_and_torchrun_and_writes_nothing(home: Path, spec_
     assert not home.exists()
 
 
+@pytest.mark.cluster
 def test_impossible_resources_exit_2_and_submit_nothing(home: Path, spec_file: Path, tmp_path: Path) -> None:
     which_or_fail("sbatch", "sinfo")
     name = json.loads(spec_file.read_text())["name"]

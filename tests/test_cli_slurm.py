@@ -36,7 +36,7 @@ from cli_support import (
 
 from pixpro import demo_data
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 SHARED = Path("/tmp/pixpro-cli-slurm-tests")  # every node sees it: both nodes run on this machine
 # The demo data is shared across sessions; a new generator version must not meet an old cached copy.

@@ -18,6 +18,8 @@ from pixpro.model import build_backbone
 from schemas import load_spec
 from tests.trainutil import final_state, run_trainer, tiny_spec, write_spec
 
+pytestmark = [pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = [pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benches" / "gpu_check.py"
 FIELDS = {"name", "title", "status", "reason", "summary", "numbers", "seconds", "budget_s"}

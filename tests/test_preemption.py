@@ -25,6 +25,8 @@ from tests.trainutil import (
     write_spec,
 )
 
+pytestmark = [pytest.mark.slow]
+
 STEPS = 30
 
 

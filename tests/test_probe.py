@@ -18,6 +18,8 @@ from pixpro.model import build_backbone
 from schemas import load_spec
 from tests.trainutil import tiny_spec, write_spec
 
+pytestmark = [pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:

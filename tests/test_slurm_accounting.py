@@ -231,6 +231,7 @@ def wait_for(what: str, predicate: Callable[[], object], timeout: float) -> obje
         time.sleep(0.3)
 
 
+@pytest.mark.cluster
 @pytest.mark.timeout(240)
 def test_status_through_two_requeues_and_cancel(
     cluster_env: tuple[str, dict[str, str]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path

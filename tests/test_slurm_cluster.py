@@ -19,6 +19,8 @@ from subprocess import CompletedProcess
 
 import pytest
 
+pytestmark = [pytest.mark.cluster]
+
 REPO = Path(__file__).resolve().parents[1]
 SETUP_HINT = f"run `{REPO / 'cluster/slurm/setup.sh'}` as root first (it installs and starts local SLURM)"
 NODES = ("node1", "node2")

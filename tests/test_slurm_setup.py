@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.cluster]
+
 REPO = Path(__file__).resolve().parents[1]
 SETUP = REPO / "cluster/slurm/setup.sh"
 STOP = REPO / "cluster/slurm/stop.sh"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import threading
 
+import pytest
+
 from launch.preempt import EXIT_PREEMPTED
 from launch.records import read_metrics
 from launch.store import CheckpointStore
@@ -13,6 +15,8 @@ from launch.tools.pack import main as pack_main
 from tests.conftest_s3 import MotoS3, s3_storage_options
 from tests.faultproxy import FaultProxy
 from tests.trainutil import assert_identical, final_state, run_trainer, tiny_spec, write_spec
+
+pytestmark = [pytest.mark.slow]
 
 
 def _model_of(state: dict) -> dict:

@@ -10,6 +10,8 @@ from launch.records import read_metrics
 from launch.store import CheckpointStore
 from tests.trainutil import assert_identical, final_state, run_trainer, tiny_spec, write_spec
 
+pytestmark = [pytest.mark.slow]
+
 
 @pytest.fixture(scope="module")
 def golden(tmp_path_factory, data_root):

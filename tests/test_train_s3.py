@@ -6,6 +6,8 @@ from __future__ import annotations
 import signal
 import time
 
+import pytest
+
 from launch.store import CheckpointStore
 from tests.conftest_s3 import s3_storage_options
 from tests.trainutil import (
@@ -17,6 +19,8 @@ from tests.trainutil import (
     trainer_env,
     write_spec,
 )
+
+pytestmark = [pytest.mark.slow]
 
 
 def _s3_spec(data_root, url, endpoint):
