@@ -8,13 +8,14 @@ on 127.0.0.1, optionally through :class:`FaultProxy` so tests can cut, slow or s
 from __future__ import annotations
 
 import logging
-import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+
+from tests.support.procs import free_port
 
 try:
     from tests.faultproxy import FaultProxy
@@ -38,12 +39,6 @@ class MotoS3:
     @property
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def s3_storage_options(endpoint: str, **config: Any) -> dict[str, Any]:

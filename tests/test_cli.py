@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_support import PIXPRO, assert_one_line_error, cli, which_or_fail, write_spec
-from cli_support import tiny_spec as _tiny_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -34,13 +32,10 @@ from cluster.states import AttemptState, follow_exit_code, slurm_state
 from launch.store import CheckpointStore
 from schemas import SpecError, load_spec
 from schemas.contract import MetricsRecord, TrainerStatus
+from tests.support.cli import PIXPRO, assert_one_line_error, cli, which_or_fail, write_spec
+from tests.support.cli import cluster_tiny_spec as tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_spec(data_root: Path, name: str = "tiny", **overrides: Any) -> dict[str, Any]:
-    """cli_support's tiny spec at crop 40: resnet18's last feature map must be at least 2x2 (crop >= 33)."""
-    return _tiny_spec(data_root, name, **{"data__crop_size": 40, **overrides})
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ one thread per rank). Without a running cluster they fail and say how to start i
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -22,19 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_support import (
+
+from pixpro import demo_data
+from tests.support.cli import (
     REPO,
     SETUP_HINT,
     assert_one_line_error,
     cli,
+    cluster_tiny_spec,
     job_log,
     status_json,
-    tiny_spec,
     wait_status,
     write_spec,
 )
-
-from pixpro import demo_data
+from tests.support.procs import wait_for
+from tests.support.trainer import assert_identical, final_state
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -77,7 +78,7 @@ def home() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def spec_file(home: Path) -> Path:
     # One data root for all runs: the demo images are identical, and so is the spec hash.
-    return write_spec(home.parent / "tiny.json", tiny_spec(SHARED / DATA_DIR))
+    return write_spec(home.parent / "tiny.json", cluster_tiny_spec(SHARED / DATA_DIR))
 
 
 def submit(home: Path, spec: Path, *args: str, env: dict[str, str] | None = None) -> tuple[str, str]:
@@ -86,16 +87,6 @@ def submit(home: Path, spec: Path, *args: str, env: dict[str, str] | None = None
     out = json.loads(proc.stdout)
     _jobs.append(out["job_id"])
     return out["run_id"], out["job_id"]
-
-
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float, interval: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def local_latest(ckpt: Path) -> Callable[[], dict[str, Any] | None]:
@@ -108,50 +99,8 @@ def local_latest(ckpt: Path) -> Callable[[], dict[str, Any] | None]:
     return read
 
 
-def flat(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from flat(v, f"{prefix}.{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from flat(v, f"{prefix}[{i}]")
-    else:
-        yield prefix, obj
-
-
-def final_state(read: Callable[[str], bytes]) -> dict[str, Any]:
-    """Every tensor and value of every file of the final checkpoint (``train.pt`` and each rank's RNG)."""
-    import torch
-
-    prefix = json.loads(read("latest"))["prefix"]
-    out: dict[str, Any] = {}
-    for entry in json.loads(read(f"{prefix}/manifest.json"))["files"]:
-        data = read(f"{prefix}/{entry['name']}")
-        out |= dict(flat(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), entry["name"]))
-    return out
-
-
-def assert_same_state(got: dict[str, Any], want: dict[str, Any], what: str) -> None:
-    import torch
-
-    assert got.keys() == want.keys(), f"{what}: different entries {sorted(got.keys() ^ want.keys())[:5]}"
-    differ = [
-        k
-        for k in want
-        if (not torch.equal(got[k], want[k]) if torch.is_tensor(want[k]) else got[k] != want[k])
-    ]
-    assert not differ, (
-        f"{what}: the final checkpoint differs from the uninterrupted run in {len(differ)} of "
-        f"{len(want)} entries (first: {differ[:4]}); zero tolerance"
-    )
-
-
 def run_dir(home: Path, run_id: str) -> Path:
     return home / "runs" / run_id
-
-
-def files_reader(root: Path) -> Callable[[str], bytes]:
-    return lambda rel: (root / rel).read_bytes()
 
 
 def finished(row: dict[str, Any]) -> bool:
@@ -169,7 +118,7 @@ def reference(home: Path, spec_file: Path, nodes: int, gpus: int) -> dict[str, A
         "run_id": run_id,
         "job": job,
         "row": row,
-        "state": final_state(files_reader(run_dir(home, run_id) / "checkpoints")),
+        "state": final_state(str(run_dir(home, run_id) / "checkpoints")),
     }
 
 
@@ -270,7 +219,7 @@ def test_preemption_by_high_partition_requeues_same_job_and_ends_equal(
         ["sacct", "-n", "-P", "-j", high, "-o", "State"], capture_output=True, text=True
     )
     assert "COMPLETED" in high_state.stdout, high_state.stdout
-    assert_same_state(final_state(files_reader(ckpt)), ref4["state"], "preempted 2x2 run")
+    assert_identical(ref4["state"], final_state(str(ckpt)), "preempted 2x2 run")
 
 
 @pytest.mark.timeout(600)
@@ -294,9 +243,8 @@ def test_scontrol_requeue_then_usr2_resume_a_resumed_run_exactly(
         row,
     )
     assert (latest() or {}).get("attempt") == f"{job}.2", latest()  # three segments: .0, .1, .2
-    assert_same_state(
-        final_state(files_reader(run_dir(home, run_id) / "checkpoints")), ref2["state"], "requeued + USR2 run"
-    )
+    ckpt = str(run_dir(home, run_id) / "checkpoints")
+    assert_identical(ref2["state"], final_state(ckpt), "requeued + USR2 run")
 
 
 @pytest.mark.timeout(600)
@@ -326,9 +274,7 @@ def test_cancel_then_resume_by_job_id_continues_exactly(
     record = json.loads((rdir / "run.json").read_bytes())
     assert record["attempts"] == [first, second] and record["cancelled"] == [first]
     assert json.loads((rdir / "checkpoints" / "run.json").read_bytes())["attempts"] == [first, second]
-    assert_same_state(
-        final_state(files_reader(rdir / "checkpoints")), ref2["state"], "cancelled + resumed run"
-    )
+    assert_identical(ref2["state"], final_state(str(rdir / "checkpoints")), "cancelled + resumed run")
 
 
 def trainers(job: str) -> dict[int, list[int]]:
@@ -355,7 +301,7 @@ def test_sigkill_of_a_rank_on_either_node_restarts_every_node_and_ends_exact(
     import random
 
     rng = random.Random(os.getpid())
-    tiny = tiny_spec(SHARED / DATA_DIR, resources__max_restarts=3)
+    tiny = cluster_tiny_spec(SHARED / DATA_DIR, resources__max_restarts=3)
     spec = write_spec(home.parent / "tiny-restarts.json", tiny)
     run_id, job = submit(home, spec, "--nodes", "2", "--gpus", "1")
     rdir = run_dir(home, run_id)
@@ -390,7 +336,7 @@ def test_sigkill_of_a_rank_on_either_node_restarts_every_node_and_ends_exact(
     log = job_log(rdir, job, lines=10**6)
     assert "Connection refused" not in log, log[-3000:]
     assert row["attempts"][0]["job_id"] == job and len(row["attempts"]) == 1, row
-    assert_same_state(final_state(files_reader(rdir / "checkpoints")), ref2["state"], "run with killed ranks")
+    assert_identical(ref2["state"], final_state(str(rdir / "checkpoints")), "run with killed ranks")
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +371,7 @@ def test_s3_checkpoints_through_requeue_cancel_resume(home: Path, moto: str, ref
     url = f"s3://{bucket}/runs/tiny"
     spec = write_spec(
         home.parent / "tiny-s3.json",
-        tiny_spec(SHARED / DATA_DIR, checkpoint__url=url, checkpoint__storage_options=options),
+        cluster_tiny_spec(SHARED / DATA_DIR, checkpoint__url=url, checkpoint__storage_options=options),
     )
 
     def read(rel: str) -> bytes:
@@ -466,5 +412,8 @@ def test_s3_checkpoints_through_requeue_cancel_resume(home: Path, moto: str, ref
         read("status.json").decode(),
     ):
         assert secret not in text and S3_ENV["AWS_ACCESS_KEY_ID"] not in text
-    assert_same_state(final_state(read), ref2["state"], "S3 run through USR2 requeue, cancel and resume")
+    creds = {"key": S3_ENV["AWS_ACCESS_KEY_ID"], "secret": S3_ENV["AWS_SECRET_ACCESS_KEY"]}
+    assert_identical(
+        ref2["state"], final_state(url, {**options, **creds}), "S3 run (USR2 requeue, cancel, resume)"
+    )
     assert status_json(home, run_id, env=S3_ENV)["state"] == "COMPLETED"

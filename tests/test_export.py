@@ -16,7 +16,7 @@ from launch.tools.weights import load_online_encoder
 from launch.train import build_model
 from pixpro.model import build_backbone
 from schemas import load_spec
-from tests.trainutil import final_state, run_trainer, tiny_spec, write_spec
+from tests.support.trainer import final_state, run_trainer, tiny_spec, write_spec
 
 pytestmark = [pytest.mark.slow]
 

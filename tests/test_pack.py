@@ -21,7 +21,7 @@ from launch.tools.pack import parse_size
 from pixpro.augment import TwoViewTransform
 from pixpro.data import ImageFolder, TwoViewDataset
 from pixpro.sources import CachedSource, FolderSource, PackedSource, open_source
-from tests.trainutil import REPO, trainer_env
+from tests.support.trainer import REPO, trainer_env
 
 
 def _images(root: Path, n: int = 30) -> Path:
@@ -229,7 +229,7 @@ def test_cache_keeps_bytes_up_to_its_bound_and_never_changes_a_sample(tmp_path: 
 
 
 def test_pixpro_pack_console_script(tmp_path: Path) -> None:
-    from cli_support import PIXPRO
+    from tests.support.cli import PIXPRO
 
     src = _images(tmp_path / "src", n=5)
     run = [PIXPRO, "pack", str(src), str(tmp_path / "out"), "--workers", "1", "--json"]

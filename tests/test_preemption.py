@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from launch.preempt import EXIT_PREEMPTED, children_of
-from tests.trainutil import (
+from tests.support.trainer import (
     REPO,
     assert_identical,
     final_state,

@@ -16,7 +16,7 @@ from launch.train import build_model
 from pixpro.demo_data import generate_demo_dataset
 from pixpro.model import build_backbone
 from schemas import load_spec
-from tests.trainutil import tiny_spec, write_spec
+from tests.support.trainer import tiny_spec, write_spec
 
 pytestmark = [pytest.mark.slow]
 

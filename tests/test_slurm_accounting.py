@@ -20,13 +20,14 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from cluster import slurm
 from cluster.states import ACTIVE, STATES, AttemptState, slurm_state
+from tests.support.procs import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -218,17 +219,6 @@ def cluster_env(request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str,
         subprocess.run(["bash", str(REPO / "cluster/slurm/stop.sh"), "--cancel-jobs"], env=env,
                        capture_output=True, timeout=120)  # fmt: skip
         shutil.rmtree(path, ignore_errors=True)
-
-
-def wait_for(what: str, predicate: Callable[[], object], timeout: float) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.3)
 
 
 @pytest.mark.cluster

@@ -13,11 +13,13 @@ import subprocess
 import textwrap
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from subprocess import CompletedProcess
 
 import pytest
+
+from tests.support.procs import wait_for
 
 pytestmark = [pytest.mark.cluster]
 
@@ -36,17 +38,6 @@ def run(*args: str, check: bool = True, timeout: float = 30, cwd: Path | None = 
         detail = proc.stderr.strip() or proc.stdout.strip()
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}): {detail}")
     return proc
-
-
-def wait_for(what: str, predicate: Callable[[], object], timeout: float, interval: float = 0.5) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def sbatch(*args: str, cwd: Path) -> str:

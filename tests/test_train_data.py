@@ -14,7 +14,7 @@ from launch.store import CheckpointStore
 from launch.tools.pack import main as pack_main
 from tests.conftest_s3 import MotoS3, s3_storage_options
 from tests.faultproxy import FaultProxy
-from tests.trainutil import assert_identical, final_state, run_trainer, tiny_spec, write_spec
+from tests.support.trainer import assert_identical, final_state, run_trainer, tiny_spec, write_spec
 
 pytestmark = [pytest.mark.slow]
 

@@ -8,7 +8,7 @@ import torch
 from launch.preempt import EXIT_PREEMPTED
 from launch.records import read_metrics
 from launch.store import CheckpointStore
-from tests.trainutil import assert_identical, final_state, run_trainer, tiny_spec, write_spec
+from tests.support.trainer import assert_identical, final_state, run_trainer, tiny_spec, write_spec
 
 pytestmark = [pytest.mark.slow]
 
@@ -98,7 +98,7 @@ def test_a_checkpoint_without_spec_hash_is_refused_in_one_line(tmp_path, data_ro
     import subprocess
     import sys
 
-    from tests.trainutil import REPO, trainer_env
+    from tests.support.trainer import REPO, trainer_env
 
     spec_path = write_spec(tmp_path / "spec.json", tiny_spec(data_root))
     run = tmp_path / "run"

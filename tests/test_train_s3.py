@@ -10,7 +10,7 @@ import pytest
 
 from launch.store import CheckpointStore
 from tests.conftest_s3 import s3_storage_options
-from tests.trainutil import (
+from tests.support.trainer import (
     REPO,
     assert_identical,
     final_state,

@@ -16,7 +16,7 @@ from launch.records import read_metrics
 from launch.store import CheckpointStore
 from launch.tools.plots import DPI, FIGSIZE, metrics_figure
 from launch.tools.viz import PAIRS_FIGSIZE, main, pairs_figure
-from tests.trainutil import REPO
+from tests.support.trainer import REPO
 
 
 def _png_size(path: Path) -> tuple[int, int]:

@@ -13,40 +13,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.support.trainer import tiny_spec
+
 REPO = Path(__file__).resolve().parents[1]
 PIXPRO = str(Path(sys.executable).with_name("pixpro"))
 SETUP_HINT = f"run `bash {REPO / 'cluster/slurm/setup.sh'}` as root first (it starts the local SLURM cluster)"
 
 
-def tiny_spec(data_root: Path, name: str = "tiny", **overrides: Any) -> dict[str, Any]:
-    """~32 images of 48 px, crop 40, resnet18, projector 64/32, batch 4, 20 steps, a commit every 2 steps.
+CLUSTER_TINY = {
+    "seed": 0,
+    "data__demo": {"num_images": 32, "image_size": 48, "seed": 0},
+    "data__crop_size": 40,  # resnet18 needs > 32 px for a 2x2 map
+    "data__crop_scale": [0.08, 1.0],
+    "optim__epochs": 100,
+    "optim__warmup_epochs": 1,
+    "optim__max_steps": 20,
+    "checkpoint__every_steps": 2,
+    "resources": {"nodes": 1, "gpus_per_node": 0, "time_limit_min": 60, "signal_lead_s": 60},
+}
+"""The CLI/SLURM tests' run: 32 images of 48 px, crop 40, 20 steps, a commit every 2 steps (seconds a run)."""
 
-    Bitwise-reproducible on CPU: fp32, one thread per rank, no loader workers."""
-    spec: dict[str, Any] = {
-        "name": name,
-        "seed": 0,
-        "data": {
-            "root": str(data_root),
-            "demo": {"num_images": 32, "image_size": 48, "seed": 0},
-            "crop_size": 40,  # resnet18 needs > 32 px for a 2x2 map
-            "batch_size": 4,
-            "num_workers": 0,
-        },
-        "model": {"backbone": "resnet18", "projector_hidden": 64, "projector_out": 32},
-        "optim": {"epochs": 100, "warmup_epochs": 1, "max_steps": 20},
-        "precision": "fp32",
-        "threads": 1,
-        "checkpoint": {"every_steps": 2, "every_minutes": None, "keep_last": 3},
-        "log_every_steps": 1,
-        "resources": {"nodes": 1, "gpus_per_node": 0, "time_limit_min": 60, "signal_lead_s": 60},
-    }
-    for dotted, value in overrides.items():
-        node = spec
-        *path, last = dotted.split("__")
-        for key in path:
-            node = node.setdefault(key, {})
-        node[last] = value
-    return spec
+
+def cluster_tiny_spec(data_root: Path, name: str = "tiny", **overrides: Any) -> dict[str, Any]:
+    """:func:`tests.support.trainer.tiny_spec` with :data:`CLUSTER_TINY`."""
+    return tiny_spec(data_root, **{**CLUSTER_TINY, **overrides}) | {"name": name}
 
 
 def write_spec(path: Path, spec: dict[str, Any]) -> Path:
