@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from cluster import local, slurm
+from cluster.executors import executor
 from cluster.record import RunRecord
 from cluster.states import AttemptState, follow_exit_code
 
@@ -22,11 +22,7 @@ STATE_EVERY_S = 2.0
 
 
 def log_files(record: RunRecord, job_id: str) -> list[Path]:
-    rdir = Path(record.run_dir)
-    if record.executor == "local":
-        return [local.log_path(rdir, job_id)]
-    folder = rdir / slurm.SUBMITIT_DIR
-    return [folder / f"{job_id}_{node}_log.out" for node in range(record.nodes)]
+    return executor(record.executor).log_files(record, job_id)
 
 
 def rank_filter(rank: int | None) -> Callable[[str], bool]:
@@ -107,7 +103,7 @@ def follow(
                 ended_since = None
             else:
                 ended_since = ended_since or now
-                settle = 0.0 if record.executor == "local" else (30.0 if state.state == "PREEMPTED" else 4.0)
+                settle = executor(record.executor).settle_s(state)
                 if now - ended_since >= settle:
                     time.sleep(POLL_S)
                     tail.pump(final=True)

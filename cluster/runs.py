@@ -11,24 +11,21 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from cluster import local, slurm
 from cluster.errors import Failure, UsageError
+from cluster.executors import Description, choose, executor
 from cluster.home import new_run_id, run_dir
 from cluster.index import Index
-from cluster.node_task import NodeTask
-from cluster.preflight import check_local_gpus, run_preflight
+from cluster.preflight import run_preflight
 from cluster.progress import open_run_store
 from cluster.record import CANCEL_MARKER, RECORD_FILE, SPEC_FILE, RunRecord, atomic_write, write_local
-from cluster.torchrun import free_port, launch_command, procs_per_node, shell_join, torchrun_options
+from cluster.torchrun import launch_command, procs_per_node, shell_join, torchrun_options
 from launch.store.format import absolute_url
 from schemas import RunSpec, SpecError, apply_overrides, load_spec, load_spec_data, parse_spec, spec_hash
-
-EXECUTORS = ("auto", "slurm", "local")
 
 
 def pixpro_version() -> str:
@@ -80,21 +77,9 @@ def spec_json(spec: RunSpec) -> str:
     return json.dumps(spec.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
 
 
-def choose_executor(name: str, dry_run: bool = False) -> str:
-    """``auto`` is SLURM when sbatch is on PATH, else local; a dry run previews SLURM without sbatch (the
-    machine where specs are written often has none), saying that nothing was checked against a cluster."""
-    if name not in EXECUTORS:
-        raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)} (got {name!r})")
-    if name == "auto":
-        return "slurm" if slurm.available() or dry_run else "local"
-    if name == "slurm" and not slurm.available() and not dry_run:
-        raise UsageError("--executor slurm: sbatch is not on PATH (use --executor local on this machine)")
-    return name
-
-
 # ------------------------------------------------------------------------------------------ plan
 @dataclass
-class Plan:
+class Submission:
     """Everything a submission will do, computed without writing anything (``--dry-run`` prints it)."""
 
     spec: RunSpec
@@ -102,48 +87,41 @@ class Plan:
     run_dir: Path
     executor: str
     workdir: Path
-    params: dict[str, Any] = field(default_factory=dict)
-    script: str | None = None
-    estimate: str | None = None
-    cluster_checked: bool = False
+    description: Description
     preflight: dict[str, Any] | None = None
 
+    @property
+    def script(self) -> str | None:
+        return self.description.script
+
+    @property
+    def cluster_checked(self) -> bool:
+        return self.description.cluster_checked
+
     def torchrun_command(self) -> list[str]:
-        res = self.spec.resources
-        if self.executor == "slurm":
-            endpoint, rdzv = "$FIRST_HOST:$PORT", "$SLURM_JOB_ID"
-        else:
-            endpoint, rdzv = f"127.0.0.1:{free_port()}", "local-<n>"
+        res, d = self.spec.resources, self.description
         opts = torchrun_options(
             nnodes=res.nodes,
             nproc_per_node=procs_per_node(res.gpus_per_node),
-            endpoint=endpoint,
-            rdzv_id=rdzv,
+            endpoint=d.endpoint,
+            rdzv_id=d.rdzv_id,
             max_restarts=res.max_restarts,
             log_dir=self.run_dir / "logs",
         )
         return launch_command(opts, self.run_dir / SPEC_FILE, self.run_dir)
 
     def dry_run_text(self) -> str:
+        d = self.description
         out = ["# resolved spec", spec_json(self.spec).rstrip()]
-        if self.script is not None:
-            out += ["", "# sbatch script", self.script.rstrip()]
-            if self.estimate:
-                out += ["", f"# sbatch --test-only: {self.estimate}"]
-            if not self.cluster_checked:
-                out += [
-                    "",
-                    "# sbatch is not on PATH: nothing was checked against a cluster",
-                ]
-        attempt = "$SLURM_JOB_ID.$SLURM_RESTART_COUNT" if self.executor == "slurm" else "local-<n>"
-        env = f"PIXPRO_ATTEMPT={attempt}"
-        out += ["", f"# torchrun command (per node; executor {self.executor}, cwd {self.workdir})"]
-        if self.executor == "slurm":
-            out.append(
-                "# FIRST_HOST=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1); "
-                "PORT derived from the job id and restart count"
-            )
-        out.append(f"{env} PIXPRO_SIGNAL={self.spec.resources.signal} {shell_join(self.torchrun_command())}")
+        if d.script is not None:
+            out += ["", "# sbatch script", d.script.rstrip()]
+            if d.estimate:
+                out += ["", f"# sbatch --test-only: {d.estimate}"]
+            if not d.cluster_checked:
+                out += ["", "# sbatch is not on PATH: nothing was checked against a cluster"]
+        out += ["", f"# torchrun command (per node; executor {self.executor}, cwd {self.workdir})", *d.notes]
+        env = f"PIXPRO_ATTEMPT={d.attempt} PIXPRO_SIGNAL={self.spec.resources.signal}"
+        out.append(f"{env} {shell_join(self.torchrun_command())}")
         out += ["", "# preflight: not run by --dry-run (pixpro validate --deep SPEC runs it; submit does)"]
         return "\n".join(out) + "\n"
 
@@ -158,30 +136,18 @@ def plan_submission(
     overrides: Sequence[str] = (),
     dry_run: bool = False,
     preflight: bool = True,
-) -> Plan:
+) -> Submission:
     """Every check before anything is written: spec, executor resources (local: visible CUDA devices;
     SLURM: sinfo + ``sbatch --test-only``), then the preflight child (skipped by ``--dry-run`` and
     ``--no-preflight``). A dry run without sbatch renders the SLURM plan unchecked."""
     spec = resolve_spec(spec_path, nodes, gpus, overrides)
-    chosen = choose_executor(executor, dry_run=dry_run)
-    if chosen == "local" and spec.resources.nodes > 1:
-        raise UsageError(
-            f"--executor local runs one node; this run asks for {spec.resources.nodes} (--nodes)"
-        )
-    if chosen == "local":
-        check_local_gpus(spec.resources.gpus_per_node)
+    ex = choose(executor, dry_run=dry_run)
+    ex.check(spec)
     run_id = new_run_id(spec.name)
     rdir = run_dir(run_id)
     cwd = Path.cwd()
-    plan = Plan(with_checkpoint_url(spec, rdir, cwd), run_id, rdir, chosen, cwd)
-    if chosen == "slurm":
-        check_cluster = check_cluster and slurm.available()
-        cpus = slurm.node_cpus(plan.spec) if check_cluster else None
-        plan.params = slurm.executor_parameters(plan.spec, cpus)
-        plan.script = slurm.render_script(plan.params, rdir / slurm.SUBMITIT_DIR)
-        if check_cluster:
-            plan.estimate = slurm.preflight(plan.spec, plan.script)
-            plan.cluster_checked = True
+    spec = with_checkpoint_url(spec, rdir, cwd)
+    plan = Submission(spec, run_id, rdir, ex.name, cwd, ex.describe(spec, rdir, check_cluster))
     if preflight and not dry_run:
         plan.preflight = run_preflight(plan.spec)
     return plan
@@ -226,7 +192,7 @@ def _check_checkpoint_folder_free(url: str, options: dict[str, Any]) -> None:
         raise UsageError(f"checkpoint.url {url} already holds run {owner or '(unknown)'}: {hint}")
 
 
-def create_run(plan: Plan) -> RunRecord:
+def create_run(plan: Submission) -> RunRecord:
     _check_checkpoint_folder_free(plan.spec.checkpoint.url or "", plan.spec.checkpoint.storage_options)
     plan.run_dir.mkdir(parents=True, exist_ok=False)
     atomic_write(plan.run_dir / SPEC_FILE, spec_json(plan.spec).encode())
@@ -256,23 +222,13 @@ def _rollback(record: RunRecord, index: Index) -> None:
 
 def submit_attempt(record: RunRecord, spec: RunSpec, index: Index) -> str:
     """Queue one more attempt of the run; returns its job id."""
-    rdir = Path(record.run_dir)
-    if record.executor == "slurm":
-        job_id = slurm.submit(
-            NodeTask.for_run(record),
-            slurm.executor_parameters(spec, slurm.node_cpus(spec)),
-            rdir / slurm.SUBMITIT_DIR,
-            spec,
-        )
-    else:
-        job_id = index.next_local_job_id()
-        local.spawn(rdir, job_id, Path(record.workdir))
+    job_id = executor(record.executor).submit(record, spec, index)
     record.attempts.append(job_id)
     record.submitted[job_id] = time.time()
     return job_id
 
 
-def submit(plan: Plan) -> tuple[RunRecord, str, str | None]:
+def submit(plan: Submission) -> tuple[RunRecord, str, str | None]:
     """Create the run and queue its first attempt: (record, job id, warning or None)."""
     index = Index()
     record = create_run(plan)
@@ -299,14 +255,7 @@ def resume(ident: str) -> tuple[RunRecord, str, str | None]:
             f"run {record.run_id} still has attempt {job} {st.state}: wait, or pixpro cancel {job} first"
         )
     spec = load_spec(record.spec_path)
-    if record.executor == "slurm":
-        slurm.preflight(
-            spec,
-            slurm.render_script(
-                slurm.executor_parameters(spec, slurm.node_cpus(spec)),
-                Path(record.run_dir) / slurm.SUBMITIT_DIR,
-            ),
-        )
+    executor(record.executor).recheck(spec, Path(record.run_dir))
     (Path(record.run_dir) / CANCEL_MARKER).unlink(missing_ok=True)
     job_id = submit_attempt(record, spec, index)
     return record, job_id, save(record, index, strict=False)
@@ -324,13 +273,7 @@ def cancel(ident: str) -> tuple[RunRecord, list[str], str | None]:
     if not active and (latest is None or states[record.run_id][latest].state in ("COMPLETED", "CANCELLED")):
         return record, [], None
     atomic_write(Path(record.run_dir) / CANCEL_MARKER, f"{time.time()}\n".encode())
-    if record.executor == "slurm":
-        slurm.scancel(active)
-    else:
-        for job_id in active:
-            job = local.read_job(Path(record.run_dir), job_id)
-            if job is not None:
-                local.stop(job)
+    executor(record.executor).cancel(record, active)
     marked = active or ([latest] if latest else [])
     record.cancelled = sorted(set(record.cancelled) | set(marked))
     return record, marked, save(record, index, strict=False)

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
-from cluster import local, slurm
+from cluster.executors import executor
 from cluster.progress import Progress, open_run_store, read_progress
 from cluster.record import RunRecord
-from cluster.states import AttemptState, local_state, slurm_state
+from cluster.states import AttemptState
 from launch.store.format import is_local_url
-
-RECENT_S = 120.0  # a job this young may not be visible to squeue/sacct yet: PENDING, not UNKNOWN
 
 
 def read_all_progress(records: list[RunRecord]) -> dict[str, Progress]:
@@ -38,23 +35,15 @@ def read_all_progress(records: list[RunRecord]) -> dict[str, Progress]:
 def attempt_states(
     records: list[RunRecord], progress: dict[str, Progress]
 ) -> tuple[dict[str, dict[str, AttemptState]], list[str]]:
-    """State of every attempt of every run: {run_id: {job_id: AttemptState}}, and warnings."""
-    slurm_ids = [j for r in records if r.executor == "slurm" for j in r.attempts]
-    submitted = {j: t for r in records for j, t in r.submitted.items()}
-    jobs, warnings = slurm.query(slurm_ids, submitted) if slurm_ids else ({}, [])
-    now = time.time()
+    """State of every attempt of every run: {run_id: {job_id: AttemptState}}, and warnings; one batched
+    query per executor."""
+    trainers = {r.run_id: progress[r.run_id].trainer if r.run_id in progress else None for r in records}
     out: dict[str, dict[str, AttemptState]] = {}
-    for rec in records:
-        trainer = progress[rec.run_id].trainer if rec.run_id in progress else None
-        states: dict[str, AttemptState] = {}
-        for job_id in rec.attempts:
-            cancelled = job_id in rec.cancelled
-            if rec.executor == "slurm":
-                recent = now - rec.submitted.get(job_id, 0.0) < RECENT_S
-                states[job_id] = slurm_state(jobs[job_id], trainer, cancelled, recent)
-            else:
-                states[job_id] = local_state(local.read_job(Path(rec.run_dir), job_id), trainer, cancelled)
-        out[rec.run_id] = states
+    warnings: list[str] = []
+    for name in dict.fromkeys(r.executor for r in records):
+        states, more = executor(name).states([r for r in records if r.executor == name], trainers)
+        out.update(states)
+        warnings += more
     return out, warnings
 
 

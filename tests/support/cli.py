@@ -3,6 +3,7 @@ and polling ``pixpro status --json``. No mocks: the CLI runs as users run it."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ CLUSTER_TINY = {
 
 def cluster_tiny_spec(data_root: Path, name: str = "tiny", **overrides: Any) -> dict[str, Any]:
     """:func:`tests.support.trainer.tiny_spec` with :data:`CLUSTER_TINY`."""
-    return tiny_spec(data_root, **{**CLUSTER_TINY, **overrides}) | {"name": name}
+    return tiny_spec(data_root, **copy.deepcopy({**CLUSTER_TINY, **overrides})) | {"name": name}
 
 
 def write_spec(path: Path, spec: dict[str, Any]) -> Path:
