@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from cluster import local, slurm
+from cluster.attempts import AttemptState, local_state, slurm_state
 from cluster.errors import UsageError
 from cluster.node_task import NodeTask
 from cluster.preflight import check_local_gpus
 from cluster.record import RunRecord
-from cluster.states import AttemptState, local_state, slurm_state
 from cluster.torchrun import free_port
 
 if TYPE_CHECKING:

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from cluster.attempts import AttemptState, follow_exit_code
 from cluster.executors import executor
 from cluster.record import RunRecord
-from cluster.states import AttemptState, follow_exit_code
 
 POLL_S = 0.5
 STATE_EVERY_S = 2.0

@@ -10,10 +10,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from cluster.attempts import AttemptState
 from cluster.executors import executor
 from cluster.progress import Progress, open_run_store, read_progress
 from cluster.record import RunRecord
-from cluster.states import AttemptState
 from launch.store.format import is_local_url
 
 

@@ -24,11 +24,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from cluster.attempts import AttemptState, follow_exit_code, slurm_state
 from cluster.cli import app
 from cluster.index import Index
 from cluster.record import RunRecord, atomic_write, write_local
 from cluster.slurm import HistoryLine, SlurmJob, check_partitions, gpu_count, parse_sinfo
-from cluster.states import AttemptState, follow_exit_code, slurm_state
 from launch.store import CheckpointStore
 from schemas import SpecError, load_spec
 from schemas.contract import MetricsRecord, TrainerStatus

@@ -5,7 +5,7 @@ Two parts:
 - Recorded output (tests/data/slurm-states-*.txt, made by cluster/slurm/record_states.py on the local
   cluster in each mode): the exact ``squeue`` and ``sacct -D`` text of jobs driven through never ran,
   running, ``scontrol requeue`` twice, partition preemption, cancel, TIMEOUT and a node set DOWN
-  (requeued and --no-requeue jobs), parsed by ``cluster.slurm`` and judged by ``cluster.states``.
+  (requeued and --no-requeue jobs), parsed by ``cluster.slurm`` and judged by ``cluster.attempts``.
 - Live: the running test cluster (``cluster/slurm/setup.sh``, either mode) and a second cluster in the
   other mode, started here on other ports in a temporary folder: a job that never ran, a first run,
   two requeues (restart 1, restart 2, SLURM's own Restarts count) and a cancel, through
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from cluster import slurm
-from cluster.states import ACTIVE, STATES, AttemptState, slurm_state
+from cluster.attempts import ACTIVE, STATES, AttemptState, slurm_state
 from tests.support.procs import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
