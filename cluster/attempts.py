@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from cluster.local import LocalJob
 from cluster.slurm import TERMINAL, SlurmJob
+from schemas.contract import Exit
 
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = Exit.PREEMPTED
 # NODE_FAIL (active): a node of the run failed and SLURM requeued it; the job goes on by itself.
 ACTIVE = frozenset({"PENDING", "REQUEUED", "NODE_FAIL", "RUNNING", "SUSPENDED"})
 STATES = ("PENDING", "REQUEUED", "NODE_FAIL", "RUNNING", "SUSPENDED", "PREEMPTED", "TIMEOUT", "FAILED",

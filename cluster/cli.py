@@ -22,6 +22,7 @@ import typer
 
 from cluster import errors
 from cluster.errors import EXIT_FAILURE, EXIT_USAGE, PixproError
+from schemas.contract import Exit
 
 try:  # typer >= 0.22 vendors click
     from typer._click.exceptions import ClickException, UsageError
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover - older typer on real click
     from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
 
 F = TypeVar("F", bound=Callable[..., Any])
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = Exit.INTERRUPTED
 
 
 MAX_LINE = 200

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
+from schemas.contract import Exit
+
+EXIT_OK = Exit.OK
+EXIT_FAILURE = Exit.FAILURE
+EXIT_USAGE = Exit.USAGE
+EXIT_NOT_FOUND = Exit.NOT_FOUND
 MAX_LINE = 200
 """Longest error line: an echoed key, value or path is shortened, never a screenful."""
 

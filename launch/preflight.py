@@ -27,8 +27,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-EXIT_OK = 0
-EXIT_PROBLEM = 2
+from schemas.contract import Exit
+
+EXIT_OK = Exit.OK
+EXIT_PROBLEM = Exit.USAGE
 SAMPLES = 2  # images decoded and put through one forward: enough to exercise BatchNorm and the loss
 MAX_SCAN = 20_000  # directory entries looked at before giving up on finding images (huge NFS folders)
 _MAX_LINE = 200
