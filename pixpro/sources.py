@@ -74,6 +74,8 @@ def _filesystem(root: str, storage_options: dict[str, Any] | None) -> tuple[Any,
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    if hasattr(fs, "retries"):  # s3fs: one try per call; _retrying's loop retries within a deadline
+        fs.retries = 1
     return fs, path.rstrip("/")
 
 
