@@ -79,6 +79,25 @@ def _filesystem(root: str, storage_options: dict[str, Any] | None) -> tuple[Any,
     return fs, path.rstrip("/")
 
 
+class _Remote:
+    """An fsspec filesystem made again in each process: one created before a DataLoader forks its workers
+    holds an event loop and connections that do not survive the fork (a worker would hang on them)."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None) -> None:
+        self.root, self.options = root, dict(storage_options or {})
+        self.fs, self.base = _filesystem(root, self.options)
+        self.pid = os.getpid()
+
+    def __call__(self) -> Any:
+        if self.pid != os.getpid():
+            self.fs, _ = _filesystem(self.root, {**self.options, "skip_instance_cache": True})
+            self.pid = os.getpid()
+        return self.fs
+
+    def __getstate__(self) -> dict[str, Any]:  # spawned workers rebuild it on first use
+        return {"root": self.root, "options": self.options, "fs": None, "base": self.base, "pid": -1}
+
+
 def _walk_local(root: Path) -> list[str]:
     """Image files under ``root`` by relative path; a folder reached twice via links is read once."""
     found: list[str] = []
@@ -111,14 +130,15 @@ class FolderSource:
     def __init__(self, root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
         self.root = os.fspath(root)
         protocol, path = split_url(root)
-        self._fs: Any = None
+        self._fs: _Remote | None = None
         if protocol:
-            self._fs, self._base = _filesystem(self.root, storage_options)
+            self._fs = _Remote(self.root, storage_options)
+            self._base = self._fs.base
             try:
-                listing = self._fs.find(self._base)
+                listing = self._fs().find(self._base)
             except FileNotFoundError:
                 listing = []
-            if not listing and not self._fs.exists(self._base):
+            if not listing and not self._fs().exists(self._base):
                 raise SourceError(f"dataset folder {self.root} does not exist")
             strip = len(self._base) + 1
             names = sorted(p[strip:] for p in listing if Path(p).suffix.lower() in IMAGE_SUFFIXES)
@@ -154,7 +174,8 @@ class FolderSource:
         if self._fs is None:
             with open(self.path(index), "rb") as f:
                 return f.read()
-        return _retrying(lambda: self._fs.cat_file(self.path(index)), self.path(index))
+        fs = self._fs()
+        return _retrying(lambda: fs.cat_file(self.path(index)), self.path(index))
 
 
 class PackedSource:
@@ -168,9 +189,10 @@ class PackedSource:
     def __init__(self, root: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
         self.root = os.fspath(root).rstrip("/")
         protocol, path = split_url(self.root)
-        self._fs: Any = None
+        self._fs: _Remote | None = None
         if protocol:
-            self._fs, self._base = _filesystem(self.root, storage_options)
+            self._fs = _Remote(self.root, storage_options)
+            self._base = self._fs.base
         else:
             self._base = path
         manifest = self._read_small(PACK_MANIFEST)
@@ -203,7 +225,8 @@ class PackedSource:
         try:
             if self._fs is None:
                 return Path(self._base, rel).read_bytes()
-            return _retrying(lambda: self._fs.cat_file(f"{self._base}/{rel}"), rel)
+            fs = self._fs()
+            return _retrying(lambda: fs.cat_file(f"{self._base}/{rel}"), rel)
         except FileNotFoundError:
             return None
 
@@ -232,7 +255,8 @@ class PackedSource:
                 fd = self._handles[shard] = os.open(path, os.O_RDONLY)
             data = os.pread(fd, length, start)
         else:
-            data = _retrying(lambda: self._fs.cat_file(path, start=start, end=start + length), path)
+            fs = self._fs()
+            data = _retrying(lambda: fs.cat_file(path, start=start, end=start + length), path)
         if len(data) != length:
             raise ReadFailed(f"{path}: {len(data)} of {length} bytes at offset {start} (truncated shard?)")
         return data

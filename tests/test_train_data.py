@@ -53,7 +53,10 @@ def test_packed_data_in_s3_through_cut_connections_trains_bitwise_alike(
     url = f"s3://{moto_s3.bucket}/data-{tmp_path.name}"
     raw_s3.put(str(tmp_path / "packed"), url.removeprefix("s3://"), recursive=True)
     spec_dict = tiny_spec(
-        tmp_path / "unused", data__root=url, data__storage_options=s3_storage_options(fault_proxy.url)
+        tmp_path / "unused",
+        data__root=url,
+        data__num_workers=2,
+        data__storage_options=s3_storage_options(fault_proxy.url),
     )
     del spec_dict["data"]["demo"]
     spec = write_spec(tmp_path / "s3.json", spec_dict)
