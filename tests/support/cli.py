@@ -16,7 +16,7 @@ from typing import Any
 
 from tests.support.trainer import tiny_spec
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PIXPRO = str(Path(sys.executable).with_name("pixpro"))
 SETUP_HINT = f"run `bash {REPO / 'cluster/slurm/setup.sh'}` as root first (it starts the local SLURM cluster)"
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_spec(data_root: Path, **overrides: Any) -> dict:
