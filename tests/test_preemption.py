@@ -217,9 +217,10 @@ def test_sigkill_on_either_node_restarts_every_node_in_one_round_and_ends_exact(
     run = tmp_path / "run"
     agents = _Agents(spec, run, "job7.0", max_restarts=3)
     recoveries = []
-    kill_at = rng.randint(3, 8)
+    kill_at = rng.randint(4, 8)  # after the first commit (every 3 steps): the restart resumes from it
+    committed = (run / "checkpoints" / "latest").exists
     for n, agent in enumerate((1, 0)):  # a rank on the second node, then one on the first
-        _wait_until(f"step {kill_at}", lambda s=kill_at: _current_step(run) >= s, agents, 180)
+        _wait_until(f"step {kill_at}", lambda s=kill_at: _current_step(run) >= s and committed(), agents, 180)
         os.kill(agents.trainer(agent), signal.SIGKILL)
         recoveries.append(
             _wait_until(
