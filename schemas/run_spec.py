@@ -361,9 +361,7 @@ class DataSpec(_Spec):
     @field_validator("storage_options", mode="before")
     @classmethod
     def _no_credentials(cls, value: Any) -> Any:
-        if secret_paths(value):
-            raise _fail("credentials", _CREDENTIALS_HINT)
-        return value
+        return _refuse_credentials(value)
 
 
 # ------------------------------------------------------------------------------------ model and loss
@@ -516,6 +514,14 @@ def _contains_credentials(value: Any) -> bool:
     return bool(secret_paths(value))
 
 
+def _refuse_credentials(value: Any) -> Any:
+    """storage_options: before the type checks, so a credential is refused even when another option is
+    malformed (parse_spec refuses them for the whole spec first; this guards direct model validation)."""
+    if secret_paths(value):
+        raise _fail("credentials", _CREDENTIALS_HINT)
+    return value
+
+
 def _check_url(value: str | None) -> str | None:
     """A plain path, or a URL of a supported scheme without user-info (credentials come from the
     environment) and with a bucket where the scheme needs one."""
@@ -575,11 +581,7 @@ class CheckpointSpec(_Spec):
     @field_validator("storage_options", mode="before")
     @classmethod
     def _no_credentials(cls, value: Any) -> Any:
-        # before the type checks, so a credential is refused even when another option is malformed
-        # (parse_spec refuses them for the whole spec first; this guards direct model validation)
-        if secret_paths(value):
-            raise _fail("credentials", _CREDENTIALS_HINT)
-        return value
+        return _refuse_credentials(value)
 
 
 # ------------------------------------------------------------------------------------------ resources

@@ -24,6 +24,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 _POLL_S = 0.05
@@ -126,6 +127,25 @@ class FaultProxy:
     def stall(self) -> None:
         with self._lock:
             self._mode = "stall"
+
+    @contextlib.contextmanager
+    def cuts_now_and_then(self, every_s: float, nbytes: int) -> Iterator[None]:
+        """While the block runs: every ``every_s`` one connection is cut ``nbytes`` into its request."""
+        stop = threading.Event()
+
+        def cut() -> None:
+            while not stop.wait(every_s):
+                if self.mode == "pass":
+                    self.reset_after(nbytes, once=True)
+
+        thread = threading.Thread(target=cut, name="faultproxy-cuts", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.passthrough()
 
     @property
     def mode(self) -> str:

@@ -4,7 +4,6 @@ resume and through cut connections; replaced samples are counted in metrics and 
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
@@ -60,21 +59,8 @@ def test_packed_data_in_s3_through_cut_connections_trains_bitwise_alike(
     )
     del spec_dict["data"]["demo"]
     spec = write_spec(tmp_path / "s3.json", spec_dict)
-    stop = threading.Event()
-
-    def cut_now_and_then() -> None:  # a connection cut 200 bytes into its request, every 0.2 s
-        while not stop.wait(0.2):
-            if fault_proxy.mode == "pass":
-                fault_proxy.reset_after(200, once=True)
-
-    faults = threading.Thread(target=cut_now_and_then, daemon=True)
-    faults.start()
-    try:
+    with fault_proxy.cuts_now_and_then(every_s=0.2, nbytes=200):
         res = run_trainer(spec, tmp_path / "run")
-    finally:
-        stop.set()
-        faults.join()
-        fault_proxy.passthrough()
     assert res.returncode == 0, res.stderr[-3000:]
     assert fault_proxy.stats.resets >= 3, fault_proxy.stats
     assert_identical(_model_of(golden), _model_of(final_state(str(tmp_path / "run" / "checkpoints"))))

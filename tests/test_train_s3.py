@@ -94,29 +94,14 @@ def test_retried_uploads_leave_every_checkpoint_file_as_without_faults(
     """Connections cut during uploads are retried and the run completes; the retries draw from no RNG
     stream the trainer saves (botocore's jitter would move Python's ``random``): every file of the final
     checkpoint, the per-rank RNG states included, equals a fault-free run's."""
-    import threading
-
     data_root = tmp_path / "data"
     golden_spec = write_spec(tmp_path / "golden.json", tiny_spec(data_root, optim__max_steps=10))
     assert run_trainer(golden_spec, tmp_path / "golden").returncode == 0
     golden = final_state(str(tmp_path / "golden" / "checkpoints"))
 
     spec = write_spec(tmp_path / "spec.json", _s3_spec(data_root, s3_url, fault_proxy.url))
-    stop = threading.Event()
-
-    def cut_now_and_then() -> None:  # one connection cut 4 KiB into its request, every 0.3 s
-        while not stop.wait(0.3):
-            if fault_proxy.mode == "pass":
-                fault_proxy.reset_after(4096, once=True)
-
-    faults = threading.Thread(target=cut_now_and_then, daemon=True)
-    faults.start()
-    try:
+    with fault_proxy.cuts_now_and_then(every_s=0.3, nbytes=4096):
         res = run_trainer(spec, tmp_path / "run")
-    finally:
-        stop.set()
-        faults.join()
-        fault_proxy.passthrough()
     assert res.returncode == 0, res.stderr[-3000:]
     assert fault_proxy.stats.resets >= 3, fault_proxy.stats
     assert_identical(golden, final_state(s3_url, s3_storage_options(moto_s3.endpoint)))
