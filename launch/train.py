@@ -219,10 +219,10 @@ class Trainer:
             log.info("CPU/gloo: SyncBatchNorm needs GPUs, so each rank keeps its own BatchNorm statistics")
         self.optimizer = build_optimizer(spec, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.schedule = Schedule.make(spec, len(self.dataset), env.world_size)
+        schedule = Schedule.make(spec, len(self.dataset), env.world_size)
         self.spec_hash = spec_hash(spec)
         self.state = TrainState(
-            self.model, self.optimizer, self.scaler, self.sampler, self.schedule, self.spec_hash
+            self.model, self.optimizer, self.scaler, self.sampler, schedule, self.spec_hash
         )
         self.resumed_step: int | None = None
         self.data_skips = 0  # samples replaced by the next usable one in this attempt (unreadable etc.)
@@ -238,6 +238,10 @@ class Trainer:
         self.metrics = MetricsLog(self.store, self.attempt) if env.rank == 0 else None
 
     # state: the step and epoch live in the TrainState that checkpoints hold -------------------------
+    @property
+    def schedule(self) -> Schedule:
+        return self.state.schedule
+
     @property
     def step(self) -> int:
         return self.state.step
@@ -261,7 +265,6 @@ class Trainer:
             return
         step, train_state, rank_state = found
         self.state.load_state_dict(train_state, f"the checkpoint at step {step}")
-        self.schedule = self.state.schedule
         if rank_state is not None:
             restore_rng(rank_state["rng"])
         else:
