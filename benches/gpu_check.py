@@ -74,6 +74,7 @@ CHECKS: tuple[CheckDef, ...] = (
     ),
     CheckDef("throughput", "throughput: PixPro step vs floor, peak memory", 50, 30),
     CheckDef("input", "input pipeline: workers per GPU", 50, 30),
+    CheckDef("photometric", "photometric steps on the device: same views, cost per batch", 30, 30),
     CheckDef("checkpoint", "checkpoint save/load from device memory", 45, 30),
     CheckDef("resume", "resume on the device: bitwise vs uninterrupted", 90, 60),
     CheckDef("compile", "torch.compile: speed-up and recompiles", 120, 40),

@@ -736,6 +736,45 @@ def check_input(ctx: Ctx, rec: Rec, dl: Deadline) -> tuple[str, str]:
     return "pass", ""
 
 
+def check_photometric(ctx: Ctx, rec: Rec, dl: Deadline) -> tuple[str, str]:
+    """``data.augment_on: device``: the photometric steps batched on the device against the worker's result
+    (computed on the CPU), and their cost per batch against the model's step."""
+    from pixpro.augment import TwoViewTransform
+    from pixpro.data import sample_generator
+
+    b, crop = ctx.s["batch"], ctx.s["crop"]
+    transform = TwoViewTransform(crop_size=crop, photometric_later=True)
+    g = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 2 * crop, 2 * crop), generator=g, dtype=torch.uint8)
+    image = torch.nn.functional.avg_pool2d(image[None].float(), 5, 1, 2)[0].to(torch.uint8)  # some texture
+    crops = [transform(image, sample_generator(0, 0, i)) for i in range(b)]
+    views = torch.stack([c.view1 for c in crops] + [c.view2 for c in crops])
+    params = torch.stack([c.params1 for c in crops] + [c.params2 for c in crops])
+    photometric = transform.view2.photometric  # view 2's recipe: every step can fire (solarize too)
+    worker = photometric(views, params)  # on the CPU: bitwise what the workers produce (tests)
+    on_device = views.to(ctx.device)
+    device = photometric(on_device, params).cpu()
+    std = torch.tensor(transform.view2.recipe.std).view(1, 3, 1, 1)
+    levels = ((device - worker) * std * 255).abs()
+    per_batch = timed(ctx, lambda: photometric(on_device, params), 5 if ctx.cpu else 20)
+    rate = ctx.results.get("throughput", {}).get("numbers", {}).get("pixpro_img_per_s")
+    step_s = b / rate if rate else None
+    rec.set(
+        max_diff_levels=round(float(levels.max()), 4),
+        share_differing=float((levels > 1e-3).float().mean()),
+        ms_per_batch=round(per_batch * 1000, 2),
+        views=2 * b,
+        share_of_step=round(per_batch / step_s, 4) if step_s else None,
+    )
+    rec.summary(
+        f"{2 * b} views in {per_batch * 1000:.1f} ms on {ctx.device.type}; device vs worker: max "
+        f"{float(levels.max()):.3f} grey levels, {float((levels > 1e-3).float().mean()):.2e} of values differ"
+    )
+    if float(levels.max()) > 1.0 + 1e-3:
+        return "fail", "device views differ from the worker's by more than one grey level"
+    return "pass", ""
+
+
 class Repeated(torch.utils.data.Dataset):
     """A ``(epoch, index)`` dataset ``times`` over, so one epoch of the loader outlasts a timing window."""
 
@@ -994,6 +1033,7 @@ CHECK_FUNCS: dict[str, Callable[[Ctx, Rec, Deadline], tuple[str, str]]] = {
     "step_fp16": check_step_fp16,
     "throughput": check_throughput,
     "input": check_input,
+    "photometric": check_photometric,
     "checkpoint": check_checkpoint,
     "resume": check_resume,
     "compile": check_compile,

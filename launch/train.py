@@ -147,6 +147,7 @@ def build_data(spec: RunSpec, env: DistEnv) -> tuple[TwoViewDataset, ResumableSa
         crop_size=spec.data.crop_size,
         scale=(spec.data.crop_scale[0], spec.data.crop_scale[1]),
         spatial=build_spatial(spec),
+        photometric_later=spec.data.augment_on == "device",
     )
     dataset = TwoViewDataset(folder, transform, seed=spec.seed)
     sampler = ResumableSampler(
@@ -370,6 +371,11 @@ class Trainer:
         v1, v2, c1, c2 = (
             batch[k].to(self.device, non_blocking=True) for k in ("view1", "view2", "coords1", "coords2")
         )
+        if "params1" in batch:  # data.augment_on: device; the parameter rows stay on the host
+            transform = self.dataset.transform
+            assert isinstance(transform, TwoViewTransform)
+            v1 = transform.view1.photometric(v1, batch["params1"])
+            v2 = transform.view2.photometric(v2, batch["params2"])
         if self.memory_format is torch.channels_last:
             v1, v2 = (
                 v1.contiguous(memory_format=torch.channels_last),

@@ -27,9 +27,10 @@ from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
+
+from pixpro.photometric import Photometric
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,6 +55,17 @@ class TwoViews(NamedTuple):
     view2: torch.Tensor
     coords1: torch.Tensor  # box [4] or coordinate map [3, S, S] (x, y, valid), float32
     coords2: torch.Tensor
+
+
+class TwoCrops(NamedTuple):
+    """Two views before their photometric steps (``data.augment_on: device``)."""
+
+    view1: torch.Tensor  # [3, S, S] uint8
+    view2: torch.Tensor
+    coords1: torch.Tensor
+    coords2: torch.Tensor
+    params1: torch.Tensor  # [PARAMS] float64: pixpro.photometric's row for view 1
+    params2: torch.Tensor
 
 
 class OneView(NamedTuple):
@@ -161,56 +173,6 @@ def check_image(image: torch.Tensor, crop_size: int) -> torch.Tensor:
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
-def gaussian_blur(image: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of a uint8 ``[C, H, W]`` image with reflect padding.
-
-    Same kernel and padding as torchvision's ``gaussian_blur`` (outputs differ by at most one grey level)
-    but several times faster: torchvision runs a dense 23x23 convolution, this runs two 1-D passes of
-    shifted adds and drops taps whose weight is below 1e-7 (a small sigma needs only a few).
-    """
-    r = kernel_size // 2
-    offsets = torch.arange(kernel_size, dtype=torch.float64) - r
-    weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    weights /= weights.sum()
-    reach = int(offsets[weights > 1e-7].abs().max())
-    kept = weights[r - reach : r + reach + 1]
-    taps: list[float] = (kept / kept.sum()).tolist()
-
-    out = image.to(torch.float32)
-    for dim in (-1, -2):
-        n = out.shape[dim]
-        padded = F.pad(out, [reach, reach, 0, 0] if dim == -1 else [0, 0, reach, reach], mode="reflect")
-        out = padded.narrow(dim, 0, n) * taps[0]
-        for d in range(1, len(taps)):
-            out.add_(padded.narrow(dim, d, n), alpha=taps[d])
-    return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
-_HSV_OFFSETS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)  # hsv -> rgb phase of R, G, B, in sixths
-
-
-def adjust_hue(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
-    """Rotate the hue of a uint8 ``[3, H, W]`` image by ``hue_factor`` turns, as torchvision's ``adjust_hue``.
-
-    Same maths and the same float -> uint8 conversion (outputs differ by at most one grey level), ~3x
-    faster: hue rotation keeps max and min per pixel, so each channel is ``max - chroma * t(phase)``
-    with a piecewise-linear ``t``, which avoids a full HSV round trip (and slow ``where``/``gather``).
-    """
-    f = image.to(torch.float32)
-    r, g, b = f.unbind(0)
-    mx = torch.maximum(torch.maximum(r, g), b)
-    chroma = mx - torch.minimum(torch.minimum(r, g), b)
-    is_r = mx == r  # ties resolve r, then g, then b, as torchvision
-    is_g = (mx == g) & ~is_r
-    is_b = ~(is_r | is_g)
-    sixths = (g - b).mul_(is_r) + (b - r + 2 * chroma).mul_(is_g) + (r - g + 4 * chroma).mul_(is_b)
-    sixths = sixths.div_(chroma.clamp(min=1e-6)).add_(6 * hue_factor)
-    phase = sixths + _HSV_OFFSETS
-    phase.sub_(torch.floor(phase * (1 / 6)).mul_(6))
-    t = torch.minimum(phase, 4.0 - phase).clamp_(0.0, 1.0)
-    return (mx - t.mul_(chroma)).mul_(255.999 / 255).to(torch.uint8)
-
-
 def _is_zero_fill(fill: Any) -> bool:
     if fill is None:
         return True
@@ -245,24 +207,40 @@ def _coordinate_twin(transform: v2.Transform) -> v2.Transform:
     return twin
 
 
+class OneCrop(NamedTuple):
+    """A view before its photometric steps: uint8 pixels, coordinates, and the drawn photometric row."""
+
+    view: torch.Tensor  # [3, S, S] uint8
+    coords: torch.Tensor
+    params: list[float]  # pixpro.photometric.PARAMS numbers
+
+
 class ViewTransform:
     """One view: crop, flip, optional general spatial transforms, colour, normalize.
 
-    Works on uint8 until the final normalization (the cheapest order). Returns the view and its
-    coordinates: a box ``[4]`` if ``spatial`` is empty, else a coordinate map ``[3, S, S]``.
+    :meth:`crop` does the geometric part on uint8 and draws the photometric parameters;
+    :attr:`photometric` applies them (here, or batched on the training device). Calling the transform
+    does both. The coordinates are a box ``[4]`` if ``spatial`` is empty, else a map ``[3, S, S]``.
     """
 
     def __init__(self, recipe: ViewRecipe | None = None, spatial: Sequence[v2.Transform] = ()) -> None:
-        self.recipe = recipe or ViewRecipe()
+        self.recipe = r = recipe or ViewRecipe()
         self.spatial = [(t, _coordinate_twin(t)) for t in spatial]
-        self._scale = (1.0 / (255.0 * torch.tensor(self.recipe.std))).view(3, 1, 1)
-        self._shift = (-torch.tensor(self.recipe.mean) / torch.tensor(self.recipe.std)).view(3, 1, 1)
+        self.photometric = Photometric(
+            r.jitter, r.jitter_p, r.grayscale_p, r.blur_p, r.blur_sigma, r.blur_kernel_size,
+            r.solarize_p, r.solarize_threshold, r.mean, r.std,
+        )  # fmt: skip
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> OneView:
         return self.apply(check_image(image, self.recipe.crop_size), generator)
 
     def apply(self, image: torch.Tensor, generator: torch.Generator) -> OneView:
         """Like calling the transform, for an image already through :func:`check_image`."""
+        view, coords, params = self.crop(image, generator)
+        return OneView(self.photometric(view[None], [params])[0], coords)
+
+    def crop(self, image: torch.Tensor, generator: torch.Generator) -> OneCrop:
+        """The geometric steps (uint8) and the photometric parameter row, all drawn from ``generator``."""
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         r = self.recipe
@@ -282,42 +260,24 @@ class ViewTransform:
             draws = torch.rand(len(self.spatial), generator=generator, dtype=torch.float64).tolist()
             seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
             view, coords = self._warp(view, box_to_map(coords, r.crop_size), seed, draws)
-
-        if u[_JITTER] < r.jitter_p:
-            view = self._jitter(view, u[_JITTER_FACTORS], u[_JITTER_ORDER])
-        if u[_GREY] < r.grayscale_p:
-            view = TF.rgb_to_grayscale(view, num_output_channels=3).contiguous()
-        if u[_BLUR] < r.blur_p:
-            sigma = r.blur_sigma[0] + u[_BLUR + 1] * (r.blur_sigma[1] - r.blur_sigma[0])
-            view = gaussian_blur(view, r.blur_kernel_size, sigma)
-        if u[_SOLARIZE] < r.solarize_p:
-            # Same as TF.solarize on uint8 (255 - v == v ^ 255) but ~8x faster.
-            view = view ^ (view >= r.solarize_threshold).to(torch.uint8).mul_(255)
-        return OneView(view.to(torch.float32).mul_(self._scale).add_(self._shift), coords)
-
-    def _jitter(self, view: torch.Tensor, factors: list[float], order_keys: list[float]) -> torch.Tensor:
-        """ColorJitter with its four adjustments in a random order (argsort of uniforms is a permutation)."""
-        adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
-        for idx in sorted(range(4), key=order_keys.__getitem__):
-            strength = self.recipe.jitter[idx]
-            if strength == 0:
-                continue
-            if idx == 3:
-                view = adjust_hue(view, strength * (2 * factors[3] - 1))
-            else:
-                low = max(0.0, 1 - strength)
-                view = adjust[idx](view, low + factors[idx] * (1 + strength - low))
-        return view
+        params = self.photometric.params(
+            u[_JITTER], u[_JITTER_FACTORS], u[_JITTER_ORDER], u[_GREY], u[_BLUR], u[_BLUR + 1], u[_SOLARIZE]
+        )
+        return OneCrop(view.contiguous(), coords, params)
 
     def _warp(
         self, view: torch.Tensor, coord_map: torch.Tensor, seed: int, apply_draws: list[float]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply each spatial transform to the image and, with identical parameters, to the coordinate map.
 
-        ``make_params`` uses global RNG, so it runs inside a forked RNG whose CPU generator is seeded
-        from the caller's generator (``default_generator.manual_seed`` leaves CUDA RNG untouched).
+        A bilinear transform warps both in one pass: the image, a plane of ones (torchvision's fill mask)
+        and the map are stacked and sampled on one grid, which gives torchvision's image exactly and the
+        map as its bilinear twin would. ``make_params`` uses global RNG, so it runs inside a forked RNG
+        whose CPU generator is seeded from the caller's generator (CUDA RNG untouched).
         """
         # The analytic map has valid = 1 everywhere, so it is already premultiplied by valid.
+        image = view.to(torch.float32)
+        ones = torch.ones_like(image[:1])
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             for (transform, twin), draw in zip(self.spatial, apply_draws, strict=True):
@@ -325,11 +285,16 @@ class ViewTransform:
                 if isinstance(p, (int, float)) and not draw < p:
                     continue
                 params = transform.make_params([view])
-                view = transform.transform(view, params)
-                coord_map = twin.transform(coord_map, params)
+                if getattr(transform, "interpolation", None) == InterpolationMode.BILINEAR:
+                    warped = twin.transform(torch.cat([image, ones, coord_map]), params)
+                    image = warped[:3].mul_(warped[3:4]).round_()  # fill 0: image * mask, as torchvision
+                    coord_map = warped[4:]
+                else:  # the image is sampled otherwise (nearest, ...): two passes
+                    image = transform.transform(image.to(torch.uint8), params).to(torch.float32)
+                    coord_map = twin.transform(coord_map, params)
         valid = coord_map[2:3].clamp(0.0, 1.0)
         xy = torch.where(valid > 0, coord_map[:2] / valid.clamp_min(1e-12), 0.0)
-        return view.contiguous(), torch.cat([xy, valid])
+        return image.to(torch.uint8), torch.cat([xy, valid])
 
 
 def _per_view(p: float | Sequence[float]) -> tuple[float, float]:
@@ -346,7 +311,9 @@ class TwoViewTransform:
     Settings shared by both views are scalars; ``blur_p`` and ``solarize_p`` are (view 1, view 2)
     pairs (a scalar applies to both). ``spatial`` transforms (torchvision v2, each with ``fill=0``) run
     after crop/resize/flip and before colour, on both views, and switch the coordinates from boxes to
-    coordinate maps.
+    coordinate maps. With ``photometric_later`` the transform returns :class:`TwoCrops` instead: uint8
+    views and their parameter rows, for ``view1.photometric``/``view2.photometric`` to finish in a batch
+    (on the training device); the finished views are the same as the ones it would have returned.
     """
 
     def __init__(
@@ -365,6 +332,7 @@ class TwoViewTransform:
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         spatial: Sequence[v2.Transform] = (),
+        photometric_later: bool = False,
     ) -> None:
         recipe = ViewRecipe(
             crop_size=crop_size,
@@ -380,13 +348,18 @@ class TwoViewTransform:
             std=(std[0], std[1], std[2]),
         )
         self.crop_size = crop_size
+        self.photometric_later = photometric_later
         blur, solar = _per_view(blur_p), _per_view(solarize_p)
         self.view1 = ViewTransform(replace(recipe, blur_p=blur[0], solarize_p=solar[0]), spatial)
         self.view2 = ViewTransform(replace(recipe, blur_p=blur[1], solarize_p=solar[1]), spatial)
 
-    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> TwoViews:
+    def __call__(self, image: torch.Tensor, generator: torch.Generator) -> TwoViews | TwoCrops:
         """View 1 then view 2, both drawn from ``generator``; the same seed gives identical outputs."""
         image = check_image(image, self.crop_size)
+        if self.photometric_later:
+            (v1, c1, p1), (v2, c2, p2) = self.view1.crop(image, generator), self.view2.crop(image, generator)
+            as_row = torch.tensor([p1, p2], dtype=torch.float64)
+            return TwoCrops(v1, v2, c1, c2, as_row[0], as_row[1])
         view1, coords1 = self.view1.apply(image, generator)
         view2, coords2 = self.view2.apply(image, generator)
         return TwoViews(view1, view2, coords1, coords2)

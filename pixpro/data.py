@@ -144,8 +144,8 @@ TwoViewTransformFn = Callable[[torch.Tensor, torch.Generator], Sequence[torch.Te
 class TwoViewDataset(Dataset):
     """Map-style dataset keyed by ``(epoch, index)`` so samples never depend on workers or resume point.
 
-    ``transform(image, generator)`` must return ``(view1, view2, coords1, coords2)`` (for example the
-    ``TwoViews`` NamedTuple of :mod:`pixpro.augment`).
+    ``transform(image, generator)`` must return ``(view1, view2, coords1, coords2)`` or a NamedTuple
+    whose fields name the sample's keys (``TwoViews`` or ``TwoCrops`` of :mod:`pixpro.augment`).
     """
 
     def __init__(self, folder: ImageFolder, transform: TwoViewTransformFn, seed: int) -> None:
@@ -161,8 +161,7 @@ class TwoViewDataset(Dataset):
             raise TypeError(f"TwoViewDataset is indexed by (epoch, index) tuples, got {key!r}")
         epoch, index = (int(k) for k in key)
         source_index, image = self.folder.load_indexed(index)
-        view1, view2, coords1, coords2 = self.transform(image, sample_generator(self.seed, epoch, index))
+        out = self.transform(image, sample_generator(self.seed, epoch, index))
+        fields = getattr(out, "_fields", ("view1", "view2", "coords1", "coords2"))
         # "skipped": the image came from another index (unreadable, undecodable or too small here)
-        skipped = int(source_index != index)
-        return {"view1": view1, "view2": view2, "coords1": coords1, "coords2": coords2, "index": index,
-                "skipped": skipped}  # fmt: skip
+        return {**dict(zip(fields, out, strict=True)), "index": index, "skipped": int(source_index != index)}

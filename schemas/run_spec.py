@@ -345,6 +345,12 @@ class DataSpec(_Spec):
         description="Images per rank per optimizer step; >= 2 (the projector's BatchNorm always trains).",
     )
     num_workers: int = Field(8, ge=0, le=256, description="DataLoader worker processes per rank.")
+    augment_on: Literal["worker", "device"] = Field(
+        "worker",
+        description="Where colour jitter, grey, blur and solarize run: in the DataLoader workers, or batched "
+        "on the training device (workers then only decode, crop and flip, and send uint8 views). The views "
+        "are the same either way (bitwise on CPU); 'device' needs about half the CPU cores per GPU.",
+    )
 
     @field_validator("crop_scale")
     @classmethod
@@ -803,12 +809,13 @@ _HASH_EXCLUDE: dict[str, Any] = {
     "checkpoint": True,
     "log_every_steps": True,
     "threads": True,
-    "data": {"num_workers", "storage_options", "cache", "cache_gb", "cache_dir"},
+    "data": {"num_workers", "storage_options", "cache", "cache_gb", "cache_dir", "augment_on"},
 }
 """Fields that do not change what is trained, so a resume may change them: resources (world size is
 checked separately, from the checkpoint), where/how often checkpoints go, logging cadence, DataLoader
 workers (augmentation is seeded per sample, not per worker), how data is reached and cached (never what
-a sample is) and CPU threads (only float rounding)."""
+a sample is), where the photometric steps run (same views either way) and CPU threads (only float
+rounding)."""
 
 
 _ADDED_LATER: dict[str, Any] = {"cpu_autocast": False}

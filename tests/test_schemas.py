@@ -50,6 +50,7 @@ FULL: dict[str, Any] = {
         ],
         "batch_size": 8,
         "num_workers": 0,
+        "augment_on": "device",
         "storage_options": {},
         "cache": "disk",
         "cache_gb": 2.5,

@@ -46,6 +46,15 @@ def test_two_resumes_mid_epoch_and_at_boundary_equal_uninterrupted(tmp_path, dat
     assert [r.get("resumed_from") for r in records] == [None] * 4 + [4] * 2 + [6] * 4  # plot's resume marks
 
 
+def test_photometric_steps_on_the_device_give_the_worker_path_bitwise_and_resume(tmp_path, data_root, golden):
+    """data.augment_on: device (workers send uint8 crops, the trainer finishes them in a batch), stopped
+    mid-epoch and resumed with two loader workers, ends bitwise identical to the uninterrupted worker-path
+    run: the same views, the same training."""
+    state, res = _segments(tmp_path, data_root, [4], data__num_workers=2, data__augment_on="device")
+    assert "resumed from step 4" in res.stderr
+    assert_identical(golden, state)
+
+
 def test_resume_refuses_a_changed_spec(tmp_path, data_root):
     spec_path = write_spec(tmp_path / "spec.json", tiny_spec(data_root))
     run = tmp_path / "run"
