@@ -48,16 +48,17 @@ MIRROR = Path("/work/.mirror/zdaxie+PixPro/repo")  # where this workplace's fetc
 
 
 def make_jpegs(n: int) -> list[bytes]:
-    """ImageNet-like JPEGs: 500x375 / 375x500 / 500x333 and a few larger, quality 90, ~110-130 KB."""
+    """ImageNet-like JPEGs: ImageNet's common sizes (500x375, 375x500, 500x333, 500x500), quality 90, the
+    noise set so the mean file is ImageNet's ~110 KB (decode time follows the entropy)."""
     rng = np.random.default_rng(0)
-    sizes = [(375, 500), (500, 375), (333, 500), (375, 500), (600, 800)]
+    sizes = [(375, 500), (500, 375), (333, 500), (375, 500), (500, 500)]
     out = []
     for i in range(n):
         h, w = sizes[i % len(sizes)]
         yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / w
         a, b, c = rng.random(3) * 6
         base = np.stack([np.sin(a * xx + b * yy), np.cos(b * xx - c * yy), np.sin(c * xx * yy + a)], -1)
-        img = np.clip((base + rng.normal(0, 0.5, (h, w, 3))) * 60 + 128, 0, 255).astype(np.uint8)
+        img = np.clip((base + rng.normal(0, 0.4, (h, w, 3))) * 60 + 128, 0, 255).astype(np.uint8)
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())
@@ -112,6 +113,30 @@ def device_part(transform: TwoViewTransform, jpegs: list[bytes], batch: int = 32
     return run
 
 
+def loader_rates(jpegs: list[bytes], where: Path, seconds: float = 8.0) -> dict[str, float]:
+    """Samples/s through the trainer's DataLoader with one worker, batch 32, per path: the worker's
+    decode + augment plus collation and the shared-memory hand-over (float32 views vs uint8 views)."""
+    from torch.utils.data import DataLoader
+
+    from pixpro.data import ImageFolder, TwoViewDataset
+
+    for i, data in enumerate(jpegs):
+        (where / f"{i:05d}.jpg").write_bytes(data)
+    out = {}
+    for name, later in (("worker", False), ("device", True)):
+        dataset = TwoViewDataset(ImageFolder(where), TwoViewTransform(photometric_later=later), seed=0)
+        keys = [(e, i) for e in range(1000) for i in range(len(dataset))]
+        loader = DataLoader(dataset, batch_size=32, sampler=keys, num_workers=1, prefetch_factor=4)
+        it = iter(loader)
+        next(it)
+        count, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            count += len(next(it)["index"])
+        out[f"DataLoader, 1 worker, {name} path"] = count / (time.perf_counter() - t0)
+        del it, loader
+    return out
+
+
 def rate(fn: Callable[[int], object], n: int) -> float:
     t0 = time.perf_counter()
     for i in range(n):
@@ -160,7 +185,10 @@ def main() -> None:
         for _ in range(args.rounds):
             for name, fn in paths.items():
                 rates[name].append(rate(fn, 2 * n))
-    medians = {name: statistics.median(r) for name, r in rates.items()}
+        medians = {name: statistics.median(r) for name, r in rates.items()}
+        folder = Path(tmp, "jpegs")
+        folder.mkdir()
+        medians.update(loader_rates(jpegs, folder))
 
     base = medians.get("official (PIL, BYOL)")
     kb = sum(map(len, jpegs)) / n / 1e3

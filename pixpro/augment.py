@@ -27,8 +27,10 @@ from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms.v2.functional import _geometry as _tv_geometry
 
 from pixpro.photometric import Photometric
 
@@ -286,7 +288,13 @@ class ViewTransform:
                     continue
                 params = transform.make_params([view])
                 if getattr(transform, "interpolation", None) == InterpolationMode.BILINEAR:
-                    warped = twin.transform(torch.cat([image, ones, coord_map]), params)
+                    stacked = torch.cat([image, ones, coord_map])
+                    matrix = _inverse_affine(transform, params, view.shape[-1])
+                    if matrix is None:
+                        warped = twin.transform(stacked, params)
+                    else:  # rotation/affine: the same sampling, without torchvision's matrix product
+                        grid = _affine_grid(matrix, view.shape[-1])
+                        warped = F.grid_sample(stacked[None], grid, align_corners=False)[0]
                     image = warped[:3].mul_(warped[3:4]).round_()  # fill 0: image * mask, as torchvision
                     coord_map = warped[4:]
                 else:  # the image is sampled otherwise (nearest, ...): two passes
@@ -295,6 +303,38 @@ class ViewTransform:
         valid = coord_map[2:3].clamp(0.0, 1.0)
         xy = torch.where(valid > 0, coord_map[:2] / valid.clamp_min(1e-12), 0.0)
         return image.to(torch.uint8), torch.cat([xy, valid])
+
+
+def _inverse_affine(transform: v2.Transform, params: dict[str, Any], size: int) -> list[float] | None:
+    """The inverse affine matrix torchvision samples a RandomRotation/RandomAffine with, or None when the
+    transform is of another kind (or takes one of rotate's exact fast paths, or expands)."""
+    if type(transform) is v2.RandomRotation and not transform.expand:
+        angle = params["angle"] % 360
+        if transform.center is None and angle in (0, 90, 180, 270):
+            return None
+        center, angle, translate, scale, shear = transform.center, -angle, [0.0, 0.0], 1.0, [0.0, 0.0]
+    elif type(transform) is v2.RandomAffine:
+        center = transform.center
+        angle, translate, scale, shear = (params[k] for k in ("angle", "translate", "scale", "shear"))
+        angle, translate, shear, center = _tv_geometry._affine_parse_args(
+            angle, translate, scale, shear, InterpolationMode.BILINEAR, center
+        )
+    else:
+        return None
+    center_f = [0.0, 0.0] if center is None else [c - size * 0.5 for c in center]
+    translate = [float(t) for t in translate]
+    return _tv_geometry._get_inverse_affine_matrix(center_f, angle, translate, scale, shear)
+
+
+def _affine_grid(matrix: list[float], size: int) -> torch.Tensor:
+    """torchvision's sampling grid of an affine warp of a square image, from its matrix: built directly
+    (three broadcast multiply-adds) instead of a ``[S*S, 3] x [3, 2]`` matrix product, ~6x faster."""
+    theta = torch.tensor(matrix, dtype=torch.float32).view(2, 3) / (0.5 * size)
+    x = torch.linspace((1.0 - size) * 0.5, (size - 1.0) * 0.5, steps=size)
+    y = x[:, None]
+    gx = x * theta[0, 0] + y * theta[0, 1] + theta[0, 2]
+    gy = x * theta[1, 0] + y * theta[1, 1] + theta[1, 2]
+    return torch.stack([gx, gy], dim=-1)[None]
 
 
 def _per_view(p: float | Sequence[float]) -> tuple[float, float]:

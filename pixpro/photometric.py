@@ -83,6 +83,12 @@ def saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _to_levels((x - grey).mul_(factor).add_(grey))  # a grey pixel stays exactly grey
 
 
+def _is_zero(d: torch.Tensor) -> torch.Tensor:
+    """1.0 where a whole, non-negative difference is 0, else 0.0: comparisons without bool tensors, which
+    cost several times a float operation on the CPU."""
+    return d.neg_().add_(1).clamp_(0, 1)
+
+
 def hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Rotate hues by ``factor`` turns, torchvision's maths without the HSV round trip.
 
@@ -92,16 +98,17 @@ def hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(-3)
     mx = torch.maximum(torch.maximum(r, g), b)
     chroma = mx - torch.minimum(torch.minimum(r, g), b)
-    is_r = mx == r  # ties resolve r, then g, then b, as torchvision
-    is_g = (mx == g) & ~is_r
-    is_b = ~(is_r | is_g)
+    is_r = _is_zero(mx - r)  # ties resolve r, then g, then b, as torchvision
+    is_g = _is_zero(mx - g).mul_(1 - is_r)
+    is_b = 1 - is_r - is_g
     sixths = (g - b).mul_(is_r) + (b - r + 2 * chroma).mul_(is_g) + (r - g + 4 * chroma).mul_(is_b)
     sixths = sixths.div_(chroma.clamp(min=1e-6)).add_(6 * factor[..., 0])
     offsets = torch.tensor(_HSV_OFFSETS, device=x.device).view(3, 1, 1)
     phase = sixths.unsqueeze(-3) + offsets
     phase.sub_(torch.floor(phase * (1 / 6)).mul_(6))
     t = torch.minimum(phase, 4.0 - phase).clamp_(0.0, 1.0)
-    return (mx.unsqueeze(-3) - t.mul_(chroma.unsqueeze(-3))).mul_(255.999 / 255).floor_()
+    scale = 255.999 / 255  # torchvision's float -> uint8 conversion
+    return (mx * scale).unsqueeze(-3).sub(t.mul_((chroma * scale).unsqueeze(-3))).floor_()
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -131,8 +138,9 @@ def gaussian_blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
 
 
 def solarize(x: torch.Tensor, threshold: int) -> torch.Tensor:
-    """Invert the levels at or above ``threshold``."""
-    return torch.where(x >= threshold, 255 - x, x)
+    """Invert the levels at or above ``threshold`` (float arithmetic on whole levels: no bool tensors)."""
+    at_or_above = (x - (threshold - 1)).clamp_(0, 1)
+    return (255 - 2 * x).mul_(at_or_above).add_(x)
 
 
 class Photometric:

@@ -283,3 +283,45 @@ def test_sample_crop_stays_inside_and_respects_scale_and_ratio():
             assert 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
     # No try fits a 1000x10 strip at ratio ~1 and large scale: centre crop at the closest ratio.
     assert sample_crop(10, 1000, (0.9, 1.0), (3 / 4, 4 / 3), [0.5] * 22) == (0, 493, 10, 13)
+
+
+@pytest.mark.parametrize(
+    "spatial",
+    [
+        v2.RandomRotation(30, interpolation=InterpolationMode.BILINEAR),
+        v2.RandomAffine(
+            20, translate=(0.1, 0.1), scale=(0.8, 1.2), shear=5, interpolation=InterpolationMode.BILINEAR
+        ),
+        v2.RandomPerspective(0.4, p=1.0, interpolation=InterpolationMode.BILINEAR),
+    ],
+    ids=["rotation", "affine", "perspective"],
+)
+def test_one_warp_equals_torchvision_warping_image_and_map_separately(spatial):
+    """The stacked single pass (analytic grid for rotation/affine) against torchvision's own transform on
+    the image and its bilinear twin on the analytic map, with the same parameters."""
+    from torch.random import fork_rng
+
+    from pixpro.augment import _coordinate_twin
+
+    recipe = ViewRecipe(crop_size=64, **PLAIN)
+    plain, warped = ViewTransform(recipe), ViewTransform(recipe, [spatial])
+    twin = _coordinate_twin(spatial)
+    image = photo(120, 160)
+    for seed in range(6):
+        g = gen(seed)
+        view, box, _ = plain.crop(image, g)
+        torch.rand(1, generator=g, dtype=torch.float64)  # the apply draw, as ViewTransform.crop takes it
+        state = int(torch.randint(0, 2**62, (1,), generator=g).item())
+        with fork_rng(devices=[]):
+            torch.default_generator.manual_seed(state)
+            params = spatial.make_params([view])
+            expected_view = spatial.transform(view, params)
+            expected_map = twin.transform(box_to_map(box, 64), params)
+        got = warped.crop(image, gen(seed))
+        diff = (got.view.int() - expected_view.int()).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+        valid = expected_map[2].clamp(0, 1)
+        torch.testing.assert_close(got.coords[2], valid, rtol=0, atol=1e-5)
+        inside = valid > 0.5  # the map's x, y are premultiplied by valid while warped
+        expected_xy = expected_map[:2][:, inside] / valid[inside]
+        torch.testing.assert_close(got.coords[:2][:, inside], expected_xy, rtol=0, atol=1e-5)
