@@ -724,12 +724,24 @@ def check_input(ctx: Ctx, rec: Rec, dl: Deadline) -> tuple[str, str]:
         workers_needed_per_gpu=need,
         cores_needed_per_gpu=(need or 0) + 1,
     )
+    if dl.left() >= ctx.s["window_s"] + 3:  # data.augment_on: device, at the largest worker count
+        device_rate = _device_path_rate(ctx, spec, most)
+        per = device_rate / max(most, 1)
+        rec.set(
+            device_path_img_per_s=round(device_rate, 1),
+            device_path_workers_needed_per_gpu=math.ceil(model_rate / per) if per > 0 else None,
+        )
     if not ctx.cpu:
         rec.set(**_h2d(ctx, b))
     rec.summary(
         f"{', '.join(f'{k} workers {v:.0f}' for k, v in rates.items())} img/s; "
         f"{per_worker:.0f} img/s per worker "
         f"-> {need} workers (+1 core for the trainer) per GPU for {model_rate:.0f} img/s ({source})"
+        + (
+            f"; augment_on device: {rec.numbers['device_path_workers_needed_per_gpu']} workers"
+            if "device_path_img_per_s" in rec.numbers
+            else ""
+        )
     )
     if not ctx.cpu and pinned is not True:
         return "fail", "the trainer's loader did not return pinned memory on CUDA"
@@ -773,6 +785,35 @@ def check_photometric(ctx: Ctx, rec: Rec, dl: Deadline) -> tuple[str, str]:
     if float(levels.max()) > 1.0 + 1e-3:
         return "fail", "device views differ from the worker's by more than one grey level"
     return "pass", ""
+
+
+def _device_path_rate(ctx: Ctx, spec: Any, workers: int) -> float:
+    """img/s of the loader with ``augment_on: device``, its photometric steps run on the device per batch."""
+    from launch.sampler import ResumableSampler
+    from launch.train import DistEnv, build_data
+
+    data = spec.data.model_copy(update={"augment_on": "device", "num_workers": workers})
+    spec_d = spec.model_copy(update={"data": data})
+    dataset, _ = build_data(spec_d, DistEnv(0, 0, 1))
+    b = ctx.s["batch"]
+    repeated = Repeated(dataset, max(1, math.ceil(400 * b / len(dataset))))
+    sampler = ResumableSampler(len(repeated), seed=0, rank=0, world_size=1, batch_size=b, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        repeated, batch_size=b, sampler=sampler, num_workers=workers, pin_memory=not ctx.cpu
+    )
+    t_views = dataset.transform
+    it = iter(loader)
+    next(it)
+    count, t = 0, time.perf_counter()
+    while time.perf_counter() - t < ctx.s["window_s"]:
+        batch = next(it, None)
+        if batch is None:
+            break
+        t_views.view1.photometric(batch["view1"].to(ctx.device, non_blocking=True), batch["params1"])
+        t_views.view2.photometric(batch["view2"].to(ctx.device, non_blocking=True), batch["params2"])
+        count += b
+    ctx.sync()
+    return count / (time.perf_counter() - t)
 
 
 class Repeated(torch.utils.data.Dataset):
