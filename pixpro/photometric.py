@@ -115,15 +115,18 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return _grey(x).floor_().expand_as(x).contiguous()
 
 
-def gaussian_blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, taps: torch.Tensor, reach: int | None = None) -> torch.Tensor:
     """Separable blur of ``[n, 3, H, W]`` levels with reflect padding, one row of ``taps`` per view.
 
-    Symmetric taps are applied in pairs (``(left + right) * w``); a tap that is zero for every view of the
-    batch is skipped, which changes nothing (adding ``+0`` is exact).
+    Symmetric taps are applied in pairs (``(left + right) * w``); taps further than ``reach`` from the
+    centre must be zero for every view and are skipped, which changes nothing (adding ``+0`` is exact).
+    ``reach`` defaults to what ``taps`` hold (a host sync when they are on a GPU).
     """
     k = taps.shape[1]
     r = k // 2
-    used = (taps != 0).any(0).tolist()
+    if reach is None:
+        reach = r - int((taps != 0).any(0).int().argmax())
+    used = [d >= r - reach for d in range(r)]
     out = x
     for dim in (-1, -2):
         n = out.shape[dim]
@@ -189,47 +192,64 @@ class Photometric:
 
     def __call__(self, views: torch.Tensor, params: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
         """``[n, 3, S, S]`` uint8 views (any device) and their ``[n, PARAMS]`` rows (host) -> float32 views,
-        ImageNet-normalized, on the views' device."""
+        ImageNet-normalized, on the views' device.
+
+        Which views each step touches and with what numbers is planned on the host from the rows; the plan
+        reaches the device in one non-blocking copy, so a CUDA batch costs no host sync.
+        """
         rows = params.tolist() if isinstance(params, torch.Tensor) else [list(p) for p in params]
         if views.dtype != torch.uint8 or views.dim() != 4 or len(rows) != views.shape[0]:
             raise ValueError(f"expected [n, 3, S, S] uint8 views and n parameter rows, got {views.shape}")
+        plan = self._plan(rows)
+        numbers = [v for _, _, chosen, args in plan for v in chosen + args] + self.scale + self.shift
+        packed = torch.tensor(numbers, dtype=torch.float32)
+        if views.device.type == "cuda":
+            packed = packed.pin_memory()
+        packed = packed.to(views.device, non_blocking=True)
         x = views.float()  # whole numbers 0..255 throughout: each step rounds as it would to uint8
+        at = 0
+        for op, width, chosen, args in plan:
+            index = packed[at : at + len(chosen)].long()
+            arg = packed[at + len(chosen) : at + len(chosen) + len(args)]
+            at += len(chosen) + len(args)
+            arg = arg.view(-1, 1, 1, 1) if width == 1 else arg.view(len(chosen), width)
+            if len(chosen) == x.shape[0]:
+                x = op(x, arg)
+            else:
+                x[index] = op(x[index], arg)  # x is the call's own float copy
+        scale, shift = packed[at : at + 3].view(1, 3, 1, 1), packed[at + 3 : at + 6].view(1, 3, 1, 1)
+        return x.mul_(scale).add_(shift)
+
+    def _plan(self, rows: list[list[float]]) -> list[tuple[Op, int, list[float], list[float]]]:
+        """``(step, numbers per view, chosen view indices, their numbers flattened)`` in the order they run;
+        steps that touch no view are left out."""
+        plan: list[tuple[Op, int, list[float], list[float]]] = []
+
+        def add(op: Op, width: int, chosen: list[int], args: list[float]) -> None:
+            if chosen:
+                plan.append((op, width, [float(i) for i in chosen], args))
+
         steps: tuple[Op, ...] = (brightness, contrast, saturation, hue)
         jittered = [i for i, row in enumerate(rows) if row[JITTER_ON]]
         for position in range(4):
             for step, op in enumerate(steps):
-                if self.jitter[step] == 0:
-                    continue
-                chosen = [i for i in jittered if rows[i][ORDER.start + position] == step]
-                x = self._apply(x, chosen, op, [rows[i][BRIGHTNESS + step] for i in chosen])
-        x = self._apply(x, [i for i, row in enumerate(rows) if row[GREY_ON]], lambda v, _: grayscale(v))
+                if self.jitter[step] != 0:
+                    chosen = [i for i in jittered if rows[i][ORDER.start + position] == step]
+                    add(op, 1, chosen, [rows[i][BRIGHTNESS + step] for i in chosen])
+        add(lambda v, _: grayscale(v), 0, [i for i, row in enumerate(rows) if row[GREY_ON]], [])
         # views grouped by how many taps their sigma needs: a narrow blur does not pay for a wide one
         by_reach: dict[int, list[int]] = {}
         taps: dict[int, list[float]] = {}
         for i, row in enumerate(rows):
             if row[BLUR_ON]:
                 taps[i] = blur_taps(self.kernel_size, row[SIGMA])
-                by_reach.setdefault(sum(w > 0 for w in taps[i]), []).append(i)
-        for group in by_reach.values():
-            x = self._apply(x, group, gaussian_blur, [taps[i] for i in group])
-        solarized = [i for i, row in enumerate(rows) if row[SOLARIZE_ON]]
-        x = self._apply(x, solarized, lambda v, _: solarize(v, self.threshold))
-        scale = torch.tensor(self.scale, device=x.device).view(1, 3, 1, 1)
-        shift = torch.tensor(self.shift, device=x.device).view(1, 3, 1, 1)
-        return x.mul_(scale).add_(shift)
+                by_reach.setdefault(sum(w > 0 for w in taps[i]) // 2, []).append(i)
+        for reach, group in by_reach.items():
 
-    @staticmethod
-    def _apply(x: torch.Tensor, chosen: list[int], op: Op, args: Sequence = ()) -> torch.Tensor:
-        """``op`` on the chosen views only, with ``args`` (a number or a row per chosen view) as float32:
-        ``[n, 1, 1, 1]`` for numbers, ``[n, k]`` for rows."""
-        if not chosen:
-            return x
-        device = x.device
-        arg = torch.tensor(args, dtype=torch.float32, device=device)
-        if arg.dim() == 1:
-            arg = arg.view(-1, 1, 1, 1)
-        if len(chosen) == x.shape[0]:
-            return op(x, arg)
-        index = torch.tensor(chosen, device=device)
-        x[index] = op(x[index], arg)  # x is the call's own float copy
-        return x
+            def blur(v: torch.Tensor, t: torch.Tensor, reach: int = reach) -> torch.Tensor:
+                return gaussian_blur(v, t, reach)
+
+            add(blur, self.kernel_size, group, [w for i in group for w in taps[i]])
+        solarized = [i for i, row in enumerate(rows) if row[SOLARIZE_ON]]
+        add(lambda v, _: solarize(v, self.threshold), 0, solarized, [])
+        return plan
