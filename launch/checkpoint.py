@@ -17,7 +17,8 @@ no hook for superseding a queued save or for a deadline per save. So:
   pieces, so host memory holds the state once plus a part buffer;
 * at most one job in flight and one waiting: a save due while the upload of the previous one is still
   running (an S3 outage) replaces the waiting one, so training never waits and memory stays bounded
-  (a second buffer exists only while two states overlap);
+  (a second buffer exists only while two states overlap); the job in flight, told that a newer state
+  waits, gives up at its next failure instead of retrying, so an outage ends with the newest state;
 * liveness: a watcher thread reads the uploader's reports; an uploader that dies is reported in one
   line and replaced for the next save, one still busy past its job's deadline is killed; ``flush``
   waits with a deadline and says in one line what did not commit;
@@ -103,6 +104,8 @@ class Checkpointer:
         self._conn: Connection | None = None
         self._ready = False
         self._closing = False
+        self._prefetched: tuple[Manifest, dict[str, bytes]] | None = None
+        self._prefetcher: threading.Thread | None = None
         self._start()
         self._watcher = threading.Thread(target=self._watch, name="ckpt-uploader-watch", daemon=True)
         self._watcher.start()
@@ -119,7 +122,7 @@ class Checkpointer:
         )
         theirs.close()
         self._conn = Connection(ours.detach())
-        self._ready = False
+        self._ready, self._started = False, time.monotonic()
         cfg = {"store": self.store.config(), "rank": self.rank, "world_size": self.world_size}
         self._conn.send(("config", cfg))
 
@@ -157,6 +160,7 @@ class Checkpointer:
     def _on_message(self, msg: tuple) -> None:
         if msg[0] == "ready":
             self._ready = True
+            log.info("checkpoint uploader ready after %.1f s", time.monotonic() - self._started)
         elif msg[0] == "failing":
             self.store_error = msg[2]
         elif msg[0] == "done":
@@ -234,8 +238,8 @@ class Checkpointer:
             assert train_state is not None
             files[TRAIN_FILE] = train_state
         with self._cond:
-            if blocking and self._inflight is not None and self._conn is not None:
-                self._conn.send(("abandon",))
+            if self._inflight is not None and self._conn is not None:
+                self._conn.send(("abandon",) if blocking else ("newer",))
             slot = 1 if self._inflight is not None and self._inflight.slot == 0 else 0
             skeleton, tensors, metas, nbytes = plan(files)
             buf = self._buffers[slot]
@@ -328,6 +332,31 @@ class Checkpointer:
         self._watcher.join(timeout=5)
 
     # --- loading ----------------------------------------------------------------------------------
+    def prefetch(self) -> None:
+        """Start downloading the files ``latest`` names on a thread, so a resume's download overlaps
+        building the data and the model; :meth:`load_latest` uses them if it picks that checkpoint."""
+
+        def run() -> None:
+            m = self.store.latest_manifest()
+            if m is None:
+                return
+            names = [TRAIN_FILE]
+            if m.meta.get("world_size") == self.world_size:
+                names.append(rank_file(self.rank))
+            try:
+                self._prefetched = (m, {n: self.store.read(m, n) for n in names})
+            except Exception as exc:  # load_latest reads again and reports what is wrong
+                log.debug("prefetch of step %d failed: %s", m.step, exc)
+
+        self._prefetcher = threading.Thread(target=run, name="ckpt-prefetch", daemon=True)
+        self._prefetcher.start()
+
+    def _read(self, manifest: Manifest, name: str) -> bytes:
+        got = self._prefetched
+        if got is not None and got[0] == manifest and name in got[1]:
+            return got[1].pop(name)
+        return self.store.read(manifest, name)
+
     def load_latest(self) -> tuple[int, dict, dict | None] | None:
         """(step, train_state, rank_state or None) of the newest valid checkpoint, all ranks the same.
 
@@ -335,6 +364,8 @@ class Checkpointer:
         file fails its checksum on any rank is skipped for the next older one. ``rank_state`` is None
         when the world size changed (the per-rank RNG is then re-derived by the caller).
         """
+        if self._prefetcher is not None:
+            self._prefetcher.join()
         candidates = self.store.candidates() if self.rank == 0 else None
         while True:
             manifest = next(candidates, None) if candidates is not None else None
@@ -343,15 +374,16 @@ class Checkpointer:
                 return None
             manifest = Manifest.from_json(body)
             try:
-                train_state = from_bytes(self.store.read(manifest, TRAIN_FILE))
+                train_state = from_bytes(self._read(manifest, TRAIN_FILE))
                 rank_state = None
                 if manifest.meta.get("world_size") == self.world_size:
-                    rank_state = from_bytes(self.store.read(manifest, rank_file(self.rank)))
+                    rank_state = from_bytes(self._read(manifest, rank_file(self.rank)))
                 ok = 1
             except CorruptCheckpoint as exc:
                 log.warning("skipping checkpoint: %s", exc)
                 ok = 0
             if _all_ok(ok, self.world_size):
+                self._prefetched = None
                 return manifest.step, train_state, rank_state
 
 

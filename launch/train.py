@@ -196,6 +196,17 @@ def build_optimizer(spec: RunSpec, model: PixPro) -> torch.optim.Optimizer:
 class Trainer:
     def __init__(self, spec: RunSpec, run_dir: Path, env: DistEnv, flag: PreemptionFlag) -> None:
         self.spec, self.run_dir, self.env, self.flag = spec, run_dir, env, flag
+        self.attempt = attempt_id(env.world_size)
+        self.store = CheckpointStore(
+            checkpoint_url(spec, run_dir),
+            spec.checkpoint.storage_options,
+            keep_last=spec.checkpoint.keep_last,
+            attempt=self.attempt,
+        )
+        # first: the uploader process imports torch while this one builds the data and the model
+        self.checkpointer = Checkpointer(self.store, env.rank, env.world_size)
+        self.checkpointer.prefetch()  # a resume's download overlaps building the data and the model
+        self.metrics = MetricsLog(self.store, self.attempt) if env.rank == 0 else None
         self.device = (
             torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         )
@@ -226,16 +237,6 @@ class Trainer:
         )
         self.resumed_step: int | None = None
         self.data_skips = 0  # samples replaced by the next usable one in this attempt (unreadable etc.)
-
-        self.attempt = attempt_id(env.world_size)
-        self.store = CheckpointStore(
-            checkpoint_url(spec, run_dir),
-            spec.checkpoint.storage_options,
-            keep_last=spec.checkpoint.keep_last,
-            attempt=self.attempt,
-        )
-        self.checkpointer = Checkpointer(self.store, env.rank, env.world_size)
-        self.metrics = MetricsLog(self.store, self.attempt) if env.rank == 0 else None
 
     # state: the step and epoch live in the TrainState that checkpoints hold -------------------------
     @property
@@ -278,7 +279,7 @@ class Trainer:
         log.info("resumed from step %d (epoch %d) of %d", self.step, self.epoch, self.schedule.total_steps)
 
     def save(self, blocking: bool, budget_s: float | None = None) -> bool:
-        """Hand the state to the uploader; ``blocking``: wait (at most ``budget_s``) and say if it committed."""
+        """Hand the state to the uploader; ``blocking``: wait (at most ``budget_s``), say if it committed."""
         train_state = self.state.state_dict() if self.env.rank == 0 else None
         meta = {"step": self.step, "epoch": self.epoch, "spec_hash": self.spec_hash, "attempt": self.attempt}
         return self.checkpointer.save(

@@ -8,8 +8,9 @@ uploaded in bounded pieces), retries an unreachable store until the job's deadli
 collects the other ranks' file entries and commits (manifest last, ``latest`` by compare-and-swap).
 
 Messages (pickled over a socketpair, :mod:`multiprocessing.connection`):
-  trainer -> uploader: ``("config", dict)`` once, ``("job", Job)``, ``("abandon",)`` (a newer state waits:
-  give up the current job at the next piece or retry), ``("stop",)``.
+  trainer -> uploader: ``("config", dict)`` once, ``("job", Job)``, ``("newer",)`` (a newer state waits:
+  give the current job up instead of retrying it), ``("abandon",)`` (the final state waits: give the
+  current job up at the next piece), ``("stop",)``.
   uploader -> trainer: ``("ready",)``, ``("failing", step, error)`` after a failed try, ``("done", step,
   committed, error, seconds)``.
 It ignores the preemption signals (the trainer decides), exits when its parent dies (checked each
@@ -30,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -59,6 +60,8 @@ class Uploader:
         self.conn, self.store, self.rank, self.world_size = conn, store, rank, world_size
         self._maps: dict[int, tuple[int, Any]] = {}  # fd -> (generation, mmap)
         self.next_msg: tuple | None = None
+        self.newer = False  # a newer state waits in the trainer: give up this job rather than retry it
+        self.abandoning = False  # told to give up now (torch.save turns our exception into a RuntimeError)
 
     def serve(self) -> None:
         self.conn.send(("ready",))
@@ -73,6 +76,7 @@ class Uploader:
     # -- one job -------------------------------------------------------------------------------------
     def run(self, job: Job) -> None:
         t0 = time.monotonic()
+        self.newer = self.abandoning = False
         try:
             raw = self._mapped(job.buffer)
             entries = [
@@ -105,14 +109,23 @@ class Uploader:
 
     def _write(self, job: Job, raw: Any, name: str) -> FileEntry:
         state = rebuild(job.files[name], raw, job.metas)
-        return self.store.write(job.step, name, lambda f: torch.save(state, _Checked(f, self._check)))
+        return self.store.write(
+            job.step, name, lambda f: torch.save(state, cast(IO[bytes], _Checked(f, self._check)))
+        )
 
     def _entries(self, job: Job, rank: int) -> bytes:
-        wait = max(0.0, min(60.0, job.deadline - time.monotonic()))
-        body = self.store.read_uncommitted(job.step, f"rank{rank}.entries", wait_s=wait)
-        if body is None:
-            raise TimeoutError(f"rank {rank} has not uploaded its files of step {job.step} yet")
-        return body
+        """Rank ``rank``'s file entries, waited for in short slices (a newer state may make them moot)."""
+        end = min(job.deadline, time.monotonic() + 60.0)
+        while True:
+            wait = max(0.0, min(1.0, end - time.monotonic()))
+            body = self.store.read_uncommitted(job.step, f"rank{rank}.entries", wait_s=wait)
+            if body is not None:
+                return body
+            self._check()
+            if self.newer:
+                raise Abandoned
+            if time.monotonic() >= end:
+                raise TimeoutError(f"rank {rank} has not uploaded its files of step {job.step} yet")
 
     def _mapped(self, ref: BufferRef) -> Any:
         gen, mm = self._maps.get(ref.fd, (None, None))
@@ -127,10 +140,13 @@ class Uploader:
         """Between pieces and retries: a message from the trainer means this job should end."""
         if self.next_msg is None and self.conn.poll():
             self.next_msg = self.conn.recv()
-            if self.next_msg[0] == "abandon":
-                self.next_msg = None
-                raise Abandoned
+            if self.next_msg[0] == "newer":
+                self.next_msg, self.newer = None, True
+            elif self.next_msg[0] == "abandon":
+                self.next_msg, self.abandoning = None, True
         if self.next_msg is not None:
+            self.abandoning = True
+        if self.abandoning:
             raise Abandoned
 
     def _retry(self, job: Job, what: str, fn: Any) -> Any:
@@ -143,16 +159,23 @@ class Uploader:
             except Abandoned:
                 raise
             except Exception as exc:
+                if self.abandoning:
+                    raise Abandoned from exc
                 error = f"{what} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+                self.conn.send(("failing", job.step, error))
+                if self.newer:
+                    log.warning("%s; a newer state is waiting: giving this one up", error)
+                    raise Abandoned from exc
                 if time.monotonic() + delay > job.deadline:
                     raise
                 log.warning("%s; retry in %.1f s", error, delay)
-                self.conn.send(("failing", job.step, error))
                 end = time.monotonic() + delay
                 while time.monotonic() < end:  # stay responsive to "abandon" while backing off
                     self._check()
+                    if self.newer:
+                        raise Abandoned from exc
                     time.sleep(min(0.1, max(0.0, end - time.monotonic())))
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, 8.0)
 
 
 class _Checked:
@@ -170,7 +193,8 @@ class _Checked:
 
 
 def _exit_with_parent(parent: int) -> None:
-    """The trainer died (SIGKILL, OOM): a job of a dead attempt must not go on writing."""
+    """The trainer died (SIGKILL, OOM): a job of a dead attempt must not go on writing. Linux kills us
+    with it (PR_SET_PDEATHSIG, set in main); this check each second covers the moment before that."""
     while True:
         time.sleep(1.0)
         if os.getppid() != parent:
@@ -181,6 +205,10 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)  # the trainer handles preemption; we stop when it says so
     parent = os.getppid()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     torch.set_num_threads(1)
     conn = Connection(int(argv[0]))

@@ -319,6 +319,25 @@ class CheckpointStore:
         with self._redactor.guard():
             return self._read_pointer()[0]
 
+    def latest_manifest(self) -> Manifest | None:
+        """The manifest ``latest`` names, without a listing and without warnings; None on any doubt.
+
+        For reading ahead (a resume's download while the model is built); :meth:`candidates` still
+        decides what is loaded.
+        """
+        try:
+            with self._redactor.guard():
+                ptr = self._read_pointer()[0]
+                got = self._backend.get(f"{ptr['prefix']}/{MANIFEST}") if ptr else None
+        except Exception:
+            return None
+        if ptr is None or got is None or ptr.get("manifest_sha256") != hashlib.sha256(got[0]).hexdigest():
+            return None
+        try:
+            return Manifest.from_json(got[0])
+        except ValueError:
+            return None
+
     def resolve(
         self, expect: dict[str, Any] | None = None, *, verify_checksums: bool = False
     ) -> Manifest | None:
