@@ -20,7 +20,8 @@ no hook for superseding a queued save or for a deadline per save. So:
   (a second buffer exists only while two states overlap); the job in flight, told that a newer state
   waits, gives up at its next failure instead of retrying, so an outage ends with the newest state;
 * liveness: a watcher thread reads the uploader's reports; an uploader that dies is reported in one
-  line and replaced for the next save, one still busy past its job's deadline is killed; ``flush``
+  line and replaced for the next save, one still busy past its job's deadline or silent for
+  ``silent_s`` (it reports progress every second) is killed; ``flush``
   waits with a deadline and says in one line what did not commit;
 * a blocking save (the last one, at a preemption) abandons the upload in flight (an older state) and
   gives the final state the whole budget.
@@ -28,6 +29,7 @@ no hook for superseding a queued save or for a deadline per save. So:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -84,12 +86,15 @@ class Checkpointer:
         world_size: int,
         retry_for_s: float = 600.0,
         hang_grace_s: float = 10.0,
+        silent_s: float = 180.0,
     ) -> None:
         self.store = store
         self.rank = rank
         self.world_size = world_size
         self.retry_for_s = retry_for_s
         self.hang_grace_s = hang_grace_s
+        self.silent_s = silent_s  # longer than one S3 call may take (its deadline: 120 s + 1 s per MiB)
+        self._heard = time.monotonic()
         self.last_committed: int | None = None
         self.last_commit_s: float | None = None  # hand-over to 'latest' moved, of the last commit
         self.last_commit_time: float | None = None  # wall clock of the last commit
@@ -143,15 +148,18 @@ class Checkpointer:
             with self._cond:
                 if self._closing or conn is not self._conn:
                     continue
+                now = time.monotonic()
                 if msg is not None:
+                    self._heard = now
                     self._on_message(msg)
                 elif proc is not None and proc.poll() is not None:
                     self._on_death(f"exited with status {proc.returncode}")
-                elif (
-                    self._inflight is not None
-                    and time.monotonic() > self._inflight.deadline + self.hang_grace_s
-                ):
+                elif self._inflight is not None and now > self._inflight.deadline + self.hang_grace_s:
                     self._on_death(f"still busy {self.hang_grace_s:g} s past its deadline (hung); killed it")
+                elif (
+                    self._inflight is not None and now - max(self._heard, self._inflight.sent) > self.silent_s
+                ):
+                    self._on_death(f"silent for {self.silent_s:g} s (hung); killed it")
                 self._dispatch()
                 self._cond.notify_all()
             if conn is None:
@@ -211,8 +219,19 @@ class Checkpointer:
         if p.budget_s is None:
             p.deadline = now + self.retry_for_s
         p.job.deadline, p.sent = p.deadline, now
-        self._conn.send(("job", p.job))
+        if not self._send(("job", p.job)):  # it died just now: the next one takes this job
+            self._waiting = p
+            self._on_death("went away")
+            return
         self._inflight = p
+
+    def _send(self, msg: tuple) -> bool:
+        try:
+            assert self._conn is not None
+            self._conn.send(msg)
+            return True
+        except OSError:
+            return False
 
     # --- saving -----------------------------------------------------------------------------------
     def save(
@@ -239,7 +258,7 @@ class Checkpointer:
             files[TRAIN_FILE] = train_state
         with self._cond:
             if self._inflight is not None and self._conn is not None:
-                self._conn.send(("abandon",) if blocking else ("newer",))
+                self._send(("abandon",) if blocking else ("newer",))  # a dead one: the watcher says so
             slot = 1 if self._inflight is not None and self._inflight.slot == 0 else 0
             skeleton, tensors, metas, nbytes = plan(files)
             buf = self._buffers[slot]
@@ -317,13 +336,9 @@ class Checkpointer:
         """Stop the uploader (after ``flush``) and free the buffers."""
         with self._cond:
             self._closing = True
-            if self._conn is not None:
-                try:
-                    self._conn.send(("stop",))
-                    assert self._proc is not None
+            if self._conn is not None and self._proc is not None and self._send(("stop",)):
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     self._proc.wait(timeout=10)
-                except (OSError, subprocess.TimeoutExpired):
-                    pass
             self._kill()
             for i, buf in enumerate(self._buffers):
                 if buf is not None:

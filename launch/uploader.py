@@ -11,8 +11,8 @@ Messages (pickled over a socketpair, :mod:`multiprocessing.connection`):
   trainer -> uploader: ``("config", dict)`` once, ``("job", Job)``, ``("newer",)`` (a newer state waits:
   give the current job up instead of retrying it), ``("abandon",)`` (the final state waits: give the
   current job up at the next piece), ``("stop",)``.
-  uploader -> trainer: ``("ready",)``, ``("failing", step, error)`` after a failed try, ``("done", step,
-  committed, error, seconds)``.
+  uploader -> trainer: ``("ready",)``, ``("alive",)`` (at most once a second while working), ``("failing",
+  step, error)`` after a failed try, ``("done", step, committed, error, seconds)``.
 It ignores the preemption signals (the trainer decides), exits when its parent dies (checked each
 second), draws nothing from the trainer's RNG (a separate process), and never imports the trainer.
 
@@ -62,6 +62,7 @@ class Uploader:
         self.next_msg: tuple | None = None
         self.newer = False  # a newer state waits in the trainer: give up this job rather than retry it
         self.abandoning = False  # told to give up now (torch.save turns our exception into a RuntimeError)
+        self._alive_sent = 0.0
 
     def serve(self) -> None:
         self.conn.send(("ready",))
@@ -137,7 +138,11 @@ class Uploader:
         return mm
 
     def _check(self) -> None:
-        """Between pieces and retries: a message from the trainer means this job should end."""
+        """Between pieces and retries: a message from the trainer means this job should end; and at
+        most once a second, a sign of life (the trainer kills an uploader that stays silent)."""
+        if time.monotonic() - self._alive_sent > 1.0:
+            self.conn.send(("alive",))
+            self._alive_sent = time.monotonic()
         if self.next_msg is None and self.conn.poll():
             self.next_msg = self.conn.recv()
             if self.next_msg[0] == "newer":

@@ -126,12 +126,11 @@ def test_outage_never_blocks_a_save_and_the_newest_state_commits(
     assert max(stalls) < 2.0, stalls
     assert "failed" in ck.health()["store_error"]
     assert sum(b is not None for b in ck._buffers) == 2
-    gave_up = [
-        r.getMessage()
-        for r in caplog.records
-        if "superseded" in r.getMessage() or "abandoned" in r.getMessage()
-    ]
-    assert len(gave_up) >= 2, gave_up  # of steps 2 and 3 (the one in flight at the first failure)
+
+    def gave_up() -> list[str]:  # steps 2 (in flight, told a newer one waits) and 3 (superseded)
+        return [m for r in caplog.records if ("superseded" in (m := r.getMessage()) or "abandoned" in m)]
+
+    wait_for("two states given up", lambda: len(gave_up()) >= 2, 60, 0.05)
     fault_proxy.passthrough()
     assert ck.flush(timeout_s=120)
     assert store.latest()["step"] == 4 and ck.last_committed == 4
@@ -150,16 +149,21 @@ def test_connections_cut_now_and_then_still_commit(tmp_path, moto_s3, fault_prox
     assert step == 5 and torch.equal(loaded["model"]["w"], state["model"]["w"])
 
 
-def test_a_hung_uploader_is_killed_past_its_deadline(tmp_path, checkpointers, caplog):
+@pytest.mark.parametrize(
+    ("limits", "says"),
+    [({"retry_for_s": 2.0, "hang_grace_s": 1.0}, "past its deadline"), ({"silent_s": 2.0}, "silent for 2 s")],
+    ids=["deadline", "silence"],
+)
+def test_a_hung_uploader_is_killed(tmp_path, checkpointers, caplog, limits, says):
     store = _store(str(tmp_path))
-    ck = checkpointers(store, retry_for_s=2.0, hang_grace_s=1.0)
+    ck = checkpointers(store, **limits)
     pid = _uploader_pid(ck)
     os.kill(pid, signal.SIGSTOP)
     with caplog.at_level(logging.WARNING, logger=LOG):
         assert _save(ck, 1, _state(1), blocking=False)
         wait_for("the save to end", lambda: not ck.busy(), 30, 0.05)
     (line,) = [r.getMessage() for r in caplog.records if r.name == LOG]
-    assert "hung" in line and "during step 1" in line
+    assert says in line and "(hung)" in line and "during step 1" in line
     assert store.latest() is None
     assert _save(ck, 2, _state(1), blocking=True) and store.latest()["step"] == 2
 
