@@ -232,7 +232,7 @@ def overhead(endpoint: str, a: argparse.Namespace) -> dict[str, list[dict]]:
             for kind in ("thread", "process"):
                 ck = cks[kind, pinned]
                 pin(os.getpid(), {0} if pinned else all_cores)
-                torch.set_num_threads(1 if pinned else len(all_cores))
+                torch.set_num_threads(1)  # unpinned differs only in where the OS may run things
                 if kind == "thread":
 
                     def busy(ck: Any = ck) -> bool:
