@@ -902,9 +902,8 @@ def check_checkpoint(ctx: Ctx, rec: Rec, dl: Deadline) -> tuple[str, str]:
     t = time.perf_counter()
     trainer.save(blocking=False)
     stall = time.perf_counter() - t
-    thread = getattr(trainer.checkpointer, "_thread", None)  # the background write in flight
-    overlap: list[float] = []
-    while thread is not None and thread.is_alive() and len(overlap) < 200 and dl.left() > 5:
+    overlap: list[float] = []  # steps while the uploader process writes
+    while trainer.checkpointer.busy() and len(overlap) < 200 and dl.left() > 5:
         overlap.append(timed(ctx, step, 1))
     trainer.checkpointer.flush()
     write_s = time.perf_counter() - t

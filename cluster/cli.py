@@ -299,7 +299,7 @@ def status(
     if ident is not None:
         _check_id(ident)
     from cluster.index import Index
-    from cluster.status import collect
+    from cluster.status import checkpoint_warnings, collect
 
     index = Index()
 
@@ -310,6 +310,7 @@ def status(
         warnings += [
             f"run {r['run_id']}: cannot read {r['checkpoint_url']}: {r['store_error']}" for r in unreadable
         ]
+        warnings += [w for r in found for w in checkpoint_warnings(r)]
         return found, warnings
 
     if as_json:

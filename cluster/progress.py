@@ -28,7 +28,7 @@ class Progress:
     checkpoint_time: float | None = None
     error: str | None = None  # the store could not be read
 
-    def _newest_first(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    def newest_first(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
         """status.json is written at attempt start and end, metrics every few steps: newest wins."""
         t, m = self.trainer, self.metrics
         if t and m and (m.get("time") or 0) > (t.get("updated") or 0):
@@ -37,15 +37,15 @@ class Progress:
 
     @property
     def step(self) -> int | None:
-        return _first(*self._newest_first(), key="step")
+        return _first(*self.newest_first(), key="step")
 
     @property
     def total_steps(self) -> int | None:
-        return _first(*self._newest_first(), key="total_steps")
+        return _first(*self.newest_first(), key="total_steps")
 
     @property
     def epoch(self) -> int | None:
-        return _first(*self._newest_first(), key="epoch")
+        return _first(*self.newest_first(), key="epoch")
 
     def metric(self, key: str) -> Any:
         return (self.metrics or {}).get(key)

@@ -49,7 +49,7 @@ def table(rows: list[dict[str, Any]]) -> Table:
     t = Table(title=None, header_style="bold", expand=False, pad_edge=False)
     for name, justify in (
         ("RUN", "left"), ("ATTEMPTS", "left"), ("STATE", "left"), ("NODES×GPUS", "right"),
-        ("STEP", "right"), ("EPOCH", "right"), ("CKPT", "right"), ("CKPT AGE", "right"),
+        ("STEP", "right"), ("EPOCH", "right"), ("CKPT", "right"), ("CKPT AGE", "right"), ("COMMIT", "right"),
         ("LR", "right"), ("EMA", "right"), ("IMG/S", "right"),
     ):  # fmt: skip
         t.add_column(name, justify="right" if justify == "right" else "left", no_wrap=name != "STATE")
@@ -66,6 +66,7 @@ def table(rows: list[dict[str, Any]]) -> Table:
             _num(r["epoch"], "d"),
             _num(r["checkpoint_step"], "d"),
             age(r["checkpoint_age_s"]),
+            "-" if r.get("commit_s") is None else f"{r['commit_s']:.1f}s",
             _num(r["lr"], ".3g"),
             _num(r["ema_momentum"], ".5f"),
             _num(r["img_per_s"], ".1f"),

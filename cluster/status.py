@@ -91,6 +91,44 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
                 "checkpoint_url": rec.checkpoint_url,
                 "run_dir": rec.run_dir,
                 "store_error": p.error,
+                **commit_health(p, rec.resources.get("signal_lead_s")),
             }
         )
     return rows, warnings
+
+
+def commit_health(p: Progress, signal_lead_s: float | None) -> dict[str, Any]:
+    """How long checkpoints take to commit, whether the trainer reaches its store, and whether the last
+    preemption's checkpoint made it: what decides if a preemption loses work."""
+    newest, older = p.newest_first()
+    commit_s = [r.get(k) for r in (newest, older) if r for k in ("commit_s", "last_commit_s")]
+    known = [c for c in commit_s if isinstance(c, int | float)]
+    trainer_error = (newest or {}).get("store_error")  # metrics omit it while the store works
+    return {
+        "commit_s": max(known) if known else None,
+        "signal_lead_s": signal_lead_s,
+        "trainer_store_error": trainer_error,
+        "preempt_committed": (p.trainer or {}).get("preempt_committed"),
+    }
+
+
+def checkpoint_warnings(row: dict[str, Any]) -> list[str]:
+    """One line per risk to the run's checkpoints, for ``pixpro status``."""
+    out = []
+    run, lead, commit = row["run_id"], row.get("signal_lead_s"), row.get("commit_s")
+    if lead is not None and commit is not None and lead < 2 * commit:
+        out.append(
+            f"run {run}: resources.signal_lead_s {lead:g} s is less than twice the last checkpoint's "
+            f"commit time ({commit:.1f} s): a preemption may not commit in time"
+        )
+    if row.get("trainer_store_error"):
+        out.append(
+            f"run {run}: the trainer cannot reach its checkpoint store "
+            f"(last commit {row['checkpoint_age_s'] or '?'} s ago): {row['trainer_store_error']}"
+        )
+    if row.get("preempt_committed") is False:
+        out.append(
+            f"run {run}: the last preemption did not commit its checkpoint in time: "
+            f"the next attempt resumes from step {row['checkpoint_step']}"
+        )
+    return out

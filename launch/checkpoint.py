@@ -1,30 +1,61 @@
 """Save and restore the whole training state through a :class:`launch.store.CheckpointStore`.
 
 Rank 0 writes ``train.pt`` (models, optimizer, scaler, progress, sampler, plan); every rank writes
-``rank<r>.pt`` (its RNG). The training thread only copies the tensors; serializing, hashing, the
-upload and the commit run on a background thread so training does not wait on S3. One upload is in flight at
-a time; a preemption waits for it (``flush``) before exiting. Loads use ``weights_only=True``: a
-checkpoint can never execute code.
+``rank<r>.pt`` (its RNG). Loads use ``weights_only=True``: a checkpoint can never execute code.
+
+Saving costs the training loop one copy of the tensors. Why this design (chosen over
+torch.distributed.checkpoint's async save with a process-based checkpointer): DCP writes its own layout
+and metadata, not our ``step-<N>.<attempt>/`` prefix with a manifest whose sha256 per file the commit
+protocol and every reader (``pixpro status``, export, eval) rely on, and its process checkpointer gives
+no hook for superseding a queued save or for a deadline per save. So:
+
+* one long-lived uploader process per rank (:mod:`launch.uploader`), started with the trainer (before
+  the DataLoader forks its workers), which imports torch once and does the serializing, hashing,
+  upload and (rank 0) commit; the training thread never competes with it for the GIL;
+* the trainer copies the state into a shared-memory buffer it reuses (:mod:`launch.snapshot`) and
+  sends a small job; the uploader streams ``torch.save`` from that memory into the store in bounded
+  pieces, so host memory holds the state once plus a part buffer;
+* at most one job in flight and one waiting: a save due while the upload of the previous one is still
+  running (an S3 outage) replaces the waiting one, so training never waits and memory stays bounded
+  (a second buffer exists only while two states overlap); the job in flight, told that a newer state
+  waits, gives up at its next failure instead of retrying, so an outage ends with the newest state;
+* liveness: a watcher thread reads the uploader's reports; an uploader that dies is reported in one
+  line and replaced for the next save, one still busy past its job's deadline or silent for
+  ``silent_s`` (it reports progress every second) is killed; ``flush``
+  waits with a deadline and says in one line what did not commit;
+* a blocking save (the last one, at a preemption) abandons the upload in flight (an older state) and
+  gives the final state the whole budget.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-import json
 import logging
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from launch.store import CheckpointStore, CorruptCheckpoint, FileEntry, Manifest
+from launch.snapshot import SharedBuffer, copy_in, plan
+from launch.store import CheckpointStore, CorruptCheckpoint, Manifest
+from launch.uploader import Job
 from schemas.contract import TRAIN_FILE, rank_file
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TRAIN_FILE", "Checkpointer", "from_bytes", "rank_file", "to_bytes"]
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def to_bytes(obj: Any) -> bytes:
@@ -37,28 +68,170 @@ def from_bytes(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def _snapshot(obj: Any) -> Any:
-    """A deep copy of every tensor (on the CPU), so training can go on while the copy is serialized."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _snapshot(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_snapshot(v) for v in obj)
-    return obj
+@dataclass
+class _Pending:
+    job: Job
+    slot: int  # which shared buffer holds its state
+    copy_s: float  # the training thread's part of the save
+    budget_s: float | None
+    deadline: float = 0.0  # monotonic; fixed at save time for budgeted saves, else at hand-over
+    sent: float = 0.0
 
 
 class Checkpointer:
     def __init__(
-        self, store: CheckpointStore, rank: int, world_size: int, retry_for_s: float = 600.0
+        self,
+        store: CheckpointStore,
+        rank: int,
+        world_size: int,
+        retry_for_s: float = 600.0,
+        hang_grace_s: float = 10.0,
+        silent_s: float = 180.0,
     ) -> None:
         self.store = store
         self.rank = rank
         self.world_size = world_size
         self.retry_for_s = retry_for_s
-        self._thread: threading.Thread | None = None
-        self._deadline = float("inf")  # retries of the upload in flight stop here
+        self.hang_grace_s = hang_grace_s
+        self.silent_s = silent_s  # longer than one S3 call may take (its deadline: 120 s + 1 s per MiB)
+        self._heard = time.monotonic()
         self.last_committed: int | None = None
+        self.last_commit_s: float | None = None  # hand-over to 'latest' moved, of the last commit
+        self.last_commit_time: float | None = None  # wall clock of the last commit
+        self.store_error: str | None = None  # the last failed try, cleared by the next success
+        self.restarts = 0
+        self._cond = threading.Condition()
+        self._buffers: list[SharedBuffer | None] = [None, None]
+        self._inflight: _Pending | None = None
+        self._waiting: _Pending | None = None
+        self._results: dict[int, bool] = {}
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        self._ready = False
+        self._closing = False
+        self._prefetched: tuple[Manifest, dict[str, bytes]] | None = None
+        self._prefetcher: threading.Thread | None = None
+        self._start()
+        self._watcher = threading.Thread(target=self._watch, name="ckpt-uploader-watch", daemon=True)
+        self._watcher.start()
+
+    # --- the uploader process ---------------------------------------------------------------------
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "launch.uploader", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._ready, self._started = False, time.monotonic()
+        cfg = {"store": self.store.config(), "rank": self.rank, "world_size": self.world_size}
+        self._conn.send(("config", cfg))
+
+    def _watch(self) -> None:
+        """Reads the uploader's reports; notices it dying or hanging; hands over the waiting job."""
+        while True:
+            with self._cond:
+                if self._closing:
+                    return
+                conn, proc = self._conn, self._proc
+            msg: tuple | None = None
+            try:
+                if conn is not None and conn.poll(0.2):
+                    msg = conn.recv()
+            except (EOFError, OSError, ValueError):
+                msg = None
+                time.sleep(0.05)  # let the process finish dying, so the exit status is known below
+            with self._cond:
+                if self._closing or conn is not self._conn:
+                    continue
+                now = time.monotonic()
+                if msg is not None:
+                    self._heard = now
+                    self._on_message(msg)
+                elif proc is not None and proc.poll() is not None:
+                    self._on_death(f"exited with status {proc.returncode}")
+                elif self._inflight is not None and now > self._inflight.deadline + self.hang_grace_s:
+                    self._on_death(f"still busy {self.hang_grace_s:g} s past its deadline (hung); killed it")
+                elif (
+                    self._inflight is not None and now - max(self._heard, self._inflight.sent) > self.silent_s
+                ):
+                    self._on_death(f"silent for {self.silent_s:g} s (hung); killed it")
+                self._dispatch()
+                self._cond.notify_all()
+            if conn is None:
+                time.sleep(0.2)
+
+    def _on_message(self, msg: tuple) -> None:
+        if msg[0] == "ready":
+            self._ready = True
+            log.info("checkpoint uploader ready after %.1f s", time.monotonic() - self._started)
+        elif msg[0] == "failing":
+            self.store_error = msg[2]
+        elif msg[0] == "done":
+            _, step, committed, error, _secs = msg
+            p, self._inflight = self._inflight, None
+            ok = committed or (self.rank != 0 and error is None)
+            self._results[step] = ok
+            if ok:
+                self.store_error = None
+            if committed and p is not None:
+                self.last_committed = step
+                self.last_commit_s = round(p.copy_s + time.monotonic() - p.sent, 3)
+                self.last_commit_time = time.time()
+                log.info("checkpoint step %d committed in %.1f s", step, self.last_commit_s)
+            elif error and "abandoned" in error:
+                log.info("checkpoint step %d abandoned for a newer state", step)
+            elif error:
+                self.store_error = error
+                log.error("checkpoint step %d not committed: %s", step, error)
+
+    def _on_death(self, why: str) -> None:
+        p, self._inflight = self._inflight, None
+        if p is not None:
+            self._results[p.job.step] = False
+        lost = f" during step {p.job.step} (not committed)" if p is not None else ""
+        log.warning("checkpoint uploader %s%s; a new one takes the next save", why, lost)
+        self._kill()
+        self.restarts += 1
+
+    def _kill(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        if self._conn is not None:
+            self._conn.close()
+        self._proc, self._conn, self._ready = None, None, False
+
+    def _dispatch(self) -> None:
+        """Hand the waiting job to an idle uploader (starting one if it died)."""
+        if self._waiting is None or self._inflight is not None or self._closing:
+            return
+        if self._proc is None:
+            self._start()
+        if not self._ready or self._conn is None:
+            return
+        p, self._waiting = self._waiting, None
+        now = time.monotonic()
+        if p.budget_s is None:
+            p.deadline = now + self.retry_for_s
+        p.job.deadline, p.sent = p.deadline, now
+        if not self._send(("job", p.job)):  # it died just now: the next one takes this job
+            self._waiting = p
+            self._on_death("went away")
+            return
+        self._inflight = p
+
+    def _send(self, msg: tuple) -> bool:
+        try:
+            assert self._conn is not None
+            self._conn.send(msg)
+            return True
+        except OSError:
+            return False
 
     # --- saving -----------------------------------------------------------------------------------
     def save(
@@ -69,89 +242,136 @@ class Checkpointer:
         meta: dict,
         blocking: bool,
         budget_s: float | None = None,
-    ) -> None:
-        """Snapshot now (every rank, same step); serialize, upload and commit in the background.
+    ) -> bool:
+        """Copy the state to shared memory (every rank, same step) and hand it to the uploader.
 
-        The training thread only copies the tensors (the snapshot); ``torch.save``, hashing and the
-        upload run on a background thread. Ranks other than 0 leave their file entries in a small
-        ``rank<r>.entries`` file that rank 0 collects before committing, so no collective runs off the
-        training thread. ``blocking`` waits for the commit; ``budget_s`` bounds the retries of this
-        upload and of the one still in flight (a preemption must finish within the signal's lead time).
+        Returns at once unless ``blocking``; then it waits for the commit, at most ``budget_s`` (a
+        preemption must commit within the signal's lead time), and returns whether it committed (on
+        ranks other than 0: whether this rank's files were written). A save that finds the previous
+        one still uploading replaces the one waiting behind it, if any; a blocking save abandons the
+        one in flight.
         """
-        if budget_s is not None:
-            self._deadline = min(self._deadline, time.monotonic() + budget_s)
-        files = {rank_file(self.rank): _snapshot(rank_state)}
+        t0 = time.monotonic()
+        files = {rank_file(self.rank): rank_state}
         if self.rank == 0:
             assert train_state is not None
-            files[TRAIN_FILE] = _snapshot(train_state)
-        self.flush()
-        self._deadline = time.monotonic() + (budget_s if budget_s is not None else self.retry_for_s)
-        meta = {**meta, "world_size": self.world_size}
-        self._thread = threading.Thread(
-            target=self._upload, args=(step, files, meta), name=f"ckpt-upload-{step}", daemon=True
+            files[TRAIN_FILE] = train_state
+        with self._cond:
+            if self._inflight is not None and self._conn is not None:
+                self._send(("abandon",) if blocking else ("newer",))  # a dead one: the watcher says so
+            slot = 1 if self._inflight is not None and self._inflight.slot == 0 else 0
+            skeleton, tensors, metas, nbytes = plan(files)
+            buf = self._buffers[slot]
+            if buf is None or buf.nbytes < nbytes:
+                if buf is not None:
+                    buf.close()
+                buf = self._buffers[slot] = SharedBuffer(nbytes)
+            copy_in(buf, tensors, metas)
+            if self._waiting is not None:
+                log.info(
+                    "checkpoint step %d superseded by step %d before its upload began",
+                    self._waiting.job.step,
+                    step,
+                )
+                self._results[self._waiting.job.step] = False
+            job = Job(step, skeleton, metas, buf.ref, meta)
+            self._waiting = _Pending(job, slot, time.monotonic() - t0, budget_s)
+            if budget_s is not None:
+                self._waiting.deadline = t0 + budget_s
+            for old in sorted(self._results)[:-8]:
+                del self._results[old]
+            self._dispatch()
+        return (
+            self.flush(None if budget_s is None else budget_s - (time.monotonic() - t0)) if blocking else True
         )
-        self._thread.start()
-        if blocking:
-            self.flush()
 
-    def _upload(self, step: int, files: dict[str, Any], meta: dict) -> None:
-        try:
-            entries = []
-            for name, obj in files.items():
-                data = to_bytes(obj)
-                entries.append(
-                    self._retry(
-                        f"upload {name} of step {step}", lambda n=name, d=data: self.store.write(step, n, d)
-                    )
-                )
-            if self.rank != 0:
-                body = json.dumps([e.to_dict() for e in entries]).encode()
-                self._retry(
-                    f"upload entries of step {step}",
-                    lambda: self.store.write(step, f"rank{self.rank}.entries", body),
-                )
-                return
-            for r in range(1, self.world_size):
-                body = self._retry(
-                    f"collect rank {r}'s files of step {step}", lambda r=r: self._entries_of(step, r)
-                )
-                entries += [FileEntry.from_dict(d) for d in json.loads(body)]
-            self._retry(f"commit step {step}", lambda: self.store.commit(step, entries, meta))
-            self.last_committed = step
-            log.info("checkpoint step %d committed", step)
-        except Exception as exc:
-            log.error("checkpoint step %d not committed: %s", step, exc)
+    def busy(self) -> bool:
+        """A save is still being uploaded or waits for its turn."""
+        with self._cond:
+            return self._inflight is not None or self._waiting is not None
 
-    def _entries_of(self, step: int, rank: int) -> bytes:
-        wait = max(0.0, min(60.0, self._deadline - time.monotonic()))
-        body = self.store.read_uncommitted(step, f"rank{rank}.entries", wait_s=wait)
-        if body is None:
-            raise TimeoutError(f"rank {rank} has not uploaded its files of step {step} yet")
-        return body
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait for the saves handed over so far, at most ``timeout_s`` (default: the retry window).
 
-    def _retry(self, what: str, fn) -> Any:
-        """Retry with backoff until the deadline: an S3 outage delays the checkpoint, not training."""
-        delay, attempt = 0.5, 0
-        while True:
-            attempt += 1
-            try:
-                return fn()
-            except Exception as exc:
-                if time.monotonic() + delay > self._deadline:
-                    raise
-                log.warning(
-                    "%s failed (%s: %s); retry %d in %.1fs", what, type(exc).__name__, exc, attempt, delay
+        Returns whether the newest one committed; if it has not when the time is up, says so in one line
+        and stops the uploader (a new one takes the next save).
+        """
+        limit = time.monotonic() + (self.retry_for_s + self.hang_grace_s if timeout_s is None else timeout_s)
+        with self._cond:
+            newest = self._waiting or self._inflight
+            if newest is None:
+                return True
+            step = newest.job.step
+            while (self._waiting is not None or self._inflight is not None) and time.monotonic() < limit:
+                self._cond.wait(0.2)
+            if self._waiting is not None or self._inflight is not None:
+                waited = timeout_s if timeout_s is not None else self.retry_for_s
+                log.error(
+                    "checkpoint step %d not committed within %.0f s (%s); giving up on it",
+                    step,
+                    waited,
+                    self.store_error or "uploader still busy",
                 )
-                time.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                if self._inflight is not None:
+                    self._results[self._inflight.job.step] = False
+                self._waiting = self._inflight = None
+                self._kill()  # a new uploader takes the next save
+                self.restarts += 1
+                return False
+            return self._results.get(step, False)
 
-    def flush(self) -> None:
-        """Wait for the upload in flight (if any)."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+    def health(self) -> dict[str, Any]:
+        """For status.json and the metrics: the last commit and whether the store is failing now."""
+        with self._cond:
+            return {
+                "committed_step": self.last_committed,
+                "last_commit_s": self.last_commit_s,
+                "last_commit_time": None
+                if self.last_commit_time is None
+                else round(self.last_commit_time, 3),
+                "store_error": self.store_error,
+            }
+
+    def close(self) -> None:
+        """Stop the uploader (after ``flush``) and free the buffers."""
+        with self._cond:
+            self._closing = True
+            if self._conn is not None and self._proc is not None and self._send(("stop",)):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._proc.wait(timeout=10)
+            self._kill()
+            for i, buf in enumerate(self._buffers):
+                if buf is not None:
+                    buf.close()
+                    self._buffers[i] = None
+        self._watcher.join(timeout=5)
 
     # --- loading ----------------------------------------------------------------------------------
+    def prefetch(self) -> None:
+        """Start downloading the files ``latest`` names on a thread, so a resume's download overlaps
+        building the data and the model; :meth:`load_latest` uses them if it picks that checkpoint."""
+
+        def run() -> None:
+            m = self.store.latest_manifest()
+            if m is None:
+                return
+            names = [TRAIN_FILE]
+            if m.meta.get("world_size") == self.world_size:
+                names.append(rank_file(self.rank))
+            try:
+                self._prefetched = (m, {n: self.store.read(m, n) for n in names})
+            except Exception as exc:  # load_latest reads again and reports what is wrong
+                log.debug("prefetch of step %d failed: %s", m.step, exc)
+
+        self._prefetcher = threading.Thread(target=run, name="ckpt-prefetch", daemon=True)
+        self._prefetcher.start()
+
+    def _read(self, manifest: Manifest, name: str) -> bytes:
+        got = self._prefetched
+        if got is not None and got[0] == manifest and name in got[1]:
+            return got[1].pop(name)
+        return self.store.read(manifest, name)
+
     def load_latest(self) -> tuple[int, dict, dict | None] | None:
         """(step, train_state, rank_state or None) of the newest valid checkpoint, all ranks the same.
 
@@ -159,6 +379,8 @@ class Checkpointer:
         file fails its checksum on any rank is skipped for the next older one. ``rank_state`` is None
         when the world size changed (the per-rank RNG is then re-derived by the caller).
         """
+        if self._prefetcher is not None:
+            self._prefetcher.join()
         candidates = self.store.candidates() if self.rank == 0 else None
         while True:
             manifest = next(candidates, None) if candidates is not None else None
@@ -167,15 +389,16 @@ class Checkpointer:
                 return None
             manifest = Manifest.from_json(body)
             try:
-                train_state = from_bytes(self.store.read(manifest, TRAIN_FILE))
+                train_state = from_bytes(self._read(manifest, TRAIN_FILE))
                 rank_state = None
                 if manifest.meta.get("world_size") == self.world_size:
-                    rank_state = from_bytes(self.store.read(manifest, rank_file(self.rank)))
+                    rank_state = from_bytes(self._read(manifest, rank_file(self.rank)))
                 ok = 1
             except CorruptCheckpoint as exc:
                 log.warning("skipping checkpoint: %s", exc)
                 ok = 0
             if _all_ok(ok, self.world_size):
+                self._prefetched = None
                 return manifest.step, train_state, rank_state
 
 

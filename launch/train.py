@@ -197,6 +197,17 @@ def build_optimizer(spec: RunSpec, model: PixPro) -> torch.optim.Optimizer:
 class Trainer:
     def __init__(self, spec: RunSpec, run_dir: Path, env: DistEnv, flag: PreemptionFlag) -> None:
         self.spec, self.run_dir, self.env, self.flag = spec, run_dir, env, flag
+        self.attempt = attempt_id(env.world_size)
+        self.store = CheckpointStore(
+            checkpoint_url(spec, run_dir),
+            spec.checkpoint.storage_options,
+            keep_last=spec.checkpoint.keep_last,
+            attempt=self.attempt,
+        )
+        # first: the uploader process imports torch while this one builds the data and the model
+        self.checkpointer = Checkpointer(self.store, env.rank, env.world_size)
+        self.checkpointer.prefetch()  # a resume's download overlaps building the data and the model
+        self.metrics = MetricsLog(self.store, self.attempt) if env.rank == 0 else None
         self.device = (
             torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         )
@@ -227,16 +238,6 @@ class Trainer:
         )
         self.resumed_step: int | None = None
         self.data_skips = 0  # samples replaced by the next usable one in this attempt (unreadable etc.)
-
-        self.attempt = attempt_id(env.world_size)
-        self.store = CheckpointStore(
-            checkpoint_url(spec, run_dir),
-            spec.checkpoint.storage_options,
-            keep_last=spec.checkpoint.keep_last,
-            attempt=self.attempt,
-        )
-        self.checkpointer = Checkpointer(self.store, env.rank, env.world_size)
-        self.metrics = MetricsLog(self.store, self.attempt) if env.rank == 0 else None
 
     # state: the step and epoch live in the TrainState that checkpoints hold -------------------------
     @property
@@ -278,10 +279,11 @@ class Trainer:
         self.resumed_step = self.step
         log.info("resumed from step %d (epoch %d) of %d", self.step, self.epoch, self.schedule.total_steps)
 
-    def save(self, blocking: bool, budget_s: float | None = None) -> None:
+    def save(self, blocking: bool, budget_s: float | None = None) -> bool:
+        """Hand the state to the uploader; ``blocking``: wait (at most ``budget_s``), say if it committed."""
         train_state = self.state.state_dict() if self.env.rank == 0 else None
         meta = {"step": self.step, "epoch": self.epoch, "spec_hash": self.spec_hash, "attempt": self.attempt}
-        self.checkpointer.save(
+        return self.checkpointer.save(
             self.step, train_state, {"rng": capture_rng()}, meta, blocking=blocking, budget_s=budget_s
         )
 
@@ -336,14 +338,24 @@ class Trainer:
                     break
         if progress is not None:
             progress.close()
+        committed = True
         if self.step != self.resumed_step:  # nothing new to save when stopped before the first step
             # A preemption must commit within the signal's lead time; leave a margin for the exit.
             commit_s, _ = preemption_deadlines(spec.resources.signal_lead_s)
-            self.save(blocking=True, budget_s=commit_s if outcome == "preempted" else None)
-        self.checkpointer.flush()
+            committed = self.save(blocking=True, budget_s=commit_s if outcome == "preempted" else None)
+            if outcome == "preempted" and not committed:
+                log.error(
+                    "preempted at step %d, but its checkpoint did not commit within %.0f s "
+                    "(resources.signal_lead_s %g): the next attempt resumes from step %s",
+                    self.step,
+                    commit_s,
+                    spec.resources.signal_lead_s,
+                    self.checkpointer.last_committed or self.resumed_step or 0,
+                )
+        self.checkpointer.close()
         if self.metrics is not None:
             self.metrics.flush(wait=True)
-        self._status(outcome)
+        self._status(outcome, preempt_committed=committed if outcome == "preempted" else None)
         log.info("%s at step %d of %d", outcome, self.step, self.schedule.total_steps)
         del model
         return outcome
@@ -421,6 +433,8 @@ class Trainer:
             "positives": self._last_positives,
             "data_skips": self.data_skips,
             "total_steps": self.schedule.total_steps,
+            "commit_s": self.checkpointer.last_commit_s,
+            "store_error": self.checkpointer.store_error,
         }
         if self.resumed_step is not None:
             rec["resumed_from"] = self.resumed_step
@@ -437,7 +451,7 @@ class Trainer:
                 rate,
             )
 
-    def _status(self, state: str) -> None:
+    def _status(self, state: str, preempt_committed: bool | None = None) -> None:
         if self.env.rank == 0:
             write_status(
                 self.store,
@@ -446,8 +460,9 @@ class Trainer:
                 total_steps=self.schedule.total_steps,
                 epoch=self.epoch,
                 attempt=self.attempt,
-                committed_step=self.checkpointer.last_committed,
                 data_skips=self.data_skips,
+                preempt_committed=preempt_committed,
+                **self.checkpointer.health(),
             )
 
 

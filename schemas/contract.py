@@ -84,6 +84,10 @@ class TrainerStatus(_Record):
     attempt: str
     committed_step: int | None = None
     data_skips: int | None = None
+    last_commit_s: float | None = None  # hand-over to 'latest' moved, of the newest commit
+    last_commit_time: float | None = None  # wall clock of the newest commit
+    store_error: str | None = None  # the checkpoint store's last failure, while it lasts
+    preempt_committed: bool | None = None  # a preemption's final checkpoint made it within the lead time
 
 
 class MetricsRecord(_Record):
@@ -101,6 +105,8 @@ class MetricsRecord(_Record):
     total_steps: int
     resumed_from: int | None = None
     data_skips: int | None = None  # samples replaced by the next usable one so far in this attempt
+    commit_s: float | None = None  # duration of the most recent committed checkpoint (hand-over to latest)
+    store_error: str | None = None  # the checkpoint store is failing now (the last error)
 
 
 # -- preemption --------------------------------------------------------------------------------------

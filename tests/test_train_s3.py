@@ -3,88 +3,75 @@ leaves ``latest`` on the previous good checkpoint, and the run resumes from it e
 
 from __future__ import annotations
 
+import re
 import signal
-import time
+from pathlib import Path
 
 import pytest
 
+from launch.preempt import children_of
 from launch.store import CheckpointStore
 from tests.conftest_s3 import s3_storage_options
+from tests.support.procs import wait_for
 from tests.support.trainer import (
-    REPO,
+    Tail,
     assert_identical,
     final_state,
     run_trainer,
+    start_trainer,
     tiny_spec,
-    trainer_env,
     write_spec,
 )
 
 pytestmark = [pytest.mark.slow]
 
 
-def _s3_spec(data_root, url, endpoint):
+def _s3_spec(data_root, url, endpoint, **overrides):
     return tiny_spec(
         data_root,
         checkpoint__url=url,
         checkpoint__storage_options=s3_storage_options(endpoint),
-        optim__max_steps=10,
+        **({"optim__max_steps": 10} | overrides),
     )
 
 
-class _Tail:
-    """Collects a subprocess's output lines on a thread, so the test can wait for a given log line."""
-
-    def __init__(self, proc) -> None:
-        import threading
-
-        self.lines: list[str] = []
-        self.thread = threading.Thread(
-            target=lambda: self.lines.extend(iter(proc.stdout.readline, "")), daemon=True
-        )
-        self.thread.start()
-
-    def wait_for(self, needle: str, proc, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(needle in line for line in self.lines):
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(self.lines)[-3000:]
-            time.sleep(0.05)
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_cut_upload_keeps_latest_and_resume_is_exact(tmp_path, moto_s3, fault_proxy, s3_url):
-    import subprocess
-    import sys
-
     data_root = tmp_path / "data"
-    golden_spec = write_spec(tmp_path / "golden.json", tiny_spec(data_root, optim__max_steps=10))
+    longer = {"optim__epochs": 7, "optim__max_steps": 40}  # room for a slow start of the uploader
+    golden_spec = write_spec(tmp_path / "golden.json", tiny_spec(data_root, **longer))
     assert run_trainer(golden_spec, tmp_path / "golden").returncode == 0
     golden = final_state(str(tmp_path / "golden" / "checkpoints"))
 
-    spec = write_spec(tmp_path / "spec.json", _s3_spec(data_root, s3_url, fault_proxy.url))
+    spec = write_spec(tmp_path / "spec.json", _s3_spec(data_root, s3_url, fault_proxy.url, **longer))
     options = s3_storage_options(moto_s3.endpoint)
     store = CheckpointStore(s3_url, options)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launch.train", str(spec), "--run-dir", str(tmp_path / "run")],
-        cwd=REPO,
-        env=trainer_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    tail = _Tail(proc)
-    tail.wait_for("checkpoint step 3 committed", proc)
-    fault_proxy.reset_after(2048, once=False)  # every connection cut after 2 KiB: uploads fail mid-body
-    tail.wait_for("step 8/10", proc)  # training went on while the step-6 upload failed
-    tail.wait_for("of step 6 failed", proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert store.latest()["step"] == 3
-    assert store.resolve().step == 3
+    proc = start_trainer(spec, tmp_path / "run")
+    with Tail(proc) as tail:
+        tail.wait_for(" committed in ")  # some checkpoint committed (the uploader may start late)
+        fault_proxy.reset_after(2048, once=False)  # every connection cut after 2 KiB: uploads fail mid-body
+        tail.wait_for(" failed: ")
+        failed = int(re.search(r"of step (\d+) failed: ", tail.text()).group(1))  # type: ignore[union-attr]
+        committed = store.latest()["step"]
+        assert committed < failed
+        tail.wait_for(f"step {failed + 2}/40")  # training went on while that upload failed
+        (uploader,) = children_of(proc.pid)  # num_workers 0: the uploader is the trainer's only child
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        wait_for("the uploader to exit with its trainer", lambda: not _alive(uploader), 10, 0.1)
+        assert store.latest()["step"] == committed
+        assert store.resolve().step == committed
 
     fault_proxy.passthrough()
     res = run_trainer(spec, tmp_path / "run")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed from step 3" in res.stderr
+    assert f"resumed from step {committed}" in res.stderr
     assert_identical(golden, final_state(s3_url, options))
 
 

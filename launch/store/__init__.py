@@ -6,7 +6,7 @@ protocol that DCP and Composer converged on:
 
 Layout under the store URL::
 
-    step-000000001234.<attempt>/rank0.pt      data files, one whole-object PUT each, size verified
+    step-000000001234.<attempt>/rank0.pt      data files, whole objects (streamed: multipart), size verified
     step-000000001234.<attempt>/manifest.json the commit marker: written LAST, create-only
     latest                                    {"step", "prefix", "manifest_sha256", ...}, moved by CAS
     status.json, run.json, metrics/, aux/     auxiliary objects (put_aux): never foreign, never pruned

@@ -40,7 +40,68 @@ class Backend(Protocol):
 
     def delete(self, rels: list[str]) -> None: ...
 
+    def open_sink(self, rel: str) -> Sink:
+        """A streaming writer for ``rel``: the object appears whole at ``finish`` or not at all."""
+
     def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    """One object written in pieces with bounded memory; ``abort`` leaves nothing under its name."""
+
+    def write(self, chunk: memoryview) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class BufferSink:
+    """For backends without a streaming upload: collect the pieces, then one whole-object ``put``."""
+
+    def __init__(self, backend: Any, rel: str) -> None:
+        self.backend, self.rel, self.buf = backend, rel, bytearray()
+
+    def write(self, chunk: memoryview) -> None:
+        self.buf += chunk
+
+    def finish(self) -> None:
+        self.backend.put(self.rel, bytes(self.buf))
+
+    def abort(self) -> None:
+        self.buf = bytearray()
+
+
+class FileSink:
+    """A temp file beside the target, fsynced and renamed over it at ``finish``."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.size = path, 0
+        self.tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        self.f = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
+
+    def write(self, chunk: memoryview) -> None:
+        self.f.write(chunk)
+        self.size += len(chunk)
+
+    def finish(self) -> None:
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.path)
+        finally:
+            self.abort()
+        _fsync_dir(self.path.parent)
+        size = self.path.stat().st_size
+        if size != self.size:
+            raise StoreError(f"{self.path.name}: wrote {self.size} bytes but {size} are on disk")
+
+    def abort(self) -> None:
+        self.f.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp.unlink()
 
 
 class HashCAS:
@@ -98,6 +159,9 @@ class LocalBackend(HashCAS):
         size = path.stat().st_size
         if size != len(data):
             raise StoreError(f"{rel}: wrote {len(data)} bytes but {size} are on disk")
+
+    def open_sink(self, rel: str) -> Sink:
+        return FileSink(self._path(rel))
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -196,6 +260,9 @@ class FsspecBackend(HashCAS):
 
     def _cas_lock(self) -> contextlib.AbstractContextManager[bool]:
         return self._lock
+
+    def open_sink(self, rel: str) -> Sink:
+        return BufferSink(self, rel)
 
     def read(self, rel: str) -> bytes | None:
         try:

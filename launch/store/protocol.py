@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import random
@@ -12,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
-from launch.store.backends import Backend, FsspecBackend, LocalBackend
+from launch.store.backends import Backend, FsspecBackend, LocalBackend, Sink
 from launch.store.format import (
     ATTEMPT_RE,
     AUX_RE,
@@ -41,6 +40,28 @@ _CAS_MAX_TRIES = 100
 _JITTER = random.Random()  # the CAS back-off's own generator: never the trainer's saved stream
 
 
+class _HashingWriter:
+    """The file object a serializer writes into: hashes as it goes and hands the sink bounded pieces
+    (a memoryview slice of a large write is not a copy)."""
+
+    PIECE = 4 * 2**20
+
+    def __init__(self, sink: Sink) -> None:
+        self.sink, self.sha, self.size = sink, hashlib.sha256(), 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        for i in range(0, len(view), self.PIECE):
+            piece = view[i : i + self.PIECE]
+            self.sha.update(piece)
+            self.sink.write(piece)
+        self.size += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        pass
+
+
 class CheckpointStore:
     """Checkpoints under one fsspec URL (local folder by default, ``s3://`` with real conditional writes).
 
@@ -63,6 +84,13 @@ class CheckpointStore:
             raise ValueError(f"attempt {attempt!r} must match {ATTEMPT_RE.pattern}")
         self.keep_last = keep_last
         self.attempt = attempt
+        self._config = {
+            "url": url,
+            "storage_options": storage_options,
+            "keep_last": keep_last,
+            "attempt": attempt,
+            "timeout_s": timeout_s,
+        }
         options = dict(storage_options or {})
         protocol, path, userinfo, self.url = split_url(url)
         self._redactor = Redactor(collect_secrets(options, userinfo))
@@ -84,6 +112,11 @@ class CheckpointStore:
                 fs = fsspec.filesystem(protocol, **options)
                 self._backend = FsspecBackend(fs, fs._strip_protocol(f"{protocol}://{path}"))
 
+    def config(self) -> dict[str, Any]:
+        """The constructor's arguments: another process (the uploader) opens the same store with them.
+        They may hold credentials from the URL: pass them over a pipe, never write them anywhere."""
+        return dict(self._config)
+
     def __repr__(self) -> str:
         return f"CheckpointStore({self.url!r}, backend={self._backend.kind}, attempt={self.attempt!r})"
 
@@ -98,30 +131,36 @@ class CheckpointStore:
     def write(
         self, step: int, name: str, data: bytes | bytearray | memoryview | Callable[[IO[bytes]], Any]
     ) -> FileEntry:
-        """Upload one file of checkpoint ``step``; safe to call from a background thread.
+        """Upload one file of checkpoint ``step``; safe to call from a background thread or process.
 
         ``data`` is bytes, or a callable that writes into a binary file object (``lambda f: torch.save(
-        state, f)``): it runs to completion in memory before anything is uploaded, so an exception in the
-        serializer never leaves a partial object behind (unlike ``with fs.open(path, "wb")`` on s3fs).
+        state, f)``): its output is hashed and streamed to the store in bounded pieces (no second full
+        copy in memory), and an exception in the serializer aborts the upload, so it never leaves a
+        partial object behind (unlike ``with fs.open(path, "wb")`` on s3fs).
         """
         if not (isinstance(name, str) and NAME_RE.match(name)) or name == MANIFEST:
             raise ValueError(f"bad checkpoint file name {name!r}")
         prefix = self.prefix(step)
-        if callable(data):
-            buf = io.BytesIO()
-            data(buf)
-            payload = buf.getvalue()
-        else:
-            payload = bytes(data) if not isinstance(data, bytes) else data
         with self._redactor.guard():
             if self._backend.exists(f"{prefix}/{MANIFEST}"):
                 raise CheckpointExists(
                     f"step {step} is already committed under {prefix}; use a new attempt id per launch"
                 )
-            digest = hashlib.sha256(payload).hexdigest()
-            self._backend.put(f"{prefix}/{name}", payload)
-        log.debug("%s: wrote %s/%s (%d bytes)", self.url, prefix, name, len(payload))
-        return FileEntry(name, len(payload), digest)
+            if callable(data):
+                out = _HashingWriter(self._backend.open_sink(f"{prefix}/{name}"))
+                try:
+                    data(out)  # type: ignore[arg-type]
+                    out.sink.finish()
+                except BaseException:
+                    out.sink.abort()
+                    raise
+                size, digest = out.size, out.sha.hexdigest()
+            else:
+                payload = bytes(data) if not isinstance(data, bytes) else data
+                size, digest = len(payload), hashlib.sha256(payload).hexdigest()
+                self._backend.put(f"{prefix}/{name}", payload)
+        log.debug("%s: wrote %s/%s (%d bytes)", self.url, prefix, name, size)
+        return FileEntry(name, size, digest)
 
     def commit(
         self, step: int, entries: list[FileEntry], meta: dict[str, Any], wait_s: float = 600
@@ -279,6 +318,25 @@ class CheckpointStore:
         """The ``latest`` pointer as stored (step, prefix, attempt, updated), or None."""
         with self._redactor.guard():
             return self._read_pointer()[0]
+
+    def latest_manifest(self) -> Manifest | None:
+        """The manifest ``latest`` names, without a listing and without warnings; None on any doubt.
+
+        For reading ahead (a resume's download while the model is built); :meth:`candidates` still
+        decides what is loaded.
+        """
+        try:
+            with self._redactor.guard():
+                ptr = self._read_pointer()[0]
+                got = self._backend.get(f"{ptr['prefix']}/{MANIFEST}") if ptr else None
+        except Exception:
+            return None
+        if ptr is None or got is None or ptr.get("manifest_sha256") != hashlib.sha256(got[0]).hexdigest():
+            return None
+        try:
+            return Manifest.from_json(got[0])
+        except ValueError:
+            return None
 
     def resolve(
         self, expect: dict[str, Any] | None = None, *, verify_checksums: bool = False

@@ -27,6 +27,7 @@ S3_CONFIG_DEFAULTS: dict[str, Any] = {"connect_timeout": 5, "read_timeout": 30}
 NO_BOTOCORE_RETRIES = {"total_max_attempts": 1, "mode": "standard"}  # its jitter uses the global random
 S3FS_RETRIES = 5  # s3fs's loop: fixed back-off 0.1 s x 1.7^i, no randomness
 MIN_BYTES_PER_S = 2**20  # the per-operation deadline grants 1 s per MiB on top of timeout_s
+PART_BYTES = 16 * 2**20  # a streamed upload holds at most one part in memory (S3's minimum is 5 MiB)
 
 
 async def _bounded(coro: Any, timeout: float) -> Any:
@@ -87,6 +88,9 @@ class S3Backend:
         size = self._run(_put(), f"upload of {rel}", len(data))
         if size != len(data):
             raise StoreError(f"{rel}: wrote {len(data)} bytes but the store holds {size}")
+
+    def open_sink(self, rel: str) -> MultipartSink:
+        return MultipartSink(self, rel)
 
     def put_if(self, rel: str, data: bytes, token: str | None) -> bool:
         cond = {"IfNoneMatch": "*"} if token is None else {"IfMatch": token}
@@ -160,6 +164,67 @@ class S3Backend:
 
     def close(self) -> None:
         pass
+
+
+class MultipartSink:
+    """A streamed upload holding one part in memory: a single PUT if it all fits in one part, else a
+    multipart upload completed at ``finish`` (the object appears whole) and aborted on any error."""
+
+    def __init__(self, backend: S3Backend, rel: str) -> None:
+        self.b, self.rel, self.key = backend, rel, backend._key(rel)
+        self.buf = bytearray()
+        self.parts: list[dict[str, Any]] = []
+        self.upload_id: str | None = None
+        self.size = 0
+
+    def _call(self, op: str, nbytes: int = 0, **kw: Any) -> Any:
+        coro = self.b.fs._call_s3(op, Bucket=self.b.bucket, Key=self.key, **kw)
+        return self.b._run(coro, f"{op} of {self.rel}", nbytes)
+
+    def write(self, chunk: memoryview) -> None:
+        self.buf += chunk
+        self.size += len(chunk)
+        if len(self.buf) >= PART_BYTES:
+            self._flush_part()
+
+    def _flush_part(self) -> None:
+        if self.upload_id is None:
+            self.upload_id = self._call("create_multipart_upload")["UploadId"]
+        n = len(self.parts) + 1
+        body = bytes(self.buf)
+        self.buf = bytearray()
+        got = self._call("upload_part", len(body), UploadId=self.upload_id, PartNumber=n, Body=body)
+        self.parts.append({"PartNumber": n, "ETag": got["ETag"]})
+
+    def finish(self) -> None:
+        try:
+            if self.upload_id is None:
+                self._call("put_object", self.size, Body=bytes(self.buf))
+            else:
+                if self.buf:
+                    self._flush_part()
+                self._call(
+                    "complete_multipart_upload",
+                    self.size,
+                    UploadId=self.upload_id,
+                    MultipartUpload={"Parts": self.parts},
+                )
+                self.upload_id = None
+            size = int(self._call("head_object")["ContentLength"])
+        except BaseException:
+            self.abort()
+            raise
+        if size != self.size:
+            raise StoreError(f"{self.rel}: wrote {self.size} bytes but the store holds {size}")
+
+    def abort(self) -> None:
+        self.buf = bytearray()
+        if self.upload_id is not None:
+            upload_id, self.upload_id = self.upload_id, None
+            try:
+                self._call("abort_multipart_upload", UploadId=upload_id)
+            except Exception as e:  # an orphaned upload holds no visible object; S3 lifecycle rules reap it
+                log.warning("%s: aborting the multipart upload failed: %s", self.rel, one_line(str(e), 120))
 
 
 def is_transport_error(e: BaseException) -> bool:

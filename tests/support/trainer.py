@@ -92,6 +92,56 @@ def run_trainer(
     )
 
 
+def start_trainer(spec: Path, run_dir: Path) -> subprocess.Popen:
+    """One trainer process in the background, stdout and stderr merged (read it with :class:`Tail`)."""
+    return subprocess.Popen(
+        trainer_cmd(spec, run_dir),
+        cwd=REPO,
+        env=trainer_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+class Tail:
+    """Collects a subprocess's output lines on a thread, so the test can wait for a given log line."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        import threading
+
+        assert proc.stdout is not None
+        self.proc, self.lines = proc, []
+        self.thread = threading.Thread(
+            target=lambda: self.lines.extend(iter(proc.stdout.readline, "")),  # type: ignore[union-attr]
+            daemon=True,
+        )
+        self.thread.start()
+
+    def __enter__(self) -> Tail:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """A test that fails mid-way leaves no trainer running."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def has(self, needle: str) -> bool:
+        return any(needle in line for line in self.lines)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, needle: str, timeout: float = 180) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not self.has(needle):
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.text()[-3000:]
+            time.sleep(0.05)
+
+
 def final_state(url: str, storage_options: dict | None = None) -> dict[str, Any]:
     """Every file of the newest committed checkpoint, loaded (weights only)."""
     from launch.store import CheckpointStore

@@ -1,0 +1,108 @@
+"""The trainer with its uploader process at a preemption: a SIGTERM while an upload is in flight commits
+the final state (the older upload gives way) and the run resumes exactly; a preemption whose checkpoint
+cannot commit within the lead time says so in the log and in status.json instead of looking clean."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from launch.preempt import EXIT_PREEMPTED, children_of
+from launch.store import CheckpointStore
+from schemas.contract import STATUS_FILE
+from tests.conftest_s3 import s3_storage_options
+from tests.support.procs import wait_for
+from tests.support.trainer import (
+    Tail,
+    assert_identical,
+    final_state,
+    run_trainer,
+    start_trainer,
+    tiny_spec,
+    write_spec,
+)
+
+pytestmark = [pytest.mark.slow]
+
+
+def test_sigterm_while_an_upload_is_in_flight_commits_the_final_state(tmp_path, moto_s3, fault_proxy, s3_url):
+    data_root = tmp_path / "data"
+    longer = {"optim__epochs": 7, "optim__max_steps": 40}
+    golden_spec = write_spec(tmp_path / "golden.json", tiny_spec(data_root, **longer))
+    assert run_trainer(golden_spec, tmp_path / "golden").returncode == 0
+    golden = final_state(str(tmp_path / "golden" / "checkpoints"))
+
+    options = s3_storage_options(moto_s3.endpoint)
+    spec = write_spec(
+        tmp_path / "spec.json",
+        tiny_spec(
+            data_root,
+            checkpoint__url=s3_url,
+            checkpoint__storage_options=s3_storage_options(fault_proxy.url),
+            **longer,
+        ),
+    )
+    proc = start_trainer(spec, tmp_path / "run")
+    with Tail(proc) as out:
+        wait_for("a first commit", lambda: out.has(" committed in ") or proc.poll() is not None, 180, 0.05)
+        store = CheckpointStore(s3_url, options)
+        first = store.latest()["step"]
+        assert first <= 30, out.text()[-3000:]
+        fault_proxy.latency(0.003)  # the next uploads take seconds: one is in flight at the signal
+        wait_for(
+            "an upload under way",
+            lambda: out.has(f"step {first + 4}/40") or proc.poll() is not None,
+            120,
+            0.05,
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=180) == EXIT_PREEMPTED, out.text()[-3000:]
+        time.sleep(0.2)
+        log = out.text()
+        assert "abandoned for a newer state" in log, log[-3000:]
+        stopped = store.latest()["step"]
+        assert stopped > first + 3, log[-3000:]
+        status = json.loads(store.read_aux(STATUS_FILE))
+        assert status["state"] == "preempted" and status["preempt_committed"] is True
+        assert status["last_commit_s"] > 0 and status["committed_step"] == stopped
+
+    fault_proxy.passthrough()
+    res = run_trainer(spec, tmp_path / "run")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from step {stopped}" in res.stderr
+    assert_identical(golden, final_state(s3_url, options))
+
+
+def test_a_preemption_that_cannot_commit_in_time_says_so(tmp_path):
+    """The uploader hangs (SIGSTOP): the final save gives up after commit_s (0.75 x the lead), one
+    error line says which step was lost, and status.json records it."""
+    spec = write_spec(
+        tmp_path / "spec.json",
+        tiny_spec(
+            tmp_path / "data", resources__signal_lead_s=10, **{"optim__epochs": 7, "optim__max_steps": 40}
+        ),
+    )
+    run = tmp_path / "run"
+    proc = start_trainer(spec, run)
+    with Tail(proc) as out:
+        wait_for("a first commit", lambda: out.has(" committed in ") or proc.poll() is not None, 180, 0.05)
+        assert proc.poll() is None, out.text()[-3000:]
+        (uploader,) = children_of(proc.pid)  # num_workers 0: the uploader is the trainer's only child
+        os.kill(uploader, signal.SIGSTOP)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        took = time.monotonic() - t
+        log = out.text()
+        assert 7.0 <= took < 20, (took, log[-3000:])  # commit_s = 7.5 s, then the exit
+        (line,) = [x for x in log.splitlines() if "but its checkpoint did not commit within 8 s" in x]
+        store = CheckpointStore(str(run / "checkpoints"))
+        committed = store.latest()["step"]
+        assert f"the next attempt resumes from step {committed}" in line
+        status = json.loads(store.read_aux(STATUS_FILE))
+        assert status["state"] == "preempted" and status["preempt_committed"] is False
+        assert status["step"] > committed
