@@ -35,6 +35,7 @@ from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_sig
 from launch.records import MetricsLog, write_status
 from launch.rng import capture_rng, restore_rng
 from launch.sampler import ResumableSampler
+from launch.sinks import MetricSinks, sink_factories
 from launch.store import CheckpointStore
 from launch.train_state import Schedule, TrainState
 from pixpro.augment import TwoViewTransform
@@ -236,6 +237,7 @@ class Trainer:
         )
         self.checkpointer = Checkpointer(self.store, env.rank, env.world_size)
         self.metrics = MetricsLog(self.store, self.attempt) if env.rank == 0 else None
+        self.sinks = MetricSinks(sink_factories(spec, run_dir, self.attempt)) if env.rank == 0 else None
 
     # state: the step and epoch live in the TrainState that checkpoints hold -------------------------
     @property
@@ -342,6 +344,8 @@ class Trainer:
         self.checkpointer.flush()
         if self.metrics is not None:
             self.metrics.flush(wait=True)
+        if self.sinks is not None:
+            self.sinks.close()
         self._status(outcome)
         log.info("%s at step %d of %d", outcome, self.step, self.schedule.total_steps)
         del model
@@ -420,6 +424,8 @@ class Trainer:
             rec["resumed_from"] = self.resumed_step
         self.metrics.append(rec)
         self.metrics.flush()
+        if self.sinks is not None:
+            self.sinks.write(rec)
         if not sys.stderr.isatty():
             log.info(
                 "step %d/%d loss %.4f lr %.3g m %.5f %.1f img/s",
