@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 QUEUE_RECORDS = 10_000
 """Records a stalled sink may fall behind before new ones are dropped (a few hours at 1 record/s)."""
-CLOSE_TIMEOUT_S = 30.0
+CLOSE_TIMEOUT_S = 10.0
+"""What a stalled sink may add to an attempt's exit (a preempted one has the signal's lead time left)."""
 
 SCALARS = {
     "loss": "train/loss",
@@ -92,6 +93,7 @@ class WandbSink:
             resume="allow",
             dir=str(run_dir),
             config=spec.model_dump(mode="json"),  # the spec refuses credentials, so none can leak here
+            settings=wandb.Settings(console="off"),  # the trainer's output has its own per-rank logs
         )
         self.run.define_metric(STEP_KEY)
         self.run.define_metric("*", step_metric=STEP_KEY)
