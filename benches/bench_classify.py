@@ -7,7 +7,7 @@ of each class held out. Random init is scored at three initialization seeds, Pix
 seeds (crops, classifier init and order), as the dense probe's table does; the majority class of the
 held-out split is the floor.
 
-    python benches/bench_classify.py                       # pretrains first: about 20 minutes on 2 cores
+    python benches/bench_classify.py                       # pretrains first (51 min here, fp32, shared)
     python benches/bench_classify.py --run DIR [--spec S]  # an existing run's newest checkpoint
     python benches/bench_classify.py --quick               # a smoke version (16 steps, small data)
 
