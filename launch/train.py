@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rich.style  # noqa: F401  (see below)
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -48,6 +49,9 @@ from schemas import RunSpec, SpecError, load_spec, spec_hash
 from schemas.contract import preemption_deadlines
 
 log = logging.getLogger("pixpro.train")
+# rich draws from the process-wide `random` when first imported (rich.style's id counter). httpx imports
+# it, and aiobotocore imports httpx when installed (wandb brings it): on the first S3 call, after
+# seeding, which would shift the RNG a checkpoint saves. Imported above, the draw comes before seeding.
 
 
 # --- the run's environment ------------------------------------------------------------------------
