@@ -430,16 +430,31 @@ def export_(
 @guard
 def eval_(
     ident: Annotated[str, _SOURCE],
-    data: Annotated[Path, typer.Option(help="Folder with images/ and masks/ (e.g. the demo data).")],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="dense: a folder with images/ and masks/ (e.g. the demo data); linear/knn: a folder or "
+            "pack of class sub-folders (or train/ and val/), or the demo scenes (dominant class)."
+        ),
+    ],
+    task: Annotated[str, typer.Option(help="dense (mIoU probe), linear or knn (top-1/top-5).")] = "dense",
     random_init: Annotated[bool, typer.Option(help="Score the untrained architecture instead.")] = False,
     seed: int = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     spec: Annotated[Path | None, typer.Option(help="The run's spec (default: spec.json of the run).")] = None,
 ) -> None:
-    """Dense linear probe (frozen backbone, 1x1 conv) on per-pixel labels; mIoU on a held-out split."""
-    args = [_source(ident), "--data", str(data), "--seed", str(seed)]
+    """Evaluate the frozen encoder: dense linear probe (mIoU on per-pixel labels), or linear
+    classification / weighted kNN on global-pooled features (top-1/top-5), on a held-out split."""
+    if task not in EVAL_TOOLS:
+        raise errors.UsageError(f"--task {task}: must be one of {', '.join(EVAL_TOOLS)}")
+    args = [_source(ident), "--data", data, "--seed", str(seed)]
     args += (["--random-init"] if random_init else []) + (["--json"] if as_json else [])
-    _run_tool("probe", args + (["--spec", str(spec)] if spec else []))
+    args += ["--task", task] if task != "dense" else []
+    _run_tool(EVAL_TOOLS[task], args + (["--spec", str(spec)] if spec else []))
+
+
+EVAL_TOOLS = {"dense": "probe", "linear": "classify", "knn": "classify"}
+"""``pixpro eval --task`` -> the tool module that runs it."""
 
 
 @app.command()

@@ -15,6 +15,7 @@ Exit 0 with one JSON line (timings, loss) on stdout; exit 2 with one line per pr
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -244,6 +245,24 @@ def check_checkpoint(spec: Any) -> str:
     return "probe written, read and removed"
 
 
+# ---------------------------------------------------------------------------------------- logging
+def check_logging(spec: Any) -> str:
+    """A W&B sink whose package is missing would only warn and log nothing for the whole run."""
+    wandb = spec.logging.wandb
+    if wandb is None or wandb.mode == "disabled":
+        return "no W&B"
+    try:
+        found = importlib.util.find_spec("wandb") is not None
+    except ValueError:  # a module set to None in sys.modules: not importable
+        found = False
+    if not found:
+        raise Problem(
+            "logging.wandb",
+            "the wandb package is not installed here: pip install 'pixpro[wandb]', or mode 'disabled'",
+        )
+    return f"W&B {wandb.mode}"
+
+
 # ------------------------------------------------------------------------------------------ main
 def run(spec: Any) -> dict[str, Any]:
     """Every check, in the order a job would meet them; raises :class:`Problem` at the first failure."""
@@ -258,11 +277,13 @@ def run(spec: Any) -> dict[str, Any]:
         times[name] = round(time.perf_counter() - start, 3)
         return result
 
+    sinks = check_logging(spec)
     checkpoint = timed("checkpoint", lambda: check_checkpoint(spec))
     with tempfile.TemporaryDirectory(prefix="pixpro-preflight-") as scratch:
         samples = timed("data", lambda: check_data(spec, Path(scratch)))
     loss = timed("model", lambda: check_model(spec, samples))
-    return {"ok": True, "loss": loss, "samples": len(samples), "checkpoint": checkpoint, "seconds": times}
+    found = {"loss": loss, "samples": len(samples), "checkpoint": checkpoint, "logging": sinks}
+    return {"ok": True, **found, "seconds": times}
 
 
 def _read_spec(arg: str) -> Any:

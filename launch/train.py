@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rich.style  # noqa: F401  (see below)
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -35,6 +36,7 @@ from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_sig
 from launch.records import MetricsLog, write_status
 from launch.rng import capture_rng, restore_rng
 from launch.sampler import ResumableSampler
+from launch.sinks import MetricSinks, sink_factories
 from launch.store import CheckpointStore
 from launch.train_state import Schedule, TrainState
 from pixpro.augment import TwoViewTransform
@@ -47,6 +49,9 @@ from schemas import RunSpec, SpecError, load_spec, spec_hash
 from schemas.contract import preemption_deadlines
 
 log = logging.getLogger("pixpro.train")
+# rich draws from the process-wide `random` when first imported (rich.style's id counter). httpx imports
+# it, and aiobotocore imports httpx when installed (wandb brings it): on the first S3 call, after
+# seeding, which would shift the RNG a checkpoint saves. Imported above, the draw comes before seeding.
 
 
 # --- the run's environment ------------------------------------------------------------------------
@@ -208,6 +213,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.store, env.rank, env.world_size)
         self.checkpointer.prefetch()  # a resume's download overlaps building the data and the model
         self.metrics = MetricsLog(self.store, self.attempt) if env.rank == 0 else None
+        self.sinks = MetricSinks(sink_factories(spec, run_dir, self.attempt)) if env.rank == 0 else None
         self.device = (
             torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         )
@@ -356,6 +362,8 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.flush(wait=True)
         self._status(outcome, preempt_committed=committed if outcome == "preempted" else None)
+        if self.sinks is not None:  # after status.json: a slow sink must not hide how the attempt ended
+            self.sinks.close(timeout_s=2.0 if outcome == "preempted" else 10.0)
         log.info("%s at step %d of %d", outcome, self.step, self.schedule.total_steps)
         del model
         return outcome
@@ -440,6 +448,8 @@ class Trainer:
             rec["resumed_from"] = self.resumed_step
         self.metrics.append(rec)
         self.metrics.flush()
+        if self.sinks is not None:
+            self.sinks.write(rec)
         if not sys.stderr.isatty():
             log.info(
                 "step %d/%d loss %.4f lr %.3g m %.5f %.1f img/s",

@@ -11,6 +11,7 @@ Run folder (``runs/<run_id>/`` on the login node, shared with the compute nodes)
     sbatch.sh       the script submitit queued                 CANCELLED  present while a cancel stands
     submitit/       submitit's pickles and per-node logs       local/     local executor's job records/logs
     logs/<attempt>[.r<round>]/rank<R>/   each global rank's stdout/stderr (torchrun)
+    tensorboard/    rank 0's TensorBoard event files, one file per attempt (``tensorboard --logdir``)
     checkpoints/    the checkpoint store, unless checkpoint.url points elsewhere
 
 Checkpoint store (any fsspec URL; format and commit protocol in :mod:`launch.store`)::
@@ -23,6 +24,7 @@ Checkpoint store (any fsspec URL; format and commit protocol in :mod:`launch.sto
 
 from __future__ import annotations
 
+import hashlib
 from enum import IntEnum
 from typing import Literal
 
@@ -37,6 +39,16 @@ CANCEL_MARKER = "CANCELLED"
 SUBMITIT_DIR = "submitit"
 LOGS_DIR = "logs"
 CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+"""Rank 0's TensorBoard event files; each attempt's file starts with a purge at its first new step, so
+steps a resumed attempt repeats replace the earlier attempt's (``tensorboard --logdir`` reads it)."""
+
+
+def wandb_run_id(run_id: str) -> str:
+    """The W&B run id of a pixpro run (``logging.wandb``): the same for every attempt, so each resumes
+    the one W&B run, and W&B-safe whatever characters the run id holds."""
+    return "pixpro-" + hashlib.sha256(run_id.encode()).hexdigest()[:16]
+
 
 # -- checkpoint store --------------------------------------------------------------------------------
 LATEST = "latest"

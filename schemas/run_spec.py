@@ -700,6 +700,36 @@ class ResourceSpec(_Spec):
         return value
 
 
+# -------------------------------------------------------------------------------------------- logging
+
+_WANDB_WORD = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"  # W&B project/entity/group names: no paths, no URLs
+_WANDB_TAG = r"^[A-Za-z0-9_.:=+-]{1,64}$"
+
+
+class WandbSpec(_Spec):
+    """A Weights & Biases run mirroring the metrics (the ``pixpro[wandb]`` extra). Its run id is derived
+    from the pixpro run id, so every attempt resumes the same W&B run; the API key comes from the
+    environment (``WANDB_API_KEY`` or ``wandb login``), never the spec."""
+
+    project: str = Field(pattern=_WANDB_WORD, description="W&B project.")
+    entity: str | None = Field(None, pattern=_WANDB_WORD, description="W&B team or user; None = default.")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="offline writes locally (upload later with `wandb sync`); disabled: nothing."
+    )
+    tags: list[Annotated[str, StringConstraints(pattern=_WANDB_TAG)]] = Field(
+        default_factory=list, max_length=64, description="W&B run tags."
+    )
+    group: str | None = Field(None, pattern=_WANDB_WORD, description="W&B run group.")
+
+
+class LoggingSpec(_Spec):
+    """Where rank 0 mirrors its metrics besides the JSON lines beside the checkpoints. A failing sink
+    warns once and is dropped: it never stops training."""
+
+    tensorboard: bool = Field(True, description="TensorBoard event files in the run folder's tensorboard/.")
+    wandb: WandbSpec | None = Field(None, description="Weights & Biases run; None = no W&B.")
+
+
 # ------------------------------------------------------------------------------------------- the run
 
 
@@ -740,6 +770,7 @@ class RunSpec(_Spec):
     log_every_steps: int = Field(
         10, ge=1, le=MAX_STEPS, description="Log metrics every this many optimizer steps."
     )
+    logging: LoggingSpec = Field(default_factory=LoggingSpec, description="TensorBoard and W&B mirrors.")
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="SLURM allocation.")
 
     @field_validator("cpu_autocast")
@@ -808,14 +839,15 @@ _HASH_EXCLUDE: dict[str, Any] = {
     "resources": True,
     "checkpoint": True,
     "log_every_steps": True,
+    "logging": True,
     "threads": True,
     "data": {"num_workers", "storage_options", "cache", "cache_gb", "cache_dir", "augment_on"},
 }
 """Fields that do not change what is trained, so a resume may change them: resources (world size is
-checked separately, from the checkpoint), where/how often checkpoints go, logging cadence, DataLoader
-workers (augmentation is seeded per sample, not per worker), how data is reached and cached (never what
-a sample is), where the photometric steps run (same views either way) and CPU threads (only float
-rounding)."""
+checked separately, from the checkpoint), where/how often checkpoints go, logging cadence and sinks,
+DataLoader workers (augmentation is seeded per sample, not per worker), how data is reached and cached
+(never what a sample is), where the photometric steps run (same views either way) and CPU threads (only
+float rounding)."""
 
 
 _ADDED_LATER: dict[str, Any] = {"cpu_autocast": False}

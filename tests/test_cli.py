@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
 from cluster.attempts import AttemptState, follow_exit_code, slurm_state
@@ -31,7 +32,7 @@ from cluster.record import RunRecord, atomic_write, write_local
 from cluster.slurm import HistoryLine, SlurmJob, check_partitions, gpu_count, parse_sinfo
 from launch.store import CheckpointStore
 from schemas import SpecError, load_spec
-from schemas.contract import MetricsRecord, TrainerStatus
+from schemas.contract import TENSORBOARD_DIR, MetricsRecord, TrainerStatus, wandb_run_id
 from tests.support.cli import PIXPRO, assert_one_line_error, cli, which_or_fail, write_spec
 from tests.support.cli import cluster_tiny_spec as tiny_spec
 
@@ -556,6 +557,8 @@ def test_status_of_50_runs_is_fast_and_complete(home: Path, fifty_runs: list[Run
         assert row["step"] in (6, 12) and row["total_steps"] == 12 and row["checkpoint_step"] == row["step"]
         assert row["lr"] == pytest.approx(0.01 * row["step"]) and row["img_per_s"] == 10.0 + row["step"]
         assert 0 <= row["checkpoint_age_s"] < 120  # committed when the fixture ran
+        assert row["tensorboard_dir"] == str(Path(rec.run_dir) / TENSORBOARD_DIR)
+        assert row["wandb_run_id"] == wandb_run_id(rec.run_id)
 
     one = json.loads(cli("status", fifty_runs[3].attempts[0], "--json", home=home).stdout)
     assert one["run_id"] == fifty_runs[3].run_id
@@ -641,5 +644,9 @@ def test_local_executor_follow_runs_to_completion(home: Path, spec_file: Path, t
     rdir = Path(row["run_dir"])
     assert json.loads((rdir / "local" / f"{job}.json").read_bytes())["exit_code"] == 0
     assert json.loads((rdir / "checkpoints" / "run.json").read_bytes())["attempts"] == [job]
+    assert row["tensorboard_dir"] == str(rdir / TENSORBOARD_DIR)
+    acc = EventAccumulator(row["tensorboard_dir"])
+    acc.Reload()  # what `tensorboard --logdir` shows: every logged step once
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 21))
     for step_dir in (rdir / "checkpoints").glob("step-*"):  # ~150 MB each; pytest keeps old tmp dirs
         shutil.rmtree(step_dir)

@@ -187,3 +187,15 @@ def test_local_gpus_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch)
         "--gpus 8: this machine has 0 visible CUDA device(s) (--executor local runs here; --gpus 0 trains "
         "on the CPU)"
     ]
+
+
+def test_a_wandb_sink_without_its_package_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb = {"project": "pixpro", "mode": "offline"}
+    spec = parse_spec(small_spec(tmp_path, logging__wandb=wandb))
+    assert preflight.check_logging(spec) == "W&B offline"
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as where `pip install 'pixpro[wandb]'` was not run
+    assert problem_of(small_spec(tmp_path, logging__wandb=wandb)).startswith(
+        "logging.wandb: the wandb package is not installed here: pip install 'pixpro[wandb]'"
+    )
+    disabled = parse_spec(small_spec(tmp_path, logging__wandb={"project": "pixpro", "mode": "disabled"}))
+    assert preflight.check_logging(disabled) == "no W&B"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -114,3 +116,17 @@ def test_cuda_device_count_mismatch_is_refused_unless_not_strict() -> None:
     state = capture_rng()
     restore_rng({**state, "cuda": state["cuda"] + [torch.zeros(16, dtype=torch.uint8)]}, strict=False)
     assert_same(draw(), first)
+
+
+def test_lazy_s3_imports_after_seeding_leave_the_python_rng_alone() -> None:
+    """aiobotocore imports httpx when installed (wandb brings it), httpx imports rich, and rich draws from
+    the process-wide ``random`` at import: the trainer imports rich first, so the first S3 call after
+    seeding cannot shift the RNG a checkpoint saves."""
+    code = (
+        "import random, launch.train\n"
+        "random.seed(0); before = random.getstate()\n"
+        "import aiobotocore.endpoint, s3fs\n"
+        "assert random.getstate() == before, 'an import drew from the global random'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

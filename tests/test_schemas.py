@@ -100,6 +100,10 @@ FULL: dict[str, Any] = {
         },
     },
     "log_every_steps": 1,
+    "logging": {
+        "tensorboard": True,
+        "wandb": {"project": "pixpro", "entity": None, "mode": "offline", "tags": ["r50"], "group": "g"},
+    },
     "resources": {
         "nodes": 2,
         "gpus_per_node": 4,
@@ -1168,3 +1172,33 @@ def test_data_root_urls_storage_options_and_cache() -> None:
         lines = errors_of(with_value(base, dotted, value))
         assert any(line.startswith(field) for line in lines), (dotted, lines)
         assert "pw" not in " ".join(lines) and "abc" not in " ".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- logging
+def test_logging_sinks_never_change_the_spec_hash() -> None:
+    """Turning TensorBoard off or W&B on between attempts must not block the resume."""
+    wandb = {"project": "pixpro", "entity": "lab", "mode": "offline", "tags": ["r50"], "group": "ablation"}
+    changed = with_value(with_value(FULL, "logging.tensorboard", False), "logging.wandb", wandb)
+    assert parse_spec(changed).logging.wandb.mode == "offline"  # type: ignore[union-attr]
+    assert spec_hash(parse_spec(changed)) == spec_hash(parse_spec(FULL))
+    assert "logging" not in hash_payload(parse_spec(changed))
+
+
+def test_a_wandb_key_in_the_spec_is_refused_and_not_echoed() -> None:
+    spec = with_value(MINIMAL, "logging.wandb", {"project": "p", "api_key": "0123456789abcdef-secret"})
+    text = "\n".join(errors_of(spec))
+    assert "logging.wandb.api_key: a credential key is not allowed" in text
+    assert "0123456789abcdef-secret" not in text
+
+
+@pytest.mark.parametrize(
+    ("wandb", "field"),
+    [
+        ({"mode": "offline"}, "logging.wandb.project"),
+        ({"project": "a/b"}, "logging.wandb.project"),
+        ({"project": "p", "mode": "sometimes"}, "logging.wandb.mode"),
+        ({"project": "p", "tags": ["has space"]}, "logging.wandb.tags[0]"),
+    ],
+)
+def test_bad_wandb_settings_name_their_field(wandb: dict[str, Any], field: str) -> None:
+    assert any(e.startswith(f"{field}:") for e in errors_of(with_value(MINIMAL, "logging.wandb", wandb)))

@@ -25,7 +25,7 @@ import json
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from launch.tools.weights import WeightsError, build_encoder, load_encoder, resolve_spec
+from launch.tools.weights import WeightsError, encoder_or_random, report
 from pixpro.augment import IMAGENET_MEAN, IMAGENET_STD
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -285,16 +285,7 @@ def run(
     if size is not None and size < 32:
         raise WeightsError(f"--size must be at least 32 pixels, got {size}")
     find_pairs(Path(data))  # a wrong data folder fails before any model is built
-    step = None
-    if random_init:
-        name = backbone_name or resolve_spec(checkpoint, spec).model.backbone
-        torch.manual_seed(seed)
-        backbone, weights = build_encoder(name, None, "random init"), "random-init"
-    else:
-        if checkpoint is None:
-            raise WeightsError("give a CHECKPOINT (or --random-init for the baseline)")
-        encoder = load_encoder(checkpoint, spec)
-        backbone, name, weights, step = encoder.backbone, encoder.name, "pixpro", encoder.step
+    backbone, name, weights, step = encoder_or_random(checkpoint, spec, random_init, seed, backbone_name)
     found = probe(backbone, data, seed, epochs, size)
     return ProbeResult(backbone=name, weights=weights, step=step, seed=seed, epochs=epochs, **found)
 
@@ -311,8 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=None, help="resize images to SxS (default: as stored)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
-    try:
-        result = run(
+    return report(
+        lambda: run(
             args.checkpoint,
             args.spec,
             args.data,
@@ -321,12 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.epochs,
             args.size,
             args.backbone,
-        )
-    except WeightsError as exc:
-        print(f"pixpro eval: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps(asdict(result), indent=2) if args.json else result.summary())
-    return 0
+        ),
+        args.json,
+        ProbeResult.summary,
+    )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -244,3 +246,35 @@ def load_online_encoder(
     """``(backbone in eval mode, torchvision model name)`` of a checkpoint's online encoder."""
     encoder = load_encoder(checkpoint, spec)
     return encoder.backbone, encoder.name
+
+
+def encoder_or_random(
+    checkpoint: str | None,
+    spec: RunSpec | str | Path | None,
+    random_init: bool,
+    seed: int,
+    backbone_name: str | None = None,
+) -> tuple[nn.Module, str, str, int | None]:
+    """What an evaluation scores: ``(backbone, architecture, "pixpro" or "random-init", step)`` of a
+    checkpoint's online encoder, or of the same architecture at torchvision's initialization seeded
+    with ``seed`` (the baseline pretraining must beat)."""
+    if random_init:
+        name = backbone_name or resolve_spec(checkpoint, spec).model.backbone
+        torch.manual_seed(seed)
+        return build_encoder(name, None, "random init"), name, "random-init", None
+    if checkpoint is None:
+        raise WeightsError("give a CHECKPOINT (or --random-init for the baseline)")
+    encoder = load_encoder(checkpoint, spec)
+    return encoder.backbone, encoder.name, "pixpro", encoder.step
+
+
+def report(evaluate: Callable[[], Any], as_json: bool, text: Callable[[Any], str]) -> int:
+    """An evaluation tool's ending: its result (a dataclass) as JSON or text, or one error line and
+    the error's exit status (2 bad input, 3 not found)."""
+    try:
+        result = evaluate()
+    except WeightsError as exc:
+        print(f"pixpro eval: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(asdict(result), indent=2) if as_json else text(result))
+    return 0
