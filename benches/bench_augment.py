@@ -114,25 +114,37 @@ def device_part(transform: TwoViewTransform, jpegs: list[bytes], batch: int = 32
 
 
 def loader_rates(jpegs: list[bytes], where: Path, seconds: float = 8.0) -> dict[str, float]:
-    """Samples/s through the trainer's DataLoader with one worker, batch 32, per path: the worker's
-    decode + augment plus collation and the shared-memory hand-over (float32 views vs uint8 views)."""
+    """Samples/s through a DataLoader with one worker, batch 32: the worker's read, decode and augment,
+    the collation into shared memory and the hand-over to the main process. "stock": torch's collate
+    (new shared memory every batch); "trainer": the trainer's (``launch.batches``: buffers reused, uint8
+    views on both paths, the batch released after use as the train loop does)."""
     from torch.utils.data import DataLoader
 
+    from launch.batches import SharedBatches, release
     from pixpro.data import ImageFolder, TwoViewDataset
 
     for i, data in enumerate(jpegs):
         (where / f"{i:05d}.jpg").write_bytes(data)
     out = {}
-    for name, later in (("worker", False), ("device", True)):
-        dataset = TwoViewDataset(ImageFolder(where), TwoViewTransform(photometric_later=later), seed=0)
+    for name, later, trainer in (
+        ("worker path, stock (float32)", False, False),
+        ("worker path, trainer", False, True),
+        ("device path, stock", True, False),
+        ("device path, trainer", True, True),
+    ):
+        transform = TwoViewTransform(photometric_later=later, normalize_later=trainer)
+        dataset = TwoViewDataset(ImageFolder(where), transform, seed=0)
         keys = [(e, i) for e in range(1000) for i in range(len(dataset))]
-        loader = DataLoader(dataset, batch_size=32, sampler=keys, num_workers=1, prefetch_factor=4)
+        collate = SharedBatches(1, 4) if trainer else None
+        loader = DataLoader(dataset, batch_size=32, sampler=keys, num_workers=1, collate_fn=collate)
         it = iter(loader)
-        next(it)
+        release(loader, next(it))
         count, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            count += len(next(it)["index"])
-        out[f"DataLoader, 1 worker, {name} path"] = count / (time.perf_counter() - t0)
+            batch = next(it)
+            count += len(batch["index"])
+            release(loader, batch)
+        out[f"DataLoader, 1 worker, {name}"] = count / (time.perf_counter() - t0)
         del it, loader
     return out
 

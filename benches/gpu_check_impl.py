@@ -185,11 +185,11 @@ def autocast_for(trainer: Any) -> Any:
 def floor_step_fn(trainer: Any, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
     """The same network's own work: both views through the online backbone forward and backward, two
     target forwards (as benches/bench_step.py), in the trainer's precision and memory format."""
+    from launch.train import device_views
+
     online, target = trainer.model.backbone, trainer.model.target_backbone
-    v1, v2 = (
-        batch[k].to(trainer.device).contiguous(memory_format=trainer.memory_format)
-        for k in ("view1", "view2")
-    )
+    v1, v2, _, _ = device_views(trainer.dataset.transform, batch, trainer.device)
+    v1, v2 = (v.contiguous(memory_format=trainer.memory_format) for v in (v1, v2))
 
     def step() -> None:
         with autocast_for(trainer):
@@ -668,8 +668,7 @@ def check_compile(ctx: Ctx, rec: Rec, dl: Deadline) -> tuple[str, str]:
 
 def check_input(ctx: Ctx, rec: Rec, dl: Deadline) -> tuple[str, str]:
     """The trainer's DataLoader over the demo PNGs with N workers against the model's rate."""
-    from launch.sampler import ResumableSampler
-    from launch.train import DistEnv, Trainer, build_data
+    from launch.train import DistEnv, build_data
     from schemas import parse_spec
 
     b = ctx.s["batch"]
@@ -691,28 +690,8 @@ def check_input(ctx: Ctx, rec: Rec, dl: Deadline) -> tuple[str, str]:
     for nw in ctx.s["workers"]:
         if dl.left() < ctx.s["window_s"] + 3:
             break
-        sampler = ResumableSampler(len(repeated), seed=0, rank=0, world_size=1, batch_size=b, drop_last=True)
-        spec_n = spec.model_copy(update={"data": spec.data.model_copy(update={"num_workers": nw})})
-        holder = SimpleNamespace(dataset=repeated, sampler=sampler, spec=spec_n, device=ctx.device)
-        loader = Trainer._loader(cast(Trainer, holder))  # the trainer's loader settings (pin_memory, ...)
-        it = iter(loader)
-        next(it)
-        count, t = 0, time.perf_counter()
-        while time.perf_counter() - t < ctx.s["window_s"]:
-            batch = next(it, None)
-            if batch is None:  # the epoch ran out before the window: the rate is still right
-                break
-            if not ctx.cpu:
-                pinned = bool(batch["view1"].is_pinned())
-                moved = [
-                    batch[k].to(ctx.device, non_blocking=True)
-                    for k in ("view1", "view2", "coords1", "coords2")
-                ]
-                del moved
-            count += b
-        ctx.sync()
-        rates[str(nw)] = round(count / (time.perf_counter() - t), 1)
-        del it, loader
+        rate, pinned = _loader_rate(ctx, spec, repeated, nw)
+        rates[str(nw)] = round(rate, 1)
         rec.set(img_per_s_by_workers=rates, pinned=pinned)
     if not rates:
         return "timeout", "no worker count measured"
@@ -789,31 +768,42 @@ def check_photometric(ctx: Ctx, rec: Rec, dl: Deadline) -> tuple[str, str]:
 
 def _device_path_rate(ctx: Ctx, spec: Any, workers: int) -> float:
     """img/s of the loader with ``augment_on: device``, its photometric steps run on the device per batch."""
-    from launch.sampler import ResumableSampler
     from launch.train import DistEnv, build_data
 
     data = spec.data.model_copy(update={"augment_on": "device", "num_workers": workers})
     spec_d = spec.model_copy(update={"data": data})
     dataset, _ = build_data(spec_d, DistEnv(0, 0, 1))
+    repeated = Repeated(dataset, max(1, math.ceil(400 * ctx.s["batch"] / len(dataset))))
+    return _loader_rate(ctx, spec_d, repeated, workers)[0]
+
+
+def _loader_rate(ctx: Ctx, spec: Any, dataset: Repeated, workers: int) -> tuple[float, bool | str]:
+    """img/s of the trainer's loader (its settings: pin_memory, reused batch buffers) with ``workers``,
+    each batch taken to the device and finished there as the train step does; and whether it came pinned."""
+    from launch.batches import release
+    from launch.sampler import ResumableSampler
+    from launch.train import Trainer, device_views
+
     b = ctx.s["batch"]
-    repeated = Repeated(dataset, max(1, math.ceil(400 * b / len(dataset))))
-    sampler = ResumableSampler(len(repeated), seed=0, rank=0, world_size=1, batch_size=b, drop_last=True)
-    loader = torch.utils.data.DataLoader(
-        repeated, batch_size=b, sampler=sampler, num_workers=workers, pin_memory=not ctx.cpu
-    )
-    t_views = dataset.transform
+    sampler = ResumableSampler(len(dataset), seed=0, rank=0, world_size=1, batch_size=b, drop_last=True)
+    spec_n = spec.model_copy(update={"data": spec.data.model_copy(update={"num_workers": workers})})
+    holder = SimpleNamespace(dataset=dataset, sampler=sampler, spec=spec_n, device=ctx.device)
+    loader = Trainer._loader(cast(Trainer, holder))
+    pinned: bool | str = NA_CPU
     it = iter(loader)
-    next(it)
+    release(loader, next(it))
     count, t = 0, time.perf_counter()
     while time.perf_counter() - t < ctx.s["window_s"]:
         batch = next(it, None)
-        if batch is None:
+        if batch is None:  # the epoch ran out before the window: the rate is still right
             break
-        t_views.view1.photometric(batch["view1"].to(ctx.device, non_blocking=True), batch["params1"])
-        t_views.view2.photometric(batch["view2"].to(ctx.device, non_blocking=True), batch["params2"])
+        if not ctx.cpu:
+            pinned = bool(batch["view1"].is_pinned())
+        device_views(dataset.dataset.transform, batch, ctx.device)
+        release(loader, batch)
         count += b
     ctx.sync()
-    return count / (time.perf_counter() - t)
+    return count / (time.perf_counter() - t), pinned
 
 
 class Repeated(torch.utils.data.Dataset):

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from launch import elastic
+from launch.batches import SharedBatches, release
 from launch.checkpoint import Checkpointer
 from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_signals, preemption_signals
 from launch.records import MetricsLog, write_status
@@ -47,6 +48,8 @@ from pixpro.lars import LARS, lars_param_groups
 from pixpro.sources import CachedSource
 from schemas import RunSpec, SpecError, load_spec, spec_hash
 from schemas.contract import preemption_deadlines
+
+LOADER_PREFETCH = 2  # batches each DataLoader worker works ahead (torch's default)
 
 log = logging.getLogger("pixpro.train")
 # rich draws from the process-wide `random` when first imported (rich.style's id counter). httpx imports
@@ -153,6 +156,7 @@ def build_data(spec: RunSpec, env: DistEnv) -> tuple[TwoViewDataset, ResumableSa
         scale=(spec.data.crop_scale[0], spec.data.crop_scale[1]),
         spatial=build_spatial(spec),
         photometric_later=spec.data.augment_on == "device",
+        normalize_later=True,  # uint8 through shared memory and to the device, normalized there
     )
     dataset = TwoViewDataset(folder, transform, seed=spec.seed)
     sampler = ResumableSampler(
@@ -164,6 +168,20 @@ def build_data(spec: RunSpec, env: DistEnv) -> tuple[TwoViewDataset, ResumableSa
         drop_last=True,
     )
     return dataset, sampler
+
+
+def device_views(transform: Any, batch: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """A loader batch on the training device as the model takes it: ``(view1, view2, coords1, coords2)``,
+    the views finished here (photometric steps with ``augment_on: device``, else the normalization)."""
+    assert isinstance(transform, TwoViewTransform)
+    keys = ("view1", "view2", "coords1", "coords2")
+    v1, v2, c1, c2 = (batch[k].to(device, non_blocking=True) for k in keys)
+    if "params1" in batch:  # data.augment_on: device; the parameter rows stay on the host
+        v1 = transform.view1.photometric(v1, batch["params1"])
+        v2 = transform.view2.photometric(v2, batch["params2"])
+    elif v1.dtype == torch.uint8:  # finished in the workers as uint8 levels: normalized here
+        v1, v2 = transform.view1.photometric.normalize(v1), transform.view2.photometric.normalize(v2)
+    return v1, v2, c1, c2
 
 
 def build_spatial(spec: RunSpec) -> list:
@@ -318,8 +336,10 @@ class Trainer:
             if self.sampler.steps_remaining() == 0:
                 self.epoch += 1
                 self.sampler.set_epoch(self.epoch)
-            for batch in self._loader():
+            loader = self._loader()
+            for batch in loader:
                 loss = self._train_step(model, batch)
+                release(loader, batch)  # its host tensors are spent: the workers may reuse them
                 self.step += 1
                 self.sampler.advance_steps(1)
                 if self.step == stop_at:
@@ -369,11 +389,16 @@ class Trainer:
         return outcome
 
     def _loader(self) -> DataLoader:
+        workers = self.spec.data.num_workers
         return DataLoader(
             self.dataset,
             batch_size=self.spec.data.batch_size,
             sampler=self.sampler,
-            num_workers=self.spec.data.num_workers,
+            num_workers=workers,
+            # batch buffers reused in shared memory: per worker, its prefetched batches, the one being
+            # trained on, and one to spare (the stock collate makes new shared memory every batch)
+            collate_fn=SharedBatches(workers, LOADER_PREFETCH + 2) if workers else None,
+            prefetch_factor=LOADER_PREFETCH if workers else None,
             worker_init_fn=ignore_preemption_signals,
             pin_memory=self.device.type == "cuda",
             drop_last=False,
@@ -388,14 +413,7 @@ class Trainer:
         # before the target forward, as the official code does
         self.model.update_target(self.schedule.momentum(self.step, self.spec))
         self.data_skips += int(batch["skipped"].sum())
-        v1, v2, c1, c2 = (
-            batch[k].to(self.device, non_blocking=True) for k in ("view1", "view2", "coords1", "coords2")
-        )
-        if "params1" in batch:  # data.augment_on: device; the parameter rows stay on the host
-            transform = self.dataset.transform
-            assert isinstance(transform, TwoViewTransform)
-            v1 = transform.view1.photometric(v1, batch["params1"])
-            v2 = transform.view2.photometric(v2, batch["params2"])
+        v1, v2, c1, c2 = device_views(self.dataset.transform, batch, self.device)
         if self.memory_format is torch.channels_last:
             v1, v2 = (
                 v1.contiguous(memory_format=torch.channels_last),

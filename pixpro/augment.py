@@ -53,7 +53,7 @@ _VIEW_DRAWS = _SOLARIZE + 1
 
 
 class TwoViews(NamedTuple):
-    view1: torch.Tensor  # [3, S, S] float32, ImageNet-normalized
+    view1: torch.Tensor  # [3, S, S] float32, ImageNet-normalized (uint8 levels with normalize_later)
     view2: torch.Tensor
     coords1: torch.Tensor  # box [4] or coordinate map [3, S, S] (x, y, valid), float32
     coords2: torch.Tensor
@@ -236,10 +236,11 @@ class ViewTransform:
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> OneView:
         return self.apply(check_image(image, self.recipe.crop_size), generator)
 
-    def apply(self, image: torch.Tensor, generator: torch.Generator) -> OneView:
-        """Like calling the transform, for an image already through :func:`check_image`."""
+    def apply(self, image: torch.Tensor, generator: torch.Generator, normalize: bool = True) -> OneView:
+        """Like calling the transform, for an image already through :func:`check_image`; without
+        ``normalize`` the view is the finished uint8 levels (see :meth:`Photometric.normalize`)."""
         view, coords, params = self.crop(image, generator)
-        return OneView(self.photometric(view[None], [params])[0], coords)
+        return OneView(self.photometric(view[None], [params], normalize)[0], coords)
 
     def crop(self, image: torch.Tensor, generator: torch.Generator) -> OneCrop:
         """The geometric steps (uint8) and the photometric parameter row, all drawn from ``generator``."""
@@ -353,7 +354,9 @@ class TwoViewTransform:
     after crop/resize/flip and before colour, on both views, and switch the coordinates from boxes to
     coordinate maps. With ``photometric_later`` the transform returns :class:`TwoCrops` instead: uint8
     views and their parameter rows, for ``view1.photometric``/``view2.photometric`` to finish in a batch
-    (on the training device); the finished views are the same as the ones it would have returned.
+    (on the training device); the finished views are the same as the ones it would have returned. With
+    ``normalize_later`` it returns the finished views as uint8 levels, for ``photometric.normalize`` on
+    the training device: a quarter of the bytes through the loader's shared memory and to the GPU.
     """
 
     def __init__(
@@ -373,6 +376,7 @@ class TwoViewTransform:
         std: tuple[float, float, float] = IMAGENET_STD,
         spatial: Sequence[v2.Transform] = (),
         photometric_later: bool = False,
+        normalize_later: bool = False,
     ) -> None:
         recipe = ViewRecipe(
             crop_size=crop_size,
@@ -389,6 +393,7 @@ class TwoViewTransform:
         )
         self.crop_size = crop_size
         self.photometric_later = photometric_later
+        self.normalize_later = normalize_later
         blur, solar = _per_view(blur_p), _per_view(solarize_p)
         self.view1 = ViewTransform(replace(recipe, blur_p=blur[0], solarize_p=solar[0]), spatial)
         self.view2 = ViewTransform(replace(recipe, blur_p=blur[1], solarize_p=solar[1]), spatial)
@@ -400,6 +405,6 @@ class TwoViewTransform:
             (v1, c1, p1), (v2, c2, p2) = self.view1.crop(image, generator), self.view2.crop(image, generator)
             as_row = torch.tensor([p1, p2], dtype=torch.float64)
             return TwoCrops(v1, v2, c1, c2, as_row[0], as_row[1])
-        view1, coords1 = self.view1.apply(image, generator)
-        view2, coords2 = self.view2.apply(image, generator)
+        view1, coords1 = self.view1.apply(image, generator, not self.normalize_later)
+        view2, coords2 = self.view2.apply(image, generator, not self.normalize_later)
         return TwoViews(view1, view2, coords1, coords2)

@@ -14,6 +14,7 @@ exact in float32 in any order. Results are torchvision's ``ColorJitter``/``Rando
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -28,7 +29,8 @@ PARAMS = 13
 
 _GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision
 _HSV_OFFSETS = (5.0, 3.0, 1.0)  # hsv -> rgb phase of R, G, B, in sixths
-_TAP_FLOOR = 1e-7  # blur taps lighter than this are dropped (a small sigma needs only a few)
+_TAP_ONE = 4096  # blur taps are whole 4096ths
+_SIXTEENTHS = 16  # the blur's first pass keeps sixteenths of a level
 
 Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -45,105 +47,119 @@ def jitter_factors(strengths: Sequence[float], u: Sequence[float]) -> list[float
     return out
 
 
-def blur_taps(kernel_size: int, sigma: float) -> list[float]:
-    """A Gaussian's ``kernel_size`` taps (torchvision's kernel) with negligible outer taps set to zero."""
+def blur_taps(kernel_size: int, sigma: float) -> list[int]:
+    """torchvision's Gaussian taps in whole 4096ths, symmetric and summing to exactly 4096.
+
+    Whole taps make the blur exact arithmetic (see :func:`gaussian_blur`); a tap under half a 4096th
+    becomes 0, which is what lets a narrow blur skip most of the kernel.
+    """
     r = kernel_size // 2
     weights = [math.exp(-0.5 * ((d - r) / sigma) ** 2) for d in range(kernel_size)]
     total = sum(weights)
-    kept = [w / total if w / total > _TAP_FLOOR else 0.0 for w in weights]
-    total = sum(kept)
-    return [w / total for w in kept]
+    outer = [round(w / total * _TAP_ONE) for w in weights[:r]]
+    return [*outer, _TAP_ONE - 2 * sum(outer), *outer[::-1]]
+
+
+def blur_reach(taps: Sequence[float]) -> int:
+    """How far from the centre the non-zero taps go."""
+    r = len(taps) // 2
+    return max((d for d in range(r + 1) if taps[r - d] != 0), default=0)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
     """Float luma ``[n, 1, H, W]`` of a float RGB batch, two roundings per term (no fused multiply-add)."""
     r, g, b = x.unbind(-3)
-    return (r * _GREY_WEIGHTS[0] + g * _GREY_WEIGHTS[1] + b * _GREY_WEIGHTS[2]).unsqueeze(-3)
+    grey, term = r * _GREY_WEIGHTS[0], g * _GREY_WEIGHTS[1]
+    return grey.add_(term).add_(torch.mul(b, _GREY_WEIGHTS[2], out=term)).unsqueeze(-3)
 
 
-def _to_levels(x: torch.Tensor) -> torch.Tensor:
-    """What a uint8 conversion does (clamp, truncate), kept in float: the steps chain without conversions."""
-    return x.clamp_(0, 255).floor_()
+def _to_levels(x: torch.Tensor, clamp: bool) -> torch.Tensor:
+    """What a uint8 conversion does (clamp, truncate), kept in float: the steps chain without conversions.
+    A blend with factors <= 1 stays within [0, 255], so the plan leaves the clamp out for it."""
+    return (x.clamp_(0, 255) if clamp else x).floor_()
 
 
-def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _to_levels(x * factor)
+def brightness(x: torch.Tensor, factor: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    return _to_levels(x.mul_(factor), clamp)
 
 
-def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def contrast(x: torch.Tensor, factor: torch.Tensor, clamp: bool = True) -> torch.Tensor:
     grey = _grey(x).floor_()
     # whole numbers: the float64 sum is exact in any order, so every device and batch agrees
     total = grey.sum(dim=(-3, -2, -1), keepdim=True, dtype=torch.float64)
     mean = (total / (grey.shape[-1] * grey.shape[-2])).float()
-    return _to_levels((x - mean).mul_(factor).add_(mean))
+    return _to_levels(x.mul_(factor).add_(mean * (1 - factor)), clamp)  # torchvision's blend
 
 
-def saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    grey = _grey(x).floor_()
-    return _to_levels((x - grey).mul_(factor).add_(grey))  # a grey pixel stays exactly grey
-
-
-def _is_zero(d: torch.Tensor) -> torch.Tensor:
-    """1.0 where a whole, non-negative difference is 0, else 0.0: comparisons without bool tensors, which
-    cost several times a float operation on the CPU."""
-    return d.neg_().add_(1).clamp_(0, 1)
+def saturation(x: torch.Tensor, factor: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    grey = _grey(x).floor_().mul_(1 - factor)
+    return _to_levels(x.mul_(factor).add_(grey), clamp)  # torchvision's blend
 
 
 def hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """Rotate hues by ``factor`` turns, torchvision's maths without the HSV round trip.
 
-    Hue rotation keeps each pixel's max and min, so each channel is ``max - chroma * t(phase)`` with a
-    piecewise-linear ``t``: about a third of the work of a full RGB -> HSV -> RGB conversion.
+    Hue rotation keeps each pixel's max and min, so each channel is ``min + chroma * (1 - t(phase))`` with
+    a piecewise-linear, 6-periodic ``t``: about a third of the work of a full RGB -> HSV -> RGB conversion.
+    The masks are floats (comparisons to bool tensors cost several float operations on the CPU).
     """
     r, g, b = x.unbind(-3)
-    mx = torch.maximum(torch.maximum(r, g), b)
-    chroma = mx - torch.minimum(torch.minimum(r, g), b)
-    is_r = _is_zero(mx - r)  # ties resolve r, then g, then b, as torchvision
-    is_g = _is_zero(mx - g).mul_(1 - is_r)
-    is_b = 1 - is_r - is_g
-    sixths = (g - b).mul_(is_r) + (b - r + 2 * chroma).mul_(is_g) + (r - g + 4 * chroma).mul_(is_b)
-    sixths = sixths.div_(chroma.clamp(min=1e-6)).add_(6 * factor[..., 0])
-    offsets = torch.tensor(_HSV_OFFSETS, device=x.device).view(3, 1, 1)
-    phase = sixths.unsqueeze(-3) + offsets
-    phase.sub_(torch.floor(phase * (1 / 6)).mul_(6))
-    t = torch.minimum(phase, 4.0 - phase).clamp_(0.0, 1.0)
+    mx = torch.maximum(r, g)
+    mx = torch.maximum(mx, b, out=mx)
+    mn = torch.minimum(r, g)
+    mn = torch.minimum(mn, b, out=mn)
+    chroma = mx - mn
+    # whole numbers up to here, so every step is exact (a fused multiply-add too); one scratch plane
+    is_r = (r - mx).add_(1).clamp_(0, 1)  # 1 where red is the max; ties go r, then g, then b (torchvision)
+    is_g = (g - mx).add_(1).sub_(is_r).clamp_(0, 1)
+    is_b = (1 - is_r).sub_(is_g)
+    sixths = (g - b).mul_(is_r)
+    scratch = torch.sub(b, r).add_(chroma, alpha=2).mul_(is_g)
+    sixths.add_(scratch).add_(torch.sub(r, g, out=scratch).add_(chroma, alpha=4).mul_(is_b))
+    sixths.div_(torch.clamp(chroma, min=1e-6, out=scratch)).add_(6 * factor[..., 0])
+    sixths.sub_(torch.mul(sixths, 1 / 6, out=scratch).floor_().mul_(6))  # the hue in [0, 6], in sixths
+    # each channel's phase less 5, in [-4, 6], where 1 - t(phase) = clamp(||p| - 3| - 1, 0, 1); r, g, b
+    # are read for the last time above, so x takes the result
+    offsets = torch.tensor(_HSV_OFFSETS, device=x.device).sub_(5).view(3, 1, 1)
+    torch.add(sixths.unsqueeze(-3), offsets, out=x)
+    x.abs_().sub_(3).abs_().sub_(1).clamp_(0, 1)
     scale = 255.999 / 255  # torchvision's float -> uint8 conversion
-    return (mx * scale).unsqueeze(-3).sub(t.mul_((chroma * scale).unsqueeze(-3))).floor_()
+    return x.mul_(chroma.mul_(scale).unsqueeze(-3)).add_(mn.mul_(scale).unsqueeze(-3)).floor_()
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
-    return _grey(x).floor_().expand_as(x).contiguous()
+    return x.copy_(_grey(x).floor_().expand_as(x))
 
 
 def gaussian_blur(x: torch.Tensor, taps: torch.Tensor, reach: int | None = None) -> torch.Tensor:
-    """Separable blur of ``[n, 3, H, W]`` levels with reflect padding, one row of ``taps`` per view.
+    """Separable blur of ``[n, 3, H, W]`` levels with reflect padding, one row of whole ``taps`` per view
+    (:func:`blur_taps`), rounded to levels like torchvision's.
 
-    Symmetric taps are applied in pairs (``(left + right) * w``); taps further than ``reach`` from the
-    centre must be zero for every view and are skipped, which changes nothing (adding ``+0`` is exact).
-    ``reach`` defaults to what ``taps`` hold (a host sync when they are on a GPU).
+    Everything is whole numbers below 2**24, so every product and partial sum is exact in float32 and any
+    order, fused multiply-add or kernel gives the same result: levels times 4096ths (< 2**20), rounded to
+    sixteenths of a level between the passes (< 2**12, off by at most 1/32 level), times 4096ths again
+    (< 2**24). Taps further than ``reach`` from the centre must be zero for every view; ``reach`` defaults
+    to what ``taps`` hold (a host sync when they are on a GPU).
     """
     k = taps.shape[1]
     r = k // 2
     if reach is None:
         reach = r - int((taps != 0).any(0).int().argmax())
-    used = [d >= r - reach for d in range(r)]
-    out = x
-    for dim in (-1, -2):
-        n = out.shape[dim]
-        padded = F.pad(out, [r, r, 0, 0] if dim == -1 else [0, 0, r, r], mode="reflect")
-        acc = padded.narrow(dim, r, n) * taps[:, r].view(-1, 1, 1, 1)
-        for d in range(r):
-            if used[d]:
-                pair = padded.narrow(dim, d, n) + padded.narrow(dim, k - 1 - d, n)
-                acc += pair.mul_(taps[:, d].view(-1, 1, 1, 1))
-        out = acc
-    return out.round_().clamp_(0, 255)
+    for dim, unit in ((-1, _TAP_ONE // _SIXTEENTHS), (-2, _TAP_ONE * _SIXTEENTHS)):
+        n = x.shape[dim]
+        padded = F.pad(x, [reach, reach, 0, 0] if dim == -1 else [0, 0, reach, reach], mode="reflect")
+        acc = torch.mul(padded.narrow(dim, reach, n), taps[:, r].view(-1, 1, 1, 1), out=x)  # x is spent
+        for d in range(1, reach + 1):
+            w = taps[:, r - d].view(-1, 1, 1, 1)
+            acc.addcmul_(padded.narrow(dim, reach - d, n), w).addcmul_(padded.narrow(dim, reach + d, n), w)
+        acc.div_(unit).round_()  # a power of two: exact; then sixteenths, finally levels
+    return x
 
 
 def solarize(x: torch.Tensor, threshold: int) -> torch.Tensor:
     """Invert the levels at or above ``threshold`` (float arithmetic on whole levels: no bool tensors)."""
     at_or_above = (x - (threshold - 1)).clamp_(0, 1)
-    return (255 - 2 * x).mul_(at_or_above).add_(x)
+    return x.add_((255 - 2 * x).mul_(at_or_above))
 
 
 class Photometric:
@@ -190,9 +206,12 @@ class Photometric:
         row[SOLARIZE_ON] = float(solarize_u < self.solarize_p)
         return row
 
-    def __call__(self, views: torch.Tensor, params: torch.Tensor | Sequence[Sequence[float]]) -> torch.Tensor:
+    def __call__(
+        self, views: torch.Tensor, params: torch.Tensor | Sequence[Sequence[float]], normalize: bool = True
+    ) -> torch.Tensor:
         """``[n, 3, S, S]`` uint8 views (any device) and their ``[n, PARAMS]`` rows (host) -> float32 views,
-        ImageNet-normalized, on the views' device.
+        ImageNet-normalized, on the views' device; with ``normalize=False``, the finished uint8 levels
+        (for :meth:`normalize` to finish on the training device: a quarter of the bytes to move).
 
         Which views each step touches and with what numbers is planned on the host from the rows; the plan
         reaches the device in one non-blocking copy, so a CUDA batch costs no host sync.
@@ -206,19 +225,30 @@ class Photometric:
         if views.device.type == "cuda":
             packed = packed.pin_memory()
         packed = packed.to(views.device, non_blocking=True)
-        x = views.float()  # whole numbers 0..255 throughout: each step rounds as it would to uint8
+        # whole numbers 0..255 throughout: each step rounds as it would to uint8; planar, whatever came in
+        x = views.to(torch.float32, memory_format=torch.contiguous_format)
         at = 0
         for op, width, chosen, args in plan:
-            index = packed[at : at + len(chosen)].long()
             arg = packed[at + len(chosen) : at + len(chosen) + len(args)]
-            at += len(chosen) + len(args)
             arg = arg.view(-1, 1, 1, 1) if width == 1 else arg.view(len(chosen), width)
             if len(chosen) == x.shape[0]:
                 x = op(x, arg)
             else:
+                index = packed[at : at + len(chosen)].long()
                 x[index] = op(x[index], arg)  # x is the call's own float copy
+            at += len(chosen) + len(args)
+        if not normalize:
+            return x.to(torch.uint8)  # whole levels 0..255: exact
         scale, shift = packed[at : at + 3].view(1, 3, 1, 1), packed[at + 3 : at + 6].view(1, 3, 1, 1)
         return x.mul_(scale).add_(shift)
+
+    def normalize(self, views: torch.Tensor) -> torch.Tensor:
+        """Finished uint8 views -> float32, ImageNet-normalized: what the call does last, the same numbers."""
+        packed = torch.tensor(self.scale + self.shift, dtype=torch.float32)
+        if views.device.type == "cuda":
+            packed = packed.pin_memory()
+        packed = packed.to(views.device, non_blocking=True).view(2, 1, 3, 1, 1)
+        return views.float().mul_(packed[0]).add_(packed[1])
 
     def _plan(self, rows: list[list[float]]) -> list[tuple[Op, int, list[float], list[float]]]:
         """``(step, numbers per view, chosen view indices, their numbers flattened)`` in the order they run;
@@ -229,27 +259,35 @@ class Photometric:
             if chosen:
                 plan.append((op, width, [float(i) for i in chosen], args))
 
-        steps: tuple[Op, ...] = (brightness, contrast, saturation, hue)
-        jittered = [i for i, row in enumerate(rows) if row[JITTER_ON]]
-        for position in range(4):
-            for step, op in enumerate(steps):
-                if self.jitter[step] != 0:
-                    chosen = [i for i in jittered if rows[i][ORDER.start + position] == step]
-                    add(op, 1, chosen, [rows[i][BRIGHTNESS + step] for i in chosen])
+        # the jitter: views grouped by (position in their order, step), run position by position
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, row in enumerate(rows):
+            if row[JITTER_ON]:
+                for position, step in enumerate(row[ORDER]):
+                    if self.jitter[int(step)] != 0:
+                        groups.setdefault((position, int(step)), []).append(i)
+        for (_, step), chosen in sorted(groups.items()):
+            factors = [rows[i][BRIGHTNESS + step] for i in chosen]
+            if step == HUE - BRIGHTNESS:
+                add(hue, 1, chosen, factors)
+            else:
+                op = (brightness, contrast, saturation)[step]
+                add(op if max(factors) > 1 else functools.partial(op, clamp=False), 1, chosen, factors)
         add(lambda v, _: grayscale(v), 0, [i for i, row in enumerate(rows) if row[GREY_ON]], [])
         # views grouped by how many taps their sigma needs: a narrow blur does not pay for a wide one
         by_reach: dict[int, list[int]] = {}
-        taps: dict[int, list[float]] = {}
+        taps: dict[int, list[int]] = {}
         for i, row in enumerate(rows):
             if row[BLUR_ON]:
                 taps[i] = blur_taps(self.kernel_size, row[SIGMA])
-                by_reach.setdefault(sum(w > 0 for w in taps[i]) // 2, []).append(i)
+                by_reach.setdefault(blur_reach(taps[i]), []).append(i)
+        by_reach.pop(0, None)  # a sigma so small that every outer tap is 0: the blur changes nothing
         for reach, group in by_reach.items():
 
             def blur(v: torch.Tensor, t: torch.Tensor, reach: int = reach) -> torch.Tensor:
                 return gaussian_blur(v, t, reach)
 
-            add(blur, self.kernel_size, group, [w for i in group for w in taps[i]])
+            add(blur, self.kernel_size, group, [float(w) for i in group for w in taps[i]])
         solarized = [i for i, row in enumerate(rows) if row[SOLARIZE_ON]]
         add(lambda v, _: solarize(v, self.threshold), 0, solarized, [])
         return plan

@@ -61,15 +61,39 @@ def test_grayscale_and_solarize_match_torchvision():
 @pytest.mark.parametrize("sigma", [0.1, 0.4, 1.0, 2.0])
 def test_gaussian_blur_matches_torchvision(sigma):
     x = images(size=96)
-    taps = torch.tensor([P.blur_taps(9, sigma)])
-    close_to_torchvision(P.gaussian_blur(x.float(), taps), TF.gaussian_blur(x, [9, 9], [sigma, sigma]))
+    taps = torch.tensor([P.blur_taps(9, sigma)], dtype=torch.float32)
+    # taps in whole 4096ths move a value by a few hundredths of a level, so a value that torchvision
+    # puts near a half rounds the other way now and then: on these noise images, up to ~3 % of them
+    close_to_torchvision(
+        P.gaussian_blur(x.float(), taps), TF.gaussian_blur(x, [9, 9], [sigma, sigma]), share=0.05
+    )
 
 
-def test_blur_taps_drop_only_negligible_weights():
+def test_blur_taps_are_whole_4096ths_that_sum_to_one():
     narrow, wide = P.blur_taps(23, 0.3), P.blur_taps(23, 2.0)
-    assert abs(sum(narrow) - 1) < 1e-12 and abs(sum(wide) - 1) < 1e-12
-    assert narrow.count(0.0) > 10 and wide.count(0.0) == 2  # sigma 2: only the two outermost (< 1e-7)
-    assert narrow == narrow[::-1]
+    for taps in (narrow, wide):
+        assert sum(taps) == 4096 and taps == taps[::-1] and all(isinstance(t, int) for t in taps)
+    assert P.blur_reach(narrow) == 1 and P.blur_reach(wide) == 7  # outer taps under half a 4096th are 0
+    assert P.blur_reach(P.blur_taps(23, 0.1)) == 0
+
+
+@pytest.mark.parametrize("sigma", [0.4, 2.0])
+def test_gaussian_blur_is_exact_whatever_computes_it(sigma):
+    """The claim that lets the device path use any kernel: a float32 and a float64 convolution of the same
+    whole taps, with the same roundings between passes, give the blur exactly."""
+    x = images(n=2, size=40).double()
+    row = P.blur_taps(23, sigma)
+    reach = P.blur_reach(row)
+    kernel = torch.tensor(row[11 - reach : 12 + reach], dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        y = x.to(dtype).flatten(0, 1)[:, None]
+        weight = kernel.to(dtype)
+        y = torch.nn.functional.pad(y, [reach, reach, 0, 0], mode="reflect")
+        y = torch.nn.functional.conv2d(y, weight.view(1, 1, 1, -1)).div_(256).round_()
+        y = torch.nn.functional.pad(y, [0, 0, reach, reach], mode="reflect")
+        y = torch.nn.functional.conv2d(y, weight.view(1, 1, -1, 1)).div_(65536).round_()
+        ours = P.gaussian_blur(x.float(), torch.tensor([row, row], dtype=torch.float32))
+        assert torch.equal(ours.double(), y.view_as(x).double()), dtype
 
 
 def test_a_batch_gives_each_view_what_it_gives_alone():
@@ -114,3 +138,16 @@ def test_views_finished_later_equal_views_finished_in_the_worker(spatial):
 def test_rejects_float_views():
     with pytest.raises(ValueError, match="uint8"):
         TwoViewTransform(crop_size=32).view1.photometric(torch.zeros(1, 3, 32, 32), [[0.0] * P.PARAMS])
+
+
+def test_views_normalized_later_equal_views_normalized_in_the_worker():
+    """The trainer's worker path: uint8 levels through the loader, normalized on the device, bit for bit."""
+    image = images(n=1, size=90, seed=6)[0]
+    worker = TwoViewTransform(crop_size=48)
+    later = TwoViewTransform(crop_size=48, normalize_later=True)
+    for i in range(6):
+        done, levels = worker(image, sample_generator(0, 2, i)), later(image, sample_generator(0, 2, i))
+        assert levels.view1.dtype == levels.view2.dtype == torch.uint8
+        assert torch.equal(later.view1.photometric.normalize(levels.view1[None])[0], done.view1)
+        assert torch.equal(later.view2.photometric.normalize(levels.view2[None])[0], done.view2)
+        assert torch.equal(levels.coords1, done.coords1)
