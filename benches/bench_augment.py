@@ -39,6 +39,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benches.synthetic import noisy_jpeg  # noqa: E402
 from pixpro.augment import TwoViewTransform  # noqa: E402
 from pixpro.data import decode_rgb, sample_generator  # noqa: E402
 
@@ -48,21 +49,11 @@ MIRROR = Path("/work/.mirror/zdaxie+PixPro/repo")  # where this workplace's fetc
 
 
 def make_jpegs(n: int) -> list[bytes]:
-    """ImageNet-like JPEGs: ImageNet's common sizes (500x375, 375x500, 500x333, 500x500), quality 90, the
-    noise set so the mean file is ImageNet's ~110 KB (decode time follows the entropy)."""
+    """ImageNet-like JPEGs: ImageNet's common sizes (500x375, 375x500, 500x333, 500x500), the noise set
+    so the mean file is ImageNet's ~110 KB."""
     rng = np.random.default_rng(0)
     sizes = [(375, 500), (500, 375), (333, 500), (375, 500), (500, 500)]
-    out = []
-    for i in range(n):
-        h, w = sizes[i % len(sizes)]
-        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / w
-        a, b, c = rng.random(3) * 6
-        base = np.stack([np.sin(a * xx + b * yy), np.cos(b * xx - c * yy), np.sin(c * xx * yy + a)], -1)
-        img = np.clip((base + rng.normal(0, 0.4, (h, w, 3))) * 60 + 128, 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+    return [noisy_jpeg(rng, *sizes[i % len(sizes)], noise=0.4) for i in range(n)]
 
 
 def load_official(where: Path | None, into: Path) -> Callable[[bytes], object] | None:

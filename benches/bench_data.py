@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess
@@ -23,32 +22,26 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benches.synthetic import noisy_jpeg  # noqa: E402
 from launch.tools.pack import pack  # noqa: E402
 from pixpro.data import decode_rgb  # noqa: E402
 from pixpro.sources import FolderSource, PackedSource  # noqa: E402
 
 
 def make_images(root: Path, n: int, size: int) -> int:
-    """JPEGs of ImageNet's mean file size (~110 KB at 320 px, quality 90) in 10 class folders."""
+    """JPEGs of ImageNet's mean file size (~110 KB at 320 px) in 10 class folders."""
     rng = np.random.default_rng(0)
     total = 0
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     for i in range(n):
-        a, b, c = rng.random(3) * 6
-        base = np.stack([np.sin(a * xx + b * yy), np.cos(b * xx - c * yy), np.sin(c * xx * yy + a)], -1)
-        noise = rng.normal(0, 0.6, (size, size, 3))
-        img = np.clip((base + noise) * 60 + 128, 0, 255).astype(np.uint8)
+        data = noisy_jpeg(rng, size, size, noise=0.6)
         path = root / f"n{i % 10:08d}" / f"img_{i:06d}.JPEG"
         path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "JPEG", quality=90)
-        path.write_bytes(buf.getvalue())
-        total += len(buf.getvalue())
+        path.write_bytes(data)
+        total += len(data)
     return total
 
 
