@@ -86,9 +86,11 @@ def brightness(x: torch.Tensor, factor: torch.Tensor, clamp: bool = True) -> tor
 
 def contrast(x: torch.Tensor, factor: torch.Tensor, clamp: bool = True) -> torch.Tensor:
     grey = _grey(x).floor_()
-    # whole numbers: the float64 sum is exact in any order, so every device and batch agrees
-    total = grey.sum(dim=(-3, -2, -1), keepdim=True, dtype=torch.float64)
-    mean = (total / (grey.shape[-1] * grey.shape[-2])).float()
+    # whole numbers: their sum is exact in any order, so every device and batch agrees, in float32 while
+    # every partial sum stays below 2**24 (views up to 256 x 256), else in float64
+    pixels = grey.shape[-1] * grey.shape[-2]
+    wide = torch.float32 if pixels * 255 < 2**24 else torch.float64
+    mean = (grey.sum(dim=(-3, -2, -1), keepdim=True, dtype=wide).double() / pixels).float()
     return _to_levels(x.mul_(factor).add_(mean * (1 - factor)), clamp)  # torchvision's blend
 
 
