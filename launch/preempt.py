@@ -60,6 +60,17 @@ def ignore_preemption_signals(worker_id: int = 0) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def die_with_parent(parent: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Have Linux send ``sig`` to this process when its parent dies (PR_SET_PDEATHSIG), so a helper of a
+    killed process does not live on as an orphan; exit now if the parent is already gone."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # died before the prctl took effect
+        os._exit(0)
+
+
 def children_of(pid: int) -> list[int]:
     """Direct child pids of ``pid`` from /proc (Linux): the agent forwards signals to its workers."""
     found = []

@@ -35,6 +35,7 @@ from typing import IO, Any, cast
 
 import torch
 
+from launch.preempt import die_with_parent
 from launch.snapshot import BufferRef, TensorMeta, map_buffer, rebuild
 from launch.store import CheckpointStore, FileEntry
 
@@ -210,10 +211,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)  # the trainer handles preemption; we stop when it says so
     parent = os.getppid()
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    die_with_parent(parent)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     torch.set_num_threads(1)
     conn = Connection(int(argv[0]))

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from launch.preempt import children_of
 from launch.tools.pack import main as pack_main
 from launch.tools.pack import parse_size
 from pixpro.augment import TwoViewTransform
@@ -93,9 +94,15 @@ def test_killed_pack_continues_and_a_finished_one_is_verified(tmp_path: Path) ->
     while len(list(dest.glob("shard-*.json"))) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
         time.sleep(0.02)
+    workers = children_of(proc.pid)
+    assert workers  # its process pool
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (dest / "manifest.json").exists()
+    # the killed pack's workers die with it instead of living on as orphans
+    while any(os.path.exists(f"/proc/{w}") and _state(w) != "Z" for w in workers):
+        assert time.monotonic() < deadline, f"pack workers {workers} outlived the killed pack"
+        time.sleep(0.05)
     done = {p.name: p.stat().st_mtime_ns for p in dest.glob("shard-*.tar")}
     res = subprocess.run(
         [*cmd, "--json"], cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120
@@ -112,6 +119,14 @@ def test_killed_pack_continues_and_a_finished_one_is_verified(tmp_path: Path) ->
     for i in range(len(FolderSource(src))):
         if PackedSource(dest).usable(i):
             assert PackedSource(dest).read(i) == FolderSource(src).read(i)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def test_bad_input_is_one_line_and_nothing_is_lost(tmp_path: Path, capsys) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from launch.preempt import die_with_parent
 from pixpro.sources import (
     PACK_FORMAT,
     PACK_INDEX,
@@ -148,9 +149,10 @@ def _source_sizes(source: FolderSource) -> list[int]:
 _SOURCE: FolderSource | None = None
 
 
-def _init_worker(source: FolderSource) -> None:
+def _init_worker(source: FolderSource, parent: int) -> None:
     global _SOURCE
     _SOURCE = source
+    die_with_parent(parent)  # a killed pack leaves no worker behind
 
 
 def pack_shard(plan: ShardPlan, dest_root: str) -> dict[str, Any]:
@@ -237,7 +239,7 @@ def pack(src: str, dest_root: str, shard_size: int, workers: int, progress: bool
     bar = _Bar(len(plans), reused, enabled=progress)
     ctx = mp.get_context("fork")
     with ProcessPoolExecutor(
-        max(1, workers), mp_context=ctx, initializer=_init_worker, initargs=(source,)
+        max(1, workers), mp_context=ctx, initializer=_init_worker, initargs=(source, os.getpid())
     ) as pool:
         futures = {pool.submit(pack_shard, plan, dest_root): plan for plan in todo}
         for fut in as_completed(futures):
