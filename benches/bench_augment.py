@@ -8,7 +8,7 @@ path, its ratio to the official pipeline, and the cores per GPU it takes to feed
 - official: PIL decode + its BYOL transforms (``contrast/data/transform.py``, loaded from a snapshot of
   github.com/zdaxie/PixPro at bench time: ``--official`` names a checkout or a bare git dir; the code
   is never copied into this repository);
-- worker: ``data.augment_on: worker`` (decode, crop, flip, colour, blur, solarize, normalize);
+- worker: ``data.augment_on: worker`` (decode, crop, flip, colour, grey, blur, solarize; uint8 out);
 - worker + rotation: the same with ``RandomRotation(30)`` (image and coordinate map warped once);
 - device, worker part: ``data.augment_on: device``, what a worker still does (decode, crop, flip, draw);
 - device, on this CPU: the batched photometric steps of that path, per sample, run here on the CPU.
@@ -126,7 +126,7 @@ def loader_rates(jpegs: list[bytes], where: Path, seconds: float = 8.0) -> dict[
         transform = TwoViewTransform(photometric_later=later, normalize_later=trainer)
         dataset = TwoViewDataset(ImageFolder(where), transform, seed=0)
         keys = [(e, i) for e in range(1000) for i in range(len(dataset))]
-        collate = SharedBatches(1, 4) if trainer else None
+        collate = SharedBatches(1, 3) if trainer else None
         loader = DataLoader(dataset, batch_size=32, sampler=keys, num_workers=1, collate_fn=collate)
         it = iter(loader)
         release(loader, next(it))
@@ -164,8 +164,11 @@ def main() -> None:
 
     from torchvision.transforms import v2
 
-    worker = TwoViewTransform()
-    rotation = TwoViewTransform(spatial=[v2.RandomRotation(30, interpolation=v2.InterpolationMode.BILINEAR)])
+    # as the trainer runs them: the finished views leave the worker as uint8 levels (normalized on device)
+    worker = TwoViewTransform(normalize_later=True)
+    rotation = TwoViewTransform(
+        spatial=[v2.RandomRotation(30, interpolation=v2.InterpolationMode.BILINEAR)], normalize_later=True
+    )
     later = TwoViewTransform(photometric_later=True)
     paths: dict[str, Callable[[int], object]] = {}
     with tempfile.TemporaryDirectory() as tmp:

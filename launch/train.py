@@ -395,9 +395,9 @@ class Trainer:
             batch_size=self.spec.data.batch_size,
             sampler=self.sampler,
             num_workers=workers,
-            # batch buffers reused in shared memory: per worker, its prefetched batches, the one being
-            # trained on, and one to spare (the stock collate makes new shared memory every batch)
-            collate_fn=SharedBatches(workers, LOADER_PREFETCH + 2) if workers else None,
+            # batch buffers reused in shared memory: per worker, its prefetched batches and the one being
+            # trained on (the stock collate makes new shared memory every batch)
+            collate_fn=SharedBatches(workers, LOADER_PREFETCH + 1) if workers else None,
             prefetch_factor=LOADER_PREFETCH if workers else None,
             worker_init_fn=ignore_preemption_signals,
             pin_memory=self.device.type == "cuda",
