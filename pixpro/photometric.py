@@ -5,10 +5,11 @@ batch, ``data.augment_on: device``), so the two paths give the same views: every
 the worker from the sample's generator and travels as a row of numbers (:data:`PARAMS`). Which views a
 step touches is read from those rows on the host, so the device path needs no host sync.
 
-The arithmetic is chosen to give identical results whatever the batch and on any device:
-elementwise IEEE operations only (no fused multiply-adds, which would round once instead of twice), and
-the one reduction, the mean grey level of the contrast step, sums whole numbers below 2**24, which is
-exact in float32 in any order. Results are torchvision's ``ColorJitter``/``RandomGrayscale``/
+The arithmetic is chosen to give identical results whatever the batch and on any device: elementwise
+IEEE operations, one rounding each (no fused multiply-adds, which would round once instead of twice),
+except where every value is a whole number below 2**24, which any evaluation computes exactly: the blur
+(whole taps), the hue's masks and the contrast's mean grey level (a sum in any order). The steps work in
+place on the call's own float copy. Results are torchvision's ``ColorJitter``/``RandomGrayscale``/
 ``GaussianBlur``/``RandomSolarize`` on uint8 images up to one grey level.
 """
 
@@ -99,12 +100,14 @@ def saturation(x: torch.Tensor, factor: torch.Tensor, clamp: bool = True) -> tor
     return _to_levels(x.mul_(factor).add_(grey), clamp)  # torchvision's blend
 
 
-def hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def hue(x: torch.Tensor, factor: torch.Tensor, wrap: bool = True) -> torch.Tensor:
     """Rotate hues by ``factor`` turns, torchvision's maths without the HSV round trip.
 
     Hue rotation keeps each pixel's max and min, so each channel is ``min + chroma * (1 - t(phase))`` with
     a piecewise-linear, 6-periodic ``t``: about a third of the work of a full RGB -> HSV -> RGB conversion.
     The masks are floats (comparisons to bool tensors cost several float operations on the CPU).
+    ``wrap=False`` skips reducing the hue modulo a turn, which the formula below does not need when
+    every ``|factor| <= 1/6`` (ColorJitter's hue strength is 0.1 in BYOL's recipe).
     """
     r, g, b = x.unbind(-3)
     mx = torch.maximum(r, g)
@@ -120,9 +123,10 @@ def hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     scratch = torch.sub(b, r).add_(chroma, alpha=2).mul_(is_g)
     sixths.add_(scratch).add_(torch.sub(r, g, out=scratch).add_(chroma, alpha=4).mul_(is_b))
     sixths.div_(torch.clamp(chroma, min=1e-6, out=scratch)).add_(6 * factor[..., 0])
-    sixths.sub_(torch.mul(sixths, 1 / 6, out=scratch).floor_().mul_(6))  # the hue in [0, 6], in sixths
-    # each channel's phase less 5, in [-4, 6], where 1 - t(phase) = clamp(||p| - 3| - 1, 0, 1); r, g, b
-    # are read for the last time above, so x takes the result
+    if wrap:  # the hue in [0, 6], in sixths of a turn; without: in [-1 + 6 factor, 5 + 6 factor]
+        sixths.sub_(torch.mul(sixths, 1 / 6, out=scratch).floor_().mul_(6))
+    # each channel's phase less 5 (in [-6, 6] either way), where 1 - t(phase) = clamp(||p| - 3| - 1, 0, 1);
+    # r, g, b are read for the last time above, so x takes the result
     offsets = torch.tensor(_HSV_OFFSETS, device=x.device).sub_(5).view(3, 1, 1)
     torch.add(sixths.unsqueeze(-3), offsets, out=x)
     x.abs_().sub_(3).abs_().sub_(1).clamp_(0, 1)
@@ -272,7 +276,8 @@ class Photometric:
         for (_, step), chosen in sorted(groups.items()):
             factors = [rows[i][BRIGHTNESS + step] for i in chosen]
             if step == HUE - BRIGHTNESS:
-                add(hue, 1, chosen, factors)
+                # decided from the configured strength, not the draws: every path runs the same steps
+                add(hue if self.jitter[3] > 1 / 6 else functools.partial(hue, wrap=False), 1, chosen, factors)
             else:
                 op = (brightness, contrast, saturation)[step]
                 add(op if max(factors) > 1 else functools.partial(op, clamp=False), 1, chosen, factors)

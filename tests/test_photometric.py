@@ -52,6 +52,13 @@ def test_hue_matches_torchvision(factor):
     close_to_torchvision(P.hue(x.float(), f(factor)), TF.adjust_hue(x, factor))
 
 
+@pytest.mark.parametrize("factor", [-1 / 6, -0.1, -0.03, 0.0, 0.05, 0.1, 1 / 6])
+def test_hue_needs_no_wrap_for_small_rotations(factor):
+    """The recipe's hue strength is 0.1: the phase formula holds without reducing the hue modulo a turn."""
+    x = images()
+    close_to_torchvision(P.hue(x.float(), f(factor), wrap=False), TF.adjust_hue(x, factor))
+
+
 def test_grayscale_and_solarize_match_torchvision():
     x = images()
     close_to_torchvision(P.grayscale(x.float()), TF.rgb_to_grayscale(x, num_output_channels=3))
