@@ -30,7 +30,6 @@ GREY_ON, BLUR_ON, SIGMA, SOLARIZE_ON = range(9, 13)
 PARAMS = 13
 
 _GREY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision
-_HSV_OFFSETS = (5.0, 3.0, 1.0)  # hsv -> rgb phase of R, G, B, in sixths
 _TAP_ONE = 4096  # blur taps are whole 4096ths
 _SIXTEENTHS = 16  # the blur's first pass keeps sixteenths of a level
 
@@ -127,7 +126,9 @@ def hue(x: torch.Tensor, factor: torch.Tensor, wrap: bool = True) -> torch.Tenso
         sixths.sub_(torch.mul(sixths, 1 / 6, out=scratch).floor_().mul_(6))
     # each channel's phase less 5 (in [-6, 6] either way), where 1 - t(phase) = clamp(||p| - 3| - 1, 0, 1);
     # r, g, b are read for the last time above, so x takes the result
-    offsets = torch.tensor(_HSV_OFFSETS, device=x.device).sub_(5).view(3, 1, 1)
+    # hsv -> rgb phases of R, G, B are 5, 3, 1 sixths; made on the device (a host tensor would be a
+    # blocking copy on a GPU)
+    offsets = torch.arange(0.0, -6.0, -2.0, device=x.device).view(3, 1, 1)
     torch.add(sixths.unsqueeze(-3), offsets, out=x)
     x.abs_().sub_(3).abs_().sub_(1).clamp_(0, 1)
     scale = 255.999 / 255  # torchvision's float -> uint8 conversion
