@@ -41,8 +41,8 @@ class SharedBatches:
 
     def __call__(self, samples: list[Mapping[str, Any]]) -> dict[str, Any]:
         info = get_worker_info()
-        if info is None:  # loading in the main process: nothing crosses a process boundary
-            return default_collate(samples)
+        if info is None or info.id >= len(self.state) // self.slots_per_worker:
+            return default_collate(samples)  # the main process loads (nothing to share), or no slots
         mine = range(info.id * self.slots_per_worker, (info.id + 1) * self.slots_per_worker)
         if self._pid != os.getpid():  # a new worker process: the buffers of any earlier one died with it
             self._pid, self._buffers = os.getpid(), {}

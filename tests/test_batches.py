@@ -61,3 +61,11 @@ def test_loading_in_the_main_process_is_stock_collation():
     collate = SharedBatches(num_workers=1, slots_per_worker=1)
     samples = [Samples()[i] for i in range(3)]
     assert same(collate(samples), default_collate(samples))
+
+
+def test_more_workers_than_slots_were_made_for_collate_the_stock_way():
+    collate = SharedBatches(num_workers=1, slots_per_worker=2)
+    loader = DataLoader(Samples(), batch_size=4, num_workers=2, collate_fn=collate)
+    got = list(loader)
+    assert all(same(b, want) for b, want in zip(got, stock(), strict=True))
+    assert sum(SLOT_KEY in b for b in got) == 2  # worker 0's two slots, never released; worker 1 has none
