@@ -111,7 +111,7 @@ def loader_rates(jpegs: list[bytes], where: Path, seconds: float = 8.0) -> dict[
     views on both paths, the batch released after use as the train loop does)."""
     from torch.utils.data import DataLoader
 
-    from launch.batches import SharedBatches, release
+    from launch.batches import loader_collate, release
     from pixpro.data import ImageFolder, TwoViewDataset
 
     for i, data in enumerate(jpegs):
@@ -126,7 +126,7 @@ def loader_rates(jpegs: list[bytes], where: Path, seconds: float = 8.0) -> dict[
         transform = TwoViewTransform(photometric_later=later, normalize_later=trainer)
         dataset = TwoViewDataset(ImageFolder(where), transform, seed=0)
         keys = [(e, i) for e in range(1000) for i in range(len(dataset))]
-        collate = SharedBatches(1, 3) if trainer else None
+        collate = loader_collate(1) if trainer else None
         loader = DataLoader(dataset, batch_size=32, sampler=keys, num_workers=1, collate_fn=collate)
         it = iter(loader)
         release(loader, next(it))

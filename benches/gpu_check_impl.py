@@ -674,8 +674,6 @@ def check_input(ctx: Ctx, rec: Rec, dl: Deadline) -> tuple[str, str]:
     b = ctx.s["batch"]
     spec = parse_spec(spec_dict(ctx))
     dataset, _ = build_data(spec, DistEnv(0, 0, 1))
-    # Repeat the files so an epoch outlasts the window (page cache: decode + augment, not disk, measured).
-    repeated = Repeated(dataset, max(1, math.ceil(400 * b / len(dataset))))
     th = ctx.results.get("throughput", {}).get("numbers", {})
     model_rate = th.get("pixpro_img_per_s")
     source = "throughput check" if model_rate else "goal (throughput check not run)"
@@ -690,7 +688,7 @@ def check_input(ctx: Ctx, rec: Rec, dl: Deadline) -> tuple[str, str]:
     for nw in ctx.s["workers"]:
         if dl.left() < ctx.s["window_s"] + 3:
             break
-        rate, pinned = _loader_rate(ctx, spec, repeated, nw)
+        rate, pinned = _loader_rate(ctx, spec, dataset, nw)
         rates[str(nw)] = round(rate, 1)
         rec.set(img_per_s_by_workers=rates, pinned=pinned)
     if not rates:
@@ -773,21 +771,22 @@ def _device_path_rate(ctx: Ctx, spec: Any, workers: int) -> float:
     data = spec.data.model_copy(update={"augment_on": "device", "num_workers": workers})
     spec_d = spec.model_copy(update={"data": data})
     dataset, _ = build_data(spec_d, DistEnv(0, 0, 1))
-    repeated = Repeated(dataset, max(1, math.ceil(400 * ctx.s["batch"] / len(dataset))))
-    return _loader_rate(ctx, spec_d, repeated, workers)[0]
+    return _loader_rate(ctx, spec_d, dataset, workers)[0]
 
 
-def _loader_rate(ctx: Ctx, spec: Any, dataset: Repeated, workers: int) -> tuple[float, bool | str]:
+def _loader_rate(ctx: Ctx, spec: Any, dataset: Any, workers: int) -> tuple[float, bool | str]:
     """img/s of the trainer's loader (its settings: pin_memory, reused batch buffers) with ``workers``,
-    each batch taken to the device and finished there as the train step does; and whether it came pinned."""
+    each batch taken to the device and finished there as the train step does; and whether it came pinned.
+    The files repeat so an epoch outlasts the window (page cache: decode + augment, not disk, measured)."""
     from launch.batches import release
     from launch.sampler import ResumableSampler
     from launch.train import Trainer, device_views
 
     b = ctx.s["batch"]
-    sampler = ResumableSampler(len(dataset), seed=0, rank=0, world_size=1, batch_size=b, drop_last=True)
+    repeated = Repeated(dataset, max(1, math.ceil(400 * b / len(dataset))))
+    sampler = ResumableSampler(len(repeated), seed=0, rank=0, world_size=1, batch_size=b, drop_last=True)
     spec_n = spec.model_copy(update={"data": spec.data.model_copy(update={"num_workers": workers})})
-    holder = SimpleNamespace(dataset=dataset, sampler=sampler, spec=spec_n, device=ctx.device)
+    holder = SimpleNamespace(dataset=repeated, sampler=sampler, spec=spec_n, device=ctx.device)
     loader = Trainer._loader(cast(Trainer, holder))
     pinned: bool | str = NA_CPU
     it = iter(loader)
@@ -799,7 +798,7 @@ def _loader_rate(ctx: Ctx, spec: Any, dataset: Repeated, workers: int) -> tuple[
             break
         if not ctx.cpu:
             pinned = bool(batch["view1"].is_pinned())
-        device_views(dataset.dataset.transform, batch, ctx.device)
+        device_views(dataset.transform, batch, ctx.device)
         release(loader, batch)
         count += b
     ctx.sync()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
+PREFETCH = 2  # batches each DataLoader worker works ahead (torch's default)
 SLOT_KEY = "shared_slot"  # the batch's (slot, claim) pair, for release()
 _NUMBERS: dict[type, torch.dtype] = {int: torch.int64, float: torch.float64}
 
@@ -74,6 +75,12 @@ class SharedBatches:
         slot, claim = (int(v) for v in pair)
         if int(self.state[slot]) == claim:  # only the worker sets a slot non-zero, and only when it is 0
             self.state[slot] = 0
+
+
+def loader_collate(num_workers: int) -> SharedBatches | None:
+    """The trainer's ``collate_fn`` for ``num_workers`` workers working :data:`PREFETCH` batches ahead: per
+    worker, slots for its prefetched batches and the one being trained on (None: torch's own, no workers)."""
+    return SharedBatches(num_workers, PREFETCH + 1) if num_workers else None
 
 
 def release(loader: DataLoader, batch: Mapping[str, Any]) -> None:

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from launch import elastic
-from launch.batches import SharedBatches, release
+from launch.batches import PREFETCH, loader_collate, release
 from launch.checkpoint import Checkpointer
 from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_signals, preemption_signals
 from launch.records import MetricsLog, write_status
@@ -48,8 +48,6 @@ from pixpro.lars import LARS, lars_param_groups
 from pixpro.sources import CachedSource
 from schemas import RunSpec, SpecError, load_spec, spec_hash
 from schemas.contract import preemption_deadlines
-
-LOADER_PREFETCH = 2  # batches each DataLoader worker works ahead (torch's default)
 
 log = logging.getLogger("pixpro.train")
 # rich draws from the process-wide `random` when first imported (rich.style's id counter). httpx imports
@@ -395,10 +393,8 @@ class Trainer:
             batch_size=self.spec.data.batch_size,
             sampler=self.sampler,
             num_workers=workers,
-            # batch buffers reused in shared memory: per worker, its prefetched batches and the one being
-            # trained on (the stock collate makes new shared memory every batch)
-            collate_fn=SharedBatches(workers, LOADER_PREFETCH + 1) if workers else None,
-            prefetch_factor=LOADER_PREFETCH if workers else None,
+            collate_fn=loader_collate(workers),  # batch buffers reused in shared memory
+            prefetch_factor=PREFETCH if workers else None,
             worker_init_fn=ignore_preemption_signals,
             pin_memory=self.device.type == "cuda",
             drop_last=False,

@@ -170,6 +170,19 @@ def solarize(x: torch.Tensor, threshold: int) -> torch.Tensor:
     return x.add_((255 - 2 * x).mul_(at_or_above))
 
 
+def _to_device(numbers: list[float], device: torch.device) -> torch.Tensor:
+    """Host numbers as float32 on ``device`` in one non-blocking copy (from pinned memory on a GPU)."""
+    packed = torch.tensor(numbers, dtype=torch.float32)
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    return packed.to(device, non_blocking=True)
+
+
+def _normalized(x: torch.Tensor, scale_shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` per channel, in place; ``scale_shift`` holds the 3 scales, then the 3 shifts."""
+    return x.mul_(scale_shift[:3].view(1, 3, 1, 1)).add_(scale_shift[3:6].view(1, 3, 1, 1))
+
+
 class Photometric:
     """Colour jitter (random order), grey, blur, solarize and normalization of a batch of uint8 views.
 
@@ -229,10 +242,7 @@ class Photometric:
             raise ValueError(f"expected [n, 3, S, S] uint8 views and n parameter rows, got {views.shape}")
         plan = self._plan(rows)
         numbers = [v for _, _, chosen, args in plan for v in chosen + args] + self.scale + self.shift
-        packed = torch.tensor(numbers, dtype=torch.float32)
-        if views.device.type == "cuda":
-            packed = packed.pin_memory()
-        packed = packed.to(views.device, non_blocking=True)
+        packed = _to_device(numbers, views.device)
         # whole numbers 0..255 throughout: each step rounds as it would to uint8; planar, whatever came in
         x = views.to(torch.float32, memory_format=torch.contiguous_format)
         at = 0
@@ -247,16 +257,11 @@ class Photometric:
             at += len(chosen) + len(args)
         if not normalize:  # whole levels 0..255: the cast is exact (numpy's is ~4x torch's on a CPU)
             return torch.from_numpy(x.numpy().astype(np.uint8)) if x.device.type == "cpu" else x.byte()
-        scale, shift = packed[at : at + 3].view(1, 3, 1, 1), packed[at + 3 : at + 6].view(1, 3, 1, 1)
-        return x.mul_(scale).add_(shift)
+        return _normalized(x, packed[at:])
 
     def normalize(self, views: torch.Tensor) -> torch.Tensor:
         """Finished uint8 views -> float32, ImageNet-normalized: what the call does last, the same numbers."""
-        packed = torch.tensor(self.scale + self.shift, dtype=torch.float32)
-        if views.device.type == "cuda":
-            packed = packed.pin_memory()
-        packed = packed.to(views.device, non_blocking=True).view(2, 1, 3, 1, 1)
-        return views.float().mul_(packed[0]).add_(packed[1])
+        return _normalized(views.float(), _to_device(self.scale + self.shift, views.device))
 
     def _plan(self, rows: list[list[float]]) -> list[tuple[Op, int, list[float], list[float]]]:
         """``(step, numbers per view, chosen view indices, their numbers flattened)`` in the order they run;

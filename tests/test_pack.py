@@ -22,6 +22,7 @@ from launch.tools.pack import parse_size
 from pixpro.augment import TwoViewTransform
 from pixpro.data import ImageFolder, TwoViewDataset
 from pixpro.sources import CachedSource, FolderSource, PackedSource, open_source
+from tests.support.procs import alive, wait_for
 from tests.support.trainer import REPO, trainer_env
 
 
@@ -100,9 +101,7 @@ def test_killed_pack_continues_and_a_finished_one_is_verified(tmp_path: Path) ->
     proc.wait()
     assert not (dest / "manifest.json").exists()
     # the killed pack's workers die with it instead of living on as orphans
-    while any(os.path.exists(f"/proc/{w}") and _state(w) != "Z" for w in workers):
-        assert time.monotonic() < deadline, f"pack workers {workers} outlived the killed pack"
-        time.sleep(0.05)
+    wait_for("the pack's workers to die with it", lambda: not any(map(alive, workers)), 60, 0.05)
     done = {p.name: p.stat().st_mtime_ns for p in dest.glob("shard-*.tar")}
     res = subprocess.run(
         [*cmd, "--json"], cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120
@@ -119,14 +118,6 @@ def test_killed_pack_continues_and_a_finished_one_is_verified(tmp_path: Path) ->
     for i in range(len(FolderSource(src))):
         if PackedSource(dest).usable(i):
             assert PackedSource(dest).read(i) == FolderSource(src).read(i)
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
 
 
 def test_bad_input_is_one_line_and_nothing_is_lost(tmp_path: Path, capsys) -> None:

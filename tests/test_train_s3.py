@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import re
 import signal
-from pathlib import Path
 
 import pytest
 
 from launch.preempt import children_of
 from launch.store import CheckpointStore
 from tests.conftest_s3 import s3_storage_options
-from tests.support.procs import wait_for
+from tests.support.procs import alive, wait_for
 from tests.support.trainer import (
     Tail,
     assert_identical,
@@ -33,13 +32,6 @@ def _s3_spec(data_root, url, endpoint, **overrides):
         checkpoint__storage_options=s3_storage_options(endpoint),
         **({"optim__max_steps": 10} | overrides),
     )
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_cut_upload_keeps_latest_and_resume_is_exact(tmp_path, moto_s3, fault_proxy, s3_url):
@@ -64,7 +56,7 @@ def test_cut_upload_keeps_latest_and_resume_is_exact(tmp_path, moto_s3, fault_pr
         (uploader,) = children_of(proc.pid)  # num_workers 0: the uploader is the trainer's only child
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        wait_for("the uploader to exit with its trainer", lambda: not _alive(uploader), 10, 0.1)
+        wait_for("the uploader to exit with its trainer", lambda: not alive(uploader), 10, 0.1)
         assert store.latest()["step"] == committed
         assert store.resolve().step == committed
 
