@@ -18,7 +18,7 @@ from cluster.errors import UsageError
 from cluster.node_task import NodeTask
 from cluster.preflight import check_local_gpus
 from cluster.record import RunRecord
-from cluster.torchrun import free_port
+from cluster.torchrun import LOCAL_ENDPOINT
 
 if TYPE_CHECKING:
     from cluster.index import Index
@@ -39,6 +39,7 @@ class Description:
     estimate: str | None = None  # sbatch --test-only
     cluster_checked: bool = False
     notes: list[str] = field(default_factory=list)
+    is_host: str | None = None  # torchrun's rdzv-conf is_host (a placeholder on SLURM: 1 on node 0)
 
 
 class Executor(Protocol):
@@ -91,8 +92,9 @@ class SlurmExecutor:
             script,
             notes=[
                 "# FIRST_HOST=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1); "
-                "PORT derived from the job id and restart count"
+                "PORT derived from the job id and restart count; IS_HOST=1 on node 0, 0 on the others"
             ],
+            is_host="$IS_HOST",
         )
         if check_cluster:
             d.estimate = slurm.preflight(spec, script)
@@ -152,7 +154,7 @@ class LocalExecutor:
         check_local_gpus(spec.resources.gpus_per_node)
 
     def describe(self, spec: RunSpec, run_dir: Path, check_cluster: bool) -> Description:
-        return Description(f"127.0.0.1:{free_port()}", "local-<n>", "local-<n>")
+        return Description(LOCAL_ENDPOINT, "local-<n>", "local-<n>", is_host="1")
 
     def recheck(self, spec: RunSpec, run_dir: Path) -> None:
         self.check(spec)

@@ -22,7 +22,7 @@ from types import FrameType
 
 from cluster.node_task import EXIT_PREEMPTED, JobContext, NodeTask, TrainerFailed
 from cluster.record import atomic_write, read_local
-from cluster.torchrun import free_port
+from cluster.torchrun import LOCAL_ENDPOINT
 
 LOCAL_DIR = "local"
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -117,9 +117,7 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, forward)
     job = LocalJob(job_id, os.getpid(), time.time(), None, None)
     _write_job(run_dir, job)
-    ctx = JobContext(
-        job_id=job_id, restart=0, node=0, nnodes=1, endpoint=f"127.0.0.1:{free_port()}", slurm=False
-    )
+    ctx = JobContext(job_id=job_id, restart=0, node=0, nnodes=1, endpoint=LOCAL_ENDPOINT, slurm=False)
     try:
         rc = task.run(ctx)
     except TrainerFailed as exc:

@@ -27,6 +27,7 @@ from cluster.record import RunRecord
 from cluster.torchrun import (
     first_host,
     launch_command,
+    port_free,
     procs_per_node,
     rdzv_port,
     shell_join,
@@ -163,6 +164,7 @@ class NodeTask:
             rdzv_id=ctx.job_id,
             max_restarts=self.max_restarts,
             log_dir=Path(self.run_dir) / LOGS_DIR,
+            is_host="1" if ctx.node == 0 else "0",
         )
         return launch_command(opts, Path(self.spec_path), Path(self.run_dir), python=self.python)
 
@@ -185,6 +187,7 @@ class NodeTask:
     def run(self, ctx: JobContext) -> int:
         """Start the launcher and wait; 0 and 75 are returned, anything else raises TrainerFailed."""
         self._ctx = ctx
+        self._check_port(ctx)
         cmd = self.command(ctx)
         _say(f"attempt {ctx.attempt} node {ctx.node}/{ctx.nnodes}: {shell_join(cmd)}")
         self._proc = subprocess.Popen(
@@ -206,6 +209,17 @@ class NodeTask:
                 f"trainer exited with status {rc} (attempt {ctx.attempt}; see the log above)", rc
             )
         return rc
+
+    @staticmethod
+    def _check_port(ctx: JobContext) -> None:
+        """Node 0 hosts the rendezvous store: a taken port fails now in one line, not after every
+        node's connect timeout in a rendezvous traceback."""
+        host, _, port = ctx.endpoint.rpartition(":")
+        if ctx.node == 0 and int(port) and not port_free(int(port)):
+            raise TrainerFailed(
+                f"rendezvous port {port} on {host} is in use by another process (attempt {ctx.attempt}); "
+                "a resubmission (pixpro resume) gets another port from its new job id"
+            )
 
     def trainer_completed(self, ctx: JobContext) -> bool:
         """status.json says this attempt trained to the end (a late signal may still kill a rank that

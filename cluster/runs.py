@@ -107,6 +107,7 @@ class Submission:
             rdzv_id=d.rdzv_id,
             max_restarts=res.max_restarts,
             log_dir=self.run_dir / "logs",
+            is_host=d.is_host,
         )
         return launch_command(opts, self.run_dir / SPEC_FILE, self.run_dir)
 

@@ -11,8 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-PORT_BASE = 29500
-PORT_SLOTS = 2500  # ports PORT_BASE .. PORT_BASE + 8 * PORT_SLOTS - 1
+PORT_BASE = 20000
+EPHEMERAL_START = 32768
+"""Linux's default ``ip_local_port_range`` starts here: any outgoing connection (an S3 request, a gloo
+or NCCL socket) may hold a port above it, so a rendezvous port up there can be taken at random."""
+PORT_SLOTS = (EPHEMERAL_START - PORT_BASE) // 8  # ports PORT_BASE .. PORT_BASE + 8 * PORT_SLOTS - 1
+PLACEHOLDERS = ("$SLURM_", "$FIRST_HOST", "$PORT", "$IS_HOST")
+"""What ``--dry-run`` prints for values each node of a SLURM job fills in."""
+LOCAL_ENDPOINT = "127.0.0.1:0"
+"""One node on this machine: the store takes a port the kernel picks when it listens (a port picked
+earlier and handed over may be taken in between)."""
 PREFIX_TEMPLATE = "[rank${rank}]: "
 """torchrun's prefix for tee'd lines; ``pixpro logs --rank R`` filters on it."""
 LOGS_SPECS = "pixpro"
@@ -25,15 +33,22 @@ def procs_per_node(gpus_per_node: int) -> int:
 
 def rdzv_port(job_id: str, restart: int = 0) -> int:
     """Derived from the job id (every node computes the same) and the restart count, so a requeued
-    attempt never races a lingering socket of the previous one for the same port."""
+    attempt never races a lingering socket of the previous one for the same port; below the
+    ephemeral range, so no outgoing connection of the node holds it by chance."""
     digits = "".join(c for c in job_id if c.isdigit()) or "0"
     return PORT_BASE + (int(digits) % PORT_SLOTS) * 8 + restart % 8
 
 
-def free_port() -> int:
+def port_free(port: int) -> bool:
+    """Whether a server can listen on ``port`` (bound the way TCPStore binds: every address,
+    SO_REUSEADDR, so a closed socket in TIME_WAIT does not count as in use)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
 
 
 def first_host(nodelist: str) -> str:
@@ -68,7 +83,12 @@ def torchrun_options(
     rdzv_id: str,
     max_restarts: int,
     log_dir: Path | None = None,
+    is_host: str | None = None,
 ) -> list[str]:
+    """``is_host``: "1" on the node that hosts the rendezvous store, "0" on the others. Left to
+    torchrun, every node whose address matches the endpoint tries to host and falls back to being a
+    client when the port is taken, so a taken port leaves all nodes waiting for a host that never
+    comes (and two nodes on one machine both match)."""
     opts = [
         "--nnodes", str(nnodes),
         "--nproc-per-node", str(nproc_per_node),
@@ -77,6 +97,8 @@ def torchrun_options(
         "--rdzv-id", rdzv_id,
         "--max-restarts", str(max_restarts),
     ]  # fmt: skip
+    if is_host is not None:
+        opts += ["--rdzv-conf", f"is_host={is_host}"]
     if log_dir is not None:  # files per global rank (launch.elastic), console lines tagged with it too
         opts += ["--log-dir", str(log_dir), "--logs-specs", LOGS_SPECS, "--tee", "3",
                  "--log-line-prefix-template", PREFIX_TEMPLATE]  # fmt: skip
@@ -91,10 +113,10 @@ def launch_command(
 
 
 def shell_join(cmd: list[str]) -> str:
-    """Shell-quoted, except that ``$SLURM_*``/``$FIRST_HOST``/``$PORT`` placeholders stay expandable."""
+    """Shell-quoted, except that the placeholders (:data:`PLACEHOLDERS`) stay expandable."""
 
     def quote(arg: str) -> str:
-        if any(v in arg for v in ("$SLURM_", "$FIRST_HOST", "$PORT")) and not any(c in arg for c in "\"`'"):
+        if any(v in arg for v in PLACEHOLDERS) and not any(c in arg for c in "\"`'"):
             return f'"{arg}"'
         return shlex.quote(arg)
 

@@ -235,6 +235,7 @@ def test_dry_run_prints_sbatch_and_torchrun_and_writes_nothing(home: Path, spec_
         "--rdzv-backend c10d",
         '--rdzv-endpoint "$FIRST_HOST:$PORT"',
         '--rdzv-id "$SLURM_JOB_ID"',
+        '--rdzv-conf "is_host=$IS_HOST"',
         "--max-restarts 0",
         "PIXPRO_SIGNAL=USR2",
     ):
@@ -246,7 +247,7 @@ def test_dry_run_prints_sbatch_and_torchrun_and_writes_nothing(home: Path, spec_
     proc = cli("submit", "--dry-run", "--executor", "local", str(spec_file), home=home)
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH" not in proc.stdout and "--nnodes 1 --nproc-per-node 1" in proc.stdout
-    assert "--rdzv-endpoint 127.0.0.1:" in proc.stdout
+    assert "--rdzv-endpoint 127.0.0.1:0 " in proc.stdout and "--rdzv-conf is_host=1" in proc.stdout
     assert not home.exists()
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from launch.preempt import EXIT_PREEMPTED, children_of
+from tests.support.procs import free_port
 from tests.support.trainer import (
     REPO,
     assert_identical,
@@ -148,17 +149,16 @@ class _Agents:
     what a 2-node SLURM job runs, without SLURM. Each agent's output goes to its own file."""
 
     def __init__(self, spec: Path, run: Path, attempt: str, max_restarts: int) -> None:
-        from cluster.torchrun import free_port
-
         self.logs = [run.parent / f"{attempt}.agent{i}.log" for i in range(2)]
         port = free_port()
         self.procs = []
-        for log in self.logs:
+        for node, log in enumerate(self.logs):
             cmd = [
                 *trainer_cmd(spec, run, nproc=2, max_restarts=max_restarts)[:3],
                 "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", attempt,
-                f"--max-restarts={max_restarts}", "--log-dir", str(run / "logs"), "--logs-specs", "pixpro",
+                "--rdzv-conf", f"is_host={int(node == 0)}", f"--max-restarts={max_restarts}",
+                "--log-dir", str(run / "logs"), "--logs-specs", "pixpro",
                 "--", str(spec), "--run-dir", str(run),
             ]  # fmt: skip
             with open(log, "w") as out:

@@ -1,0 +1,77 @@
+"""The rendezvous a multi-node job meets at: its port and which node hosts it."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from cluster.node_task import JobContext, NodeTask, TrainerFailed
+from cluster.torchrun import EPHEMERAL_START, port_free, rdzv_port
+
+
+def test_rendezvous_ports_lie_below_the_ephemeral_range() -> None:
+    """An outgoing connection (S3, gloo, a store client) takes its local port from the ephemeral range;
+    a rendezvous port in there fails at random (CI: a 2-node resume whose store port an S3 request held)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    assert low >= EPHEMERAL_START, f"this machine's ephemeral ports start at {low}"
+    ports = {rdzv_port(str(job), restart) for job in range(0, 200_000, 7) for restart in range(8)}
+    assert min(ports) > 1024 and max(ports) < EPHEMERAL_START, (min(ports), max(ports))
+    assert len({rdzv_port("4711", r) for r in range(8)}) == 8  # a requeue never reuses the last port
+
+
+def _task(tmp_path: Path) -> NodeTask:
+    return NodeTask(
+        run_id="r", run_dir=str(tmp_path), spec_path=str(tmp_path / "spec.json"), workdir=str(tmp_path),
+        nodes=2, gpus_per_node=0, max_restarts=0, signal_name="USR2", signal_lead_s=60,
+    )  # fmt: skip
+
+
+def _ctx(node: int, port: int) -> JobContext:
+    return JobContext(job_id="7", restart=0, node=node, nnodes=2, endpoint=f"127.0.0.1:{port}", slurm=True)
+
+
+def test_node_zero_alone_hosts_the_store(tmp_path: Path) -> None:
+    """Left to torchrun, both nodes of a one-machine allocation (and any node whose bind fails) would
+    try to host, then fall back to waiting as clients."""
+    task = _task(tmp_path)
+    for node, flag in ((0, "is_host=1"), (1, "is_host=0")):
+        cmd = task.command(_ctx(node, rdzv_port("7")))
+        assert cmd[cmd.index("--rdzv-conf") + 1] == flag, cmd
+
+
+@pytest.fixture
+def held_port() -> tuple[socket.socket, int]:
+    """A port held by an outgoing connection's socket, the way an S3 request holds an ephemeral one."""
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.socket()
+    client.bind(("127.0.0.1", 0))
+    client.connect(server.getsockname())
+    yield client, client.getsockname()[1]
+    client.close()
+    server.close()
+
+
+def test_a_taken_port_fails_node_zero_in_one_line_before_anything_starts(
+    tmp_path: Path, held_port: tuple[socket.socket, int]
+) -> None:
+    _, port = held_port
+    assert not port_free(port)
+    task = _task(tmp_path)
+    with pytest.raises(TrainerFailed) as err:
+        task.run(_ctx(0, port))
+    assert f"rendezvous port {port} on 127.0.0.1 is in use" in str(err.value) and "\n" not in str(err.value)
+    assert task._proc is None  # no launcher was started
+
+
+def test_a_port_left_in_time_wait_counts_as_free() -> None:
+    """TCPStore listens with SO_REUSEADDR: a closed connection of the previous attempt does not block it."""
+    server = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(server.getsockname())
+    conn, _ = server.accept()
+    port = server.getsockname()[1]
+    conn.close()  # the server side closes first: its end of the connection goes to TIME_WAIT
+    client.close()
+    server.close()
+    assert port_free(port)
