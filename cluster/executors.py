@@ -84,18 +84,23 @@ class SlurmExecutor:
         check_cluster = check_cluster and slurm.available()
         params = slurm.executor_parameters(spec, slurm.node_cpus(spec) if check_cluster else None)
         script = slurm.render_script(params, run_dir / slurm.SUBMITIT_DIR)
-        d = Description(
-            "$FIRST_HOST:$PORT",
-            "$SLURM_JOB_ID",
-            "$SLURM_JOB_ID.$SLURM_RESTART_COUNT",
-            params,
-            script,
-            notes=[
+        attempt = "$SLURM_JOB_ID.$SLURM_RESTART_COUNT"
+        if spec.resources.nodes == 1:  # as JobContext.from_slurm_env: the store takes a free port
+            d = Description(LOCAL_ENDPOINT, "$SLURM_JOB_ID", attempt, params, script, is_host="1")
+        else:
+            note = (
                 "# FIRST_HOST=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1); "
                 "PORT derived from the job id and restart count; IS_HOST=1 on node 0, 0 on the others"
-            ],
-            is_host="$IS_HOST",
-        )
+            )
+            d = Description(
+                "$FIRST_HOST:$PORT",
+                "$SLURM_JOB_ID",
+                attempt,
+                params,
+                script,
+                notes=[note],
+                is_host="$IS_HOST",
+            )
         if check_cluster:
             d.estimate = slurm.preflight(spec, script)
             d.cluster_checked = True

@@ -25,6 +25,7 @@ from typing import Any
 
 from cluster.record import RunRecord
 from cluster.torchrun import (
+    LOCAL_ENDPOINT,
     first_host,
     launch_command,
     port_free,
@@ -65,16 +66,22 @@ class JobContext:
 
     @classmethod
     def from_slurm_env(cls) -> JobContext:
+        """One node: the store takes any free port (single-node jobs share nodes, and no other node
+        needs to find it); several: the first host, at a port every node derives from the job."""
         env = os.environ
         job_id = env["SLURM_JOB_ID"]
         restart = int(env.get("SLURM_RESTART_COUNT") or 0)
-        host = first_host(env["SLURM_JOB_NODELIST"])
+        nnodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
+        if nnodes == 1:
+            endpoint = LOCAL_ENDPOINT
+        else:
+            endpoint = f"{first_host(env['SLURM_JOB_NODELIST'])}:{rdzv_port(job_id, restart)}"
         return cls(
             job_id=job_id,
             restart=restart,
             node=int(env.get("SLURM_NODEID") or 0),
-            nnodes=int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1),
-            endpoint=f"{host}:{rdzv_port(job_id, restart)}",
+            nnodes=nnodes,
+            endpoint=endpoint,
             slurm=True,
         )
 

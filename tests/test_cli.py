@@ -244,6 +244,10 @@ def test_dry_run_prints_sbatch_and_torchrun_and_writes_nothing(home: Path, spec_
     assert resolved["resources"]["nodes"] == 2 and resolved["checkpoint"]["url"].endswith("/checkpoints")
     assert not home.exists() and queued(name) == ""
 
+    one = cli("submit", "--dry-run", "--nodes", "1", "--gpus", "2", str(spec_file), home=home)
+    assert one.returncode == 0, one.stderr
+    assert "--rdzv-endpoint 127.0.0.1:0 " in one.stdout and "--rdzv-conf is_host=1" in one.stdout
+
     proc = cli("submit", "--dry-run", "--executor", "local", str(spec_file), home=home)
     assert proc.returncode == 0, proc.stderr
     assert "#SBATCH" not in proc.stdout and "--nnodes 1 --nproc-per-node 1" in proc.stdout

@@ -251,7 +251,9 @@ def test_scontrol_requeue_then_usr2_resume_a_resumed_run_exactly(
 def test_cancel_then_resume_by_job_id_continues_exactly(
     home: Path, spec_file: Path, ref2: dict[str, Any]
 ) -> None:
-    run_id, first = submit(home, spec_file, "--nodes", "2", "--gpus", "1")
+    """On one node with two ranks (the store on a port the kernel picks), against the two-node reference
+    of the same world size: the layout changes nothing either."""
+    run_id, first = submit(home, spec_file, "--nodes", "1", "--gpus", "2")
     rdir = run_dir(home, run_id)
     latest = local_latest(rdir / "checkpoints")
     wait_for("a first committed checkpoint", lambda: (latest() or {}).get("step", 0) >= 2, 240)
@@ -271,6 +273,7 @@ def test_cancel_then_resume_by_job_id_continues_exactly(
     row = wait_status(home, second, finished, 400)
     assert [a["state"] for a in row["attempts"]] == ["CANCELLED", "COMPLETED"], row
     assert f"resumed from step {stopped_at} " in job_log(rdir, second, lines=400)
+    assert "--rdzv-endpoint 127.0.0.1:0 " in job_log(rdir, second, lines=10_000)
     record = json.loads((rdir / "run.json").read_bytes())
     assert record["attempts"] == [first, second] and record["cancelled"] == [first]
     assert json.loads((rdir / "checkpoints" / "run.json").read_bytes())["attempts"] == [first, second]

@@ -21,6 +21,17 @@ def test_rendezvous_ports_lie_below_the_ephemeral_range() -> None:
     assert len({rdzv_port("4711", r) for r in range(8)}) == 8  # a requeue never reuses the last port
 
 
+def test_a_one_node_job_lets_the_store_pick_any_free_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Single-node jobs share nodes: a derived port could collide with a neighbour's, and no other node
+    needs to find this one (the node list is not even looked up: a made-up name would fail that)."""
+    env = {"SLURM_JOB_ID": "4711", "SLURM_RESTART_COUNT": "2", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "no-such-node-anywhere"}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ctx = JobContext.from_slurm_env()
+    assert (ctx.endpoint, ctx.nnodes, ctx.attempt) == ("127.0.0.1:0", 1, "4711.2")
+
+
 def _task(tmp_path: Path) -> NodeTask:
     return NodeTask(
         run_id="r", run_dir=str(tmp_path), spec_path=str(tmp_path / "spec.json"), workdir=str(tmp_path),
