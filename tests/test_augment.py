@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
 import torch
+from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -16,6 +18,7 @@ from pixpro.augment import (
     ViewRecipe,
     ViewTransform,
     box_to_map,
+    resized_crop,
     sample_crop,
 )
 from pixpro.geometry import box_geometry, map_geometry, positive_mask
@@ -270,6 +273,28 @@ def test_each_colour_step_changes_the_view_as_configured():
 
     jittered = to_uint8(ViewTransform(ViewRecipe(**{**base, "jitter_p": 1.0}))(image, gen(0)).view)
     assert (jittered - plain).abs().mean() > 1.0
+
+
+def test_resized_crop_gives_torchvisions_levels_for_every_layout():
+    """Channels-last packing only changes where the resize reads: decoded JPEGs (rows of the whole image),
+    planar tensors and grey images expanded to three channels all give torchvision's levels exactly."""
+    from pixpro.data import decode_rgb
+
+    g = torch.Generator().manual_seed(3)
+    planar = torch.randint(0, 256, (3, 180, 250), dtype=torch.uint8, generator=g)
+    buffer = io.BytesIO()
+    Image.fromarray(planar.permute(1, 2, 0).numpy()).save(buffer, "JPEG", quality=90)
+    encoded = buffer.getvalue()
+    decoded = decode_rgb(encoded)
+    assert decoded.stride()[0] == 1  # what the decoder hands over: channels-last strides
+    grey = planar[:1].expand(3, -1, -1)
+    for image in (decoded, planar, grey):
+        for top, left, h, w in [(0, 0, 180, 250), (10, 20, 64, 64), (5, 7, 150, 96), (100, 200, 40, 50)]:
+            ours = resized_crop(image, top, left, h, w, 64)
+            bilinear = InterpolationMode.BILINEAR
+            theirs = TF.resized_crop(image, top, left, h, w, [64, 64], bilinear, antialias=True)
+            assert torch.equal(ours, theirs), (tuple(image.stride()), top, left, h, w)
+    assert torch.equal(resized_crop(planar, 0, 0, 64, 64, 64), planar[:, :64, :64])  # no resize: the pixels
 
 
 def test_sample_crop_stays_inside_and_respects_scale_and_ratio():

@@ -9,12 +9,17 @@ from launch.batches import SLOT_KEY, SharedBatches, release
 
 
 class Samples(Dataset):
+    def __init__(self, channels_last: bool = False) -> None:
+        self.channels_last = channels_last
+
     def __len__(self) -> int:
         return 40
 
     def __getitem__(self, i: int) -> dict:
         g = torch.Generator().manual_seed(i)
         view = torch.randint(0, 256, (3, 8, 8), generator=g, dtype=torch.uint8)
+        if self.channels_last:  # as pixpro.augment's crops come out
+            view = view[None].contiguous(memory_format=torch.channels_last)[0]
         return {"view": view, "coords": torch.rand(4, generator=g), "index": i, "weight": i / 4}
 
 
@@ -38,6 +43,21 @@ def test_released_batches_are_the_stock_batches_and_reuse_the_slots():
     # every batch came from a slot (none fell back), and 10 batches went through 6 slots
     assert len(slots) == 10 and set(slots) <= set(range(6))
     assert int(collate.state.count_nonzero()) == 0
+
+
+def test_channels_last_views_are_batched_channels_last_with_the_same_values():
+    """A plain copy per view, not a transposing one; a layout only, the numbers are the stock batch's."""
+    loader = DataLoader(
+        Samples(channels_last=True), batch_size=4, num_workers=1, collate_fn=SharedBatches(1, 3)
+    )
+    for got, want in zip(loader, stock(), strict=True):
+        assert same(got, want)
+        assert (
+            got["view"].is_contiguous(memory_format=torch.channels_last) and not got["view"].is_contiguous()
+        )
+        release(loader, got)
+    planar = next(iter(DataLoader(Samples(), batch_size=4, num_workers=1, collate_fn=SharedBatches(1, 3))))
+    assert planar["view"].is_contiguous()
 
 
 def test_batches_never_handed_back_are_never_overwritten():
