@@ -80,8 +80,8 @@ class SharedBatches:
 
 def _layout(value: torch.Tensor) -> torch.memory_format:
     """Channels-last for a batch of channels-last images (the crops come out so): each view is then one
-    plain copy, about a tenth of the cost of transposing it to planar (the training device converts
-    after the move for free, or keeps it: the network runs channels-last on a GPU)."""
+    plain copy, about a tenth of the cost of transposing it to planar; the photometric step on the
+    training device converts it after the move, as part of its cast to float."""
     packed = value.dim() == 3 and value[None].is_contiguous(memory_format=torch.channels_last)
     return torch.channels_last if packed and not value.is_contiguous() else torch.contiguous_format
 

@@ -176,10 +176,12 @@ def check_image(image: torch.Tensor, crop_size: int) -> torch.Tensor:
 
 
 def resized_crop(image: torch.Tensor, top: int, left: int, h: int, w: int, size: int) -> torch.Tensor:
-    """torchvision's antialiased bilinear ``resized_crop`` of a crop inside ``image``, the same levels, in
-    about two thirds of the time: the crop is packed channels-last (a decoded JPEG already is, but with
-    the whole image's row stride), the layout torch's uint8 resize runs in; anything else would be copied
-    to planar and back inside it. The view comes back channels-last; every later step takes any layout."""
+    """torchvision's antialiased bilinear ``resized_crop`` of a crop inside ``image``, the same levels.
+
+    torch's uint8 resize works channels-last: given anything else (a decoded JPEG is channels-last but
+    with the whole image's row stride) it copies the input into that layout and its result back to
+    planar. Packing the crop first (a row copy) and keeping the result channels-last makes the resize
+    ~60 % of the time (300-px crop: 82 against 135 µs); every later step takes any layout."""
     crop = image[None, :, top : top + h, left : left + w].contiguous(memory_format=torch.channels_last)
     return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
 
