@@ -40,6 +40,7 @@ from launch.sampler import ResumableSampler
 from launch.sinks import MetricSinks, sink_factories
 from launch.store import CheckpointStore
 from launch.train_state import Schedule, TrainState
+from pixpro import photometric_cpu
 from pixpro.augment import TwoViewTransform
 from pixpro.builder import PixPro
 from pixpro.data import DatasetError, ImageFolder, TwoViewDataset
@@ -156,6 +157,8 @@ def build_data(spec: RunSpec, env: DistEnv) -> tuple[TwoViewDataset, ResumableSa
         photometric_later=spec.data.augment_on == "device",
         normalize_later=True,  # uint8 through shared memory and to the device, normalized there
     )
+    if not transform.photometric_later:  # compiled here once: the forked loader workers inherit it
+        photometric_cpu.compile()
     dataset = TwoViewDataset(folder, transform, seed=spec.seed)
     sampler = ResumableSampler(
         len(dataset),

@@ -251,7 +251,8 @@ class ViewTransform:
         """Like calling the transform, for an image already through :func:`check_image`; without
         ``normalize`` the view is the finished uint8 levels (see :meth:`Photometric.normalize`)."""
         view, coords, params = self.crop(image, generator)
-        return OneView(self.photometric(view[None], [params], normalize)[0], coords)
+        levels = self.photometric.finish(view, params)
+        return OneView(self.photometric.normalize(levels[None])[0] if normalize else levels, coords)
 
     def crop(self, image: torch.Tensor, generator: torch.Generator) -> OneCrop:
         """The geometric steps (uint8) and the photometric parameter row, all drawn from ``generator``."""

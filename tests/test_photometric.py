@@ -158,3 +158,70 @@ def test_views_normalized_later_equal_views_normalized_in_the_worker():
         assert torch.equal(later.view1.photometric.normalize(levels.view1[None])[0], done.view1)
         assert torch.equal(later.view2.photometric.normalize(levels.view2[None])[0], done.view2)
         assert torch.equal(levels.coords1, done.coords1)
+
+
+@pytest.mark.parametrize(
+    ("jitter", "size"),
+    [
+        ((0.4, 0.4, 0.2, 0.1), (48, 48)),  # BYOL's strengths: hue without the wrap
+        ((0.9, 0.0, 1.5, 0.4), (37, 53)),  # factors > 1 (clamps), a skipped step, the wrap, not square
+    ],
+)
+def test_the_workers_one_view_kernels_equal_the_batched_steps(jitter, size):
+    """``finish`` (compiled, one view, channels-last) gives the batched torch steps' levels bit for bit:
+    every step at every position of the jitter order, with the widest blur a 23-tap kernel allows."""
+    photometric = P.Photometric(jitter, 0.8, 0.3, 0.7, (0.1, 2.0), 23, 0.4, 128, (0.5,) * 3, (0.25,) * 3)
+    height, width = size
+    x = torch.randint(0, 256, (60, 3, height, width), generator=gen(7), dtype=torch.uint8)
+    x[:20] = torch.nn.functional.avg_pool2d(x[:20].float(), 5, 1, 2).round().byte()  # smooth images too
+    x[:, :, :4] = x[:, :1, :4]  # greys and ties between channels, as images() has
+    x[:, 1, 4:8] = x[:, 0, 4:8]
+    rows = [photometric.params(*_uniforms(seed)) for seed in range(60)]
+    batched = photometric(x, rows, normalize=False)
+    seen = set()
+    for i, row in enumerate(rows):
+        one = photometric.finish(x[i], row)
+        assert one.is_contiguous(memory_format=torch.channels_last) or one[None].is_contiguous(
+            memory_format=torch.channels_last
+        )
+        assert torch.equal(one, batched[i]), i
+        if row[P.JITTER_ON]:
+            seen.update((position, int(step)) for position, step in enumerate(row[P.ORDER]))
+    assert len(seen) == 16  # each of the four steps ran first, second, third and last
+    assert max(P.blur_reach(P.blur_taps(23, row[P.SIGMA])) for row in rows if row[P.BLUR_ON]) >= 7
+    for column in (P.JITTER_ON, P.GREY_ON, P.BLUR_ON, P.SOLARIZE_ON):
+        assert 0 < sum(row[column] for row in rows) < 60
+
+
+def test_finish_works_on_its_own_copy_and_rejects_what_is_not_one_uint8_view():
+    photometric = TwoViewTransform(crop_size=32).view1.photometric
+    view = images(size=32)[0]
+    before = view.clone()
+    row = photometric.params(0.0, [0.9, 0.1, 0.5, 0.9], [0.1, 0.2, 0.3, 0.4], 0.9, 0.0, 1.0, 0.9)
+    assert not torch.equal(photometric.finish(view, row), view)
+    assert torch.equal(view, before)
+    with pytest.raises(ValueError, match="uint8"):
+        photometric.finish(view.float(), row)
+    with pytest.raises(ValueError, match="uint8"):
+        photometric.finish(view[None], row)
+
+
+def test_kernels_compile_uncached_where_numba_cannot_cache(monkeypatch):
+    """numba refuses ``cache=True`` when neither the package's folder nor the user's cache can be
+    written (a read-only install, no home): the kernels are then compiled in memory instead."""
+    import numba
+
+    from pixpro import photometric_cpu
+
+    calls = []
+
+    def njit(**options):
+        calls.append(options)
+        if options.get("cache"):
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'f.py'")
+        return numba.njit(**options)
+
+    monkeypatch.setattr(photometric_cpu, "njit", njit)
+    double = photometric_cpu._compiled(lambda v: v * 2)
+    assert double(21) == 42
+    assert calls == [{"nogil": True, "cache": True}, {"nogil": True}]
