@@ -740,7 +740,9 @@ def check_photometric(ctx: Ctx, rec: Rec, dl: Deadline) -> tuple[str, str]:
     views = torch.stack([c.view1 for c in crops] + [c.view2 for c in crops])
     params = torch.stack([c.params1 for c in crops] + [c.params2 for c in crops])
     photometric = transform.view2.photometric  # view 2's recipe: every step can fire (solarize too)
-    worker = photometric(views, params)  # on the CPU: bitwise what the workers produce (tests)
+    # what the workers produce with augment_on: worker (photometric_cpu's compiled steps, one view each)
+    finished = [photometric.finish(v, p.tolist()) for v, p in zip(views, params, strict=True)]
+    worker = photometric.normalize(torch.stack(finished))
     on_device = views.to(ctx.device)
     device = photometric(on_device, params).cpu()
     std = torch.tensor(transform.view2.recipe.std).view(1, 3, 1, 1)

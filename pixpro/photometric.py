@@ -1,8 +1,9 @@
 """BYOL's photometric steps on a batch of uint8 views, each view with its own drawn parameters.
 
-The same code runs in a DataLoader worker (a batch of one view) and on the training device (the whole
-batch, ``data.augment_on: device``), so the two paths give the same views: every random choice is made in
-the worker from the sample's generator and travels as a row of numbers (:data:`PARAMS`). Which views a
+This code runs on the training device (the whole batch, ``data.augment_on: device``); a DataLoader worker
+runs the same arithmetic on one view through :meth:`Photometric.finish` (compiled loops,
+:mod:`pixpro.photometric_cpu`), so the two paths give the same views: every random choice is made in the
+worker from the sample's generator and travels as a row of numbers (:data:`PARAMS`). Which views a
 step touches is read from those rows on the host, so the device path needs no host sync.
 
 The arithmetic is chosen to give identical results whatever the batch and on any device: elementwise
