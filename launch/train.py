@@ -158,7 +158,7 @@ def build_data(spec: RunSpec, env: DistEnv) -> tuple[TwoViewDataset, ResumableSa
         normalize_later=True,  # uint8 through shared memory and to the device, normalized there
     )
     if not transform.photometric_later:  # compiled here once: the forked loader workers inherit it
-        photometric_cpu.compile()
+        photometric_cpu.precompile()
     dataset = TwoViewDataset(folder, transform, seed=spec.seed)
     sampler = ResumableSampler(
         len(dataset),

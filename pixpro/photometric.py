@@ -271,7 +271,7 @@ class Photometric:
 
         The levels the call gives a batch of this one view (``normalize=False``), bit for bit, from
         :mod:`pixpro.photometric_cpu`'s compiled one-pass steps: a loader worker's path, ~4x faster on one
-        view than the torch steps, which are made for a batch on the training device.
+        view (about 5x) than the torch steps, which are made for a batch on the training device.
         """
         from pixpro import photometric_cpu  # numba: imported (and compiled) where a worker first needs it
 
@@ -280,15 +280,25 @@ class Photometric:
         _, height, width = view.shape
         levels = torch.empty(height, width, 3, dtype=torch.uint8)
         levels.copy_(view.permute(1, 2, 0))  # the call's own copy, channels-last (a resized crop is already)
-        steps = [int(s) for s in row[ORDER] if self.jitter[int(s)] != 0] if row[JITTER_ON] else []
         whole = blur_taps(self.kernel_size, row[SIGMA]) if row[BLUR_ON] else [0]
         photometric_cpu.finish(
             levels.numpy().reshape(-1), height, width,
-            np.array(steps, dtype=np.int64), np.array(row[BRIGHTNESS : HUE + 1], dtype=np.float32),
-            self.jitter[3] > 1 / 6, bool(row[GREY_ON]),
+            np.array(self._jitter_steps(row), dtype=np.int64),
+            np.array(row[BRIGHTNESS : HUE + 1], dtype=np.float32), self._hue_wraps, bool(row[GREY_ON]),
             np.array(whole, dtype=np.float32), blur_reach(whole), bool(row[SOLARIZE_ON]), self.threshold,
         )  # fmt: skip
         return levels.permute(2, 0, 1)
+
+    @property
+    def _hue_wraps(self) -> bool:
+        """Whether hue reduces modulo a turn: decided from the configured strength, not the draws, so
+        every path runs the same arithmetic (see :func:`hue`)."""
+        return self.jitter[3] > 1 / 6
+
+    def _jitter_steps(self, row: Sequence[float]) -> list[int]:
+        """A view's jitter steps (0 brightness ... 3 hue) in the order they run, those of strength 0 left
+        out; none when the jitter is off for it."""
+        return [int(s) for s in row[ORDER] if self.jitter[int(s)] != 0] if row[JITTER_ON] else []
 
     def _plan(self, rows: list[list[float]]) -> list[tuple[Op, int, list[float], list[float]]]:
         """``(step, numbers per view, chosen view indices, their numbers flattened)`` in the order they run;
@@ -302,15 +312,12 @@ class Photometric:
         # the jitter: views grouped by (position in their order, step), run position by position
         groups: dict[tuple[int, int], list[int]] = {}
         for i, row in enumerate(rows):
-            if row[JITTER_ON]:
-                for position, step in enumerate(row[ORDER]):
-                    if self.jitter[int(step)] != 0:
-                        groups.setdefault((position, int(step)), []).append(i)
+            for position, step in enumerate(self._jitter_steps(row)):
+                groups.setdefault((position, step), []).append(i)
         for (_, step), chosen in sorted(groups.items()):
             factors = [rows[i][BRIGHTNESS + step] for i in chosen]
             if step == HUE - BRIGHTNESS:
-                # decided from the configured strength, not the draws: every path runs the same steps
-                add(hue if self.jitter[3] > 1 / 6 else functools.partial(hue, wrap=False), 1, chosen, factors)
+                add(hue if self._hue_wraps else functools.partial(hue, wrap=False), 1, chosen, factors)
             else:
                 op = (brightness, contrast, saturation)[step]
                 add(op if max(factors) > 1 else functools.partial(op, clamp=False), 1, chosen, factors)

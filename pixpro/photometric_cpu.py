@@ -203,7 +203,7 @@ def finish(
         _solarize(a, threshold)
 
 
-def compile() -> None:
+def precompile() -> None:
     """Compile (or load) every step now: a process that forks loader workers calls it first, so each
     worker inherits the machine code instead of compiling or loading it anew every epoch."""
     a, steps = np.zeros(2 * 2 * 3, dtype=np.uint8), np.arange(4, dtype=np.int64)

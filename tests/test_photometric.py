@@ -225,3 +225,27 @@ def test_kernels_compile_uncached_where_numba_cannot_cache(monkeypatch):
     double = photometric_cpu._compiled(lambda v: v * 2)
     assert double(21) == 42
     assert calls == [{"nogil": True, "cache": True}, {"nogil": True}]
+
+
+@pytest.mark.parametrize(("augment_on", "compiled"), [("worker", True), ("device", False)])
+def test_the_trainer_compiles_the_worker_steps_before_its_workers_fork(tmp_path, augment_on, compiled):
+    """``build_data`` runs in the trainer process before the DataLoader forks its workers (every epoch):
+    with ``augment_on: worker`` the compiled steps are then in that process, for the workers to inherit."""
+    import subprocess
+    import sys
+
+    from tests.support.trainer import REPO, tiny_spec, trainer_env, write_spec
+
+    spec = write_spec(tmp_path / "spec.json", tiny_spec(tmp_path / "data", data__augment_on=augment_on))
+    script = (
+        "from launch.train import DistEnv, build_data\n"
+        "from pixpro import photometric_cpu\n"
+        "from schemas import load_spec\n"
+        "assert not photometric_cpu.finish.signatures\n"
+        f"build_data(load_spec({str(spec)!r}), DistEnv(0, 0, 1))\n"
+        "print(len(photometric_cpu.finish.signatures))\n"
+    )
+    run = [sys.executable, "-c", script]
+    out = subprocess.run(run, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (int(out.stdout.split()[-1]) > 0) == compiled
