@@ -165,6 +165,7 @@ def test_views_normalized_later_equal_views_normalized_in_the_worker():
     [
         ((0.4, 0.4, 0.2, 0.1), (48, 48)),  # BYOL's strengths: hue without the wrap
         ((0.9, 0.0, 1.5, 0.4), (37, 53)),  # factors > 1 (clamps), a skipped step, the wrap, not square
+        ((0.4, 0.4, 0.2, 0.1), (300, 300)),  # over 256 px: the torch steps sum the contrast mean in float64
     ],
 )
 def test_the_workers_one_view_kernels_equal_the_batched_steps(jitter, size):
