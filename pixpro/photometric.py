@@ -281,6 +281,8 @@ class Photometric:
         levels = torch.empty(height, width, 3, dtype=torch.uint8)
         levels.copy_(view.permute(1, 2, 0))  # the call's own copy, channels-last (a resized crop is already)
         whole = blur_taps(self.kernel_size, row[SIGMA]) if row[BLUR_ON] else [0]
+        if blur_reach(whole) >= min(height, width):  # the kernels do not check bounds: refuse it here
+            raise ValueError(f"a {self.kernel_size}-tap blur does not fit a {width}x{height} view")
         photometric_cpu.finish(
             levels.numpy().reshape(-1), height, width,
             np.array(self._jitter_steps(row), dtype=np.int64),

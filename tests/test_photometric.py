@@ -205,6 +205,11 @@ def test_finish_works_on_its_own_copy_and_rejects_what_is_not_one_uint8_view():
         photometric.finish(view.float(), row)
     with pytest.raises(ValueError, match="uint8"):
         photometric.finish(view[None], row)
+    wide = P.Photometric((0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 1.0, (2.0, 2.0), 23, 0.0, 128, (0,) * 3, (1,) * 3)
+    with pytest.raises(ValueError, match="23-tap blur does not fit a 6x6 view"):
+        wide.finish(view[:, :6, :6], row)  # reach 7: the torch steps' reflect padding refuses it too
+    with pytest.raises(RuntimeError, match=r"[Pp]adding"):
+        wide(view[None, :, :6, :6], [row])
 
 
 def test_kernels_compile_uncached_where_numba_cannot_cache(monkeypatch):
