@@ -81,6 +81,8 @@ def slurm_state(job: SlurmJob, trainer: dict | None, cancelled: bool, recent: bo
     if q and job.current is not None:  # slurmdbd has not recorded the end yet: squeue's state is newer
         final, code = q, None
     if not final:
+        if job.unanswered:  # no answer is not "no such job": a job just submitted is not PENDING either
+            return AttemptState("UNKNOWN", f"{' and '.join(job.unanswered)} did not answer")
         return AttemptState("PENDING" if recent else "UNKNOWN", "" if recent else "not in squeue or sacct")
     preempted = code == EXIT_PREEMPTED or trainer_says(trainer, "preempted", job.job_id)
     if final == "CANCELLED" or cancelled:

@@ -279,6 +279,7 @@ class SlurmJob:
     reason: str = ""
     history: list[HistoryLine] = field(default_factory=list)  # ended runs, oldest first
     current: HistoryLine | None = None  # slurmdbd's record of the run not ended yet (PENDING/RUNNING)
+    unanswered: tuple[str, ...] = ()  # the commands that failed when asked about it ("squeue", "sacct")
 
 
 def _time(text: str) -> float | None:
@@ -347,14 +348,19 @@ def query(
     if not jobs:
         return jobs, warnings
     ids = ",".join(jobs)
+    failed: list[str] = []
     q = _run(["squeue", *SQUEUE_ARGS, ids])
     if q.returncode == 0:
         parse_squeue(q.stdout, jobs)
-    elif "invalid job id" not in q.stderr.lower():
+    elif "invalid job id" not in q.stderr.lower():  # slurmctld answered: it has forgotten these jobs
         warnings.append(f"squeue failed: {_one_line(q.stderr)}")
+        failed.append("squeue")
     a = _run(["sacct", *SACCT_ARGS, ids])
     if a.returncode == 0:
         parse_sacct(a.stdout, jobs, submitted)
     else:
         warnings.append(f"sacct failed: {_one_line(a.stderr)}")
+        failed.append("sacct")
+    for job in jobs.values():
+        job.unanswered = tuple(failed)
     return jobs, warnings

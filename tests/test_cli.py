@@ -517,6 +517,37 @@ def test_status_of_50_runs_asks_slurm_once_and_is_complete(
     assert one["run_id"] == fifty_runs[3].run_id
 
 
+def test_status_says_when_slurm_did_not_answer(
+    home: Path, fifty_runs: list[RunRecord], tmp_path: Path
+) -> None:
+    """A SLURM client that cannot reach SLURM (here: an empty config, so it fails at once; a missing one
+    makes it look for the controller in DNS for a minute) is not a SLURM that has no such job: those runs
+    are UNKNOWN because SLURM did not answer, never PENDING, and the rest of the table is still there,
+    with one warning line per command."""
+    empty = tmp_path / "slurm.conf"
+    empty.touch()
+    proc = cli("status", "--json", home=home, env={"SLURM_CONF": str(empty)})
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["run_id"]: r for r in json.loads(proc.stdout)}
+    assert len(rows) == 50
+    for rec in fifty_runs:
+        if rec.executor == "slurm":
+            row = rows[rec.run_id]
+            assert (row["state"], row["reason"]) == ("UNKNOWN", "squeue and sacct did not answer"), row
+            assert row["step"] in (6, 12)  # what the trainer left is read all the same
+    warnings = proc.stderr.strip().splitlines()
+    assert [w.split(":")[:3] for w in warnings] == [
+        ["pixpro", " warning", " squeue failed"],
+        ["pixpro", " warning", " sacct failed"],
+    ], warnings
+
+
+def test_a_job_slurm_did_not_answer_for_is_unknown_even_when_just_submitted() -> None:
+    st = slurm_state(SlurmJob("123", unanswered=("squeue",)), None, cancelled=False, recent=True)
+    assert (st.state, st.reason) == ("UNKNOWN", "squeue did not answer")
+    assert slurm_state(SlurmJob("123"), None, cancelled=False, recent=True).state == "PENDING"  # answered
+
+
 def test_status_never_imports_torch(home: Path, fifty_runs: list[RunRecord]) -> None:
     code = (
         "import sys\n"
