@@ -352,7 +352,7 @@ def query(
     q = _run(["squeue", *SQUEUE_ARGS, ids])
     if q.returncode == 0:
         parse_squeue(q.stdout, jobs)
-    elif "invalid job id" not in q.stderr.lower():  # slurmctld answered: it has forgotten these jobs
+    elif "invalid job id" not in q.stderr.lower():  # with it, slurmctld did answer: it forgot the jobs
         warnings.append(f"squeue failed: {_one_line(q.stderr)}")
         failed.append("squeue")
     a = _run(["sacct", *SACCT_ARGS, ids])
