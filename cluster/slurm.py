@@ -339,6 +339,15 @@ def parse_sacct(text: str, jobs: dict[str, SlurmJob], submitted: dict[str, float
         job.history.sort(key=lambda r: r.end or 0.0)  # stable: sacct's order among equal ends
 
 
+def _asked(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """:func:`_run` for a status query: a command that is missing or silent is a failed answer (the runs
+    are listed, their SLURM state UNKNOWN), not a failed ``pixpro status``."""
+    try:
+        return _run(args)
+    except Failure as exc:
+        return subprocess.CompletedProcess(args, 1, "", str(exc))
+
+
 def query(
     job_ids: list[str], submitted: dict[str, float] | None = None
 ) -> tuple[dict[str, SlurmJob], list[str]]:
@@ -349,13 +358,13 @@ def query(
         return jobs, warnings
     ids = ",".join(jobs)
     failed: list[str] = []
-    q = _run(["squeue", *SQUEUE_ARGS, ids])
+    q = _asked(["squeue", *SQUEUE_ARGS, ids])
     if q.returncode == 0:
         parse_squeue(q.stdout, jobs)
     elif "invalid job id" not in q.stderr.lower():  # with it, slurmctld did answer: it forgot the jobs
         warnings.append(f"squeue failed: {_one_line(q.stderr)}")
         failed.append("squeue")
-    a = _run(["sacct", *SACCT_ARGS, ids])
+    a = _asked(["sacct", *SACCT_ARGS, ids])
     if a.returncode == 0:
         parse_sacct(a.stdout, jobs, submitted)
     else:

@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from launch.collectives import Collectives
 from launch.snapshot import SharedBuffer, copy_in, plan
 from launch.store import CheckpointStore, CorruptCheckpoint, Manifest
 from launch.uploader import Job
@@ -78,14 +78,18 @@ class _Pending:
     sent: float = 0.0
 
 
+RETRY_FOR_S = 600.0  # how long a save without a budget is retried before it is given up
+HANG_GRACE_S = 10.0  # past a save's deadline, how long a busy uploader gets before it counts as hung
+
+
 class Checkpointer:
     def __init__(
         self,
         store: CheckpointStore,
         rank: int,
         world_size: int,
-        retry_for_s: float = 600.0,
-        hang_grace_s: float = 10.0,
+        retry_for_s: float = RETRY_FOR_S,
+        hang_grace_s: float = HANG_GRACE_S,
         silent_s: float = 180.0,
     ) -> None:
         self.store = store
@@ -372,19 +376,26 @@ class Checkpointer:
             return got[1].pop(name)
         return self.store.read(manifest, name)
 
-    def load_latest(self) -> tuple[int, dict, dict | None] | None:
+    @property
+    def final_flush_s(self) -> float:
+        """The longest a blocking save without a budget may wait (the retry window, then the hang grace)."""
+        return self.retry_for_s + self.hang_grace_s
+
+    def load_latest(self, collectives: Collectives | None = None) -> tuple[int, dict, dict | None] | None:
         """(step, train_state, rank_state or None) of the newest valid checkpoint, all ranks the same.
 
         Rank 0 walks the valid candidates newest first and broadcasts its manifest; a checkpoint whose
         file fails its checksum on any rank is skipped for the next older one. ``rank_state`` is None
-        when the world size changed (the per-rank RNG is then re-derived by the caller).
+        when the world size changed (the per-rank RNG is then re-derived by the caller). ``collectives``:
+        the job's (None: a process alone).
         """
+        col = collectives or Collectives()
         if self._prefetcher is not None:
             self._prefetcher.join()
         candidates = self.store.candidates() if self.rank == 0 else None
         while True:
             manifest = next(candidates, None) if candidates is not None else None
-            body = _broadcast_bytes(manifest.to_json() if manifest else b"", self.world_size)
+            body = col.broadcast_bytes(manifest.to_json() if manifest else b"")
             if not body:
                 return None
             manifest = Manifest.from_json(body)
@@ -393,26 +404,10 @@ class Checkpointer:
                 rank_state = None
                 if manifest.meta.get("world_size") == self.world_size:
                     rank_state = from_bytes(self._read(manifest, rank_file(self.rank)))
-                ok = 1
+                ok = True
             except CorruptCheckpoint as exc:
                 log.warning("skipping checkpoint: %s", exc)
-                ok = 0
-            if _all_ok(ok, self.world_size):
+                ok = False
+            if col.all(ok):
                 self._prefetched = None
                 return manifest.step, train_state, rank_state
-
-
-def _broadcast_bytes(data: bytes, world_size: int) -> bytes:
-    if world_size == 1:
-        return data
-    box = [data]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _all_ok(ok: int, world_size: int) -> bool:
-    if world_size == 1:
-        return bool(ok)
-    t = torch.tensor([ok], dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())

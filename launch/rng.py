@@ -59,37 +59,46 @@ def _restore_numpy(state: dict[str, Any]) -> None:
 
 
 def capture_rng() -> dict[str, Any]:
-    """Snapshot python ``random``, numpy's global RNG, torch CPU and every visible CUDA device.
+    """Snapshot python ``random``, numpy's global RNG, torch CPU and this process's CUDA device.
 
     The result contains only tensors, ints, floats, ``None``, lists and dicts, so it survives
-    ``torch.save`` / ``torch.load(weights_only=True)``. It is per process: in DDP each rank
-    captures its own and the trainer gathers them.
+    ``torch.save`` / ``torch.load(weights_only=True)``. It is per process (each rank saves its own), and
+    holds one CUDA state, the device this process trains on (``torch.cuda.set_device``), not every
+    visible one: a resume may place the same rank on another node or another local GPU (8 GPUs on one
+    node, then 4 + 4 on two), and the rank's stream follows the rank.
     """
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    cuda = [torch.cuda.get_rng_state().cpu()] if torch.cuda.is_available() else []
     return {
         "python": _capture_python(),
         "numpy": _capture_numpy(),
         "torch": torch.get_rng_state(),
-        "cuda": [s.cpu() for s in cuda],
+        "cuda": cuda,
     }
 
 
 def restore_rng(state: dict[str, Any], *, strict: bool = True) -> None:
-    """Put every generator back where :func:`capture_rng` found it.
+    """Put every generator back where :func:`capture_rng` found it; the CUDA state goes to this
+    process's current device, whichever index that is.
 
-    With ``strict`` a different number of CUDA devices (including a CPU-only capture restored
-    on a GPU machine and vice versa) raises ``ValueError``, because some stream would silently
-    continue from an unrelated state; ``strict=False`` restores the devices both sides have.
+    With ``strict``, a CUDA state without CUDA here (or CUDA here and none saved) raises ``ValueError``:
+    some stream would silently continue from an unrelated state. ``strict=False`` restores the rest.
+    A state listing several devices (as once saved: every visible one) gives the current device's entry.
     """
     cuda_states = list(state.get("cuda", []))
-    n_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if strict and len(cuda_states) != n_devices:
+    has_cuda = torch.cuda.is_available()
+    if strict and bool(cuda_states) != has_cuda:
         raise ValueError(
-            f"RNG state has {len(cuda_states)} CUDA device state(s) but this process sees "
-            f"{n_devices}; pass strict=False to restore only the common devices"
+            f"RNG state has {len(cuda_states)} CUDA device state(s) but this process "
+            f"{'trains on a CUDA device' if has_cuda else 'has no CUDA device'}; pass strict=False to "
+            "restore the other generators only"
         )
     _restore_python(state["python"])
     _restore_numpy(state["numpy"])
     torch.set_rng_state(state["torch"].cpu())
-    for device, device_state in enumerate(cuda_states[:n_devices]):
-        torch.cuda.set_rng_state(device_state.cpu(), device)
+    if has_cuda and cuda_states:
+        current = torch.cuda.current_device()
+        index = 0 if len(cuda_states) == 1 else current
+        if index < len(cuda_states):
+            torch.cuda.set_rng_state(cuda_states[index].cpu(), current)
+        elif strict:
+            raise ValueError(f"RNG state has no entry for CUDA device {current} ({len(cuda_states)} saved)")

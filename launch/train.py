@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import random
 import signal
@@ -19,20 +18,19 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import rich.style  # noqa: F401  (see below)
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from launch import elastic
 from launch.batches import PREFETCH, loader_collate, release
-from launch.checkpoint import Checkpointer
+from launch.checkpoint import HANG_GRACE_S, RETRY_FOR_S, Checkpointer
+from launch.collectives import Collectives, DistEnv, bind_device, collective_timeout_s
 from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_signals, preemption_signals
 from launch.records import MetricsLog, write_status
 from launch.rng import capture_rng, restore_rng
@@ -47,36 +45,23 @@ from pixpro.data import DatasetError, ImageFolder, TwoViewDataset
 from pixpro.demo_data import generate_demo_dataset
 from pixpro.lars import LARS, lars_param_groups
 from pixpro.sources import CachedSource
+from pixpro.sync_batchnorm import convert_sync_batchnorm
 from schemas import RunSpec, SpecError, load_spec, spec_hash
 from schemas.contract import preemption_deadlines
 
 log = logging.getLogger("pixpro.train")
+SINK_CLOSE_S = {"preempted": 2.0, "completed": 10.0}  # how long the metric mirrors get to close
 # rich draws from the process-wide `random` when first imported (rich.style's id counter). httpx imports
 # it, and aiobotocore imports httpx when installed (wandb brings it): on the first S3 call, after
 # seeding, which would shift the RNG a checkpoint saves. Imported above, the draw comes before seeding.
 
 
 # --- the run's environment ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    local_rank: int
-    world_size: int
-
-    @classmethod
-    def from_environ(cls) -> DistEnv:
-        return cls(
-            int(os.environ.get("RANK", 0)),
-            int(os.environ.get("LOCAL_RANK", 0)),
-            int(os.environ.get("WORLD_SIZE", 1)),
-        )
-
-
 def checkpoint_url(spec: RunSpec, run_dir: Path) -> str:
     return spec.checkpoint.url or str(run_dir / "checkpoints")
 
 
-def attempt_id(world_size: int) -> str:
+def attempt_id(collectives: Collectives) -> str:
     """A name unique to this launch, the same on every rank: it names the attempt's checkpoint prefixes.
 
     The launcher's ``PIXPRO_ATTEMPT`` (SLURM job id and restart count), else rank 0's clock and pid;
@@ -87,11 +72,8 @@ def attempt_id(world_size: int) -> str:
     if base is None and "SLURM_JOB_ID" in os.environ:
         base = f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
     if base is None:
-        base = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-        if world_size > 1:
-            box = [base]
-            dist.broadcast_object_list(box, src=0)
-            base = box[0]
+        local = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        base = collectives.broadcast_bytes(local.encode()).decode()
     return elastic.round_suffix(base, elastic.rendezvous_round())
 
 
@@ -139,15 +121,16 @@ def open_images(spec: RunSpec, root: str | Path) -> ImageFolder:
     return folder
 
 
-def build_data(spec: RunSpec, env: DistEnv) -> tuple[TwoViewDataset, ResumableSampler]:
+def build_data(
+    spec: RunSpec, env: DistEnv, collectives: Collectives | None = None
+) -> tuple[TwoViewDataset, ResumableSampler]:
     root: str | Path = spec.data.root
     if spec.data.demo is not None:
         root = Path(spec.data.root)
         if env.rank == 0:
             d = spec.data.demo
             generate_demo_dataset(root, num_images=d.num_images, image_size=d.image_size, seed=d.seed)
-        if env.world_size > 1:
-            dist.barrier()
+        (collectives or Collectives()).barrier()
         root = root / "images"
     folder = open_images(spec, root)
     transform = TwoViewTransform(
@@ -219,9 +202,18 @@ def build_optimizer(spec: RunSpec, model: PixPro) -> torch.optim.Optimizer:
 
 # --- the trainer -----------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, spec: RunSpec, run_dir: Path, env: DistEnv, flag: PreemptionFlag) -> None:
+    def __init__(
+        self,
+        spec: RunSpec,
+        run_dir: Path,
+        env: DistEnv,
+        flag: PreemptionFlag,
+        collectives: Collectives | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.spec, self.run_dir, self.env, self.flag = spec, run_dir, env, flag
-        self.attempt = attempt_id(env.world_size)
+        self.collectives = collectives or Collectives()
+        self.attempt = attempt_id(self.collectives)
         self.store = CheckpointStore(
             checkpoint_url(spec, run_dir),
             spec.checkpoint.storage_options,
@@ -233,27 +225,22 @@ class Trainer:
         self.checkpointer.prefetch()  # a resume's download overlaps building the data and the model
         self.metrics = MetricsLog(self.store, self.attempt) if env.rank == 0 else None
         self.sinks = MetricSinks(sink_factories(spec, run_dir, self.attempt)) if env.rank == 0 else None
-        self.device = (
-            torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        )
+        self.device = device or bind_device(env)
         cuda = self.device.type == "cuda"
         if spec.threads and not cuda:
             torch.set_num_threads(spec.threads)
-        if cuda:
-            torch.cuda.set_device(self.device)
-        elif spec.precision != "fp32" and not spec.cpu_autocast and env.rank == 0:
+        if not cuda and spec.precision != "fp32" and not spec.cpu_autocast and env.rank == 0:
             log.info("precision %s applies on GPU or with cpu_autocast; this trains in fp32", spec.precision)
         fast = cuda or spec.cpu_autocast
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision) if fast else None
         self.memory_format = torch.channels_last if (fast and spec.channels_last) else torch.contiguous_format
 
         seed_everything(spec.seed, env.rank)  # a fresh start is reproducible; a resume restores the RNG
-        self.dataset, self.sampler = build_data(spec, env)
+        self.dataset, self.sampler = build_data(spec, env, self.collectives)
         self.model = build_model(spec).to(self.device).to(memory_format=self.memory_format)
-        if cuda and env.world_size > 1:
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        elif env.world_size > 1 and env.rank == 0:
-            log.info("CPU/gloo: SyncBatchNorm needs GPUs, so each rank keeps its own BatchNorm statistics")
+        if env.world_size > 1:  # the same synchronized BN on gloo (CPU) as on NCCL (GPU)
+            converted = convert_sync_batchnorm(self.model, self.collectives.data_group)
+            assert converted is self.model  # converted in place: the root is no BatchNorm
         self.optimizer = build_optimizer(spec, self.model)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         schedule = Schedule.make(spec, len(self.dataset), env.world_size)
@@ -263,6 +250,13 @@ class Trainer:
         )
         self.resumed_step: int | None = None
         self.data_skips = 0  # samples replaced by the next usable one in this attempt (unreadable etc.)
+        # The step's numbers stay on the device (reading them is a host sync that stops the CPU from
+        # queueing the next step): read at log steps and before a save, see _read_step.
+        self._step_values = torch.zeros(2, device=self.device)  # loss, positives of the last step
+        self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)  # steps since checked
+        self._checked_step = 0
+        self._last_positives = 0.0
+        self._loader: DataLoader | None = None
 
     # state: the step and epoch live in the TrainState that checkpoints hold -------------------------
     @property
@@ -286,7 +280,7 @@ class Trainer:
         self.state.epoch = value
 
     def resume(self) -> None:
-        found = self.checkpointer.load_latest()
+        found = self.checkpointer.load_latest(self.collectives)
         if found is None:
             log.info("no committed checkpoint under %s: starting at step 0", self.store.url)
             return
@@ -305,7 +299,10 @@ class Trainer:
         log.info("resumed from step %d (epoch %d) of %d", self.step, self.epoch, self.schedule.total_steps)
 
     def save(self, blocking: bool, budget_s: float | None = None) -> bool:
-        """Hand the state to the uploader; ``blocking``: wait (at most ``budget_s``), say if it committed."""
+        """Hand the state to the uploader; ``blocking``: wait (at most ``budget_s``), say if it committed.
+
+        A state trained from a non-finite loss is never handed over (:meth:`_read_step` raises first)."""
+        self._read_step()
         train_state = self.state.state_dict() if self.env.rank == 0 else None
         meta = {"step": self.step, "epoch": self.epoch, "spec_hash": self.spec_hash, "attempt": self.attempt}
         return self.checkpointer.save(
@@ -315,46 +312,41 @@ class Trainer:
     # loop -----------------------------------------------------------------------------------------
     def fit(self) -> str:
         """Train to the end or to a preemption; returns "completed" or "preempted"."""
-        spec, env = self.spec, self.env
+        spec = self.spec
         self.resume()
-        model: torch.nn.Module = self.model
-        if env.world_size > 1:
-            cuda = self.device.type == "cuda"
-            # find_unused_parameters keeps DDP from re-bucketing after its first backward: otherwise the
-            # first step after every (re)start reduces gradients in another layout, and with more than
-            # two gloo ranks the float sums differ, breaking bitwise-exact resume on CPU.
-            model = DistributedDataParallel(
-                model, device_ids=[self.device.index] if cuda else None, find_unused_parameters=not cuda
-            )
+        model = self.distributed_model()
         self._status("running")
         stop_at = int(os.environ.get("PIXPRO_STOP_AT_STEP", -1))
         last_ckpt_time = time.monotonic()
         t_last, n_last = time.monotonic(), self.step
         outcome = "completed"
-        progress = _progress_bar(self.schedule.total_steps, self.step) if env.rank == 0 else None
+        progress = _progress_bar(self.schedule.total_steps, self.step) if self.env.rank == 0 else None
 
         while self.step < self.schedule.total_steps and outcome == "completed":
             if self.sampler.steps_remaining() == 0:
                 self.epoch += 1
                 self.sampler.set_epoch(self.epoch)
-            loader = self._loader()
+            loader = self.loader()
             for batch in loader:
-                loss = self._train_step(model, batch)
+                self.data_skips += int(batch["skipped"].sum())  # a host tensor: no device sync
+                self._train_step(model, batch)
                 release(loader, batch)  # its host tensors are spent: the workers may reuse them
                 self.step += 1
                 self.sampler.advance_steps(1)
                 if self.step == stop_at:
                     self.flag.trigger()
-                if self.metrics is not None and (
-                    self.step % spec.log_every_steps == 0 or self.step == self.schedule.total_steps
-                ):
-                    now = time.monotonic()
-                    rate = (self.step - n_last) * self.sampler.global_batch_size / max(now - t_last, 1e-9)
-                    t_last, n_last = now, self.step
-                    self._log_metrics(loss, rate)
-                if progress is not None:
-                    progress.update(self.step, loss)
-                preempt, due = self._agree(self.flag.requested(), self._checkpoint_due(last_ckpt_time))
+                if self.step % spec.log_every_steps == 0 or self.step == self.schedule.total_steps:
+                    loss = self._read_step()
+                    if self.metrics is not None:
+                        now = time.monotonic()
+                        rate = (self.step - n_last) * self.sampler.global_batch_size / max(now - t_last, 1e-9)
+                        t_last, n_last = now, self.step
+                        self._log_metrics(loss, rate)
+                    if progress is not None:
+                        progress.update(self.step, loss)
+                preempt, due = self.collectives.any(
+                    self.flag.requested(), self._checkpoint_due(last_ckpt_time)
+                )
                 if preempt and self.step < self.schedule.total_steps:  # at the last step, just finish
                     outcome = "preempted"
                     break
@@ -384,34 +376,64 @@ class Trainer:
             self.metrics.flush(wait=True)
         self._status(outcome, preempt_committed=committed if outcome == "preempted" else None)
         if self.sinks is not None:  # after status.json: a slow sink must not hide how the attempt ended
-            self.sinks.close(timeout_s=2.0 if outcome == "preempted" else 10.0)
+            self.sinks.close(timeout_s=SINK_CLOSE_S[outcome])
         log.info("%s at step %d of %d", outcome, self.step, self.schedule.total_steps)
         del model
         return outcome
 
-    def _loader(self) -> DataLoader:
-        workers = self.spec.data.num_workers
-        return DataLoader(
-            self.dataset,
-            batch_size=self.spec.data.batch_size,
-            sampler=self.sampler,
-            num_workers=workers,
-            collate_fn=loader_collate(workers),  # batch buffers reused in shared memory
-            prefetch_factor=PREFETCH if workers else None,
-            worker_init_fn=ignore_preemption_signals,
-            pin_memory=self.device.type == "cuda",
-            drop_last=False,
-            # its own generator: creating an iterator must not draw from the global RNG
-            generator=torch.Generator().manual_seed(self.spec.seed),
+    def distributed_model(self, find_unused: bool | None = None) -> torch.nn.Module:
+        """The model as the step runs it: under DDP whenever a process group exists (one GPU under
+        torchrun runs the same DDP as eight), else the model itself.
+
+        ``find_unused`` (default: on CPU only) keeps DDP from re-bucketing after its first backward:
+        otherwise the first step after every (re)start reduces gradients in another layout, and with more
+        than two gloo ranks the float sums differ, breaking bitwise-exact resume on CPU. It reads a flag
+        per parameter on the host each backward, which costs nothing on a CPU; on GPUs it stays off.
+        """
+        if not self.collectives.active:
+            return self.model
+        cuda = self.device.type == "cuda"
+        return DistributedDataParallel(
+            self.model,
+            device_ids=[self.device.index] if cuda else None,
+            process_group=self.collectives.data_group,
+            # SyncBatchNorm keeps the BN buffers equal on every rank: no re-broadcast each forward
+            broadcast_buffers=False,
+            gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy
+            find_unused_parameters=not cuda if find_unused is None else find_unused,
         )
 
-    def _train_step(self, model: torch.nn.Module, batch: dict) -> float:
+    def loader(self) -> DataLoader:
+        """The run's one DataLoader: its workers persist across epochs (no re-fork from a CUDA process,
+        no drained pipeline at each epoch boundary). The sampler runs in this process, so a new epoch or
+        a resumed position takes effect at the next ``iter()``; samples are seeded by (seed, epoch,
+        index), so the workers' own RNG never matters and resume stays exact."""
+        if self._loader is None:
+            workers = self.spec.data.num_workers
+            self._loader = DataLoader(
+                self.dataset,
+                batch_size=self.spec.data.batch_size,
+                sampler=self.sampler,
+                num_workers=workers,
+                collate_fn=loader_collate(workers),  # batch buffers reused in shared memory
+                prefetch_factor=PREFETCH if workers else None,
+                persistent_workers=workers > 0,
+                worker_init_fn=ignore_preemption_signals,
+                pin_memory=self.device.type == "cuda",
+                drop_last=False,
+                # its own generator: creating an iterator must not draw from the global RNG
+                generator=torch.Generator().manual_seed(self.spec.seed),
+            )
+        return self._loader
+
+    def _train_step(self, model: torch.nn.Module, batch: dict) -> None:
+        """One optimizer step, queued without a host sync (fp16's GradScaler aside, which reads its
+        overflow flag): the loss and positives stay on the device until :meth:`_read_step`."""
         lr = self.schedule.lr(self.step, self.spec)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         # before the target forward, as the official code does
         self.model.update_target(self.schedule.momentum(self.step, self.spec))
-        self.data_skips += int(batch["skipped"].sum())
         v1, v2, c1, c2 = device_views(self.dataset.transform, batch, self.device)
         if self.memory_format is torch.channels_last:
             v1, v2 = (
@@ -425,11 +447,21 @@ class Trainer:
         self.scaler.scale(out["loss"]).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        # one device-to-host copy for both numbers (each float() of a CUDA tensor is a sync)
-        pair = torch.stack([out["loss"].detach().float(), torch.as_tensor(out["positives"]).float()])
-        loss, self._last_positives = pair.tolist()  # the step's one host sync
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {self.step}")
+        values = torch.stack([out["loss"].detach().float(), out["positives"].float()])
+        self._step_values = values
+        self._nonfinite += ~torch.isfinite(values[0])
+
+    def _read_step(self) -> float:
+        """The last step's loss on the host (one sync); raises if any loss since the last read was not
+        finite, so no such state is logged as healthy or saved."""
+        loss, positives, nonfinite = torch.cat([self._step_values, self._nonfinite[None].float()]).tolist()
+        self._last_positives = positives
+        if nonfinite:
+            raise FloatingPointError(
+                f"loss was not finite in {int(nonfinite)} step(s) of steps "
+                f"{self._checked_step + 1}-{self.step} (now {loss})"
+            )
+        self._checked_step = self.step
         return loss
 
     def _checkpoint_due(self, last_time: float) -> bool:
@@ -437,14 +469,6 @@ class Trainer:
         by_steps = c.every_steps is not None and self.step % c.every_steps == 0
         by_time = c.every_minutes is not None and time.monotonic() - last_time >= 60 * c.every_minutes
         return by_steps or by_time
-
-    def _agree(self, preempt: bool, due: bool) -> tuple[bool, bool]:
-        """Every rank takes the same decision at the same step (no rank is left in a collective)."""
-        if self.env.world_size == 1:
-            return preempt, due
-        flags = torch.tensor([int(preempt), int(due)], dtype=torch.int32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0]), bool(flags[1])
 
     def _log_metrics(self, loss: float, rate: float) -> None:
         assert self.metrics is not None  # rank 0 only
@@ -522,6 +546,19 @@ class _progress_bar:
 
 
 # --- entry point -----------------------------------------------------------------------------------
+def set_deterministic() -> None:
+    """What CUDA needs to repeat a run bit for bit (spec ``deterministic``); before CUDA initializes.
+
+    cuBLAS picks reduction splits by workspace unless it is fixed; cuDNN autotunes (benchmark) and has
+    non-deterministic algorithms; a few torch kernels (scatter-add, index-put) use atomics. On a CPU
+    none of this changes anything: CPU runs are deterministic at a fixed thread count either way.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def _setup_logging(rank: int) -> None:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -542,15 +579,22 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(f"pixpro: {exc}", file=sys.stderr)
         return 2
+    if spec.deterministic:
+        set_deterministic()
+        log.info(
+            "deterministic algorithms on (torch, cuBLAS workspace %s, cuDNN)",
+            os.environ["CUBLAS_WORKSPACE_CONFIG"],
+        )
+    device = bind_device(env)  # before the process group: its buffers must land on this rank's GPU
     flag = PreemptionFlag(preemption_signals(spec.resources.signal)).install()
     if os.environ.get(elastic.PREEMPT_ENV):  # restarted by torchrun after the preemption signal arrived
         flag.trigger()
     run_dir = args.run_dir or Path("runs") / spec.name
-    if env.world_size > 1:
-        # env:// on the store of this rendezvous round (see launch.elastic: no stale keys to read)
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    # env:// on the store of this rendezvous round (see launch.elastic: no stale keys to read)
+    commit_s, _ = preemption_deadlines(spec.resources.signal_lead_s)
+    collectives = Collectives.start(env, device, collective_timeout_s(RETRY_FOR_S + HANG_GRACE_S, commit_s))
     try:
-        outcome = Trainer(spec, run_dir, env, flag).fit()
+        outcome = Trainer(spec, run_dir, env, flag, collectives, device).fit()
     except (SpecError, DatasetError) as exc:  # bad input: one line, no traceback, no barrier to hang in
         log.error("%s", exc)
         return 2
@@ -558,9 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     # its default action (Python drops its handlers at exit) and turn a finished run into a failure.
     for sig in flag.signals:
         signal.signal(sig, signal.SIG_IGN)
-    if env.world_size > 1:
-        dist.barrier()  # a bare destroy_process_group() crashed at exit in 6 of 45 launches here
-        dist.destroy_process_group()
+    collectives.close()
     if outcome == "preempted":
         exit_dir = os.environ.get("PIXPRO_EXIT_DIR")
         if exit_dir:  # under our torchrun wrapper: exit 0 so torchrun does not restart us; it reports 75

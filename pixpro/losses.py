@@ -2,12 +2,32 @@
 
 All losses compute in float32 so that mixed precision only affects the networks, and all stay finite
 (with finite gradients) when an image or the whole batch has no positive pair, which happens for about
-2% of random view pairs.
+2% of random view pairs. Float32 inputs are not enough: under ``torch.autocast`` ``bmm`` runs in the
+low-precision dtype whatever its inputs (cosines to ~3 digits in bf16), so each loss runs with autocast
+off (:func:`_float32`).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec
+
 import torch
+
+_P = ParamSpec("_P")
+
+
+def _float32(loss: Callable[_P, torch.Tensor]) -> Callable[_P, torch.Tensor]:
+    """Run ``loss`` with autocast disabled on its tensors' device (inputs are upcast inside)."""
+
+    @functools.wraps(loss)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> torch.Tensor:
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return loss(*args, **kwargs)
+
+    return run
 
 
 def _cells(x: torch.Tensor) -> torch.Tensor:
@@ -15,6 +35,7 @@ def _cells(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).float()
 
 
+@_float32
 def consistency_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """One direction of the pixel loss: ``-2 mean_b[sum(cos * mask) / (sum(mask) + 1e-6)]``.
 
@@ -27,11 +48,13 @@ def consistency_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     return -2 * per_image.mean()
 
 
+@_float32
 def instance_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL regression ``-2 mean cos(p, z)`` between normalized ``[B, D]`` prediction and target."""
     return -2 * (p.float() * z.float()).sum(1).mean()
 
 
+@_float32
 def pixcontrast_loss(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -766,6 +766,12 @@ class RunSpec(_Spec):
     threads: int | None = Field(
         None, ge=1, le=MAX_THREADS, description="torch threads per rank on CPU; None = torch's default."
     )
+    deterministic: bool = Field(
+        False,
+        description="Deterministic CUDA kernels (torch.use_deterministic_algorithms, a fixed cuBLAS "
+        "workspace, no cuDNN autotuning): a GPU run and its resume repeat bit for bit, somewhat slower. "
+        "CPU runs are deterministic either way.",
+    )
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint store.")
     log_every_steps: int = Field(
         10, ge=1, le=MAX_STEPS, description="Log metrics every this many optimizer steps."
@@ -841,13 +847,14 @@ _HASH_EXCLUDE: dict[str, Any] = {
     "log_every_steps": True,
     "logging": True,
     "threads": True,
+    "deterministic": True,
     "data": {"num_workers", "storage_options", "cache", "cache_gb", "cache_dir", "augment_on"},
 }
 """Fields that do not change what is trained, so a resume may change them: resources (world size is
 checked separately, from the checkpoint), where/how often checkpoints go, logging cadence and sinks,
 DataLoader workers (augmentation is seeded per sample, not per worker), how data is reached and cached
 (never what a sample is), where the photometric steps run (same views either way) and CPU threads (only
-float rounding)."""
+float rounding) and deterministic kernels (only float rounding)."""
 
 
 _ADDED_LATER: dict[str, Any] = {"cpu_autocast": False}

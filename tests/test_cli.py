@@ -517,16 +517,18 @@ def test_status_of_50_runs_asks_slurm_once_and_is_complete(
     assert one["run_id"] == fifty_runs[3].run_id
 
 
+@pytest.mark.parametrize("slurm", ["unreachable", "not installed"])
 def test_status_says_when_slurm_did_not_answer(
-    home: Path, fifty_runs: list[RunRecord], tmp_path: Path
+    home: Path, fifty_runs: list[RunRecord], tmp_path: Path, slurm: str
 ) -> None:
     """A SLURM client that cannot reach SLURM (here: an empty config, so it fails at once; a missing one
-    makes it look for the controller in DNS for a minute) is not a SLURM that has no such job: those runs
-    are UNKNOWN because SLURM did not answer, never PENDING, and the rest of the table is still there,
-    with one warning line per command."""
+    makes it look for the controller in DNS for a minute), or no SLURM client at all (a laptop reading the
+    run registry), is not a SLURM that has no such job: those runs are UNKNOWN because SLURM did not
+    answer, never PENDING, and the rest of the table is still there, with one warning line per command."""
     empty = tmp_path / "slurm.conf"
     empty.touch()
-    proc = cli("status", "--json", home=home, env={"SLURM_CONF": str(empty)})
+    env = {"SLURM_CONF": str(empty)} if slurm == "unreachable" else {"PATH": str(tmp_path / "no-slurm")}
+    proc = cli("status", "--json", home=home, env=env)
     assert proc.returncode == 0, proc.stderr
     rows = {r["run_id"]: r for r in json.loads(proc.stdout)}
     assert len(rows) == 50

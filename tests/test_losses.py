@@ -124,3 +124,24 @@ def test_pixcontrast_no_positives_is_zero_with_finite_grads():
     assert torch.isfinite(q.grad).all()
     loss = pixcontrast_loss(q, k, torch.zeros(2, 4, 4))
     assert loss.item() == 0.0 and loss.requires_grad
+
+
+@pytest.mark.parametrize("which", ["consistency", "pixcontrast", "instance"])
+def test_losses_compute_in_float32_under_bf16_autocast(which):
+    """Under autocast bmm runs in bf16 even for float32 inputs (PixContrast was 2e-3 off): each loss
+    turns autocast off, so under it the loss equals the fp32 loss of the same features."""
+    g = torch.Generator().manual_seed(0)
+    a = F.normalize(torch.randn(4, 32, 49, generator=g), dim=1)
+    b = F.normalize(torch.randn(4, 32, 49, generator=g), dim=1)
+    mask = (torch.rand(4, 49, 49, generator=g) > 0.7).float()
+    if which == "consistency":
+        run = lambda: consistency_loss(a, b, mask)  # noqa: E731
+    elif which == "pixcontrast":
+        run = lambda: pixcontrast_loss(a, b, mask, tau=0.3)  # noqa: E731
+    else:
+        run = lambda: instance_loss(a[:, :, 0], b[:, :, 0])  # noqa: E731
+    reference = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = run()
+    assert mixed.dtype == torch.float32
+    assert (mixed - reference).abs().item() <= 1e-6

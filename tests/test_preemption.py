@@ -128,6 +128,36 @@ def test_sigkill_of_one_rank_is_restarted_by_torchrun_from_the_last_checkpoint(t
     assert_identical(golden, final_state(str(run / "checkpoints")))
 
 
+def _nccl_rule_run(spec: Path, run: Path, **env: str) -> subprocess.CompletedProcess:
+    """Two ranks under torchrun whose default process group refuses CPU tensors as NCCL does."""
+    rule = REPO / "tests" / "support" / "nccl_rule"
+    base = trainer_env(**env)
+    base["PYTHONPATH"] = f"{rule}{os.pathsep}{base['PYTHONPATH']}"
+    return subprocess.run(
+        trainer_cmd(spec, run, nproc=2), cwd=REPO, env=base, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_control_plane_obeys_nccls_device_rule_and_resumes_exactly(tmp_path, data_root, golden):
+    """Why this test exists: NCCL refuses CPU tensors, gloo accepts them. The trainer's control plane
+    (the attempt name, the demo data's barrier, the per-step preempt/save agreement, the resume
+    agreement, the closing barrier) all-reduced CPU tensors on the default group, which is NCCL on a
+    GPU node: every multi-GPU run would have crashed at its first collective while every CPU test
+    passed. Here the default group is built as "cuda:gloo", which refuses CPU tensors exactly as NCCL
+    does; the run stops at step 7 (a committed checkpoint), resumes, and ends bitwise equal to the
+    plain gloo run, with synchronized BN and DDP on the data plane's own gloo group."""
+    spec = write_spec(tmp_path / "spec.json", _spec(data_root))
+    run = tmp_path / "run"
+    first = _nccl_rule_run(spec, run, PIXPRO_STOP_AT_STEP="7")
+    assert first.returncode == EXIT_PREEMPTED, first.stderr[-3000:]
+    marker = "nccl-rule: default process group built as cuda:gloo"
+    assert first.stderr.count(marker) == 2, first.stderr[-3000:]  # both ranks ran under the rule
+    second = _nccl_rule_run(spec, run)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step 7" in second.stderr
+    assert_identical(golden, final_state(str(run / "checkpoints")))
+
+
 def test_world_size_two_to_one_finishes_the_epoch_with_the_remaining_samples(tmp_path, data_root):
     spec = write_spec(tmp_path / "spec.json", _spec(data_root, optim__max_steps=9))
     run = tmp_path / "run"

@@ -104,17 +104,61 @@ def test_restore_leaves_python_random_at_exact_position() -> None:
     assert np.array_equal(got[1], np_expected[1]) and got[2:] == np_expected[2:]
 
 
-def test_cuda_device_count_mismatch_is_refused_unless_not_strict() -> None:
-    state = capture_rng()
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    other = {**state, "cuda": [torch.zeros(16, dtype=torch.uint8)] * (n + 1)}
+class FakeCuda:
+    """``n`` CUDA devices with one RNG state each, the current one set as the trainer sets it: a resume
+    across GPU layouts, simulated on a CPU machine."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, n: int, current: int) -> None:
+        self.states = {d: torch.full((16,), d, dtype=torch.uint8) for d in range(n)}
+        self.current = current
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(
+            torch.cuda, "get_rng_state", lambda device="cuda": self.states[self.current].clone()
+        )
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [self.states[d] for d in range(n)])
+
+        def set_state(state: torch.Tensor, device: int | str = "cuda") -> None:
+            self.states[self.current if isinstance(device, str) else device] = state.clone()
+
+        monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+
+
+def test_a_rank_resumes_on_another_gpu_layout_with_its_own_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same world size, other layout: rank 5 trained on local GPU 5 of an 8-GPU node and resumes on
+    local GPU 1 of a 4-GPU node. Its one saved CUDA stream goes to the device it now trains on."""
+    saved = FakeCuda(monkeypatch, n=8, current=5)
+    saved.states[5] = torch.arange(16, dtype=torch.uint8)  # rank 5's stream, mid-way
+    state = weights_only_roundtrip(capture_rng())
+    assert len(state["cuda"]) == 1  # this process's device only, not all eight
+    resumed = FakeCuda(monkeypatch, n=4, current=1)
+    restore_rng(state)
+    assert torch.equal(resumed.states[1], torch.arange(16, dtype=torch.uint8))
+    assert all(torch.equal(resumed.states[d], torch.full((16,), d, dtype=torch.uint8)) for d in (0, 2, 3))
+
+
+def test_a_state_of_every_visible_device_restores_the_current_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The former format (one state per visible device) still resumes: the current device's entry."""
+    fake = FakeCuda(monkeypatch, n=2, current=1)
+    state = {
+        **capture_rng(),
+        "cuda": [torch.full((16,), 7, dtype=torch.uint8), torch.full((16,), 9, dtype=torch.uint8)],
+    }
+    restore_rng(state)
+    assert torch.equal(fake.states[1], torch.full((16,), 9, dtype=torch.uint8))
+
+
+def test_cuda_presence_mismatch_is_refused_unless_not_strict() -> None:
+    assert not torch.cuda.is_available()  # the CPU suite: a GPU checkpoint on a CPU machine
+    other = {**capture_rng(), "cuda": [torch.zeros(16, dtype=torch.uint8)]}
     with pytest.raises(ValueError, match="CUDA"):
         restore_rng(other)
     seed_all(5)
     first = draw()
     seed_all(5)
     state = capture_rng()
-    restore_rng({**state, "cuda": state["cuda"] + [torch.zeros(16, dtype=torch.uint8)]}, strict=False)
+    restore_rng({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)]}, strict=False)
     assert_same(draw(), first)
 
 

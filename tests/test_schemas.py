@@ -87,6 +87,7 @@ FULL: dict[str, Any] = {
     "channels_last": False,
     "cpu_autocast": False,
     "threads": 2,
+    "deterministic": False,
     "checkpoint": {
         "url": "s3://bucket/prefix",
         "every_steps": 5,
@@ -291,6 +292,7 @@ BAD_VALUES = [
     ("channels_last", "sometimes", "channels_last"),
     ("cpu_autocast", "maybe", "cpu_autocast"),
     ("threads", 0, "threads"),
+    ("deterministic", "yes", "deterministic"),
     ("checkpoint.url", "", "checkpoint.url"),
     ("checkpoint.url", "http://example.com/x", "checkpoint.url"),
     ("checkpoint.url", "s3://", "checkpoint.url"),
@@ -695,6 +697,7 @@ def test_spec_hash_of_the_defaults_is_pinned() -> None:
         ("log_every_steps", 1),
         ("data.num_workers", 0),
         ("threads", 1),
+        ("deterministic", True),
     ],
 )
 def test_spec_hash_ignores_what_does_not_change_training(dotted: str, value: Any) -> None:

@@ -55,6 +55,16 @@ def test_photometric_steps_on_the_device_give_the_worker_path_bitwise_and_resume
     assert_identical(golden, state)
 
 
+def test_deterministic_mode_trains_the_same_run_on_cpu(tmp_path, data_root, golden):
+    """``deterministic: true`` (for GPUs) runs on a CPU, turns torch's deterministic algorithms on, and
+    changes nothing there: CPU runs are deterministic either way. It is outside the spec hash."""
+    spec = write_spec(tmp_path / "spec.json", tiny_spec(data_root, deterministic=True))
+    res = run_trainer(spec, tmp_path / "run")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "deterministic algorithms on" in res.stderr
+    assert_identical(golden, final_state(str(tmp_path / "run" / "checkpoints")))
+
+
 def test_resume_refuses_a_changed_spec(tmp_path, data_root):
     spec_path = write_spec(tmp_path / "spec.json", tiny_spec(data_root))
     run = tmp_path / "run"

@@ -1,0 +1,96 @@
+"""The training step as a GPU sees it: no host sync per step, a non-finite loss never saved, the loader's
+workers kept for the whole run."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch.collectives import DistEnv
+from launch.preempt import PreemptionFlag
+from launch.train import Trainer
+from schemas import load_spec
+from tests.support.host_syncs import HostSyncCounter
+from tests.support.trainer import tiny_spec, write_spec
+
+
+@pytest.fixture
+def make_trainer(tmp_path: Path, data_root: Path) -> Iterator:
+    made: list[Trainer] = []
+
+    def make(**overrides: object) -> Trainer:
+        spec = tiny_spec(data_root, **({"log_every_steps": 100} | overrides))
+        trainer = Trainer(
+            load_spec(write_spec(tmp_path / "spec.json", spec)),
+            tmp_path / f"run{len(made)}",
+            DistEnv(0, 0, 1),
+            PreemptionFlag(()),
+        )
+        made.append(trainer)
+        return trainer
+
+    yield make
+    for trainer in made:
+        trainer.checkpointer.close()
+
+
+def _batches(trainer: Trainer) -> Iterator[dict]:
+    return iter(trainer.loader())
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_a_training_step_makes_no_host_sync(make_trainer, autocast):
+    """A host sync per step (reading the loss) stops the CPU from queueing the next step while the GPU
+    finishes this one. Counted on CPU tensors: the ops that would sync on a GPU (item, tolist, boolean
+    masks, nonzero...), the backward and LARS included."""
+    trainer = make_trainer(precision="bf16" if autocast else "fp32", cpu_autocast=autocast)
+    assert (trainer.amp_dtype is torch.bfloat16) is autocast
+    batches = _batches(trainer)
+    for _ in range(3):
+        batch = next(batches)
+        with HostSyncCounter() as counter:
+            trainer._train_step(trainer.model, batch)
+        assert counter.count == 0, dict(counter.ops)
+        trainer.step += 1
+    with HostSyncCounter() as counter:
+        loss = trainer._read_step()  # at log steps only: one sync for every number of the step
+    assert counter.count == 1 and math.isfinite(loss)
+
+
+def test_a_non_finite_loss_is_reported_and_never_saved(make_trainer):
+    trainer = make_trainer()
+    batches = _batches(trainer)
+    trainer._train_step(trainer.model, next(batches))
+    trainer.step += 1
+    with torch.no_grad():
+        trainer.model.backbone.conv1.weight.fill_(float("nan"))
+    trainer._train_step(trainer.model, next(batches))
+    trainer.step += 1
+    with pytest.raises(FloatingPointError, match=r"not finite in 1 step\(s\) of steps 1-2"):
+        trainer.save(blocking=True)
+    assert trainer.checkpointer.last_committed is None
+
+
+def test_the_loader_keeps_its_workers_across_epochs(make_trainer):
+    """Workers forked once for the run (not from a CUDA process every epoch); the next epoch's batches
+    are still exactly those of its own sampler position."""
+    trainer = make_trainer(data__num_workers=2)
+    loader = trainer.loader()
+    first = list(loader)
+    iterator = loader._iterator
+    assert iterator is not None
+    pids = [w.pid for w in iterator._workers]
+    trainer.sampler.set_epoch(1)
+    second = [b["view1"].clone() for b in trainer.loader()]
+    assert trainer.loader() is loader and loader._iterator is iterator
+    assert [w.pid for w in iterator._workers] == pids and all(w.is_alive() for w in iterator._workers)
+    assert len(first) == len(second) == trainer.sampler.steps_per_epoch()
+
+    fresh = make_trainer(data__num_workers=0)
+    fresh.sampler.set_epoch(1)
+    expected = [b["view1"] for b in fresh.loader()]
+    assert all(torch.equal(a, b) for a, b in zip(second, expected, strict=True))
