@@ -17,7 +17,7 @@ EXIT_PREEMPTED = Exit.PREEMPTED
 # NODE_FAIL (active): a node of the run failed and SLURM requeued it; the job goes on by itself.
 ACTIVE = frozenset({"PENDING", "REQUEUED", "NODE_FAIL", "RUNNING", "SUSPENDED"})
 STATES = ("PENDING", "REQUEUED", "NODE_FAIL", "RUNNING", "SUSPENDED", "PREEMPTED", "TIMEOUT", "FAILED",
-          "CANCELLED", "COMPLETED", "UNKNOWN")  # fmt: skip
+          "DIVERGED", "CANCELLED", "COMPLETED", "UNKNOWN")  # fmt: skip
 _QUEUED = ("PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "REQUEUED", "RESV_DEL_HOLD")
 _RUNNING = ("RUNNING", "CONFIGURING", "COMPLETING", "RESIZING", "SIGNALING", "STAGE_OUT")
 
@@ -43,6 +43,16 @@ def trainer_says(trainer: dict | None, state: str, attempt_prefix: str) -> bool:
         return False
     attempt = str(trainer.get("attempt", ""))
     return attempt == attempt_prefix or attempt.startswith(attempt_prefix + ".")
+
+
+def _diverged(
+    trainer: dict | None, attempt_prefix: str, code: int | None, history: tuple = ()
+) -> AttemptState | None:
+    """DIVERGED, not FAILED, when the trainer stopped the attempt on non-finite steps (exit 1, no restart)."""
+    if not trainer_says(trainer, "diverged", attempt_prefix):
+        return None
+    assert trainer is not None
+    return AttemptState("DIVERGED", str(trainer.get("diverged") or "non-finite loss"), code, history)
 
 
 def _join(*parts: str) -> str:
@@ -95,6 +105,8 @@ def slurm_state(job: SlurmJob, trainer: dict | None, cancelled: bool, recent: bo
         )
     if final in ("TIMEOUT", "DEADLINE"):
         return AttemptState("TIMEOUT", "", code, history)
+    if final == "FAILED" and (diverged := _diverged(trainer, job.job_id, code, history)):
+        return diverged
     if final == "FAILED":
         return AttemptState("FAILED", f"exit {code}" if code else "", code, history)
     # NODE_FAIL not requeued (--no-requeue), OUT_OF_MEMORY, BOOT_FAIL ...: the job is over
@@ -115,7 +127,7 @@ def local_state(job: LocalJob | None, trainer: dict | None, cancelled: bool) -> 
         return AttemptState("COMPLETED", "", 0)
     if code == EXIT_PREEMPTED or trainer_says(trainer, "preempted", job.job_id):
         return AttemptState("PREEMPTED", "resume with: pixpro resume", code)
-    return AttemptState("FAILED", f"exit {code}", code)
+    return _diverged(trainer, job.job_id, code) or AttemptState("FAILED", f"exit {code}", code)
 
 
 def follow_exit_code(state: AttemptState) -> int:

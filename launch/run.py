@@ -18,6 +18,7 @@ from pathlib import Path
 
 from launch import elastic
 from launch.preempt import EXIT_PREEMPTED, forward_to_children, preemption_signals
+from schemas.contract import EXIT_DIR_ENV, exit_marker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     forward_to_children(preemption_signals(user_signal), mark_env=elastic.PREEMPT_ENV)
     elastic.install()
     with tempfile.TemporaryDirectory(prefix="pixpro-exit-") as exit_dir:
-        os.environ["PIXPRO_EXIT_DIR"] = exit_dir
+        os.environ[EXIT_DIR_ENV] = exit_dir
         from torch.distributed.run import main as torchrun_main
 
         failure = None
@@ -47,8 +48,13 @@ def main(argv: list[str] | None = None) -> int:
             code = exc.code if isinstance(exc.code, int) else 1
         except Exception as exc:  # torchrun's ChildFailedError already printed the details
             code, failure = 1, type(exc).__name__
-        if any(Path(exit_dir).glob("preempted.*")):
+        if any(Path(exit_dir).glob(exit_marker("preempted", "*"))):
             return EXIT_PREEMPTED
+        diverged = sorted(Path(exit_dir).glob(exit_marker("diverged", "*")))
+        if diverged:  # no restart, no requeue: it would only repeat
+            reason = next((t for p in diverged if (t := p.read_text().strip())), "diverged")
+            print(f"pixpro: {reason}", file=sys.stderr)
+            return 1
         if failure:
             print(f"pixpro: training failed ({failure}); see the rank logs above", file=sys.stderr)
     return code

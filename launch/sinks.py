@@ -40,6 +40,7 @@ SCALARS = {
     "positives": "train/positives_per_image",
     "commit_s": "checkpoint/commit_s",
     "data_skips": "data/skips",
+    "skipped_steps": "train/skipped_steps",
 }
 """Metrics record field -> the tag TensorBoard and W&B show it under (absent fields are left out)."""
 

@@ -31,6 +31,7 @@ from launch import elastic
 from launch.batches import PREFETCH, loader_collate, release
 from launch.checkpoint import HANG_GRACE_S, RETRY_FOR_S, Checkpointer
 from launch.collectives import Collectives, DistEnv, bind_device, collective_timeout_s
+from launch.nonfinite import Diverged, NonFiniteGuard, all_finite
 from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_signals, preemption_signals
 from launch.records import MetricsLog, write_status
 from launch.rng import capture_rng, restore_rng
@@ -47,10 +48,14 @@ from pixpro.lars import LARS, lars_param_groups
 from pixpro.sources import CachedSource
 from pixpro.sync_batchnorm import convert_sync_batchnorm
 from schemas import RunSpec, SpecError, load_spec, spec_hash
-from schemas.contract import preemption_deadlines
+from schemas.contract import EXIT_DIR_ENV, exit_marker, preemption_deadlines
 
 log = logging.getLogger("pixpro.train")
-SINK_CLOSE_S = {"preempted": 2.0, "completed": 10.0}  # how long the metric mirrors get to close
+SINK_CLOSE_S = {
+    "preempted": 2.0,
+    "completed": 10.0,
+    "diverged": 10.0,
+}  # how long the metric mirrors get to close
 # rich draws from the process-wide `random` when first imported (rich.style's id counter). httpx imports
 # it, and aiobotocore imports httpx when installed (wandb brings it): on the first S3 call, after
 # seeding, which would shift the RNG a checkpoint saves. Imported above, the draw comes before seeding.
@@ -252,10 +257,11 @@ class Trainer:
         self.data_skips = 0  # samples replaced by the next usable one in this attempt (unreadable etc.)
         # The step's numbers stay on the device (reading them is a host sync that stops the CPU from
         # queueing the next step): read at log steps and before a save, see _read_step.
-        self._step_values = torch.zeros(2, device=self.device)  # loss, positives of the last step
-        self._nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)  # steps since checked
-        self._checked_step = 0
+        self._step_values = torch.zeros(2, device=self.device)  # loss, positives of the last good step
+        self.guard = NonFiniteGuard(self.model, self.optimizer, self.device)
         self._last_positives = 0.0
+        self._skipped_read = 0  # the guard's skipped steps at the last read
+        self.diverged: str | None = None  # the one line that says why the run stopped
         self._loader: DataLoader | None = None
 
     # state: the step and epoch live in the TrainState that checkpoints hold -------------------------
@@ -301,8 +307,10 @@ class Trainer:
     def save(self, blocking: bool, budget_s: float | None = None) -> bool:
         """Hand the state to the uploader; ``blocking``: wait (at most ``budget_s``), say if it committed.
 
-        A state trained from a non-finite loss is never handed over (:meth:`_read_step` raises first)."""
+        A state that is not all finite is never handed over: :class:`Diverged` is raised instead."""
         self._read_step()
+        if not self._state_finite():
+            raise Diverged(f"the state at step {self.step} holds non-finite values; it was not saved")
         train_state = self.state.state_dict() if self.env.rank == 0 else None
         meta = {"step": self.step, "epoch": self.epoch, "spec_hash": self.spec_hash, "attempt": self.attempt}
         return self.checkpointer.save(
@@ -311,66 +319,23 @@ class Trainer:
 
     # loop -----------------------------------------------------------------------------------------
     def fit(self) -> str:
-        """Train to the end or to a preemption; returns "completed" or "preempted"."""
-        spec = self.spec
+        """Train to the end, a preemption or a divergence: "completed", "preempted" or "diverged"."""
         self.resume()
         model = self.distributed_model()
         self._status("running")
-        stop_at = int(os.environ.get("PIXPRO_STOP_AT_STEP", -1))
-        last_ckpt_time = time.monotonic()
-        t_last, n_last = time.monotonic(), self.step
-        outcome = "completed"
-        progress = _progress_bar(self.schedule.total_steps, self.step) if self.env.rank == 0 else None
-
-        while self.step < self.schedule.total_steps and outcome == "completed":
-            if self.sampler.steps_remaining() == 0:
-                self.epoch += 1
-                self.sampler.set_epoch(self.epoch)
-            loader = self.loader()
-            for batch in loader:
-                self.data_skips += int(batch["skipped"].sum())  # a host tensor: no device sync
-                self._train_step(model, batch)
-                release(loader, batch)  # its host tensors are spent: the workers may reuse them
-                self.step += 1
-                self.sampler.advance_steps(1)
-                if self.step == stop_at:
-                    self.flag.trigger()
-                if self.step % spec.log_every_steps == 0 or self.step == self.schedule.total_steps:
-                    loss = self._read_step()
-                    if self.metrics is not None:
-                        now = time.monotonic()
-                        rate = (self.step - n_last) * self.sampler.global_batch_size / max(now - t_last, 1e-9)
-                        t_last, n_last = now, self.step
-                        self._log_metrics(loss, rate)
-                    if progress is not None:
-                        progress.update(self.step, loss)
-                preempt, due = self.collectives.any(
-                    self.flag.requested(), self._checkpoint_due(last_ckpt_time)
-                )
-                if preempt and self.step < self.schedule.total_steps:  # at the last step, just finish
-                    outcome = "preempted"
-                    break
-                if due and self.step < self.schedule.total_steps:
-                    self.save(blocking=False)
-                    last_ckpt_time = time.monotonic()
-                if self.step >= self.schedule.total_steps:
-                    break
-        if progress is not None:
-            progress.close()
-        committed = True
-        if self.step != self.resumed_step:  # nothing new to save when stopped before the first step
-            # A preemption must commit within the signal's lead time; leave a margin for the exit.
-            commit_s, _ = preemption_deadlines(spec.resources.signal_lead_s)
-            committed = self.save(blocking=True, budget_s=commit_s if outcome == "preempted" else None)
-            if outcome == "preempted" and not committed:
-                log.error(
-                    "preempted at step %d, but its checkpoint did not commit within %.0f s "
-                    "(resources.signal_lead_s %g): the next attempt resumes from step %s",
-                    self.step,
-                    commit_s,
-                    spec.resources.signal_lead_s,
-                    self.checkpointer.last_committed or self.resumed_step or 0,
-                )
+        try:
+            outcome = self._steps(model)
+            committed = self._final_save(outcome)
+        except Diverged as exc:  # every rank decides alike: the guard's counts follow the reduced gradients
+            outcome, committed = "diverged", False
+            last = self.checkpointer.last_committed or self.resumed_step
+            self.diverged = (
+                f"diverged: {exc}; stopped without saving; the last committed checkpoint is "
+                f"{f'step {last}' if last else 'none'}"
+            )
+            if self.env.rank == 0:
+                log.error("%s", self.diverged)
+        self._close_loader()
         self.checkpointer.close()
         if self.metrics is not None:
             self.metrics.flush(wait=True)
@@ -380,6 +345,73 @@ class Trainer:
         log.info("%s at step %d of %d", outcome, self.step, self.schedule.total_steps)
         del model
         return outcome
+
+    def _steps(self, model: torch.nn.Module) -> str:
+        """Step until done ("completed") or until every rank agreed on a preemption ("preempted")."""
+        spec = self.spec
+        stop_at = int(os.environ.get("PIXPRO_STOP_AT_STEP", -1))
+        last_ckpt_time = time.monotonic()
+        t_last, n_last = time.monotonic(), self.step
+        progress = _progress_bar(self.schedule.total_steps, self.step) if self.env.rank == 0 else None
+        try:
+            while self.step < self.schedule.total_steps:
+                if self.sampler.steps_remaining() == 0:
+                    self.epoch += 1
+                    self.sampler.set_epoch(self.epoch)
+                loader = self.loader()
+                for batch in loader:
+                    self.data_skips += int(batch["skipped"].sum())  # a host tensor: no device sync
+                    self._train_step(model, batch)
+                    release(loader, batch)  # its host tensors are spent: the workers may reuse them
+                    self.step += 1
+                    self.sampler.advance_steps(1)
+                    if self.step == stop_at:
+                        self.flag.trigger()
+                    if self.step % spec.log_every_steps == 0 or self.step == self.schedule.total_steps:
+                        loss = self._read_step()
+                        if self.metrics is not None:
+                            now = time.monotonic()
+                            rate = (
+                                (self.step - n_last)
+                                * self.sampler.global_batch_size
+                                / max(now - t_last, 1e-9)
+                            )
+                            t_last, n_last = now, self.step
+                            self._log_metrics(loss, rate)
+                        if progress is not None:
+                            progress.update(self.step, loss)
+                    if self.step >= self.schedule.total_steps:
+                        return "completed"  # at the last step, a preemption just lets it finish
+                    preempt, due = self.collectives.any(
+                        self.flag.requested(), self._checkpoint_due(last_ckpt_time)
+                    )
+                    if preempt:
+                        return "preempted"
+                    if due:
+                        self.save(blocking=False)
+                        last_ckpt_time = time.monotonic()
+            return "completed"
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _final_save(self, outcome: str) -> bool:
+        """The attempt's last checkpoint, blocking: whether it committed (a preemption's: in its budget)."""
+        if self.step == self.resumed_step:  # nothing new to save when stopped before the first step
+            return True
+        # A preemption must commit within the signal's lead time; leave a margin for the exit.
+        commit_s, _ = preemption_deadlines(self.spec.resources.signal_lead_s)
+        committed = self.save(blocking=True, budget_s=commit_s if outcome == "preempted" else None)
+        if outcome == "preempted" and not committed:
+            log.error(
+                "preempted at step %d, but its checkpoint did not commit within %.0f s "
+                "(resources.signal_lead_s %g): the next attempt resumes from step %s",
+                self.step,
+                commit_s,
+                self.spec.resources.signal_lead_s,
+                self.checkpointer.last_committed or self.resumed_step or 0,
+            )
+        return committed
 
     def distributed_model(self, find_unused: bool | None = None) -> torch.nn.Module:
         """The model as the step runs it: under DDP whenever a process group exists (one GPU under
@@ -402,6 +434,13 @@ class Trainer:
             gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy
             find_unused_parameters=not cuda if find_unused is None else find_unused,
         )
+
+    def _close_loader(self) -> None:
+        """Stop the persistent workers now, not at interpreter exit (after the process group is gone)."""
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._loader = None
 
     def loader(self) -> DataLoader:
         """The run's one DataLoader: its workers persist across epochs (no re-fork from a CUDA process,
@@ -428,18 +467,20 @@ class Trainer:
 
     def _train_step(self, model: torch.nn.Module, batch: dict) -> None:
         """One optimizer step, queued without a host sync (fp16's GradScaler aside, which reads its
-        overflow flag): the loss and positives stay on the device until :meth:`_read_step`."""
+        overflow flag): the loss and positives stay on the device until :meth:`_read_step`; a step whose
+        gradients are not finite is undone on the device (:class:`NonFiniteGuard`)."""
         lr = self.schedule.lr(self.step, self.spec)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # before the target forward, as the official code does
-        self.model.update_target(self.schedule.momentum(self.step, self.spec))
         v1, v2, c1, c2 = device_views(self.dataset.transform, batch, self.device)
         if self.memory_format is torch.channels_last:
             v1, v2 = (
                 v1.contiguous(memory_format=torch.channels_last),
                 v2.contiguous(memory_format=torch.channels_last),
             )
+        self.guard.begin()
+        # before the target forward, as the official code does
+        self.model.update_target(self.schedule.momentum(self.step, self.spec))
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         with autocast:
             out = model(v1, v2, c1, c2)
@@ -447,22 +488,41 @@ class Trainer:
         self.scaler.scale(out["loss"]).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        # fp16: GradScaler already skipped a step with inf gradients (expected, counted apart); the
+        # guard then watches the loss alone
+        ok = self.guard.finish(out["loss"], grads_checked=not self.scaler.is_enabled())
         values = torch.stack([out["loss"].detach().float(), out["positives"].float()])
-        self._step_values = values
-        self._nonfinite += ~torch.isfinite(values[0])
+        self._step_values = torch.where(ok, values, self._step_values)
 
     def _read_step(self) -> float:
-        """The last step's loss on the host (one sync); raises if any loss since the last read was not
-        finite, so no such state is logged as healthy or saved."""
-        loss, positives, nonfinite = torch.cat([self._step_values, self._nonfinite[None].float()]).tolist()
-        self._last_positives = positives
-        if nonfinite:
-            raise FloatingPointError(
-                f"loss was not finite in {int(nonfinite)} step(s) of steps "
-                f"{self._checked_step + 1}-{self.step} (now {loss})"
+        """The last good step's loss on the host, and the guard's counts (one sync); raises
+        :class:`Diverged` once ``optim.max_nonfinite_steps`` steps in a row were not finite."""
+        read = torch.cat([self._step_values.double(), self.guard.counters().double()]).tolist()
+        loss, self._last_positives, longest, skipped = read[0], read[1], int(read[2]), int(read[3])
+        self.guard.mark_read()
+        limit = self.spec.optim.max_nonfinite_steps
+        if longest >= limit:
+            raise Diverged(
+                f"{longest} steps in a row had non-finite gradients or loss (optim.max_nonfinite_steps "
+                f"{limit}), the last at step {self.step}"
             )
-        self._checked_step = self.step
+        if skipped > self._skipped_read and self.env.rank == 0:
+            log.warning(
+                "skipped %d step(s) with non-finite gradients or loss up to step %d (not applied; the run "
+                "stops after %d in a row)",
+                skipped - self._skipped_read,
+                self.step,
+                limit,
+            )
+        self._skipped_read = skipped
         return loss
+
+    def _state_finite(self) -> bool:
+        """Every floating tensor of the model and the optimizer is finite (one host sync, at saves)."""
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        return bool(all_finite(tensors))
 
     def _checkpoint_due(self, last_time: float) -> bool:
         c = self.spec.checkpoint
@@ -481,6 +541,7 @@ class Trainer:
             "img_per_s": round(rate, 2),
             "positives": self._last_positives,
             "data_skips": self.data_skips,
+            "skipped_steps": self._skipped_read,
             "total_steps": self.schedule.total_steps,
             "commit_s": self.checkpointer.last_commit_s,
             "store_error": self.checkpointer.store_error,
@@ -513,6 +574,7 @@ class Trainer:
                 attempt=self.attempt,
                 data_skips=self.data_skips,
                 preempt_committed=preempt_committed,
+                diverged=self.diverged,
                 **self.checkpointer.health(),
             )
 
@@ -594,7 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     commit_s, _ = preemption_deadlines(spec.resources.signal_lead_s)
     collectives = Collectives.start(env, device, collective_timeout_s(RETRY_FOR_S + HANG_GRACE_S, commit_s))
     try:
-        outcome = Trainer(spec, run_dir, env, flag, collectives, device).fit()
+        trainer = Trainer(spec, run_dir, env, flag, collectives, device)
+        outcome = trainer.fit()
     except (SpecError, DatasetError) as exc:  # bad input: one line, no traceback, no barrier to hang in
         log.error("%s", exc)
         return 2
@@ -603,12 +666,13 @@ def main(argv: list[str] | None = None) -> int:
     for sig in flag.signals:
         signal.signal(sig, signal.SIG_IGN)
     collectives.close()
-    if outcome == "preempted":
-        exit_dir = os.environ.get("PIXPRO_EXIT_DIR")
-        if exit_dir:  # under our torchrun wrapper: exit 0 so torchrun does not restart us; it reports 75
-            Path(exit_dir, f"preempted.{env.rank}").touch()
+    if outcome in ("preempted", "diverged"):
+        exit_dir = os.environ.get(EXIT_DIR_ENV)
+        if exit_dir:  # under our torchrun wrapper: exit 0 so torchrun does not restart us (a restart would
+            # only repeat a divergence); the wrapper reports the outcome (75, or 1 with the reason)
+            Path(exit_dir, exit_marker(outcome, env.rank)).write_text(trainer.diverged or "")
             return 0
-        return EXIT_PREEMPTED
+        return EXIT_PREEMPTED if outcome == "preempted" else 1
     return 0
 
 

@@ -19,7 +19,7 @@ import torch
 
 from launch.sampler import ResumableSampler
 from pixpro.schedules import ema_momentum, learning_rate, scaled_lr
-from schemas import RunSpec, SpecError
+from schemas import RunSpec, SpecError, too_few_images
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Schedule:
         global_batch = spec.data.batch_size * world_size
         steps_per_epoch = num_samples // global_batch
         if steps_per_epoch == 0:
-            raise SpecError(f"data: {num_samples} images are fewer than one global batch of {global_batch}")
+            raise SpecError(too_few_images(spec, num_samples, world_size))
         total = spec.optim.epochs * steps_per_epoch
         if spec.optim.max_steps is not None:
             total = min(total, spec.optim.max_steps)

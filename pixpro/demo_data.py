@@ -287,6 +287,12 @@ def _publish(staging: Path, root: Path) -> None:
         shutil.move(staging / name, root / name)
 
 
+def demo_dataset_exists(root: str | Path, num_images: int, image_size: int, seed: int) -> bool:
+    """True if ``root`` holds this exact demo dataset, False if it is absent or empty; raises
+    ``DatasetError`` (the generator's own refusal) for anything else, e.g. one made with other settings."""
+    return _existing_dataset(Path(root), _params(int(num_images), int(image_size), int(seed)))
+
+
 def generate_demo_dataset(
     root: str | Path, num_images: int = 512, image_size: int = 160, seed: int = 0
 ) -> DemoInfo:

@@ -78,7 +78,7 @@ class Exit(IntEnum):
 
 
 # -- records the trainer writes beside its checkpoints -----------------------------------------------
-TrainerState = Literal["running", "completed", "preempted"]
+TrainerState = Literal["running", "completed", "preempted", "diverged"]
 
 
 class _Record(BaseModel):
@@ -100,6 +100,7 @@ class TrainerStatus(_Record):
     last_commit_time: float | None = None  # wall clock of the newest commit
     store_error: str | None = None  # the checkpoint store's last failure, while it lasts
     preempt_committed: bool | None = None  # a preemption's final checkpoint made it within the lead time
+    diverged: str | None = None  # why a diverged attempt stopped, in one line
 
 
 class MetricsRecord(_Record):
@@ -119,9 +120,20 @@ class MetricsRecord(_Record):
     data_skips: int | None = None  # samples replaced by the next usable one so far in this attempt
     commit_s: float | None = None  # duration of the most recent committed checkpoint (hand-over to latest)
     store_error: str | None = None  # the checkpoint store is failing now (the last error)
+    skipped_steps: int | None = None  # steps not applied (non-finite gradients) so far in this attempt
 
 
 # -- preemption --------------------------------------------------------------------------------------
+EXIT_DIR_ENV = "PIXPRO_EXIT_DIR"
+"""Set by ``launch.run`` for its trainers: a folder where each rank that stops on purpose leaves a marker
+(:func:`exit_marker`), so it can exit 0 (torchrun does not restart it) and the launcher says why."""
+
+
+def exit_marker(outcome: str, rank: int | str) -> str:
+    """The marker file of a rank that stopped on purpose: ``preempted.<rank>`` or ``diverged.<rank>``."""
+    return f"{outcome}.{rank}"
+
+
 def preemption_deadlines(signal_lead_s: float) -> tuple[float, float]:
     """(commit_s, wait_s) after SLURM's warning signal, both inside the lead time.
 

@@ -72,6 +72,7 @@ __all__ = [
     "load_spec_data",
     "parse_spec",
     "spec_hash",
+    "too_few_images",
 ]
 
 SCHEMA_PATH = Path(__file__).with_name("run_spec.schema.json")
@@ -463,6 +464,13 @@ class OptimSpec(_Spec):
         le=MAX_STEPS,
         description="Cap on total optimizer steps (demos, tests); LR and EMA schedules use the capped total.",
     )
+    max_nonfinite_steps: int = Field(
+        3,
+        ge=1,
+        le=MAX_STEPS,
+        description="Steps in a row with non-finite gradients (each one skipped, not applied) after which "
+        "the run stops as diverged, without a restart or requeue (it would only repeat).",
+    )
 
     @field_validator("warmup_epochs")
     @classmethod
@@ -674,6 +682,11 @@ class ResourceSpec(_Spec):
         },
     )
 
+    @property
+    def ranks(self) -> int:
+        """Trainer processes in the job: one per GPU, or one per node on CPUs."""
+        return self.nodes * max(self.gpus_per_node, 1)
+
     @field_validator("signal_lead_s")
     @classmethod
     def _lead_inside_limit(cls, value: int, info: ValidationInfo) -> int:
@@ -803,6 +816,7 @@ CROSS_FIELD_RULES: dict[str, str] = {
     "cpu_autocast": "not with precision fp16",
     "data.crop_size": "at least the backbone's min_crop (last feature map at least 2x2)",
     "data.demo.image_size": "at least data.crop_size",
+    "data.demo.num_images": "at least one global batch (data.batch_size x resources ranks)",
     "data.demo": "only with a local data.root",
     "data.cache_dir": "a local path",
     "data.root": "no user info, a bucket for object stores",
@@ -814,6 +828,17 @@ CROSS_FIELD_RULES: dict[str, str] = {
 """Rules the exported JSON Schema cannot express (relations between fields, tables, URL parts), by the
 field path an error names; besides these, credentials are refused anywhere (:mod:`schemas.secrets`).
 Everything else the validator and the schema decide alike (tested by generating specs from the schema)."""
+
+
+def too_few_images(spec: RunSpec, images: int, ranks: int) -> str:
+    """The one line the validator, the preflight and the trainer all give a data set smaller than one
+    global batch: the sampler drops the last partial batch, so such a run has no step to train."""
+    field = "data.demo.num_images" if spec.data.demo is not None else "data.root"
+    batch = spec.data.batch_size
+    return (
+        f"{field}: {images} images are fewer than one global batch of {batch * ranks} "
+        f"(data.batch_size {batch} x {ranks} rank{'s' if ranks > 1 else ''})"
+    )
 
 
 def _model_problems(spec: RunSpec) -> list[str]:
@@ -832,6 +857,8 @@ def _model_problems(spec: RunSpec) -> list[str]:
             f"data.demo.image_size: {demo.image_size} px demo images are smaller than data.crop_size "
             f"({crop}); the loader would skip every image"
         )
+    if demo is not None and demo.num_images < spec.data.batch_size * spec.resources.ranks:
+        problems.append(too_few_images(spec, demo.num_images, spec.resources.ranks))
     if demo is not None and "://" in spec.data.root and not spec.data.root.lower().startswith("file://"):
         problems.append("data.demo: the demo dataset is generated into a local data.root, not a URL")
     if spec.data.cache_dir is not None and "://" in spec.data.cache_dir:
@@ -848,13 +875,14 @@ _HASH_EXCLUDE: dict[str, Any] = {
     "logging": True,
     "threads": True,
     "deterministic": True,
+    "optim": {"max_nonfinite_steps"},
     "data": {"num_workers", "storage_options", "cache", "cache_gb", "cache_dir", "augment_on"},
 }
 """Fields that do not change what is trained, so a resume may change them: resources (world size is
 checked separately, from the checkpoint), where/how often checkpoints go, logging cadence and sinks,
 DataLoader workers (augmentation is seeded per sample, not per worker), how data is reached and cached
 (never what a sample is), where the photometric steps run (same views either way) and CPU threads (only
-float rounding) and deterministic kernels (only float rounding)."""
+float rounding), deterministic kernels (only float rounding) and when a diverging run gives up."""
 
 
 _ADDED_LATER: dict[str, Any] = {"cpu_autocast": False}

@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from typer.testing import CliRunner
 
-from cluster.attempts import AttemptState, follow_exit_code, slurm_state
+from cluster.attempts import ACTIVE, STATES, AttemptState, follow_exit_code, local_state, slurm_state
 from cluster.cli import app
+from cluster.local import LocalJob
 from cluster.record import RunRecord
 from cluster.slurm import HistoryLine, SlurmJob, check_partitions, gpu_count, parse_sinfo
 from schemas import SpecError, load_spec
@@ -601,6 +602,23 @@ def test_preempted_is_never_failed() -> None:
         follow_exit_code(AttemptState("PREEMPTED")) == 75 and follow_exit_code(AttemptState("COMPLETED")) == 0
     )
     assert follow_exit_code(AttemptState("FAILED", exit_code=2)) == 2
+
+
+def test_a_diverged_attempt_is_diverged_not_failed() -> None:
+    """The trainer stopped the attempt on non-finite steps (exit 1 by design: nothing to restart or
+    requeue): status says DIVERGED with the trainer's one line, on SLURM and on the local executor."""
+    why = (
+        "diverged: 3 steps in a row had non-finite gradients or loss; the last committed checkpoint is step 3"
+    )
+    trainer = {"state": "diverged", "attempt": "77.0", "diverged": why}
+    got = slurm_state(SlurmJob("77", None, "", _hist(("FAILED", 1))), trainer, cancelled=False, recent=False)
+    assert (got.state, got.reason) == ("DIVERGED", why)
+    assert follow_exit_code(got) == 1
+    other = {**trainer, "attempt": "78.0"}  # another job's record says nothing about this one
+    assert slurm_state(SlurmJob("77", None, "", _hist(("FAILED", 1))), other, False, False).state == "FAILED"
+    local = LocalJob("local-1", None, 0.0, 1.0, 1)
+    assert local_state(local, {**trainer, "attempt": "local-1"}, cancelled=False).state == "DIVERGED"
+    assert "DIVERGED" in STATES and "DIVERGED" not in ACTIVE
 
 
 def test_console_script_usage_errors_are_one_line(home: Path) -> None:

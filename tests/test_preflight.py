@@ -74,7 +74,7 @@ def test_missing_or_empty_or_undecodable_data_root(tmp_path: Path) -> None:
     (tmp_path / "data" / "sub").mkdir(parents=True)
     (tmp_path / "data" / "notes.txt").write_text("x")
     assert problem_of(spec) == f"data.root: no JPEG or PNG images under {tmp_path / 'data'}"
-    for i in range(3):
+    for i in range(4):  # one global batch: data.batch_size 4 x 1 rank
         (tmp_path / "data" / "sub" / f"{i}.jpg").write_bytes(b"not a jpeg" * 10)
     line = problem_of(spec)
     assert line.startswith("data.root: cannot use the images under") and "0.jpg" in line, line
@@ -84,7 +84,7 @@ def test_images_smaller_than_the_crop_are_refused(tmp_path: Path) -> None:
     from PIL import Image
 
     (tmp_path / "data").mkdir()
-    for i in range(2):
+    for i in range(4):
         Image.new("RGB", (40, 40), (i * 50, 0, 0)).save(tmp_path / "data" / f"{i}.png")
     line = problem_of(small_spec(tmp_path, data__demo=None))
     assert "smaller than min_size 64" in line, line
@@ -96,6 +96,42 @@ def test_demo_root_holding_other_files_is_refused(tmp_path: Path) -> None:
     line = problem_of(small_spec(tmp_path))
     assert line.startswith("data.root:") and "holds other files" in line, line
     assert (tmp_path / "data" / "thesis.tex").read_text() == "keep me"
+
+
+def test_fewer_images_than_one_global_batch_fail_before_the_queue_as_in_the_trainer(tmp_path: Path) -> None:
+    """Knowable before the queue wait, refused there in the trainer's own words (``too_few_images``): a
+    folder at the preflight (walked only up to one global batch), demo data already at validation."""
+    from PIL import Image
+
+    from launch.train_state import Schedule
+    from schemas import SpecError
+
+    (tmp_path / "data").mkdir()
+    for i in range(6):
+        Image.new("RGB", (80, 80), (i * 40, 0, 0)).save(tmp_path / "data" / f"{i}.png")
+    spec = small_spec(tmp_path, data__demo=None, resources__nodes=2)  # 2 ranks x batch 4 = 8 > 6 images
+    line = problem_of(spec)
+    assert line == "data.root: 6 images are fewer than one global batch of 8 (data.batch_size 4 x 2 ranks)"
+    with pytest.raises(SpecError) as trainer_says:
+        Schedule.make(parse_spec(spec), 6, world_size=2)
+    assert str(trainer_says.value) == line
+    (tmp_path / "ckpt").mkdir()
+    assert preflight.run(parse_spec(small_spec(tmp_path, data__demo=None)))["ok"]  # 6 >= 4 on one rank
+
+    with pytest.raises(SpecError) as validation:
+        parse_spec(small_spec(tmp_path, resources__gpus_per_node=2))  # 4 demo images, 2 ranks x 4
+    assert "data.demo.num_images: 4 images are fewer than one global batch of 8" in str(validation.value)
+
+
+def test_a_demo_root_made_with_other_settings_fails_the_preflight_as_in_the_trainer(tmp_path: Path) -> None:
+    from pixpro.data import DatasetError
+    from pixpro.demo_data import generate_demo_dataset
+
+    generate_demo_dataset(tmp_path / "data", num_images=4, image_size=80, seed=1)  # the spec says seed 0
+    line = problem_of(small_spec(tmp_path))
+    with pytest.raises(DatasetError) as trainer_says:
+        generate_demo_dataset(tmp_path / "data", num_images=4, image_size=80, seed=0)
+    assert line == f"data.root: {trainer_says.value}" and "holds a different demo dataset" in line
 
 
 def test_checkpoint_url_that_cannot_be_written(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from launch.collectives import DistEnv
+from launch.nonfinite import Diverged
 from launch.preempt import PreemptionFlag
 from launch.train import Trainer
 from schemas import load_spec
@@ -61,7 +62,42 @@ def test_a_training_step_makes_no_host_sync(make_trainer, autocast):
     assert counter.count == 1 and math.isfinite(loss)
 
 
-def test_a_non_finite_loss_is_reported_and_never_saved(make_trainer):
+def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    model = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    bufs = {f"opt.{i}": s["momentum_buffer"].clone() for i, s in enumerate(trainer.optimizer.state.values())}
+    return model | bufs
+
+
+def test_a_step_with_non_finite_gradients_is_not_applied(make_trainer):
+    """The step is undone on the device: weights, momentum and BN statistics (changed in the forward
+    already) are bitwise what they were; the next finite step trains as if the bad one never ran."""
+    trainer = make_trainer()
+    batches = _batches(trainer)
+    for _ in range(2):
+        trainer._train_step(trainer.model, next(batches))
+        trainer.step += 1
+    before = _state(trainer)
+    bad = next(batches)
+    bad["view1"] = bad["view1"].clone()
+    bad["view1"].view(-1)[0] = 255  # a finite input; the poison goes in through the normalization below
+    mean = trainer.dataset.transform.view1.photometric
+    original = mean.normalize
+    mean.normalize = lambda v: original(v) * float("inf")  # type: ignore[method-assign]
+    trainer._train_step(trainer.model, bad)
+    mean.normalize = original  # type: ignore[method-assign]
+    trainer.step += 1
+    after = _state(trainer)
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert math.isfinite(trainer._read_step())
+    # one skipped in all; the run of bad steps it ended on carries over the read
+    assert trainer.guard.counters().tolist() == [1, 1]
+    trainer._train_step(trainer.model, next(batches))  # finite again: the run is over
+    assert trainer.guard.run.item() == 0
+
+
+def test_a_state_that_is_not_finite_is_never_saved(make_trainer):
     trainer = make_trainer()
     batches = _batches(trainer)
     trainer._train_step(trainer.model, next(batches))
@@ -70,7 +106,7 @@ def test_a_non_finite_loss_is_reported_and_never_saved(make_trainer):
         trainer.model.backbone.conv1.weight.fill_(float("nan"))
     trainer._train_step(trainer.model, next(batches))
     trainer.step += 1
-    with pytest.raises(FloatingPointError, match=r"not finite in 1 step\(s\) of steps 1-2"):
+    with pytest.raises(Diverged, match="state at step 2 holds non-finite values"):
         trainer.save(blocking=True)
     assert trainer.checkpointer.last_committed is None
 

@@ -1,0 +1,97 @@
+"""A step whose gradients are not finite is not applied, decided on the device (no host sync per step).
+
+A diverging run turns its loss and gradients into inf/NaN; one such update poisons the weights, the
+momentum buffers and (already in the forward) the BatchNorm running statistics, and every checkpoint
+after it. Torch's GradScaler skips such a step for fp16 by reading a flag on the host every step; here,
+for any precision, the step is taken and then undone on the device where the gradients were not finite:
+the state it may touch (online and EMA parameters, optimizer buffers, module buffers) is copied before
+the step and selected back with ``torch.where`` after the optimizer (the only select that a NaN cannot
+leak through). On a ResNet-50 PixPro that is ~0.4 GB copied and selected per step, under a millisecond
+on an H100 against a step of ~100 ms. The decision uses the gradients after DDP's all-reduce, identical on
+every rank, so every rank skips the same steps.
+
+The count of consecutive skipped steps stays on the device; the trainer reads it with the loss (every
+``log_every_steps`` and before each checkpoint) and stops the run as diverged at
+``optim.max_nonfinite_steps`` in a row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A device bool: no inf or NaN in ``tensors``; a few kernels (the max-norm does not square, so a huge
+    finite value does not overflow into inf as in the 2-norm)."""
+    return torch.isfinite(torch.stack(torch._foreach_norm(list(tensors), ord=float("inf")))).all()
+
+
+class Diverged(RuntimeError):
+    """The run cannot go on: too many steps in a row were not finite, or the state itself is not."""
+
+
+class NonFiniteGuard:
+    """Undo, on the device, each step whose gradients (or loss) are not finite; count them."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        self.model, self.optimizer = model, optimizer
+        zero = torch.zeros((), dtype=torch.int64, device=device)
+        self.run = zero.clone()  # consecutive skipped steps up to now
+        self.longest = zero.clone()  # the longest run since the last read
+        self.skipped = zero.clone()  # skipped steps in this attempt
+        self._tensors: list[torch.Tensor] = []
+        self._saved: list[torch.Tensor] = []
+
+    def _state(self) -> list[torch.Tensor]:
+        """Everything a step writes: parameters (the EMA branch's too), module buffers (BN statistics)
+        and the optimizer's buffers."""
+        params = list(self.model.parameters())
+        opt = [v for s in self.optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        return [*params, *self.model.buffers(), *opt]
+
+    @torch.no_grad()
+    def begin(self) -> None:
+        """Before the step (the EMA update included): keep a copy of what it may change."""
+        tensors = self._state()
+        if len(tensors) != len(self._tensors) or any(
+            a is not b for a, b in zip(tensors, self._tensors, strict=True)
+        ):
+            self._tensors, self._saved = tensors, [t.clone() for t in tensors]
+        else:
+            torch._foreach_copy_(self._saved, self._tensors)
+
+    @torch.no_grad()
+    def finish(self, loss: torch.Tensor, grads_checked: bool = True) -> torch.Tensor:
+        """After the optimizer: undo the step unless its gradients and the weights it made are finite;
+        returns the device flag ``ok``. A non-finite loss makes non-finite gradients;
+        ``grads_checked=False`` (fp16, whose GradScaler skips steps with inf gradients itself, as
+        expected) looks at the ``loss`` instead."""
+        trained = [p for p in self.model.parameters() if p.grad is not None]
+        if grads_checked and trained:  # reduced over the ranks by DDP: the same verdict on every rank
+            ok = all_finite([p.grad for p in trained if p.grad is not None])
+        else:
+            ok = torch.isfinite(loss.detach()).all()
+        if trained:  # finite gradients can still step a weight past float's range
+            ok = ok & all_finite(trained)
+        for now, before in zip(self._tensors, self._saved, strict=True):
+            torch.where(ok, now, before, out=now)
+        known = {id(t) for t in self._tensors}
+        for new in self._state():  # made by the optimizer in this step (its first): as if never made
+            if id(new) not in known:
+                new.masked_fill_(~ok, 0)
+        bad = (~ok).to(self.run.dtype)
+        self.run.add_(1).mul_(bad)  # +1 on a bad step, 0 on a good one
+        torch.maximum(self.longest, self.run, out=self.longest)
+        self.skipped.add_(bad)
+        return ok
+
+    def counters(self) -> torch.Tensor:
+        """``[longest run since the last read, skipped in the attempt]`` on the device; the trainer reads
+        them with the loss (one host sync), then calls :meth:`mark_read`."""
+        return torch.stack([self.longest, self.skipped])
+
+    def mark_read(self) -> None:
+        self.longest.copy_(self.run)
