@@ -24,9 +24,10 @@ from torch import nn
 
 
 def all_finite(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A device bool: no inf or NaN in ``tensors``; a few kernels (the max-norm does not square, so a huge
-    finite value does not overflow into inf as in the 2-norm)."""
-    return torch.isfinite(torch.stack(torch._foreach_norm(list(tensors), ord=float("inf")))).all()
+    """A device bool: no inf or NaN in ``tensors``, in two kernels (the 2-norms, then one reduction). A
+    tensor whose 2-norm overflows float32 (values past ~1e19) counts as not finite too: a state that far
+    gone has diverged all the same (the max-norm, which would not overflow, is 50x slower on a CPU)."""
+    return torch.isfinite(torch.stack(torch._foreach_norm(list(tensors)))).all()
 
 
 class Diverged(RuntimeError):

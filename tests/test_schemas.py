@@ -39,7 +39,7 @@ FULL: dict[str, Any] = {
     "seed": 3,
     "data": {
         "root": "/data/images",
-        "demo": {"num_images": 8, "image_size": 64, "seed": 1},
+        "demo": {"num_images": 512, "image_size": 64, "seed": 1},
         "crop_size": 64,
         "crop_scale": [0.2, 1.0],
         "spatial": [
@@ -82,6 +82,7 @@ FULL: dict[str, Any] = {
         "final_lr": 0.0,
         "ema_base_momentum": 0.9,
         "max_steps": 10,
+        "max_nonfinite_steps": 3,
     },
     "precision": "fp32",
     "channels_last": False,
