@@ -83,15 +83,17 @@ class FileSink:
         self.f = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
 
     def write(self, chunk: memoryview) -> None:
-        self.f.write(chunk)
+        with _naming(self.path):
+            self.f.write(chunk)
         self.size += len(chunk)
 
     def finish(self) -> None:
         try:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
-            os.replace(self.tmp, self.path)
+            with _naming(self.path):
+                self.f.flush()
+                os.fsync(self.f.fileno())
+                self.f.close()
+                os.replace(self.tmp, self.path)
         finally:
             self.abort()
         _fsync_dir(self.path.parent)
@@ -148,7 +150,7 @@ class LocalBackend(HashCAS):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
         try:
-            with open(tmp, "wb") as f:
+            with _naming(path), open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -226,6 +228,17 @@ class LocalBackend(HashCAS):
 
     def close(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A write error (ENOSPC from write(2) carries no file name) names the file it was for."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def _fsync_dir(path: Path) -> None:
