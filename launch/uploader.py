@@ -237,6 +237,8 @@ def main(argv: list[str]) -> int:
         format=f"%(asctime)s [rank{cfg['rank']} uploader] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if os.environ.get("PIXPRO_DEBUG"):  # the raw exceptions behind each reported cause (ours only:
+        logging.getLogger("launch").setLevel(logging.DEBUG)  # botocore's debug log shows the key id)
     store = CheckpointStore(**cfg["store"])
     with contextlib.suppress(EOFError, OSError):  # EOF: the trainer closed its end
         Uploader(conn, store, cfg["rank"], cfg["world_size"]).serve()

@@ -108,7 +108,6 @@ class S3Backend:
                     read_s=cfg.get("read_timeout"),
                     deadline_s=deadline,
                 )
-                log.debug("S3 %s failed", what, exc_info=e)
                 raise StoreUnavailable(one_line(f"S3 {what} failed: {cause}")) from e
             raise
 
