@@ -36,6 +36,13 @@ class Progress:
         return t, m
 
     @property
+    def record_time(self) -> float | None:
+        """When the trainer last wrote a record (status.json or metrics) to its store."""
+        times = [r.get(k) for r, k in ((self.trainer, "updated"), (self.metrics, "time")) if r]
+        known = [t for t in times if isinstance(t, int | float)]
+        return max(known) if known else None
+
+    @property
     def step(self) -> int | None:
         return _first(*self.newest_first(), key="step")
 

@@ -89,6 +89,7 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
                 "loss": p.metric("loss"),
                 "data_skips": p.metric("data_skips"),
                 "updated": (p.trainer or {}).get("updated"),
+                "record_age_s": None if p.record_time is None else round(now - p.record_time, 1),
                 "created": rec.created,
                 "checkpoint_url": rec.checkpoint_url,
                 "run_dir": rec.run_dir,
@@ -116,6 +117,11 @@ def commit_health(p: Progress, signal_lead_s: float | None) -> dict[str, Any]:
     }
 
 
+STALE_RECORD_S = 120.0
+"""A running trainer writes a metrics record every ``log_every_steps``: none for this long means it does
+not reach its store (or is stuck), and the step shown is that old."""
+
+
 def checkpoint_warnings(row: dict[str, Any]) -> list[str]:
     """One line per risk to the run's checkpoints, for ``pixpro status``."""
     out = []
@@ -130,9 +136,20 @@ def checkpoint_warnings(row: dict[str, Any]) -> list[str]:
             f"run {run}: the trainer cannot reach its checkpoint store "
             f"(last commit {row['checkpoint_age_s'] or '?'} s ago): {row['trainer_store_error']}"
         )
+    age_s = row.get("record_age_s")
+    if row.get("state") == "RUNNING" and age_s is not None and age_s > STALE_RECORD_S:
+        out.append(
+            f"run {run}: the trainer's newest record (step {row.get('step')}) is {age_s:.0f} s old: it may "
+            f"not reach its checkpoint store{_store_note(row)}, or it is stuck"
+        )
     if row.get("preempt_committed") is False:
         out.append(
             f"run {run}: the last preemption did not commit its checkpoint in time: "
             f"the next attempt resumes from step {row['checkpoint_step']}"
         )
     return out
+
+
+def _store_note(row: dict[str, Any]) -> str:
+    last = row.get("trainer_store_error")
+    return f" (its last store error: {last})" if last else ""

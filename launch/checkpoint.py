@@ -97,7 +97,7 @@ class Checkpointer:
         self.world_size = world_size
         self.retry_for_s = retry_for_s
         self.hang_grace_s = hang_grace_s
-        self.silent_s = silent_s  # longer than one S3 call may take (its deadline: 120 s + 1 s per MiB)
+        self.silent_s = silent_s  # longer than one S3 call may take (its deadline: 20 s + 1 s per MiB)
         self._heard = time.monotonic()
         self.last_committed: int | None = None
         self.last_commit_s: float | None = None  # hand-over to 'latest' moved, of the last commit

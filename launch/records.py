@@ -16,11 +16,15 @@ import time
 from typing import Any
 
 from launch.store import CheckpointStore
+from launch.store.backends import failure_cause
 from schemas.contract import METRICS_DIR, STATUS_FILE, MetricsRecord, TrainerStatus
 
 log = logging.getLogger(__name__)
 
 CHUNK_LINES = 500
+FINAL_FLUSH_S = 5.0
+"""How long the last flush of a run may wait for a stalled store: the run's end is not held hostage; the
+records it could not write are lost (the checkpoints are not)."""
 
 
 def write_status(store: CheckpointStore, **fields: Any) -> None:
@@ -29,7 +33,8 @@ def write_status(store: CheckpointStore, **fields: Any) -> None:
     try:
         store.put_aux(STATUS_FILE, record.model_dump_json().encode())
     except Exception as exc:
-        log.warning("could not write %s: %s", STATUS_FILE, type(exc).__name__)
+        log.debug("writing %s failed", STATUS_FILE, exc_info=exc)
+        log.warning("could not write %s: %s", STATUS_FILE, failure_cause(exc))
 
 
 class MetricsLog:
@@ -44,8 +49,11 @@ class MetricsLog:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pending: set[int] = set()  # chunk numbers with lines not yet written
+        self.error: str | None = None  # why the last flush failed; cleared by a flush that succeeds
 
     def append(self, record: dict[str, Any]) -> None:
+        if self.error and not record.get("store_error"):  # what status shows once the store answers
+            record = {**record, "store_error": f"metrics flush failed: {self.error}"}
         line = MetricsRecord(time=round(time.time(), 3), attempt=self.attempt, **record)
         with self._lock:
             if len(self._chunks[-1]) >= CHUNK_LINES:
@@ -53,16 +61,35 @@ class MetricsLog:
             self._chunks[-1].append(json.dumps(line.model_dump(exclude_none=True), sort_keys=True))
             self._pending.add(len(self._chunks) - 1)
 
-    def flush(self, wait: bool = False) -> None:
-        """Write the chunks that changed, in the background unless ``wait``; a busy flusher is skipped."""
+    def flush(self, wait: bool = False, timeout_s: float = FINAL_FLUSH_S) -> bool:
+        """Write the chunks that changed, in the background unless ``wait``; a busy flusher is skipped.
+
+        ``wait`` waits at most ``timeout_s`` in all (a flush stuck on a stalled store is left behind on
+        its daemon thread) and returns whether everything was written."""
+        end = time.monotonic() + timeout_s
         if self._thread is not None and self._thread.is_alive():
             if not wait:
-                return
-            self._thread.join()
+                return False
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                return self._late(timeout_s)
         self._thread = threading.Thread(target=self._write, name="metrics-flush", daemon=True)
         self._thread.start()
-        if wait:
-            self._thread.join()
+        if not wait:
+            return False
+        self._thread.join(max(0.0, end - time.monotonic()))
+        if self._thread.is_alive():
+            return self._late(timeout_s)
+        with self._lock:
+            return not self._pending
+
+    def _late(self, timeout_s: float) -> bool:
+        log.warning(
+            "metrics not written within %g s (%s); not waiting longer: the newest records may be missing",
+            timeout_s,
+            self.error or "the store is not answering",
+        )
+        return False
 
     def _write(self) -> None:
         with self._lock:
@@ -72,9 +99,15 @@ class MetricsLog:
             try:
                 self.store.put_aux(f"{self.prefix}.{i:06d}.jsonl", text.encode())
             except Exception as exc:
-                log.warning("metrics flush failed (retried at the next flush): %s", type(exc).__name__)
+                cause = failure_cause(exc)
+                log.debug("metrics flush failed", exc_info=exc)
+                if cause != self.error:
+                    log.warning("metrics flush failed: %s; retried at the next flush", cause)
+                self.error = cause
                 with self._lock:
-                    self._pending.add(i)
+                    self._pending.update(j for j in todo if j >= i)
+                return  # the next chunk would wait on the same store
+        self.error = None
 
 
 def read_metrics(store: CheckpointStore) -> list[dict[str, Any]]:

@@ -38,8 +38,11 @@ import torch
 from launch.preempt import die_with_parent
 from launch.snapshot import BufferRef, TensorMeta, map_buffer, rebuild
 from launch.store import CheckpointStore, FileEntry
+from launch.store.backends import failure_cause
 
 log = logging.getLogger("launch.uploader")
+
+MAX_BACKOFF_S = 2.0  # between tries of one step of a save; each try is itself bounded (launch.store.s3)
 
 
 @dataclass
@@ -106,8 +109,8 @@ class Uploader:
         except Abandoned:
             self.conn.send(("done", job.step, False, "abandoned for a newer state", time.monotonic() - t0))
         except Exception as exc:
-            error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
-            self.conn.send(("done", job.step, False, error, time.monotonic() - t0))
+            log.debug("step %d failed", job.step, exc_info=exc)
+            self.conn.send(("done", job.step, False, failure_cause(exc), time.monotonic() - t0))
 
     def _write(self, job: Job, raw: Any, name: str) -> FileEntry:
         state = rebuild(job.files[name], raw, job.metas)
@@ -156,8 +159,12 @@ class Uploader:
             raise Abandoned
 
     def _retry(self, job: Job, what: str, fn: Any) -> Any:
-        """Retry with back-off until the job's deadline: an outage delays the checkpoint, not training."""
-        delay = 0.5
+        """Retry with back-off until the job's deadline: an outage delays the checkpoint, not training.
+
+        The back-off stays short (at most ``MAX_BACKOFF_S``): each store call already gives up on a
+        stalled connection within seconds, so the first try after the store answers again succeeds. A
+        cause is logged once (as a warning) while it repeats; the raw exception goes to the debug log."""
+        delay, last_cause = 0.5, None
         while True:
             self._check()
             try:
@@ -167,21 +174,29 @@ class Uploader:
             except Exception as exc:
                 if self.abandoning:
                     raise Abandoned from exc
-                error = f"{what} failed: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
+                cause = failure_cause(exc)
+                error = f"{what} failed: {cause}"
+                log.debug("%s", what, exc_info=exc)
                 self.conn.send(("failing", job.step, error))
                 if self.newer:
                     log.warning("%s; a newer state is waiting: giving this one up", error)
                     raise Abandoned from exc
-                if time.monotonic() + delay > job.deadline:
+                left = job.deadline - time.monotonic()
+                if left < delay:
+                    log.error("%s; giving up: the save's retry window ended", error)
                     raise
-                log.warning("%s; retry in %.1f s", error, delay)
+                if cause != last_cause:
+                    log.warning(
+                        "%s; retrying every %g s or less for up to %.0f s", error, MAX_BACKOFF_S, left
+                    )
+                last_cause = cause
                 end = time.monotonic() + delay
                 while time.monotonic() < end:  # stay responsive to "abandon" while backing off
                     self._check()
                     if self.newer:
                         raise Abandoned from exc
                     time.sleep(min(0.1, max(0.0, end - time.monotonic())))
-                delay = min(delay * 2, 8.0)
+                delay = min(delay * 2, MAX_BACKOFF_S)
 
 
 class _Checked:
@@ -222,6 +237,8 @@ def main(argv: list[str]) -> int:
         format=f"%(asctime)s [rank{cfg['rank']} uploader] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if os.environ.get("PIXPRO_DEBUG"):  # the raw exceptions behind each reported cause (ours only:
+        logging.getLogger("launch").setLevel(logging.DEBUG)  # botocore's debug log shows the key id)
     store = CheckpointStore(**cfg["store"])
     with contextlib.suppress(EOFError, OSError):  # EOF: the trainer closed its end
         Uploader(conn, store, cfg["rank"], cfg["world_size"]).serve()

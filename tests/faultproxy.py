@@ -10,7 +10,10 @@ its behaviour can be switched while connections are open:
 * ``reset_after(nbytes, once=...)``: after ``nbytes`` more bytes of client->server ("upstream") traffic,
   abort the connection carrying them with a TCP RST; with ``once=False`` every later connection is reset
   on its first upstream byte too (an outage) until the mode is switched again;
-* ``stall()``: keep connections open but forward nothing (a hung server).
+* ``stall()``: keep connections open but forward nothing (a hung server);
+* ``stall_for(seconds)``: the same for ``seconds``, then forward again, but never for a connection that
+  carried a request during the stall (its bytes are read and dropped, as by a middlebox that lost its
+  state): a client gets answers again only if it abandons a stalled connection and opens a new one.
 
 It is bounded (``max_connections`` concurrent connections, daemon threads) and stops itself after
 ``lifetime_s`` so a forgotten proxy cannot outlive a test session.
@@ -39,6 +42,7 @@ class ProxyStats:
     resets: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    stalled: int = 0  # connections black-holed by stall_for
 
 
 class FaultProxy:
@@ -63,6 +67,9 @@ class FaultProxy:
         self._reset_budget = 0
         self._reset_once = True
         self._stop = threading.Event()
+        self._blackhole = False  # the current stall kills the connections it catches (stall_for)
+        self.stall_ended = threading.Event()
+        self.stall_ended_at: float | None = None  # time.monotonic() when the last stall_for ended
         self._conns: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -114,7 +121,7 @@ class FaultProxy:
 
     def passthrough(self) -> None:
         with self._lock:
-            self._mode, self._latency = "pass", 0.0
+            self._mode, self._latency, self._blackhole = "pass", 0.0, False
 
     def latency(self, seconds: float) -> None:
         with self._lock:
@@ -126,7 +133,25 @@ class FaultProxy:
 
     def stall(self) -> None:
         with self._lock:
-            self._mode = "stall"
+            self._mode, self._blackhole = "stall", False
+
+    def stall_for(self, seconds: float) -> None:
+        """Stall every connection for ``seconds``; those that carried bytes meanwhile stay dead."""
+        with self._lock:
+            self._mode, self._blackhole = "stall", True
+            self.stall_ended.clear()
+            self.stall_ended_at = None
+
+        def end() -> None:
+            if self._stop.wait(seconds):
+                return
+            with self._lock:
+                if self._mode == "stall" and self._blackhole:
+                    self._mode, self._blackhole = "pass", False
+                self.stall_ended_at = time.monotonic()
+            self.stall_ended.set()
+
+        threading.Thread(target=end, name="faultproxy-stall", daemon=True).start()
 
     @contextlib.contextmanager
     def cuts_now_and_then(self, every_s: float, nbytes: int) -> Iterator[None]:
@@ -200,8 +225,14 @@ class FaultProxy:
                     if pair.finish():
                         self._abort(pair, rst=False)
                     return
+                with self._lock:
+                    if self._mode == "stall" and self._blackhole and not pair.dead:
+                        pair.dead = True
+                        self.stats.stalled += 1
                 while self.mode == "stall" and not self._stop.is_set():
                     time.sleep(_POLL_S)
+                if pair.dead:
+                    continue  # read and dropped: this connection never answers again
                 with self._lock:
                     delay = self._latency
                     cut = None
@@ -248,6 +279,7 @@ class _Pair:
         self.client, self.server = client, server
         self._lock = threading.Lock()
         self._eofs = 0
+        self.dead = False  # caught by stall_for: forwards nothing, ever
 
     def finish(self) -> bool:
         with self._lock:

@@ -84,3 +84,46 @@ def test_retried_uploads_leave_every_checkpoint_file_as_without_faults(
     assert res.returncode == 0, res.stderr[-3000:]
     assert fault_proxy.stats.resets >= 3, fault_proxy.stats
     assert_identical(golden, final_state(s3_url, s3_storage_options(moto_s3.endpoint)))
+
+
+def test_a_stall_delays_checkpoints_by_seconds_not_minutes(tmp_path, moto_s3, fault_proxy, s3_url):
+    """The store stalls every connection for 30 s (accepted, never answered again) in the middle of a
+    run: each store call abandons its stalled connection within seconds, so a checkpoint commits within
+    30 s of the store answering again, the run completes and ends as a run without the stall."""
+    import time
+
+    data_root = tmp_path / "data"
+    longer = {
+        "optim__epochs": 100,
+        "optim__max_steps": 150,
+        "checkpoint__every_steps": 5,
+        "log_every_steps": 5,
+    }
+    golden_spec = write_spec(tmp_path / "golden.json", tiny_spec(data_root, **longer))
+    assert run_trainer(golden_spec, tmp_path / "golden").returncode == 0
+    golden = final_state(str(tmp_path / "golden" / "checkpoints"))
+
+    spec = write_spec(tmp_path / "spec.json", _s3_spec(data_root, s3_url, fault_proxy.url, **longer))
+    options = s3_storage_options(moto_s3.endpoint)
+    observer = CheckpointStore(s3_url, options)  # straight to moto, not through the proxy
+    proc = start_trainer(spec, tmp_path / "run")
+    with Tail(proc) as tail:
+        tail.wait_for(" committed in ")
+        fault_proxy.stall_for(30.0)
+        assert fault_proxy.stall_ended.wait(120)
+        assert proc.poll() is None, "the run ended during the stall: make it longer"
+        before = (observer.latest() or {}).get("step", 0)
+        wait_for(
+            "a commit after the stall",
+            lambda: (observer.latest() or {}).get("step", 0) > before or proc.poll() is not None,
+            90,
+            0.1,
+        )
+        after_s = time.monotonic() - (fault_proxy.stall_ended_at or 0.0)
+        assert (observer.latest() or {}).get("step", 0) > before
+        assert fault_proxy.stats.stalled >= 1, fault_proxy.stats  # the stall caught store calls
+        assert proc.wait(timeout=300) == 0, tail.text()[-3000:]
+    print(f"first commit {after_s:.1f} s after the stall ended (step {before} before it)")
+    assert after_s <= 30.0, tail.text()[-3000:]
+    assert "Traceback" not in tail.text()
+    assert_identical(golden, final_state(s3_url, options))

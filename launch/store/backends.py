@@ -4,6 +4,7 @@ actually offers. Keys are relative to the store root and use "/"."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from launch.store.format import StoreError
+from launch.store.format import StoreError, one_line
 
 log = logging.getLogger("launch.store")
 
@@ -82,15 +83,17 @@ class FileSink:
         self.f = open(self.tmp, "wb")  # noqa: SIM115 (closed in finish/abort)
 
     def write(self, chunk: memoryview) -> None:
-        self.f.write(chunk)
+        with _naming(self.path):
+            self.f.write(chunk)
         self.size += len(chunk)
 
     def finish(self) -> None:
         try:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
-            os.replace(self.tmp, self.path)
+            with _naming(self.path):
+                self.f.flush()
+                os.fsync(self.f.fileno())
+                self.f.close()
+                os.replace(self.tmp, self.path)
         finally:
             self.abort()
         _fsync_dir(self.path.parent)
@@ -147,7 +150,7 @@ class LocalBackend(HashCAS):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
         try:
-            with open(tmp, "wb") as f:
+            with _naming(path), open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -225,6 +228,17 @@ class LocalBackend(HashCAS):
 
     def close(self) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A write error (ENOSPC from write(2) carries no file name) names the file it was for."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def _fsync_dir(path: Path) -> None:
@@ -318,3 +332,66 @@ def is_precondition_failure(e: BaseException) -> bool:
             ):
                 return True
     return False
+
+
+_DISK_ERRNOS = {
+    errno.ENOSPC: "disk full (no space left on the device)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+_HTTP_HINTS = {
+    403: "check the credentials and the bucket's policy",
+    404: "check the bucket name and the endpoint",
+    400: "check the endpoint and the region",
+}
+
+
+def failure_cause(
+    e: BaseException,
+    *,
+    connect_s: float | None = None,
+    read_s: float | None = None,
+    deadline_s: float | None = None,
+) -> str:
+    """The cause of a store failure in words a person can act on, from the deepest exception that says
+    it: full or read-only disk, HTTP status and S3 error code, reset, refused, which timeout. Serializers
+    (torch's "unexpected pos") and wrappers only report a broken stream; the raw chain belongs in the
+    debug log."""
+    chain = list(exc_chain(e))
+    for x in chain:
+        if isinstance(x, OSError) and x.errno in _DISK_ERRNOS:
+            where = f": {x.filename}" if getattr(x, "filename", None) else ""
+            return f"{_DISK_ERRNOS[x.errno]}{where}"
+    for x in chain:
+        resp = getattr(x, "response", None)
+        if isinstance(resp, dict) and (resp.get("Error") or resp.get("ResponseMetadata")):
+            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            err = resp.get("Error", {})
+            code, message = err.get("Code") or "?", one_line(err.get("Message") or "", 120)
+            hint = _HTTP_HINTS.get(status or 0, "")
+            text = f"the store answered HTTP {status} {code}" + (f" ({message})" if message else "")
+            return text + (f": {hint}" if hint else "")
+    names = {type(x).__name__ for x in chain}
+    errnos = {getattr(x, "errno", None) for x in chain}
+    text = " ".join(str(x) for x in chain).lower()
+    deadline = f"; call deadline {deadline_s:.0f} s" if deadline_s is not None else ""
+    if errno.ECONNRESET in errnos or "ConnectionResetError" in names or "connection reset" in text:
+        return "the connection was reset by the store (or a proxy on the way)"
+    if errno.ECONNREFUSED in errnos or "ConnectionRefusedError" in names or "connection refused" in text:
+        return "the store refused the connection (nothing listens at the endpoint)"
+    if "ConnectTimeoutError" in names:
+        within = f" within {connect_s:g} s" if connect_s is not None else ""
+        return f"no connection to the store{within} (connect timeout{deadline})"
+    if "ReadTimeoutError" in names:
+        within = f" for {read_s:g} s" if read_s is not None else ""
+        return f"the store stopped answering{within} (read timeout{deadline})"
+    if names & {"FSTimeoutError", "TimeoutError", "CancelledError"}:
+        within = f" within {deadline_s:.0f} s" if deadline_s is not None else ""
+        return f"the store call did not finish{within} (deadline: the store stalled)"
+    if names & {"ServerDisconnectedError", "IncompleteRead", "ClientPayloadError", "ResponseStreamingError"}:
+        return "the store closed the connection mid-answer"
+    if "EndpointConnectionError" in names or "ClientConnectorError" in names:
+        return "could not connect to the store's endpoint"
+    return f"{type(e).__name__}: {one_line(str(e), 160)}"

@@ -48,13 +48,18 @@ class _HashingWriter:
 
     def __init__(self, sink: Sink) -> None:
         self.sink, self.sha, self.size = sink, hashlib.sha256(), 0
+        self.error: BaseException | None = None  # the sink's own failure, which a serializer hides
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         for i in range(0, len(view), self.PIECE):
             piece = view[i : i + self.PIECE]
             self.sha.update(piece)
-            self.sink.write(piece)
+            try:
+                self.sink.write(piece)
+            except BaseException as e:
+                self.error = self.error or e
+                raise
         self.size += len(view)
         return len(view)
 
@@ -76,7 +81,7 @@ class CheckpointStore:
         keep_last: int = 3,
         attempt: str = "0",
         *,
-        timeout_s: float = 120.0,
+        timeout_s: float = 20.0,
     ) -> None:
         if keep_last < 1:
             raise ValueError("keep_last must be >= 1")
@@ -151,8 +156,11 @@ class CheckpointStore:
                 try:
                     data(out)  # type: ignore[arg-type]
                     out.sink.finish()
-                except BaseException:
+                except BaseException as e:
                     out.sink.abort()
+                    if out.error is not None and out.error is not e:
+                        # torch.save reports a failed write as "unexpected pos": raise the cause
+                        raise out.error from e
                     raise
                 size, digest = out.size, out.sha.hexdigest()
             else:

@@ -5,10 +5,14 @@ The endpoint is, first match wins: ``storage_options["endpoint_url"]`` or
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``. Retries: botocore makes one attempt per call, since it
 draws its retry jitter from the process-wide ``random`` module on whichever thread uploads, which would
 shift the trainer's saved Python RNG stream with network weather; s3fs's own loop retries instead (5
-tries, fixed back-off) on transport errors, throttling and 5xx answers. Connect timeout 5 s, read
-timeout 30 s; every call has a wall-clock deadline (``timeout_s`` + 1 s per MiB), because aiohttp applies
-no read timeout while it waits for ``100 Continue`` (botocore sends ``Expect: 100-continue`` on uploads):
-a stalled server would otherwise hang a PUT forever.
+tries, fixed back-off) on transport errors, throttling and 5xx answers.
+
+A stalled connection (accepted, never answered) is abandoned within seconds: connect timeout 5 s, read
+timeout 10 s, and no ``Expect: 100-continue`` (botocore adds it to uploads, and aiohttp applies no read
+timeout while it waits for ``100 Continue``: a stalled PUT then hung until the call's deadline, 136 s
+measured, long after the store answered again). The header is dropped after signing (SigV4 never signs
+it). Every call also has a wall-clock deadline (``timeout_s`` + 1 s per MiB of body): aiohttp has no write
+timeout, so a body stuck in a full send buffer is bounded by that alone.
 """
 
 from __future__ import annotations
@@ -18,22 +22,44 @@ import os
 import time
 from typing import Any
 
-from launch.store.backends import exc_chain, is_precondition_failure
+from launch.store.backends import exc_chain, failure_cause, is_precondition_failure
 from launch.store.format import StoreError, StoreUnavailable, one_line
 
 log = logging.getLogger("launch.store")
 
-S3_CONFIG_DEFAULTS: dict[str, Any] = {"connect_timeout": 5, "read_timeout": 30}
+S3_CONFIG_DEFAULTS: dict[str, Any] = {"connect_timeout": 5, "read_timeout": 10}
 NO_BOTOCORE_RETRIES = {"total_max_attempts": 1, "mode": "standard"}  # its jitter uses the global random
 S3FS_RETRIES = 5  # s3fs's loop: fixed back-off 0.1 s x 1.7^i, no randomness
 MIN_BYTES_PER_S = 2**20  # the per-operation deadline grants 1 s per MiB on top of timeout_s
-PART_BYTES = 16 * 2**20  # a streamed upload holds at most one part in memory (S3's minimum is 5 MiB)
+PART_BYTES = 8 * 2**20  # a streamed upload holds one part in memory (S3's minimum is 5 MiB); a stalled
+# part is abandoned after timeout_s + 8 s
 
 
-async def _bounded(coro: Any, timeout: float) -> Any:
+async def _bounded(coro: Any, timeout: float, hook: Any = None) -> Any:
     import asyncio
 
-    return await asyncio.wait_for(coro, timeout)
+    async def run() -> Any:
+        try:
+            if hook is not None:
+                await hook
+            return await coro
+        finally:
+            coro.close()  # unawaited when the hook failed: no "never awaited" warning
+            if hook is not None:
+                hook.close()
+
+    return await asyncio.wait_for(run(), timeout)
+
+
+def _drop_expect(request: Any, **_: Any) -> None:
+    """``before-send``: no ``Expect: 100-continue``, so the read timeout bounds an upload's answer."""
+    if "Expect" in request.headers:
+        del request.headers["Expect"]
+
+
+async def _hook_client(fs: Any) -> None:
+    client = await fs.set_session()
+    client.meta.events.register("before-send.s3", _drop_expect, unique_id="pixpro-drop-expect")
 
 
 class S3Backend:
@@ -53,6 +79,7 @@ class S3Backend:
         self.fs.retries = S3FS_RETRIES
         s3fs.core.set_custom_error_handler(is_transient)  # what botocore's retries would have covered
         self.timeout_s = timeout_s
+        self._hooked = False
         self.bucket, _, self.key_root = root.strip("/").partition("/")
         self.key_root = self.key_root.strip("/")
         if not self.bucket:
@@ -66,13 +93,22 @@ class S3Backend:
 
         deadline = self.timeout_s + nbytes / MIN_BYTES_PER_S
         try:
-            return sync(self.fs.loop, _bounded, coro, deadline)
+            hook = None if self._hooked else _hook_client(self.fs)
+            got = sync(self.fs.loop, _bounded, coro, deadline, hook)
+            self._hooked = True
+            return got
         except (FileNotFoundError, FileExistsError, PermissionError):
             raise
         except Exception as e:
             if is_transport_error(e):
-                msg = one_line(f"S3 {what} failed (deadline {deadline:.0f} s): {type(e).__name__}: {e}")
-                raise StoreUnavailable(msg) from e
+                cfg = self.fs.config_kwargs or {}
+                cause = failure_cause(
+                    e,
+                    connect_s=cfg.get("connect_timeout"),
+                    read_s=cfg.get("read_timeout"),
+                    deadline_s=deadline,
+                )
+                raise StoreUnavailable(one_line(f"S3 {what} failed: {cause}")) from e
             raise
 
     def put(self, rel: str, data: bytes) -> None:
