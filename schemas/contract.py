@@ -130,3 +130,48 @@ def preemption_deadlines(signal_lead_s: float) -> tuple[float, float]:
     """
     wait = signal_lead_s - min(10.0, 0.1 * signal_lead_s)
     return 0.75 * signal_lead_s, wait
+
+
+# -- heartbeats: hang detection ----------------------------------------------------------------------
+HEARTBEATS_DIR = "heartbeats"
+"""In the run folder: ``heartbeats/<node>.json`` (:class:`NodeHeartbeat`), rewritten every few seconds
+by each node's agent (:mod:`launch.watchdog`) from its ranks' heartbeats; ``pixpro status`` reads it."""
+
+
+def heartbeat_file(node: str) -> str:
+    return f"{HEARTBEATS_DIR}/{node}.json"
+
+
+class RankBeat(_Record):
+    """One rank's newest heartbeat: what it last did (``phase`` at ``step``) and when."""
+
+    rank: int
+    pid: int
+    step: int
+    phase: str  # starting, train (step+1 in progress), checkpoint, final-flush
+    time: float
+    limit_s: float | None = None  # no progress for longer is a hang; None: not armed (before step 1)
+    stopped: bool = False  # the process is stopped (SIGSTOP, a debugger): the OS says so
+
+
+class NodeHeartbeat(_Record):
+    """``heartbeats/<node>.json``: a node's ranks as its agent saw them at ``updated``."""
+
+    node: str
+    updated: float
+    ranks: list[RankBeat]
+    hang: str | None = None  # the watchdog's line, once it found a hung rank on this node
+
+
+def stalled_for(beats: list[NodeHeartbeat], now: float) -> tuple[float, float] | None:
+    """``(age_s, limit_s)`` when the run's newest heartbeat is older than its limit, else None.
+
+    The newest rank beat over all nodes decides (one live rank is progress); before the first step of
+    an attempt no beat is armed, so a starting attempt is never stalled by an older attempt's files."""
+    ranks = [r for b in beats for r in b.ranks]
+    if not ranks:
+        return None
+    newest = max(ranks, key=lambda r: r.time)
+    if newest.limit_s is None or now - newest.time <= newest.limit_s:
+        return None
+    return now - newest.time, newest.limit_s
