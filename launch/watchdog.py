@@ -160,6 +160,7 @@ class Watchdog:
             file=sys.stderr,
             flush=True,
         )
+        self.last_hang = node.hang  # with no restarts left, this node fails for the same reason
         self.dump(local)
         time.sleep(DUMP_WAIT_S)
         self._kill([r for r in local if r.time <= node.updated])

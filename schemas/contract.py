@@ -13,6 +13,7 @@ Run folder (``runs/<run_id>/`` on the login node, shared with the compute nodes)
     logs/<attempt>[.r<round>]/rank<R>/   each global rank's stdout/stderr (torchrun)
     tensorboard/    rank 0's TensorBoard event files, one file per attempt (``tensorboard --logdir``)
     checkpoints/    the checkpoint store, unless checkpoint.url points elsewhere
+    heartbeats/<node>.json   each node agent's view of its ranks' progress (hang watchdog, status)
 
 Checkpoint store (any fsspec URL; format and commit protocol in :mod:`launch.store`)::
 
