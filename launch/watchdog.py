@@ -77,7 +77,8 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
         if self.run_dir is not None:
             with contextlib.suppress(OSError):
                 (self.run_dir / heartbeat_file(self.node)).unlink()
