@@ -2,7 +2,8 @@
 
 torchrun restarts only workers that exit; a rank that is stopped, stuck in a collective or in a driver
 call is alive, and the others wait in their next collective until the process group's timeout. Here
-the agent reads its ranks' heartbeat files (:mod:`launch.heartbeat`) every second. When an armed rank
+the agent reads its ranks' heartbeat files (:mod:`launch.heartbeat`) every second, and publishes them
+to the run folder (read by the other agents and ``pixpro status``) every 5 s. When an armed rank
 made no progress for longer than its limit (``resources.hang_timeout_s``, or a phase's own deadline):
 
 1. the hung rank is chosen over all nodes (each agent publishes its ranks to the run folder's
@@ -38,7 +39,7 @@ from launch.preempt import children_of
 from schemas.contract import HEARTBEATS_DIR, NodeHeartbeat, RankBeat, heartbeat_file
 
 POLL_S = 1.0
-PUBLISH_S = 2.0  # how often the node's heartbeat reaches the run folder
+PUBLISH_S = 5.0  # how often the node's heartbeat reaches the run folder, and others' are read
 DUMP_WAIT_S = 3.0  # time the ranks get to write their stacks before they are killed
 FRESH_S = 30.0  # another node's file older than this is a gone agent's: not compared against
 
@@ -132,15 +133,16 @@ class Watchdog:
     def check(self, now: float) -> RankBeat | None:
         """The hung rank this agent must act on now, if any."""
         local = self.local_ranks()
-        if now - self._published >= PUBLISH_S:
-            self.publish(local)
+        stale = [r for r in local if r.limit_s is not None and now - r.time > r.limit_s]
+        if now - self._published < PUBLISH_S and not stale:
+            return None
+        self.publish(local)
         others = self.other_nodes(now)
         for node in others:
             if node.hang and node.hang not in self._seen:
                 self._seen.add(node.hang)
                 self.join_restart(node, local)
                 return None
-        stale = [r for r in local if r.limit_s is not None and now - r.time > r.limit_s]
         if not stale:
             return None
         everyone = local + [r for node in others for r in node.ranks]

@@ -164,12 +164,20 @@ class NodeHeartbeat(_Record):
     hang: str | None = None  # the watchdog's line, once it found a hung rank on this node
 
 
+GONE_AGENT_S = 60.0
+"""A node file last written this long before the newest one is a gone agent's (an earlier attempt)."""
+
+
 def stalled_for(beats: list[NodeHeartbeat], now: float) -> tuple[float, float] | None:
     """``(age_s, limit_s)`` when the run's newest heartbeat is older than its limit, else None.
 
-    The newest rank beat over all nodes decides (one live rank is progress); before the first step of
-    an attempt no beat is armed, so a starting attempt is never stalled by an older attempt's files."""
-    ranks = [r for b in beats for r in b.ranks]
+    The newest rank beat over the live agents' files decides (one live rank is progress). A new
+    attempt's agents write their files at once and its ranks' beats are unarmed until their first
+    step, so an earlier attempt's files never make a starting attempt look stalled."""
+    if not beats:
+        return None
+    newest_file = max(b.updated for b in beats)
+    ranks = [r for b in beats if b.updated >= newest_file - GONE_AGENT_S for r in b.ranks]
     if not ranks:
         return None
     newest = max(ranks, key=lambda r: r.time)

@@ -14,14 +14,17 @@ from schemas.contract import NodeHeartbeat, RankBeat, heartbeat_file
 from tests.support.runs import fake_run
 
 
-def _beat(run_dir: str, node: str, age_s: float, limit_s: float | None, now: float) -> None:
+def _beat(
+    run_dir: str, node: str, age_s: float, limit_s: float | None, now: float, updated_age_s: float = 0
+) -> None:
     ranks = [
         RankBeat(rank=r, pid=100 + r, step=10, phase="train", time=now - age_s - r, limit_s=limit_s)
         for r in range(2)
     ]
     path = Path(run_dir, heartbeat_file(node))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(NodeHeartbeat(node=node, updated=now, ranks=ranks).model_dump_json())
+    beat = NodeHeartbeat(node=node, updated=now - updated_age_s, ranks=ranks)
+    path.write_text(beat.model_dump_json())
 
 
 def test_running_run_with_an_old_heartbeat_is_stalled_with_its_age(tmp_path: Path) -> None:
@@ -59,3 +62,13 @@ def test_only_running_and_armed_heartbeats_stall(tmp_path: Path) -> None:
 def test_status_modules_stay_torch_free() -> None:
     code = "import sys, cluster.status, cluster.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_an_earlier_attempts_heartbeat_does_not_stall_a_starting_attempt(tmp_path: Path) -> None:
+    rec = fake_run(tmp_path, 1)
+    now = time.time()
+    _beat(rec.run_dir, "old-1", age_s=900, limit_s=300, now=now, updated_age_s=890)  # its agent is gone
+    assert stalled(rec, AttemptState("RUNNING"), now)[0].state == "STALLED"  # all agents silent: stalled
+    path = Path(rec.run_dir, heartbeat_file("new-2"))  # the new attempt's agent, no rank beat yet
+    path.write_text(NodeHeartbeat(node="new-2", updated=now, ranks=[]).model_dump_json())
+    assert stalled(rec, AttemptState("RUNNING"), now)[0].state == "RUNNING"
