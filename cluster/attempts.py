@@ -15,7 +15,7 @@ from schemas.contract import Exit
 
 EXIT_PREEMPTED = Exit.PREEMPTED
 # NODE_FAIL (active): a node of the run failed and SLURM requeued it; the job goes on by itself.
-ACTIVE = frozenset({"PENDING", "REQUEUED", "NODE_FAIL", "RUNNING", "SUSPENDED"})
+ACTIVE = frozenset({"PENDING", "REQUEUED", "NODE_FAIL", "RUNNING", "STALLED", "SUSPENDED"})
 STATES = ("PENDING", "REQUEUED", "NODE_FAIL", "RUNNING", "SUSPENDED", "PREEMPTED", "TIMEOUT", "FAILED",
           "DIVERGED", "CANCELLED", "COMPLETED", "UNKNOWN")  # fmt: skip
 _QUEUED = ("PENDING", "REQUEUE_HOLD", "REQUEUE_FED", "REQUEUED", "RESV_DEL_HOLD")

@@ -8,12 +8,14 @@ none. No torch here: :mod:`launch.store` is torch-free.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from launch.store import CheckpointStore
-from schemas.contract import METRICS_DIR, STATUS_FILE
+from schemas.contract import HEARTBEATS_DIR, METRICS_DIR, STATUS_FILE, NodeHeartbeat
 
 READ_TIMEOUT_S = 10.0
 """Per-call deadline of the CLI's store reads: a stalled S3 server costs ``pixpro status`` seconds, not
@@ -107,3 +109,13 @@ def read_progress(store: CheckpointStore) -> Progress:
         )
     except Exception as exc:
         return Progress(error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:160]}")
+
+
+def read_heartbeats(run_dir: str | Path) -> list[NodeHeartbeat]:
+    """The run folder's ``heartbeats/<node>.json`` files (the nodes' agents write them; unreadable or
+    half-written ones are skipped)."""
+    out = []
+    for path in sorted(Path(run_dir, HEARTBEATS_DIR).glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            out.append(NodeHeartbeat.model_validate_json(path.read_bytes()))
+    return out

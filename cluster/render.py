@@ -11,6 +11,7 @@ from rich.text import Text
 _STYLE = {
     "COMPLETED": "green",
     "RUNNING": "cyan",
+    "STALLED": "bold red",  # running, but no rank progressed for longer than the hang timeout
     "PENDING": "yellow",
     "REQUEUED": "yellow",
     "PREEMPTED": "magenta",

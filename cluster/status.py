@@ -13,10 +13,10 @@ from typing import Any
 
 from cluster.attempts import AttemptState
 from cluster.executors import executor
-from cluster.progress import Progress, open_run_store, read_progress
+from cluster.progress import Progress, open_run_store, read_heartbeats, read_progress
 from cluster.record import RunRecord
 from launch.store.format import is_local_url
-from schemas.contract import TENSORBOARD_DIR, wandb_run_id
+from schemas.contract import TENSORBOARD_DIR, stalled_for, wandb_run_id
 
 
 def read_all_progress(records: list[RunRecord]) -> dict[str, Progress]:
@@ -55,6 +55,20 @@ def run_state(rec: RunRecord, states: dict[str, AttemptState]) -> AttemptState:
     return states[rec.attempts[-1]]
 
 
+def stalled(rec: RunRecord, st: AttemptState, now: float) -> tuple[AttemptState, float | None]:
+    """A RUNNING run whose newest heartbeat is older than its hang timeout is STALLED (with the age):
+    its GPUs are held and nothing moves. Returns the state and the heartbeat's age (None: no beat)."""
+    beats = read_heartbeats(rec.run_dir) if st.state == "RUNNING" else []
+    times = [r.time for b in beats for r in b.ranks]
+    age = round(now - max(times), 1) if times else None
+    found = stalled_for(beats, now)
+    if found is None:
+        return st, age
+    since, limit = found
+    reason = f"no progress for {since:.0f} s, hang timeout {limit:g} s"
+    return AttemptState("STALLED", reason, st.exit_code, st.history), age
+
+
 def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
     progress = read_all_progress(records)
     states, warnings = attempt_states(records, progress)
@@ -62,7 +76,7 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
     rows = []
     for rec in records:
         p = progress[rec.run_id]
-        st = run_state(rec, states[rec.run_id])
+        st, heartbeat_age = stalled(rec, run_state(rec, states[rec.run_id]), now)
         rows.append(
             {
                 "run_id": rec.run_id,
@@ -90,6 +104,7 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
                 "data_skips": p.metric("data_skips"),
                 "updated": (p.trainer or {}).get("updated"),
                 "record_age_s": None if p.record_time is None else round(now - p.record_time, 1),
+                "heartbeat_age_s": heartbeat_age,
                 "created": rec.created,
                 "checkpoint_url": rec.checkpoint_url,
                 "run_dir": rec.run_dir,

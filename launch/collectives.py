@@ -157,13 +157,15 @@ def _new_gloo_group(timeout: timedelta) -> ProcessGroup:
     return group
 
 
-def collective_timeout_s(final_flush_s: float, commit_s: float, margin_s: float = 120.0) -> float:
-    """How long a collective may wait: longer than the longest wait the code allows one rank while the
-    others already sit in a collective.
+def collective_timeout_s(final_flush_s: float, commit_s: float, hang_timeout_s: float) -> float:
+    """How long a collective may wait: the longest wait the code allows one rank while the others already
+    sit in a collective, plus the hang watchdog's timeout (``resources.hang_timeout_s``).
 
-    That is rank 0's final flush (the checkpointer's whole retry window, ``final_flush_s``, or
-    ``commit_s`` of a preemption) before the closing barrier, plus ``margin_s`` for the status record and
-    the metric sinks. torch's defaults do not fit: NCCL's 10 min is shorter than the final flush (an S3
-    outage at the end would abort the other ranks), gloo's 30 min hides a hung rank for half an hour.
+    The longest wait is rank 0's final flush (the checkpointer's whole retry window, ``final_flush_s``,
+    or ``commit_s`` of a preemption) before the closing barrier; the watchdog (:mod:`launch.watchdog`)
+    gives that phase the same budget plus its timeout, so it restarts a hung group before any
+    collective times out, and a collective still never waits forever. torch's defaults do not fit:
+    NCCL's 10 min is shorter than the final flush (an S3 outage at the end would abort the other
+    ranks), gloo's 30 min hides a hung rank for half an hour.
     """
-    return max(final_flush_s, commit_s) + margin_s
+    return max(final_flush_s, commit_s) + hang_timeout_s

@@ -6,7 +6,8 @@ torchrun would die from SLURM's user signal (default action) and would SIGKILL i
 a SIGTERM. Here the agent instead forwards SIGTERM and the user signal to its workers and waits: they
 agree on a step, commit a checkpoint and exit 0 with a marker (so torchrun does not restart them);
 this process then exits with :data:`launch.preempt.EXIT_PREEMPTED`. :mod:`launch.elastic` adjusts the
-agent for multi-node restarts (one store per rendezvous round, broken groups killed at once).
+agent for multi-node restarts (one store per rendezvous round, broken groups killed at once);
+:mod:`launch.watchdog` runs beside it and restarts a group whose rank stopped making progress.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from launch import elastic
 from launch.preempt import EXIT_PREEMPTED, forward_to_children, preemption_signals
+from launch.watchdog import Watchdog, run_dir_of
 from schemas.contract import EXIT_DIR_ENV, exit_marker
 
 
@@ -36,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     # Workers that torchrun starts after the signal (a restart racing the preemption) stop at once.
     forward_to_children(preemption_signals(user_signal), mark_env=elastic.PREEMPT_ENV)
     elastic.install()
+    watchdog = Watchdog(run_dir_of(trainer_args)).start()  # hung ranks: see launch.watchdog
     with tempfile.TemporaryDirectory(prefix="pixpro-exit-") as exit_dir:
         os.environ[EXIT_DIR_ENV] = exit_dir
         from torch.distributed.run import main as torchrun_main
@@ -48,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             code = exc.code if isinstance(exc.code, int) else 1
         except Exception as exc:  # torchrun's ChildFailedError already printed the details
             code, failure = 1, type(exc).__name__
+        finally:
+            watchdog.stop()
         if any(Path(exit_dir).glob(exit_marker("preempted", "*"))):
             return EXIT_PREEMPTED
         diverged = sorted(Path(exit_dir).glob(exit_marker("diverged", "*")))
@@ -57,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if failure:
             print(f"pixpro: training failed ({failure}); see the rank logs above", file=sys.stderr)
+        if code and watchdog.last_hang:  # the restarts are spent: the hang is why
+            print(f"pixpro: training failed after a hang: {watchdog.last_hang}", file=sys.stderr)
     return code
 
 

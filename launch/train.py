@@ -27,7 +27,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from launch import elastic
+from launch import elastic, heartbeat
 from launch.batches import PREFETCH, loader_collate, release
 from launch.checkpoint import HANG_GRACE_S, RETRY_FOR_S, Checkpointer
 from launch.collectives import Collectives, DistEnv, bind_device, collective_timeout_s
@@ -47,7 +47,7 @@ from pixpro.demo_data import generate_demo_dataset
 from pixpro.lars import LARS, lars_param_groups
 from pixpro.sources import CachedSource
 from pixpro.sync_batchnorm import convert_sync_batchnorm
-from schemas import RunSpec, SpecError, load_spec, spec_hash
+from schemas import RunSpec, SpecError, hang_timeout_s, load_spec, spec_hash
 from schemas.contract import EXIT_DIR_ENV, exit_marker, preemption_deadlines
 
 log = logging.getLogger("pixpro.train")
@@ -361,6 +361,7 @@ class Trainer:
                 loader = self.loader()
                 for batch in loader:
                     self.data_skips += int(batch["skipped"].sum())  # a host tensor: no device sync
+                    heartbeat.beat(self.step, "train")  # the node's watchdog reads it (launch.watchdog)
                     self._train_step(model, batch)
                     release(loader, batch)  # its host tensors are spent: the workers may reuse them
                     self.step += 1
@@ -388,6 +389,7 @@ class Trainer:
                     if preempt:
                         return "preempted"
                     if due:
+                        heartbeat.beat(self.step, "checkpoint")
                         self.save(blocking=False)
                         last_ckpt_time = time.monotonic()
             return "completed"
@@ -401,6 +403,7 @@ class Trainer:
             return True
         # A preemption must commit within the signal's lead time; leave a margin for the exit.
         commit_s, _ = preemption_deadlines(self.spec.resources.signal_lead_s)
+        heartbeat.beat(self.step, "final-flush", max(RETRY_FOR_S + HANG_GRACE_S, commit_s))
         committed = self.save(blocking=True, budget_s=commit_s if outcome == "preempted" else None)
         if outcome == "preempted" and not committed:
             log.error(
@@ -654,7 +657,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir or Path("runs") / spec.name
     # env:// on the store of this rendezvous round (see launch.elastic: no stale keys to read)
     commit_s, _ = preemption_deadlines(spec.resources.signal_lead_s)
-    collectives = Collectives.start(env, device, collective_timeout_s(RETRY_FOR_S + HANG_GRACE_S, commit_s))
+    heartbeat.install(env.rank, hang_timeout_s(spec))
+    timeout_s = collective_timeout_s(RETRY_FOR_S + HANG_GRACE_S, commit_s, hang_timeout_s(spec))
+    collectives = Collectives.start(env, device, timeout_s)
     try:
         trainer = Trainer(spec, run_dir, env, flag, collectives, device)
         outcome = trainer.fit()

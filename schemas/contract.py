@@ -13,6 +13,7 @@ Run folder (``runs/<run_id>/`` on the login node, shared with the compute nodes)
     logs/<attempt>[.r<round>]/rank<R>/   each global rank's stdout/stderr (torchrun)
     tensorboard/    rank 0's TensorBoard event files, one file per attempt (``tensorboard --logdir``)
     checkpoints/    the checkpoint store, unless checkpoint.url points elsewhere
+    heartbeats/<node>.json   each node agent's view of its ranks' progress (hang watchdog, status)
 
 Checkpoint store (any fsspec URL; format and commit protocol in :mod:`launch.store`)::
 
@@ -142,3 +143,56 @@ def preemption_deadlines(signal_lead_s: float) -> tuple[float, float]:
     """
     wait = signal_lead_s - min(10.0, 0.1 * signal_lead_s)
     return 0.75 * signal_lead_s, wait
+
+
+# -- heartbeats: hang detection ----------------------------------------------------------------------
+HEARTBEATS_DIR = "heartbeats"
+"""In the run folder: ``heartbeats/<node>.json`` (:class:`NodeHeartbeat`), rewritten every few seconds
+by each node's agent (:mod:`launch.watchdog`) from its ranks' heartbeats; ``pixpro status`` reads it."""
+
+
+def heartbeat_file(node: str) -> str:
+    return f"{HEARTBEATS_DIR}/{node}.json"
+
+
+class RankBeat(_Record):
+    """One rank's newest heartbeat: what it last did (``phase`` at ``step``) and when."""
+
+    rank: int
+    pid: int
+    step: int
+    phase: str  # starting, train (step+1 in progress), checkpoint, final-flush
+    time: float
+    limit_s: float | None = None  # no progress for longer is a hang; None: not armed (before step 1)
+    stopped: bool = False  # the process is stopped (SIGSTOP, a debugger): the OS says so
+
+
+class NodeHeartbeat(_Record):
+    """``heartbeats/<node>.json``: a node's ranks as its agent saw them at ``updated``."""
+
+    node: str
+    updated: float
+    ranks: list[RankBeat]
+    hang: str | None = None  # the watchdog's line, once it found a hung rank on this node
+
+
+GONE_AGENT_S = 60.0
+"""A node file last written this long before the newest one is a gone agent's (an earlier attempt)."""
+
+
+def stalled_for(beats: list[NodeHeartbeat], now: float) -> tuple[float, float] | None:
+    """``(age_s, limit_s)`` when the run's newest heartbeat is older than its limit, else None.
+
+    The newest rank beat over the live agents' files decides (one live rank is progress). A new
+    attempt's agents write their files at once and its ranks' beats are unarmed until their first
+    step, so an earlier attempt's files never make a starting attempt look stalled."""
+    if not beats:
+        return None
+    newest_file = max(b.updated for b in beats)
+    ranks = [r for b in beats if b.updated >= newest_file - GONE_AGENT_S for r in b.ranks]
+    if not ranks:
+        return None
+    newest = max(ranks, key=lambda r: r.time)
+    if newest.limit_s is None or now - newest.time <= newest.limit_s:
+        return None
+    return now - newest.time, newest.limit_s

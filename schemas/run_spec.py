@@ -65,6 +65,7 @@ __all__ = [
     "SpatialTransformSpec",
     "SpecError",
     "apply_overrides",
+    "hang_timeout_s",
     "hash_payload",
     "json_schema",
     "json_schema_text",
@@ -669,7 +670,19 @@ class ResourceSpec(_Spec):
         le=366 * 24 * 3600,
         description="Seconds before the limit the signal arrives; < time_limit_min * 60.",
     )
-    max_restarts: int = Field(0, ge=0, le=100, description="torchrun --max-restarts after a worker failure.")
+    max_restarts: int = Field(
+        0, ge=0, le=100, description="torchrun --max-restarts after a worker failure or a hang."
+    )
+    hang_timeout_s: int | None = Field(
+        None,
+        ge=30,
+        le=7 * 24 * 3600,
+        description="A rank that makes no progress (no step, no checkpoint phase) for this many seconds "
+        "is hung: its node's agent dumps every rank's stack and restarts the group from the last "
+        "checkpoint. None = 300 s (600 s for data on an object store). Armed after the first step of "
+        "each attempt (compile, cold cache and checkpoint load do not count); the final flush has its "
+        "own deadline. Collectives time out after this plus the final flush.",
+    )
     extra_sbatch: dict[_SbatchKey, _SbatchValue] = Field(
         default_factory=dict,
         description='Extra sbatch long options without dashes, e.g. {"exclusive": "", "gres": '
@@ -897,6 +910,19 @@ def hash_payload(spec: RunSpec) -> dict[str, Any]:
         if payload.get(key) == default:
             del payload[key]
     return payload
+
+
+DEFAULT_HANG_TIMEOUT_S = 300
+"""Between two steps after the first: a data loader refilling at an epoch start, a checkpoint's
+hand-over to the uploader, a metrics flush. Object-store data doubles it (slow reads on a cold cache)."""
+
+
+def hang_timeout_s(spec: RunSpec) -> int:
+    """``resources.hang_timeout_s``, or its default for what this run reads."""
+    if spec.resources.hang_timeout_s is not None:
+        return spec.resources.hang_timeout_s
+    remote = "://" in spec.data.root and not spec.data.root.lower().startswith("file://")
+    return 2 * DEFAULT_HANG_TIMEOUT_S if remote else DEFAULT_HANG_TIMEOUT_S
 
 
 def spec_hash(spec: RunSpec) -> str:

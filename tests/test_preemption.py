@@ -178,7 +178,7 @@ class _Agents:
     """Two ``launch.run`` agents, one rank each, meeting through the c10d rendezvous on 127.0.0.1:
     what a 2-node SLURM job runs, without SLURM. Each agent's output goes to its own file."""
 
-    def __init__(self, spec: Path, run: Path, attempt: str, max_restarts: int) -> None:
+    def __init__(self, spec: Path, run: Path, attempt: str, max_restarts: int, tee: bool = False) -> None:
         self.logs = [run.parent / f"{attempt}.agent{i}.log" for i in range(2)]
         port = free_port()
         self.procs = []
@@ -188,7 +188,7 @@ class _Agents:
                 "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                 "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", attempt,
                 "--rdzv-conf", f"is_host={int(node == 0)}", f"--max-restarts={max_restarts}",
-                "--log-dir", str(run / "logs"), "--logs-specs", "pixpro",
+                "--log-dir", str(run / "logs"), "--logs-specs", "pixpro", *(["--tee", "3"] if tee else []),
                 "--", str(spec), "--run-dir", str(run),
             ]  # fmt: skip
             with open(log, "w") as out:

@@ -24,6 +24,7 @@ from schemas import (
     SCHEMA_PATH,
     RunSpec,
     SpecError,
+    hang_timeout_s,
     hash_payload,
     json_schema,
     json_schema_text,
@@ -119,6 +120,7 @@ FULL: dict[str, Any] = {
         "signal": "USR1",
         "signal_lead_s": 90,
         "max_restarts": 1,
+        "hang_timeout_s": 120,
         "extra_sbatch": {"exclusive": "", "gres": "nvme:1"},
     },
 }
@@ -194,6 +196,7 @@ def test_defaults_are_the_official_100_epoch_recipe() -> None:
     assert (r.nodes, r.gpus_per_node, r.cpus_per_task, r.mem_gb, r.time_limit_min) == (1, 0, None, None, 1440)
     assert (r.partition, r.account, r.qos, r.constraint) == (None, None, None, None)
     assert (r.signal, r.signal_lead_s, r.max_restarts, r.extra_sbatch) == ("USR2", 120, 0, {})
+    assert r.hang_timeout_s is None and hang_timeout_s(spec) == 300
 
 
 def test_spatial_transform_defaults_follow_torchvision() -> None:
@@ -317,6 +320,9 @@ BAD_VALUES = [
     ("resources.signal_lead_s", 5, "resources.signal_lead_s"),
     ("resources.signal_lead_s", 86400, "resources.signal_lead_s"),
     ("resources.max_restarts", -1, "resources.max_restarts"),
+    ("resources.hang_timeout_s", 29, "resources.hang_timeout_s"),
+    ("resources.hang_timeout_s", 0, "resources.hang_timeout_s"),
+    ("resources.hang_timeout_s", "soon", "resources.hang_timeout_s"),
     ("resources.extra_sbatch", {"--mem-per-cpu": "4G"}, "resources.extra_sbatch['--mem-per-cpu']"),
     ("resources.extra_sbatch", {"Gres": "x"}, "resources.extra_sbatch.Gres"),
     ("resources.extra_sbatch", {"comment": "a\nb"}, "resources.extra_sbatch.comment"),
@@ -1206,3 +1212,14 @@ def test_a_wandb_key_in_the_spec_is_refused_and_not_echoed() -> None:
 )
 def test_bad_wandb_settings_name_their_field(wandb: dict[str, Any], field: str) -> None:
     assert any(e.startswith(f"{field}:") for e in errors_of(with_value(MINIMAL, "logging.wandb", wandb)))
+
+
+def test_hang_timeout_accepts_30_s_and_up_and_defaults_by_where_the_data_lives() -> None:
+    """The watchdog restarts a group whose rank made no progress for this long: below 30 s a slow
+    step on a shared machine would pass for a hang; the default doubles for object-store data."""
+    assert hang_timeout_s(parse_spec(with_value(MINIMAL, "resources.hang_timeout_s", 30))) == 30
+    assert hang_timeout_s(parse_spec(with_value(MINIMAL, "resources.hang_timeout_s", 7200))) == 7200
+    assert hang_timeout_s(parse_spec(MINIMAL)) == 300
+    assert hang_timeout_s(parse_spec(with_value(MINIMAL, "data.root", "s3://bucket/images"))) == 600
+    line = errors_of(with_value(MINIMAL, "resources.hang_timeout_s", 29))[0]
+    assert line.startswith("resources.hang_timeout_s:") and "30" in line, line

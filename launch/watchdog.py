@@ -1,0 +1,220 @@
+"""The hang watchdog: a thread in each node's torchrun agent (:mod:`launch.run`), outside every rank.
+
+torchrun restarts only workers that exit; a rank that is stopped, stuck in a collective or in a driver
+call is alive, and the others wait in their next collective until the process group's timeout. Here
+the agent reads its ranks' heartbeat files (:mod:`launch.heartbeat`) every second, and publishes them
+to the run folder (read by the other agents and ``pixpro status``) every 5 s. When an armed rank
+made no progress for longer than its limit (``resources.hang_timeout_s``, or a phase's own deadline):
+
+1. the hung rank is chosen over all nodes (each agent publishes its ranks to the run folder's
+   ``heartbeats/<node>.json``): a stopped process first, else the one with the least progress (step,
+   then time). Only that rank's agent acts, so one line names one rank; every agent acts on its own
+   stale ranks once they are twice over the limit (that node's agent may be gone);
+2. it prints one line (which rank, which node, since when), sends every local rank SIGCONT (a stopped
+   process cannot run a handler) and :data:`launch.heartbeat.DUMP_SIGNAL` (``faulthandler`` writes
+   every thread's stack to the rank log), and publishes the line: the other nodes' agents dump their
+   ranks' stacks too, and stop them (:meth:`Watchdog.join_restart`);
+3. it SIGKILLs the local ranks. torchrun sees failed workers and restarts the group in a new rendezvous
+   round from the last committed checkpoint (one of ``max_restarts`` on every node); the other nodes'
+   agents do the same with their killed workers (and :mod:`launch.elastic` kills what is left of a
+   broken group at once). With no restarts left, the agent fails and :mod:`launch.run` repeats the
+   line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from launch.heartbeat import DIR_ENV, DUMP_SIGNAL, read
+from launch.preempt import children_of
+from schemas.contract import HEARTBEATS_DIR, NodeHeartbeat, RankBeat, heartbeat_file
+
+POLL_S = 1.0
+PUBLISH_S = 5.0  # how often the node's heartbeat reaches the run folder, and others' are read
+DUMP_WAIT_S = 3.0  # time the ranks get to write their stacks before they are killed
+FRESH_S = 30.0  # another node's file older than this is a gone agent's: not compared against
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+class Watchdog:
+    """Started by the agent before torchrun; sets :data:`launch.heartbeat.DIR_ENV` for the workers."""
+
+    def __init__(self, run_dir: Path | None, node: str | None = None) -> None:
+        self.run_dir = run_dir
+        self.host = socket.gethostname()
+        self.node = node or f"{self.host}-{os.getpid()}"
+        self.dir = tempfile.mkdtemp(prefix="pixpro-beat-")
+        os.environ[DIR_ENV] = self.dir  # workers inherit os.environ
+        self.last_hang: str | None = None
+        self._seen: set[str] = set()
+        self._killed: set[int] = set()
+        self._published = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pixpro-watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if self.run_dir is not None:
+            with contextlib.suppress(OSError):
+                (self.run_dir / heartbeat_file(self.node)).unlink()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # --- reading ------------------------------------------------------------------------------------
+    def local_ranks(self) -> list[RankBeat]:
+        """This node's live workers' newest beats (a killed or exited worker's file is ignored)."""
+        alive = set(children_of(os.getpid())) - self._killed
+        out = []
+        for name in sorted(os.listdir(self.dir)):
+            rec = read(os.path.join(self.dir, name))
+            if rec is not None and rec.get("pid") in alive:
+                with contextlib.suppress(ValueError):
+                    out.append(RankBeat.model_validate(rec | {"stopped": _stopped(rec["pid"])}))
+        return out
+
+    def other_nodes(self, now: float) -> list[NodeHeartbeat]:
+        if self.run_dir is None:
+            return []
+        out = []
+        for path in (self.run_dir / HEARTBEATS_DIR).glob("*.json"):
+            if path.stem == self.node:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                beat = NodeHeartbeat.model_validate_json(path.read_bytes())
+                if now - beat.updated < FRESH_S:
+                    out.append(beat)
+        return out
+
+    def publish(self, ranks: list[RankBeat], hang: str | None = None) -> None:
+        self._published = time.time()
+        if self.run_dir is None:
+            return
+        path = self.run_dir / heartbeat_file(self.node)
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            beat = NodeHeartbeat(node=self.node, updated=self._published, ranks=ranks, hang=hang)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(beat.model_dump_json())
+            os.replace(tmp, path)
+
+    # --- acting -------------------------------------------------------------------------------------
+    def dump(self, ranks: list[RankBeat]) -> None:
+        """Every local rank's stacks to its log: SIGCONT first, a stopped process runs no handler."""
+        for r in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(r.pid, signal.SIGCONT)
+                os.kill(r.pid, DUMP_SIGNAL)
+
+    def check(self, now: float) -> RankBeat | None:
+        """The hung rank this agent must act on now, if any."""
+        local = self.local_ranks()
+        stale = [r for r in local if r.limit_s is not None and now - r.time > r.limit_s]
+        if now - self._published < PUBLISH_S and not stale:
+            return None
+        self.publish(local)
+        others = self.other_nodes(now)
+        for node in others:
+            if node.hang and node.hang not in self._seen:
+                self._seen.add(node.hang)
+                self.join_restart(node, local)
+                return None
+        if not stale:
+            return None
+        everyone = local + [r for node in others for r in node.ranks]
+        culprit = min(everyone, key=lambda r: (not r.stopped, r.step, r.time))
+        if culprit in local:
+            return culprit
+        overdue = [r for r in stale if now - r.time > 2 * (r.limit_s or 0)]
+        return min(overdue, key=lambda r: (not r.stopped, r.step, r.time)) if overdue else None
+
+    def join_restart(self, node: NodeHeartbeat, local: list[RankBeat]) -> None:
+        """Another node's agent found a hung rank: dump this node's stacks, then stop its workers of the
+        hung round, so torchrun restarts here at once too. A rank that sees its peer die may hang in its
+        own exit (seen here: 30 s after "Connection reset by peer"); workers of a newer round, started
+        after the hang was published, are left alone."""
+        print(
+            f"pixpro: node {node.node} found a hung rank; this node's stacks go to its rank logs and its "
+            "workers stop for the restart",
+            file=sys.stderr,
+            flush=True,
+        )
+        self.last_hang = node.hang  # with no restarts left, this node fails for the same reason
+        self.dump(local)
+        time.sleep(DUMP_WAIT_S)
+        self._kill([r for r in local if r.time <= node.updated])
+
+    def _kill(self, ranks: list[RankBeat]) -> None:
+        for r in ranks:
+            self._killed.add(r.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(r.pid, signal.SIGKILL)
+
+    def act(self, hung: RankBeat, now: float) -> None:
+        local = self.local_ranks()
+        line = (
+            f"pixpro: hang: rank {hung.rank} on node {self.host} (pid {hung.pid}"
+            f"{', stopped' if hung.stopped else ''}) made no progress since {_utc(hung.time)} "
+            f"({now - hung.time:.1f} s, limit {hung.limit_s:g} s; last {hung.phase} at step {hung.step}); "
+            "every rank's stack is in its log; killing this node's workers (torchrun restarts them "
+            "from the last committed checkpoint if restarts are left)"
+        )
+        print(line, file=sys.stderr, flush=True)
+        self.last_hang = line
+        self._seen.add(line)
+        self.dump(local)
+        self.publish(local, hang=line)
+        time.sleep(DUMP_WAIT_S)
+        self._kill(local)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(POLL_S):
+            try:
+                now = time.time()
+                hung = self.check(now)
+                if hung is not None:
+                    self.act(hung, now)
+            except Exception as exc:  # the watchdog must never take the agent down
+                print(f"pixpro: watchdog error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+
+def run_dir_of(trainer_args: list[str]) -> Path | None:
+    """The trainer's ``--run-dir`` (default ``runs/<spec name>``, as :mod:`launch.train` picks it)."""
+    for i, arg in enumerate(trainer_args):
+        if arg == "--run-dir" and i + 1 < len(trainer_args):
+            return Path(trainer_args[i + 1])
+        if arg.startswith("--run-dir="):
+            return Path(arg.split("=", 1)[1])
+    spec = next((a for a in trainer_args if not a.startswith("-")), None)
+    if spec is None:
+        return None
+    try:
+        from schemas import load_spec
+
+        return Path("runs") / load_spec(Path(spec)).name
+    except Exception:
+        return None

@@ -1,0 +1,70 @@
+"""A hung rank (SIGSTOP) under two torchrun agents: found by the watchdog, dumped, restarted, exact."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.trainer import assert_identical, final_state, write_spec
+from tests.test_preemption import _Agents, _current_step, _spec, _wait_until, golden  # noqa: F401
+
+pytestmark = [pytest.mark.slow]
+
+HANG_TIMEOUT_S = 30  # the minimum the spec accepts
+
+
+def _hang_line(agents: _Agents, pid: int) -> re.Match[str] | None:
+    return re.search(rf"pixpro: hang: rank (\d) on node \S+ \(pid {pid}, stopped\)[^\n]*", agents.output())
+
+
+def _stop_after_a_commit(agents: _Agents, run: Path, agent: int) -> tuple[int, float]:
+    committed = (run / "checkpoints" / "latest").exists
+    _wait_until("a committed step", lambda: _current_step(run) >= 5 and committed(), agents, 180)
+    pid = agents.trainer(agent)
+    os.kill(pid, signal.SIGSTOP)
+    return pid, time.monotonic()
+
+
+@pytest.mark.parametrize("agent", [1, 0], ids=["second-node", "first-node"])
+def test_sigstopped_rank_is_dumped_named_restarted_and_the_run_ends_exact(
+    tmp_path,
+    data_root,
+    golden,  # noqa: F811  (the uninterrupted run of tests/test_preemption.py)
+    agent,
+):
+    spec = write_spec(tmp_path / "spec.json", _spec(data_root, resources__hang_timeout_s=HANG_TIMEOUT_S))
+    run = tmp_path / "run"
+    agents = _Agents(spec, run, "job9.0", max_restarts=1, tee=True)
+    t_start = time.monotonic()
+    pid, t_stop = _stop_after_a_commit(agents, run, agent)
+    _wait_until("the hang line", lambda: _hang_line(agents, pid) is not None, agents, 180)
+    detected = time.monotonic() - t_stop
+    _wait_until("the restart", lambda: "resumed from step" in agents.output(), agents, 180)
+    training = time.monotonic() - t_stop
+    assert agents.wait(timeout=300) == [0, 0], agents.output()[-4000:]
+    total = time.monotonic() - t_start
+    match = _hang_line(agents, pid)
+    lines = re.findall(r"^pixpro: hang: .*$", agents.output(), re.MULTILINE)
+    assert match is not None and len(lines) == 1, agents.output()[-4000:]  # one line, the stopped rank
+    assert f"limit {HANG_TIMEOUT_S} s" in match[0] and "since 20" in match[0], match[0]
+    # faulthandler's dump of the stopped rank, in its own rank log (torchrun's files by global rank)
+    log = (run / "logs" / "job9.0" / f"rank{match[1]}" / "stderr.log").read_text(errors="replace")
+    assert "most recent call first" in log and "launch/train.py" in log, log[-3000:]
+    assert_identical(golden, final_state(str(run / "checkpoints")))
+    print(f"SIGSTOP -> hang line {detected:.1f}s, -> training again {training:.1f}s, job {total:.1f}s")
+
+
+def test_a_hang_with_no_restarts_left_fails_with_the_line(tmp_path, data_root):
+    spec = write_spec(tmp_path / "spec.json", _spec(data_root, resources__hang_timeout_s=HANG_TIMEOUT_S))
+    run = tmp_path / "run"
+    agents = _Agents(spec, run, "job10.0", max_restarts=0)
+    pid, _ = _stop_after_a_commit(agents, run, 1)
+    codes = agents.wait(timeout=300)
+    assert codes[1] != 0 and codes[0] != 0, agents.output()[-4000:]
+    assert _hang_line(agents, pid) is not None, agents.output()[-4000:]
+    assert "pixpro: training failed after a hang: pixpro: hang: rank" in agents.output()

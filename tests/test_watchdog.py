@@ -1,0 +1,100 @@
+"""The hang watchdog's decisions, with ``sleep`` processes as ranks and hand-written heartbeats: which
+rank is the hung one, who acts, what is killed. No torch, no torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from launch import heartbeat
+from launch.watchdog import Watchdog, run_dir_of
+from schemas.contract import NodeHeartbeat, RankBeat, heartbeat_file
+
+
+@pytest.fixture
+def ranks() -> Iterator[list[subprocess.Popen]]:
+    """Two workers of this process that, like a trainer, survive the dump signal."""
+    ignore_dump = f"trap '' {int(heartbeat.DUMP_SIGNAL)}; echo ready; exec sleep 120"
+    procs = [
+        subprocess.Popen(["bash", "-c", ignore_dump], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    for p in procs:  # the trap is set before the test signals them
+        assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    yield procs
+    for p in procs:
+        p.kill()
+        p.wait()
+        p.stdout.close()  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def dog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Watchdog]:
+    monkeypatch.delenv(heartbeat.DIR_ENV, raising=False)
+    w = Watchdog(tmp_path / "run", node="here")
+    (tmp_path / "run" / "heartbeats").mkdir(parents=True)
+    yield w
+    w.stop()
+
+
+def _write(dog: Watchdog, rank: int, pid: int, step: int, age_s: float, limit_s: float | None) -> None:
+    rec = {"rank": rank, "pid": pid, "step": step, "phase": "train", "time": time.time() - age_s}
+    Path(heartbeat.rank_file(dog.dir, rank)).write_text(json.dumps(rec | {"limit_s": limit_s}))
+
+
+def test_the_rank_with_the_least_progress_is_hung_and_a_stopped_one_first(dog, ranks) -> None:
+    now = time.time()
+    _write(dog, 0, ranks[0].pid, step=7, age_s=40, limit_s=30)
+    _write(dog, 1, ranks[1].pid, step=6, age_s=45, limit_s=30)
+    hung = dog.check(now)
+    assert hung is not None and (hung.rank, hung.stopped) == (1, False)
+    os.kill(ranks[0].pid, signal.SIGSTOP)
+    hung = dog.check(now)
+    assert hung is not None and (hung.rank, hung.stopped) == (0, True)
+    # published for the login node and the other agents
+    beat = NodeHeartbeat.model_validate_json((dog.run_dir / heartbeat_file("here")).read_bytes())
+    assert sorted(r.rank for r in beat.ranks) == [0, 1]
+
+
+def test_unarmed_or_young_beats_and_other_processes_are_no_hang(dog, ranks) -> None:
+    now = time.time()
+    _write(dog, 0, ranks[0].pid, step=0, age_s=900, limit_s=None)  # before the first step
+    _write(dog, 1, ranks[1].pid, step=3, age_s=10, limit_s=30)
+    _write(dog, 2, 1, step=1, age_s=900, limit_s=30)  # pid 1: not a worker of this agent
+    assert dog.check(now) is None
+
+
+def test_only_the_hung_ranks_agent_acts_until_twice_the_limit(dog, ranks) -> None:
+    now = time.time()
+    _write(dog, 0, ranks[0].pid, step=7, age_s=40, limit_s=30)
+    other = RankBeat(rank=1, pid=99999, step=6, phase="train", time=now - 45, limit_s=30, stopped=True)
+    path = dog.run_dir / heartbeat_file("there")
+    path.write_text(NodeHeartbeat(node="there", updated=now, ranks=[other]).model_dump_json())
+    assert dog.check(now) is None  # the stopped rank is on "there": its agent acts
+    _write(dog, 0, ranks[0].pid, step=7, age_s=61, limit_s=30)
+    hung = dog.check(now)
+    assert hung is not None and hung.rank == 0  # "there" did nothing for twice the limit
+
+
+def test_a_hang_found_elsewhere_dumps_and_stops_this_nodes_workers_of_that_round(dog, ranks) -> None:
+    now = time.time()
+    _write(dog, 0, ranks[0].pid, step=7, age_s=40, limit_s=30)
+    _write(dog, 1, ranks[1].pid, step=0, age_s=-5, limit_s=None)  # a newer round's worker
+    line = "pixpro: hang: rank 3 on node there ..."
+    path = dog.run_dir / heartbeat_file("there")
+    path.write_text(NodeHeartbeat(node="there", updated=now, ranks=[], hang=line).model_dump_json())
+    assert dog.check(now) is None
+    assert ranks[0].wait(timeout=30) == -signal.SIGKILL  # dumped (ignored here), then killed
+    assert ranks[1].poll() is None and dog.last_hang == line
+
+
+def test_run_dir_comes_from_the_trainer_arguments() -> None:
+    assert run_dir_of(["spec.json", "--run-dir", "/r/x"]) == Path("/r/x")
+    assert run_dir_of(["spec.json", "--run-dir=/r/y"]) == Path("/r/y")
+    assert run_dir_of([]) is None
