@@ -66,7 +66,7 @@ class NonFiniteGuard:
 
     @torch.no_grad()
     def finish(self, loss: torch.Tensor, grads_checked: bool = True) -> torch.Tensor:
-        """After the optimizer: undo the step unless its gradients and the weights it made are finite;
+        """After the optimizer: undo the step unless its gradients and the state it made are finite;
         returns the device flag ``ok``. A non-finite loss makes non-finite gradients;
         ``grads_checked=False`` (fp16, whose GradScaler skips steps with inf gradients itself, as
         expected) looks at the ``loss`` instead."""
@@ -75,8 +75,8 @@ class NonFiniteGuard:
             ok = all_finite([p.grad for p in trained if p.grad is not None])
         else:
             ok = torch.isfinite(loss.detach()).all()
-        if trained:  # finite gradients can still step a weight past float's range
-            ok = ok & all_finite(trained)
+        # finite gradients can still step a weight, or a BN statistic, past float's range
+        ok = ok & all_finite([t for t in self._state() if t.is_floating_point()])
         for now, before in zip(self._tensors, self._saved, strict=True):
             torch.where(ok, now, before, out=now)
         known = {id(t) for t in self._tensors}

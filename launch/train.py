@@ -506,13 +506,13 @@ class Trainer:
         limit = self.spec.optim.max_nonfinite_steps
         if longest >= limit:
             raise Diverged(
-                f"{longest} steps in a row had non-finite gradients or loss (optim.max_nonfinite_steps "
-                f"{limit}), the last at step {self.step}"
+                f"{longest} steps in a row were not finite (their gradients or the state they made; "
+                f"optim.max_nonfinite_steps {limit}), the last at step {self.step}"
             )
         if skipped > self._skipped_read and self.env.rank == 0:
             log.warning(
-                "skipped %d step(s) with non-finite gradients or loss up to step %d (not applied; the run "
-                "stops after %d in a row)",
+                "skipped %d step(s) up to step %d: their gradients or the state they made were not finite "
+                "(not applied; the run stops after %d in a row)",
                 skipped - self._skipped_read,
                 self.step,
                 limit,
