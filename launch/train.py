@@ -335,7 +335,8 @@ class Trainer:
             )
             if self.env.rank == 0:
                 log.error("%s", self.diverged)
-        self._close_loader()
+        finally:
+            self._close_loader()
         self.checkpointer.close()
         if self.metrics is not None:
             self.metrics.flush(wait=True)
@@ -439,7 +440,8 @@ class Trainer:
         )
 
     def _close_loader(self) -> None:
-        """Stop the persistent workers now, not at interpreter exit (after the process group is gone)."""
+        """Stop the persistent workers now. Left to interpreter exit, multiprocessing would SIGTERM them,
+        which they ignore (a preemption signal, see launch.preempt), and then wait for them forever."""
         iterator = getattr(self._loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
