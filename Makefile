@@ -42,8 +42,10 @@ clean-services:
 	-bash cluster/slurm/stop.sh --cancel-jobs
 	-bash cluster/s3/moto.sh stop
 
-# GPU acceptance check (benches/gpu_check.py): under 8 minutes on one GPU, offline; record and table in
-# $(OUT). GPU_CHECK_ARGS: --cpu (toy CPU mode), --quick, --only NAME[,NAME] (rerun merges into the record).
+# GPU acceptance check (benches/gpu_check.py, checks in benches/gpu_checks/): offline, at most 7.5 minutes
+# on one GPU (per-check budgets that add up to the total), the real job under launch.run stopped and
+# resumed included; record and table in $(OUT). GPU_CHECK_ARGS: --cpu (toy CPU mode), --quick,
+# --only NAME[,NAME] (rerun merges into the record), --total-s S.
 OUT ?= runs/gpu-check
 GPU_CHECK_ARGS ?=
 gpu-check:

@@ -22,7 +22,8 @@ from pixpro.model import PixelPropagation, Predictor, Projector, build_backbone
 
 def _pooled(x: torch.Tensor) -> torch.Tensor:
     """Average-pool a ``[B, C, h, w]`` map to a normalized ``[B, C]`` instance embedding."""
-    return F.normalize(F.adaptive_avg_pool2d(x, 1).flatten(1), dim=1)
+    # a mean, not adaptive_avg_pool2d: its CUDA backward has no deterministic kernel (``deterministic``)
+    return F.normalize(x.mean((2, 3)), dim=1)
 
 
 class PixPro(nn.Module):

@@ -8,16 +8,17 @@ multi-GPU job could crash at its first step while every CPU test passed.
 
 Applied when ``torch.distributed`` is first imported (not here: this file runs in every Python process
 of the test, most of which never import torch); each patched process says so once on stderr
-(:data:`MARKER`), so a test can tell that the rule was on.
+(:data:`MARKER`), so a test can tell that the rule was on. The repository root must be on PYTHONPATH
+too (``tests.support.trainer.trainer_env`` puts it there).
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import sys
 from types import ModuleType
 from typing import Any
+
+from tests.support.import_hook import after_import
 
 MARKER = "nccl-rule: default process group built as cuda:gloo"
 
@@ -32,23 +33,4 @@ def _patch(dist: ModuleType) -> None:
     dist.init_process_group = init_process_group  # type: ignore[attr-defined]
 
 
-class _OnImport(importlib.abc.MetaPathFinder):
-    def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if name != "torch.distributed":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return spec
-        loader: Any = spec.loader
-        exec_module = loader.exec_module
-
-        def run(module: ModuleType) -> None:
-            exec_module(module)
-            _patch(module)
-
-        loader.exec_module = run
-        return spec
-
-
-sys.meta_path.insert(0, _OnImport())
+after_import("torch.distributed", _patch)
