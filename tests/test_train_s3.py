@@ -48,8 +48,9 @@ def test_cut_upload_keeps_latest_and_resume_is_exact(tmp_path, moto_s3, fault_pr
     with Tail(proc) as tail:
         tail.wait_for(" committed in ")  # some checkpoint committed (the uploader may start late)
         fault_proxy.reset_after(2048, once=False)  # every connection cut after 2 KiB: uploads fail mid-body
-        tail.wait_for(" failed: ")
-        failed = int(re.search(r"of step (\d+) failed: ", tail.text()).group(1))  # type: ignore[union-attr]
+        upload_failed = re.compile(r"of step (\d+) failed: ")  # other lines may fail first (metrics, status)
+        wait_for("an upload to fail", lambda: upload_failed.search(tail.text()) is not None, 180, 0.1)
+        failed = int(upload_failed.search(tail.text()).group(1))  # type: ignore[union-attr]
         committed = store.latest()["step"]
         assert committed < failed
         tail.wait_for(f"step {failed + 2}/40")  # training went on while that upload failed
