@@ -27,7 +27,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# No root, no services (SLURM, moto server), about 2 minutes on 2 cores: the end-to-end trainer runs
+# No root, no services (SLURM, moto server), about 6 minutes on 2 cores: the end-to-end trainer runs
 # (slow) and the SLURM tests (cluster) are left to `make test`.
 test-unit: venv
 	$(PY) -m pytest -q -m "not cluster and not slow"
