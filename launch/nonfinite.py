@@ -75,12 +75,13 @@ class NonFiniteGuard:
             ok = all_finite([p.grad for p in trained if p.grad is not None])
         else:
             ok = torch.isfinite(loss.detach()).all()
+        state = self._state()  # once per step: the hot path
         # finite gradients can still step a weight, or a BN statistic, past float's range
-        ok = ok & all_finite([t for t in self._state() if t.is_floating_point()])
+        ok = ok & all_finite([t for t in state if t.is_floating_point()])
         for now, before in zip(self._tensors, self._saved, strict=True):
             torch.where(ok, now, before, out=now)
         known = {id(t) for t in self._tensors}
-        for new in self._state():  # made by the optimizer in this step (its first): as if never made
+        for new in state:  # made by the optimizer in this step (its first): as if never made
             if id(new) not in known:
                 new.masked_fill_(~ok, 0)
         bad = (~ok).to(self.run.dtype)
@@ -88,6 +89,10 @@ class NonFiniteGuard:
         torch.maximum(self.longest, self.run, out=self.longest)
         self.skipped.add_(bad)
         return ok
+
+    def state_finite(self) -> bool:
+        """Every floating tensor a step writes is finite (one host sync: the trainer asks at saves)."""
+        return bool(all_finite([t for t in self._state() if t.is_floating_point()]))
 
     def counters(self) -> torch.Tensor:
         """``[longest run since the last read, skipped in the attempt]`` on the device; the trainer reads

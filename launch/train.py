@@ -31,7 +31,7 @@ from launch import elastic, heartbeat
 from launch.batches import PREFETCH, loader_collate, release
 from launch.checkpoint import HANG_GRACE_S, RETRY_FOR_S, Checkpointer
 from launch.collectives import Collectives, DistEnv, bind_device, collective_timeout_s
-from launch.nonfinite import Diverged, NonFiniteGuard, all_finite
+from launch.nonfinite import Diverged, NonFiniteGuard
 from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_signals, preemption_signals
 from launch.records import MetricsLog, write_status
 from launch.rng import capture_rng, restore_rng
@@ -309,7 +309,7 @@ class Trainer:
 
         A state that is not all finite is never handed over: :class:`Diverged` is raised instead."""
         self._read_step()
-        if not self._state_finite():
+        if not self.guard.state_finite():
             raise Diverged(f"the state at step {self.step} holds non-finite values; it was not saved")
         train_state = self.state.state_dict() if self.env.rank == 0 else None
         meta = {"step": self.step, "epoch": self.epoch, "spec_hash": self.spec_hash, "attempt": self.attempt}
@@ -521,13 +521,6 @@ class Trainer:
             )
         self._skipped_read = skipped
         return loss
-
-    def _state_finite(self) -> bool:
-        """Every floating tensor of the model and the optimizer is finite (one host sync, at saves)."""
-        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
-        for state in self.optimizer.state.values():
-            tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        return bool(all_finite(tensors))
 
     def _checkpoint_due(self, last_time: float) -> bool:
         c = self.spec.checkpoint

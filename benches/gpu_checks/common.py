@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from tests.support.trainer import set_nested
+
 REPO = Path(__file__).resolve().parents[2]
 NA_CPU = "not applicable on CPU"
 GiB = 2**30
@@ -59,17 +61,6 @@ class Ctx:
 def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}".rstrip(": ")
-
-
-def set_nested(spec: dict[str, Any], **over: Any) -> dict[str, Any]:
-    """``spec`` with ``over`` applied; ``a__b`` names the nested key ``a.b``."""
-    for dotted, value in over.items():
-        node = spec
-        *parents, leaf = dotted.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return spec
 
 
 def spec_dict(ctx: Ctx, **over: Any) -> dict[str, Any]:

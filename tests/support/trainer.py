@@ -36,7 +36,12 @@ def tiny_spec(data_root: Path, **overrides: Any) -> dict:
         "log_every_steps": 1,
         "resources": {"time_limit_min": 30},
     }
-    for dotted, value in overrides.items():
+    return set_nested(spec, **overrides)
+
+
+def set_nested(spec: dict, **over: Any) -> dict:
+    """``spec`` with ``over`` applied in place; ``a__b`` names the nested key ``a.b``."""
+    for dotted, value in over.items():
         node = spec
         *parents, leaf = dotted.split("__")
         for key in parents:
