@@ -266,11 +266,22 @@ def resume(
     ident: Annotated[str, typer.Argument(metavar="ID", help="Run id or the job id of any of its attempts.")],
     as_json: Annotated[bool, typer.Option("--json", help='Print {"run_id", "job_id"} only.')] = False,
     follow: Annotated[bool, typer.Option("--follow", help="Stream the log until the attempt ends.")] = False,
+    include_node: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--include-node",
+            metavar="NODE",
+            help="Give a node the run left out (it failed twice) another chance; repeatable.",
+        ),
+    ] = None,
 ) -> None:
-    """Queue a new attempt that continues from the run's last committed checkpoint."""
+    """Queue a new attempt that continues from the run's last committed checkpoint.
+
+    Nodes that failed the run twice (killed, crashed, hung, a CUDA error) are left out (sbatch
+    --exclude); pixpro status lists them."""
     from cluster import runs
 
-    record, job_id, warning = runs.resume(_check_id(ident))
+    record, job_id, warning = runs.resume(_check_id(ident), include_node or [])
     if warning:
         _err(f"warning: {warning}")
     _announce(record.run_id, job_id, record.executor, as_json, "resumed")

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cluster import local, slurm
+from cluster import local, nodes, slurm
 from cluster.attempts import AttemptState, local_state, slurm_state
 from cluster.errors import UsageError
 from cluster.node_task import NodeTask
 from cluster.preflight import check_local_gpus
-from cluster.record import RunRecord
+from cluster.record import RECORD_FILE, RunRecord, read_local
 from cluster.torchrun import LOCAL_ENDPOINT
 
 if TYPE_CHECKING:
@@ -82,7 +82,8 @@ class SlurmExecutor:
 
     def describe(self, spec: RunSpec, run_dir: Path, check_cluster: bool) -> Description:
         check_cluster = check_cluster and slurm.available()
-        params = slurm.executor_parameters(spec, slurm.node_cpus(spec) if check_cluster else None)
+        exclude = _left_out(run_dir)
+        params = slurm.executor_parameters(spec, slurm.node_cpus(spec) if check_cluster else None, exclude)
         script = slurm.render_script(params, run_dir / slurm.SUBMITIT_DIR)
         attempt = "$SLURM_JOB_ID.$SLURM_RESTART_COUNT"
         if spec.resources.nodes == 1:  # as JobContext.from_slurm_env: the store takes a free port
@@ -102,7 +103,7 @@ class SlurmExecutor:
                 is_host="$IS_HOST",
             )
         if check_cluster:
-            d.estimate = slurm.preflight(spec, script)
+            d.estimate = slurm.preflight(spec, script, exclude)
             d.cluster_checked = True
         return d
 
@@ -110,7 +111,7 @@ class SlurmExecutor:
         self.describe(spec, run_dir, check_cluster=True)
 
     def submit(self, record: RunRecord, spec: RunSpec, index: Index) -> str:
-        params = slurm.executor_parameters(spec, slurm.node_cpus(spec))
+        params = slurm.executor_parameters(spec, slurm.node_cpus(spec), nodes.excluded(record))
         folder = Path(record.run_dir) / slurm.SUBMITIT_DIR
         return slurm.submit(NodeTask.for_run(record), params, folder, spec)
 
@@ -144,6 +145,11 @@ class SlurmExecutor:
     def settle_s(self, state: AttemptState) -> float:
         # a preempted job is requeued under the same id a moment later and its log goes on
         return 30.0 if state.state == "PREEMPTED" else 4.0
+
+
+def _left_out(run_dir: Path) -> list[str]:
+    """The nodes an existing run leaves out (a new run's folder does not exist yet)."""
+    return nodes.excluded(read_local(run_dir)) if (run_dir / RECORD_FILE).exists() else []
 
 
 class LocalExecutor:

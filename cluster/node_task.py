@@ -186,6 +186,8 @@ class NodeTask:
         ctx = JobContext.from_slurm_env()
         if ctx.nnodes != self.nodes:
             raise TrainerFailed(f"allocation has {ctx.nnodes} nodes, the run asks for {self.nodes}")
+        if ctx.node == 0 and self._on_left_out_node(ctx):
+            return EXIT_PREEMPTED
         rc = self.run(ctx)
         if rc == EXIT_PREEMPTED:
             return self._requeue_after_stop(ctx)
@@ -304,9 +306,50 @@ class NodeTask:
         if proc.returncode != 0:
             _say(f"not requeued here ({' '.join(proc.stderr.split()) or proc.returncode}); SLURM decides")
             return EXIT_PREEMPTED
+        self._exclude_failed_nodes(ctx.job_id)
         _say(f"requeued job {ctx.job_id}; waiting to be stopped by SLURM")
         time.sleep(REQUEUE_SETTLE_S)
         return EXIT_PREEMPTED
+
+    # --- nodes that keep failing -----------------------------------------------------------------
+    def _left_out(self) -> list[str]:
+        from cluster import nodes
+        from cluster.record import read_local
+
+        try:
+            return nodes.excluded(read_local(Path(self.run_dir)))
+        except (OSError, ValueError):
+            return []
+
+    def _exclude_failed_nodes(self, job_id: str) -> None:
+        """A requeued job is pending again: only now does SLURM take a new exclude list for it."""
+        left_out = self._left_out()
+        if left_out:
+            _scontrol("update", f"JobId={job_id}", f"ExcNodeList={','.join(left_out)}")
+
+    def _on_left_out_node(self, ctx: JobContext) -> bool:
+        """A requeue (preemption) came back on a node that failed this run twice since the job was
+        queued: requeue again, without it. A new job (``pixpro resume``) has it in ``--exclude``."""
+        left_out = set(self._left_out())
+        if not left_out:
+            return False
+        hosts = _scontrol("show", "hostnames", os.environ.get("SLURM_JOB_NODELIST", ""))
+        bad = sorted(left_out & set((hosts or "").split()))
+        if not bad or _scontrol("requeue", ctx.job_id) is None:
+            return False
+        _say(f"attempt {ctx.attempt} got {', '.join(bad)}, which failed this run twice: requeued without it")
+        self._exclude_failed_nodes(ctx.job_id)
+        time.sleep(REQUEUE_SETTLE_S)
+        return True
+
+
+def _scontrol(*args: str) -> str | None:
+    """scontrol's output, or None (said in the log) when it refuses."""
+    proc = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60, check=False)
+    if proc.returncode != 0:
+        _say(f"scontrol {args[0]} failed: {' '.join(proc.stderr.split()) or proc.returncode}")
+        return None
+    return proc.stdout
 
 
 def _say(message: str) -> None:

@@ -35,6 +35,7 @@ class RunRecord:
     attempts: list[str] = field(default_factory=list)  # job ids, oldest first
     submitted: dict[str, float] = field(default_factory=dict)  # job id -> submission time
     cancelled: list[str] = field(default_factory=list)  # job ids the user cancelled
+    forgotten_nodes: dict[str, float] = field(default_factory=dict)  # node -> when --include-node forgave it
     version: str = ""
 
     @property

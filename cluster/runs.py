@@ -243,7 +243,9 @@ def submit(plan: Submission) -> tuple[RunRecord, str, str | None]:
 
 
 # ------------------------------------------------------------------------------------------ resume / cancel
-def resume(ident: str) -> tuple[RunRecord, str, str | None]:
+def resume(ident: str, include_nodes: list[str] | None = None) -> tuple[RunRecord, str, str | None]:
+    """Queue the next attempt, leaving out the nodes that failed the run twice, unless forgiven here."""
+    from cluster import nodes
     from cluster.status import attempt_states, read_all_progress
 
     index = Index()
@@ -255,6 +257,9 @@ def resume(ident: str) -> tuple[RunRecord, str, str | None]:
         raise Failure(
             f"run {record.run_id} still has attempt {job} {st.state}: wait, or pixpro cancel {job} first"
         )
+    if include_nodes:
+        nodes.include(record, include_nodes)
+        write_local(record)  # recheck reads the run folder's record
     spec = load_spec(record.spec_path)
     executor(record.executor).recheck(spec, Path(record.run_dir))
     (Path(record.run_dir) / CANCEL_MARKER).unlink(missing_ok=True)

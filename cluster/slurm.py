@@ -82,9 +82,12 @@ def node_cpus(spec: RunSpec) -> int | None:
     return min(counts) if proc.returncode == 0 and counts else None
 
 
-def executor_parameters(spec: RunSpec, node_cpus: int | None = None) -> dict[str, Any]:
+def executor_parameters(
+    spec: RunSpec, node_cpus: int | None = None, exclude: list[str] | None = None
+) -> dict[str, Any]:
     """submitit SlurmExecutor parameters: one task per node, requeue on preemption, the spec's signal,
-    CPUs for every rank and DataLoader worker (:func:`cpus_per_task`)."""
+    CPUs for every rank and DataLoader worker (:func:`cpus_per_task`), and the nodes the run leaves out
+    (:mod:`cluster.nodes`) added to the spec's own ``--exclude``."""
     res = spec.resources
     cpus = cpus_per_task(spec, node_cpus)
     extra: dict[str, Any] = {k: (True if v == "" else v) for k, v in res.extra_sbatch.items()}
@@ -102,6 +105,9 @@ def executor_parameters(spec: RunSpec, node_cpus: int | None = None) -> dict[str
         "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={res.signal}"],
         "additional_parameters": {"requeue": True, "signal": f"{res.signal}@{res.signal_lead_s}", **extra},
     }
+    if exclude:
+        own = [n for n in str(extra.get("exclude", "")).split(",") if n]
+        params["additional_parameters"]["exclude"] = ",".join(dict.fromkeys([*own, *exclude]))
     if res.gpus_per_node:
         params["gpus_per_node"] = res.gpus_per_node
     if res.mem_gb:
@@ -162,9 +168,13 @@ def parse_sinfo(text: str) -> dict[str, Partition]:
     return parts
 
 
-def check_partitions(spec: RunSpec, partitions: dict[str, Partition]) -> None:
-    """Refuse (exit 2) what the cluster can never run, before anything is written or queued."""
+def check_partitions(
+    spec: RunSpec, partitions: dict[str, Partition], exclude: list[str] | None = None
+) -> None:
+    """Refuse (exit 2) what the cluster can never run, before anything is written or queued; nodes the
+    run leaves out do not count."""
     res = spec.resources
+    left_out = set(exclude or ())
     if not partitions:
         raise Failure(
             "sinfo lists no partitions: is slurmctld up? (cluster/slurm/setup.sh starts a local one)"
@@ -184,7 +194,7 @@ def check_partitions(spec: RunSpec, partitions: dict[str, Partition]) -> None:
     problems = []
     for name in names:
         p = partitions[name]
-        fit = [n for n, g in p.nodes.items() if g >= res.gpus_per_node]
+        fit = [n for n, g in p.nodes.items() if g >= res.gpus_per_node and n not in left_out]
         if len(fit) >= res.nodes:
             return
         most = max(p.nodes.values(), default=0)
@@ -196,7 +206,13 @@ def check_partitions(spec: RunSpec, partitions: dict[str, Partition]) -> None:
             )
         else:
             gpus = f" with {res.gpus_per_node} GPUs" if res.gpus_per_node else ""
-            problems.append(f"--nodes {res.nodes}: partition {name!r} has only {len(fit)} node(s){gpus}")
+            out = ", ".join(n for n in sorted(left_out) if n in p.nodes)
+            why = (
+                f" without {out}, left out after failing this run (pixpro resume --include-node NODE)"
+                if out
+                else ""
+            )
+            problems.append(f"--nodes {res.nodes}: partition {name!r} has only {len(fit)} node(s){gpus}{why}")
     raise UsageError(problems[0])
 
 
@@ -221,12 +237,12 @@ def sbatch_error(stderr: str, spec: RunSpec) -> UsageError | Failure:
     return Failure(f"sbatch failed: {_one_line(stderr) or 'no message'}")
 
 
-def preflight(spec: RunSpec, script: str) -> str:
+def preflight(spec: RunSpec, script: str, exclude: list[str] | None = None) -> str:
     """sinfo checks, then ``sbatch --test-only`` of the real script; returns sbatch's start estimate."""
     info = _run(["sinfo", "-h", "-N", "-o", "%N|%P|%G|%a"])
     if info.returncode != 0:
         raise Failure(f"sinfo failed: {_one_line(info.stderr)} (is slurmctld up?)")
-    check_partitions(spec, parse_sinfo(info.stdout))
+    check_partitions(spec, parse_sinfo(info.stdout), exclude)
     test = _run(["sbatch", "--test-only"], stdin=script)
     if test.returncode != 0:
         raise sbatch_error(test.stderr + test.stdout, spec)

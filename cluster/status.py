@@ -11,12 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from cluster import nodes
 from cluster.attempts import AttemptState
 from cluster.executors import executor
 from cluster.progress import Progress, open_run_store, read_heartbeats, read_progress
 from cluster.record import RunRecord
 from launch.store.format import is_local_url
-from schemas.contract import TENSORBOARD_DIR, stalled_for, wandb_run_id
+from schemas.contract import TENSORBOARD_DIR, excluded_nodes, stalled_for, wandb_run_id
 
 
 def read_all_progress(records: list[RunRecord]) -> dict[str, Progress]:
@@ -77,6 +78,7 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
     for rec in records:
         p = progress[rec.run_id]
         st, heartbeat_age = stalled(rec, run_state(rec, states[rec.run_id]), now)
+        failed_nodes = nodes.counts(rec)
         rows.append(
             {
                 "run_id": rec.run_id,
@@ -105,6 +107,8 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
                 "updated": (p.trainer or {}).get("updated"),
                 "record_age_s": None if p.record_time is None else round(now - p.record_time, 1),
                 "heartbeat_age_s": heartbeat_age,
+                "failed_nodes": failed_nodes,  # node -> failures blamed on it (since --include-node)
+                "excluded_nodes": excluded_nodes(failed_nodes),  # left out of the next attempts
                 "created": rec.created,
                 "checkpoint_url": rec.checkpoint_url,
                 "run_dir": rec.run_dir,
@@ -138,7 +142,7 @@ not reach its store (or is stuck), and the step shown is that old."""
 
 
 def checkpoint_warnings(row: dict[str, Any]) -> list[str]:
-    """One line per risk to the run's checkpoints, for ``pixpro status``."""
+    """One line per risk to the run's checkpoints and next attempts, for ``pixpro status``."""
     out = []
     run, lead, commit = row["run_id"], row.get("signal_lead_s"), row.get("commit_s")
     if lead is not None and commit is not None and lead < 2 * commit:
@@ -156,6 +160,12 @@ def checkpoint_warnings(row: dict[str, Any]) -> list[str]:
         out.append(
             f"run {run}: the trainer's newest record (step {row.get('step')}) is {age_s:.0f} s old: it may "
             f"not reach its checkpoint store{_store_note(row)}, or it is stuck"
+        )
+    if row.get("excluded_nodes"):
+        left_out = ", ".join(f"{n} ({row['failed_nodes'][n]} failures)" for n in row["excluded_nodes"])
+        out.append(
+            f"run {run}: its next attempts leave out {left_out} (sbatch --exclude); "
+            f"pixpro resume {run} --include-node NODE gives a node another chance"
         )
     if row.get("preempt_committed") is False:
         out.append(

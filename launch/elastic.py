@@ -11,6 +11,8 @@ attempt name, a log folder) disagrees across nodes after a remote failure. Here:
 * a worker group that torchrun restarts or gives up on is stopped with SIGKILL at once. Its ranks cannot
   agree on a checkpoint (one is dead), and a SIGTERM only sets their preemption flag while they sit in a
   collective or a store wait: torchrun would wait its 30 s grace before killing them anyway;
+* a round's failed workers are reported to :mod:`launch.node_failures` (a node that keeps failing is
+  left out of the next attempt);
 * each worker's stdout/stderr files are named by its global rank (:class:`RankLogsSpecs`), not by the
   node's local rank: the rendezvous, not the node index, decides which node holds rank 0.
 """
@@ -23,6 +25,8 @@ import time
 from typing import Any
 
 from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, LogsDest, Std, to_map
+
+from launch.node_failures import RECORDER
 
 ROUND_ENV = "PIXPRO_RDZV_ROUND"
 ATTEMPT_ENV = "PIXPRO_ATTEMPT"
@@ -58,8 +62,17 @@ def install() -> None:
     def stop_workers(self: LocalElasticAgent, worker_group: Any, *args: Any, **kwargs: Any) -> None:
         self._shutdown(death_sig=signal.SIGKILL, timeout=KILL_WAIT_S)
 
+    monitor = LocalElasticAgent._monitor_workers
+
+    def monitor_workers(self: LocalElasticAgent, worker_group: Any) -> Any:
+        result = monitor(self, worker_group)
+        if result.failures and not os.environ.get(PREEMPT_ENV) and self._pcontext is not None:
+            RECORDER.failed(result.failures, dict(self._pcontext.stderrs))
+        return result
+
     DynamicRendezvousHandler.next_rendezvous = next_rendezvous  # type: ignore[method-assign]
     LocalElasticAgent._stop_workers = stop_workers  # type: ignore[method-assign]
+    LocalElasticAgent._monitor_workers = monitor_workers  # type: ignore[method-assign]
 
 
 class RankLogsSpecs(DefaultLogsSpecs):

@@ -43,6 +43,7 @@ class NonFiniteGuard:
         self.run = zero.clone()  # consecutive skipped steps up to now
         self.longest = zero.clone()  # the longest run since the last read
         self.skipped = zero.clone()  # skipped steps in this attempt
+        self.scaler_skipped = zero.clone()  # fp16: steps GradScaler skipped (inf gradients) in this attempt
         self._tensors: list[torch.Tensor] = []
         self._saved: list[torch.Tensor] = []
 
@@ -69,12 +70,14 @@ class NonFiniteGuard:
         """After the optimizer: undo the step unless its gradients and the state it made are finite;
         returns the device flag ``ok``. A non-finite loss makes non-finite gradients;
         ``grads_checked=False`` (fp16, whose GradScaler skips steps with inf gradients itself, as
-        expected) looks at the ``loss`` instead."""
-        trained = [p for p in self.model.parameters() if p.grad is not None]
-        if grads_checked and trained:  # reduced over the ranks by DDP: the same verdict on every rank
-            ok = all_finite([p.grad for p in trained if p.grad is not None])
+        expected) looks at the ``loss`` instead, and counts GradScaler's skips apart."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads_checked and grads:  # reduced over the ranks by DDP: the same verdict on every rank
+            ok = all_finite(grads)
         else:
             ok = torch.isfinite(loss.detach()).all()
+            if grads:  # inf gradients: GradScaler did not step (and lowers its scale)
+                self.scaler_skipped.add_((~all_finite(grads)).to(self.scaler_skipped.dtype))
         state = self._state()  # once per step: the hot path
         # finite gradients can still step a weight, or a BN statistic, past float's range
         ok = ok & all_finite([t for t in state if t.is_floating_point()])
@@ -95,9 +98,9 @@ class NonFiniteGuard:
         return bool(all_finite([t for t in self._state() if t.is_floating_point()]))
 
     def counters(self) -> torch.Tensor:
-        """``[longest run since the last read, skipped in the attempt]`` on the device; the trainer reads
-        them with the loss (one host sync), then calls :meth:`mark_read`."""
-        return torch.stack([self.longest, self.skipped])
+        """``[longest run since the last read, skipped in the attempt, GradScaler's skips in the attempt]``
+        on the device; the trainer reads them with the loss (one host sync), then calls :meth:`mark_read`."""
+        return torch.stack([self.longest, self.skipped, self.scaler_skipped])
 
     def mark_read(self) -> None:
         self.longest.copy_(self.run)

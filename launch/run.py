@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from launch import elastic
+from launch.node_failures import RECORDER
 from launch.preempt import EXIT_PREEMPTED, forward_to_children, preemption_signals
 from launch.watchdog import Watchdog, run_dir_of
 from schemas.contract import EXIT_DIR_ENV, exit_marker
@@ -38,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     # Workers that torchrun starts after the signal (a restart racing the preemption) stop at once.
     forward_to_children(preemption_signals(user_signal), mark_env=elastic.PREEMPT_ENV)
     elastic.install()
-    watchdog = Watchdog(run_dir_of(trainer_args)).start()  # hung ranks: see launch.watchdog
+    run_dir = run_dir_of(trainer_args)
+    RECORDER.open(run_dir, os.environ.get(elastic.ATTEMPT_ENV) or "local")  # see launch.node_failures
+    watchdog = Watchdog(run_dir).start()  # hung ranks: see launch.watchdog
     with tempfile.TemporaryDirectory(prefix="pixpro-exit-") as exit_dir:
         os.environ[EXIT_DIR_ENV] = exit_dir
         from torch.distributed.run import main as torchrun_main

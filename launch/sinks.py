@@ -41,6 +41,7 @@ SCALARS = {
     "commit_s": "checkpoint/commit_s",
     "data_skips": "data/skips",
     "skipped_steps": "train/skipped_steps",
+    "scaler_skipped_steps": "train/scaler_skipped_steps",
 }
 """Metrics record field -> the tag TensorBoard and W&B show it under (absent fields are left out)."""
 

@@ -261,6 +261,7 @@ class Trainer:
         self.guard = NonFiniteGuard(self.model, self.optimizer, self.device)
         self._last_positives = 0.0
         self._skipped_read = 0  # the guard's skipped steps at the last read
+        self._scaler_skipped_read = 0  # fp16: GradScaler's skipped steps at the last read (expected ones)
         self.diverged: str | None = None  # the one line that says why the run stopped
         self._loader: DataLoader | None = None
 
@@ -504,6 +505,7 @@ class Trainer:
         :class:`Diverged` once ``optim.max_nonfinite_steps`` steps in a row were not finite."""
         read = torch.cat([self._step_values.double(), self.guard.counters().double()]).tolist()
         loss, self._last_positives, longest, skipped = read[0], read[1], int(read[2]), int(read[3])
+        self._scaler_skipped_read = int(read[4])
         self.guard.mark_read()
         limit = self.spec.optim.max_nonfinite_steps
         if longest >= limit:
@@ -540,6 +542,7 @@ class Trainer:
             "positives": self._last_positives,
             "data_skips": self.data_skips,
             "skipped_steps": self._skipped_read,
+            "scaler_skipped_steps": self._scaler_skipped_read if self.scaler.is_enabled() else None,
             "total_steps": self.schedule.total_steps,
             "commit_s": self.checkpointer.last_commit_s,
             "store_error": self.checkpointer.store_error,

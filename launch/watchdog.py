@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from launch.heartbeat import DIR_ENV, DUMP_SIGNAL, read
+from launch.node_failures import RECORDER
 from launch.preempt import children_of
 from schemas.contract import HEARTBEATS_DIR, NodeHeartbeat, RankBeat, heartbeat_file
 
@@ -171,6 +172,7 @@ class Watchdog:
     def _kill(self, ranks: list[RankBeat]) -> None:
         for r in ranks:
             self._killed.add(r.pid)
+            RECORDER.ignore(r.pid)  # the hung rank is recorded as such; the others are not the node's fault
             with contextlib.suppress(ProcessLookupError):
                 os.kill(r.pid, signal.SIGKILL)
 
@@ -186,6 +188,9 @@ class Watchdog:
         print(line, file=sys.stderr, flush=True)
         self.last_hang = line
         self._seen.add(line)
+        RECORDER.record(
+            hung.rank, f"hang: no progress for {now - hung.time:.0f} s in {hung.phase} at step {hung.step}"
+        )
         self.dump(local)
         self.publish(local, hang=line)
         time.sleep(DUMP_WAIT_S)

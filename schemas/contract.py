@@ -14,6 +14,7 @@ Run folder (``runs/<run_id>/`` on the login node, shared with the compute nodes)
     tensorboard/    rank 0's TensorBoard event files, one file per attempt (``tensorboard --logdir``)
     checkpoints/    the checkpoint store, unless checkpoint.url points elsewhere
     heartbeats/<node>.json   each node agent's view of its ranks' progress (hang watchdog, status)
+    node_failures/  one NodeFailure per rank failure blamed on its node (``sbatch --exclude`` after two)
 
 Checkpoint store (any fsspec URL; format and commit protocol in :mod:`launch.store`)::
 
@@ -122,6 +123,7 @@ class MetricsRecord(_Record):
     commit_s: float | None = None  # duration of the most recent committed checkpoint (hand-over to latest)
     store_error: str | None = None  # the checkpoint store is failing now (the last error)
     skipped_steps: int | None = None  # steps not applied (non-finite gradients) so far in this attempt
+    scaler_skipped_steps: int | None = None  # fp16 only: steps GradScaler skipped (expected) in this attempt
 
 
 # -- preemption --------------------------------------------------------------------------------------
@@ -196,3 +198,41 @@ def stalled_for(beats: list[NodeHeartbeat], now: float) -> tuple[float, float] |
     if newest.limit_s is None or now - newest.time <= newest.limit_s:
         return None
     return now - newest.time, newest.limit_s
+
+
+# -- node failures: leaving out a node that keeps failing --------------------------------------------
+NODE_FAILURES_DIR = "node_failures"
+"""In the run folder: one :class:`NodeFailure` file per rank that failed through no fault of the run
+(killed, crashed, hung, a CUDA error), written by that node's agent (:mod:`launch.node_failures`)."""
+EXCLUDE_AFTER = 2
+"""A node with this many failures of a run is left out of its next attempts (``sbatch --exclude``)."""
+NODE_NAME_ENV = "SLURMD_NODENAME"
+"""SLURM's name of the node a job step runs on (``--exclude`` takes it); the host name elsewhere."""
+
+
+class NodeFailure(_Record):
+    """One rank's failure on one node, blamed on the node."""
+
+    node: str
+    rank: int
+    attempt: str
+    cause: str  # one line: "killed by SIGKILL", "hang: ...", "CUDA error: ..."
+    time: float
+
+
+def node_failure_file(failure: NodeFailure) -> str:
+    """Unique per event (attempt, round time, rank): nodes never write the same file."""
+    return f"{NODE_FAILURES_DIR}/{failure.node}.{failure.attempt}.rank{failure.rank}.{failure.time:.3f}.json"
+
+
+def failure_counts(failures: list[NodeFailure], forgotten: dict[str, float]) -> dict[str, int]:
+    """Failures per node, leaving out those before the user forgave the node (``--include-node``)."""
+    counts: dict[str, int] = {}
+    for f in failures:
+        if f.time > forgotten.get(f.node, float("-inf")):
+            counts[f.node] = counts.get(f.node, 0) + 1
+    return counts
+
+
+def excluded_nodes(counts: dict[str, int]) -> list[str]:
+    return sorted(node for node, n in counts.items() if n >= EXCLUDE_AFTER)

@@ -342,6 +342,67 @@ def test_sigkill_of_a_rank_on_either_node_restarts_every_node_and_ends_exact(
     assert_identical(ref2["state"], final_state(str(rdir / "checkpoints")), "run with killed ranks")
 
 
+def _node_of(pid: int) -> str:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.split(b"=", 1) for kv in raw if b"=" in kv)[b"SLURMD_NODENAME"].decode()
+
+
+def _job_field(job: str, field: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    return next(w.split("=", 1)[1] for w in out.split() if w.startswith(f"{field}="))
+
+
+@pytest.mark.timeout(600)
+def test_a_node_that_failed_a_run_twice_is_left_out_until_included(home: Path) -> None:
+    """A rank SIGKILLed twice on one node (torchrun restarts it once, then the job fails): the run
+    notes the node, status shows it, resume queues with --exclude and runs on the other node;
+    --include-node gives the node back."""
+    tiny = cluster_tiny_spec(SHARED / DATA_DIR, resources__max_restarts=1)
+    spec = write_spec(home.parent / "tiny-node-failures.json", tiny)
+    run_id, job = submit(home, spec)
+    rdir = run_dir(home, run_id)
+    killed: list[int] = []
+    for n in range(2):
+        pid = wait_for(
+            f"trainer {n + 1}",
+            lambda: next((p for p in trainers(job).get(0, []) if p not in killed), None),
+            240,
+        )
+        wait_for(
+            "a committed checkpoint", lambda: (local_latest(rdir / "checkpoints")() or {}).get("step"), 240
+        )
+        bad = _node_of(pid)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    row = wait_status(home, job, lambda r: r["state"] == "FAILED", 240)
+    assert row["failed_nodes"] == {bad: 2} and row["excluded_nodes"] == [bad], row
+    table = cli("status", home=home)
+    assert f"leave out {bad} (2 failures)" in table.stderr + table.stdout, table.stderr
+
+    proc = cli("resume", run_id, "--json", home=home)
+    assert proc.returncode == 0, proc.stderr
+    second = json.loads(proc.stdout)["job_id"]
+    _jobs.append(second)
+    assert _job_field(second, "ExcNodeList") == bad
+    row = wait_status(home, second, finished, 300)
+    assert row["step"] == row["total_steps"] == 20, row
+    sacct = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-o", "NodeList", "-j", second],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad not in sacct.stdout and sacct.stdout.strip(), sacct.stdout
+
+    proc = cli("resume", run_id, "--json", "--include-node", bad, home=home)
+    assert proc.returncode == 0, proc.stderr
+    third = json.loads(proc.stdout)["job_id"]
+    _jobs.append(third)
+    assert _job_field(third, "ExcNodeList") == "(null)"
+    assert status_json(home, run_id)["excluded_nodes"] == []
+    wait_status(home, third, finished, 300)
+
+
 @pytest.fixture(scope="module")
 def moto() -> Iterator[str]:
     script = REPO / "cluster/s3/moto.sh"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.nodes import failures as node_failures
 from tests.support.trainer import assert_identical, final_state, write_spec
 from tests.test_preemption import _Agents, _current_step, _spec, _wait_until, golden  # noqa: F401
 
@@ -56,6 +57,9 @@ def test_sigstopped_rank_is_dumped_named_restarted_and_the_run_ends_exact(
     log = (run / "logs" / "job9.0" / f"rank{match[1]}" / "stderr.log").read_text(errors="replace")
     assert "most recent call first" in log and "launch/train.py" in log, log[-3000:]
     assert_identical(golden, final_state(str(run / "checkpoints")))
+    # The hung rank's node is blamed once; the ranks the watchdog killed for the restart are not.
+    blamed = [(f.node, f.rank, f.cause.split(":")[0]) for f in node_failures(run)]
+    assert blamed == [(f"node{agent}", int(match[1]), "hang")], blamed
     print(f"SIGSTOP -> hang line {detected:.1f}s, -> training again {training:.1f}s, job {total:.1f}s")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster.nodes import failures as node_failures
 from launch.preempt import EXIT_PREEMPTED, children_of
 from tests.support.procs import free_port
 from tests.support.trainer import (
@@ -196,7 +197,7 @@ class _Agents:
                     subprocess.Popen(
                         cmd,
                         cwd=REPO,
-                        env=trainer_env(PIXPRO_ATTEMPT=attempt),
+                        env=trainer_env(PIXPRO_ATTEMPT=attempt, SLURMD_NODENAME=f"node{node}"),
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
@@ -271,6 +272,9 @@ def test_sigkill_on_either_node_restarts_every_node_in_one_round_and_ends_exact(
     assert folders == {a: ["rank0", "rank1"] for a in ("job7.0", "job7.0.r1", "job7.0.r2")}, folders
     prefixes = {p.name.split(".", 1)[1] for p in (run / "checkpoints").glob("step-*")}
     assert prefixes <= {"job7.0", "job7.0.r1", "job7.0.r2"}, prefixes
+    # Each node is blamed once, for its own killed rank; the peer that lost its partner is not blamed.
+    blamed = sorted((f.node, f.cause) for f in node_failures(run))
+    assert blamed == [("node0", "killed by SIGKILL"), ("node1", "killed by SIGKILL")], blamed
     print(f"recovery after SIGKILL: {', '.join(f'{s:.1f}s' for s in recoveries)}")
 
 

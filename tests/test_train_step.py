@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from launch.collectives import DistEnv
-from launch.nonfinite import Diverged
+from launch.nonfinite import Diverged, NonFiniteGuard
 from launch.preempt import PreemptionFlag
 from launch.train import Trainer
 from schemas import load_spec
@@ -92,7 +92,7 @@ def test_a_step_with_non_finite_gradients_is_not_applied(make_trainer):
         assert torch.equal(before[key], after[key]), key
     assert math.isfinite(trainer._read_step())
     # one skipped in all; the run of bad steps it ended on carries over the read
-    assert trainer.guard.counters().tolist() == [1, 1]
+    assert trainer.guard.counters().tolist() == [1, 1, 0]  # no GradScaler skip: not fp16
     trainer._train_step(trainer.model, next(batches))  # finite again: the run is over
     assert trainer.guard.run.item() == 0
 
@@ -130,3 +130,28 @@ def test_the_loader_keeps_its_workers_across_epochs(make_trainer):
     fresh.sampler.set_epoch(1)
     expected = [b["view1"] for b in fresh.loader()]
     assert all(torch.equal(a, b) for a, b in zip(second, expected, strict=True))
+
+
+def test_gradscaler_skips_are_counted_apart_and_are_not_divergence():
+    """fp16's GradScaler skips a step whose scaled gradients overflow (expected while its scale
+    settles): the guard neither undoes nor counts it as non-finite, and counts it for the metrics."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    # the first scaled loss overflows; the next scale (2**27) does not
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-100)
+    guard = NonFiniteGuard(model, optimizer, torch.device("cpu"))
+    weights = [[p.detach().clone() for p in model.parameters()]]
+    for _ in range(2):
+        guard.begin()
+        loss = (model(torch.ones(3, 4)) ** 2).sum() + 10
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        assert guard.finish(loss, grads_checked=False).item()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1], strict=True))  # skipped
+    assert not any(torch.equal(a, b) for a, b in zip(weights[1], weights[2], strict=True))  # trained
+    assert scaler.get_scale() == 2.0**27
+    assert guard.counters().tolist() == [0, 0, 1]

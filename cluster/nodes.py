@@ -1,0 +1,47 @@
+"""The nodes a run leaves out: those that failed it :data:`~schemas.contract.EXCLUDE_AFTER` times.
+
+The compute side writes one record per failure blamed on a node (:mod:`launch.node_failures`); here
+they are counted, less those the user forgave (``pixpro resume --include-node``), for ``sbatch
+--exclude`` and for ``pixpro status``. Torch-free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+from cluster.errors import UsageError
+from cluster.record import RunRecord
+from schemas.contract import NODE_FAILURES_DIR, NodeFailure, excluded_nodes, failure_counts
+
+
+def failures(run_dir: Path) -> list[NodeFailure]:
+    out = []
+    for path in sorted((run_dir / NODE_FAILURES_DIR).glob("*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            out.append(NodeFailure.model_validate_json(path.read_bytes()))
+    return out
+
+
+def counts(record: RunRecord) -> dict[str, int]:
+    """Failures per node that still count (a forgiven node starts again from zero)."""
+    return failure_counts(failures(Path(record.run_dir)), record.forgotten_nodes)
+
+
+def excluded(record: RunRecord) -> list[str]:
+    return excluded_nodes(counts(record))
+
+
+def include(record: RunRecord, nodes: list[str]) -> None:
+    """Forget these nodes' failures so far (the record is saved by the caller)."""
+    known = {f.node for f in failures(Path(record.run_dir))}
+    unknown = [n for n in nodes if n not in known]
+    if unknown:
+        listed = ", ".join(sorted(known)) or "none"
+        raise UsageError(
+            f"--include-node {unknown[0]}: no failure of this run on that node (failed nodes: {listed})"
+        )
+    now = time.time()
+    for node in nodes:
+        record.forgotten_nodes[node] = now
