@@ -19,6 +19,7 @@ from cluster.node_task import NodeTask
 from cluster.preflight import check_local_gpus
 from cluster.record import RunRecord
 from cluster.torchrun import LOCAL_ENDPOINT
+from schemas.contract import RunPaths
 
 if TYPE_CHECKING:
     from cluster.index import Index
@@ -83,7 +84,7 @@ class SlurmExecutor:
     def describe(self, spec: RunSpec, run_dir: Path, check_cluster: bool) -> Description:
         check_cluster = check_cluster and slurm.available()
         params = slurm.executor_parameters(spec, slurm.node_cpus(spec) if check_cluster else None)
-        script = slurm.render_script(params, run_dir / slurm.SUBMITIT_DIR)
+        script = slurm.render_script(params, RunPaths(run_dir).submitit)
         attempt = "$SLURM_JOB_ID.$SLURM_RESTART_COUNT"
         if spec.resources.nodes == 1:  # as JobContext.from_slurm_env: the store takes a free port
             d = Description(LOCAL_ENDPOINT, "$SLURM_JOB_ID", attempt, params, script, is_host="1")
@@ -111,7 +112,7 @@ class SlurmExecutor:
 
     def submit(self, record: RunRecord, spec: RunSpec, index: Index) -> str:
         params = slurm.executor_parameters(spec, slurm.node_cpus(spec))
-        folder = Path(record.run_dir) / slurm.SUBMITIT_DIR
+        folder = record.paths.submitit
         return slurm.submit(NodeTask.for_run(record), params, folder, spec)
 
     def cancel(self, record: RunRecord, job_ids: list[str]) -> None:
@@ -138,7 +139,7 @@ class SlurmExecutor:
         return out, warnings
 
     def log_files(self, record: RunRecord, job_id: str) -> list[Path]:
-        folder = Path(record.run_dir) / slurm.SUBMITIT_DIR
+        folder = record.paths.submitit
         return [folder / f"{job_id}_{node}_log.out" for node in range(record.nodes)]
 
     def settle_s(self, state: AttemptState) -> float:
