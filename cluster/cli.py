@@ -22,7 +22,7 @@ import typer
 
 from cluster import errors
 from cluster.errors import EXIT_FAILURE, EXIT_USAGE, PixproError
-from schemas.contract import Exit
+from schemas.contract import DEBUG_ENV, Exit, one_line
 
 try:  # typer >= 0.22 vendors click
     from typer._click.exceptions import ClickException, UsageError
@@ -33,24 +33,19 @@ F = TypeVar("F", bound=Callable[..., Any])
 EXIT_INTERRUPTED = Exit.INTERRUPTED
 
 
-MAX_LINE = 200
 _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
 SET_HELP = "Override one spec value, validated like the file and recorded in the run (repeatable)."
 
 
-def _cut(text: str, limit: int = MAX_LINE) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _err(line: str) -> None:
-    print(f"pixpro: {_cut(line)}", file=sys.stderr, flush=True)
+    print(f"pixpro: {one_line(line)}", file=sys.stderr, flush=True)
 
 
 def _check_id(ident: str) -> str:
     """Run and job ids are short words: refuse anything else before any lookup (an empty id must not
     mean "all runs", an option-like one must not reach a subprocess)."""
     if not _ID.fullmatch(ident):
-        shown = _cut(repr(ident), 60)
+        shown = one_line(repr(ident), 60)
         raise errors.UsageError(f"ID {shown}: not a run or job id (letters, digits, _ . : -; at most 128)")
     return ident
 
@@ -72,10 +67,10 @@ def guard(fn: F) -> F:
             _err("interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except OSError as exc:
-            if exc.filename is None or os.environ.get("PIXPRO_DEBUG"):
+            if exc.filename is None or os.environ.get(DEBUG_ENV):
                 raise
             # a path the user gave: too long, a folder, no permission... one line, exit 2
-            name = _cut(" ".join(str(exc.filename).split()), 100)
+            name = one_line(exc.filename, 100)
             _err(f"{name}: {exc.strerror or type(exc).__name__}")
             raise typer.Exit(EXIT_USAGE) from None
         except Exception as exc:
@@ -85,7 +80,7 @@ def guard(fn: F) -> F:
                 for line in exc.problems:
                     _err(line)
                 raise typer.Exit(EXIT_USAGE) from None
-            if os.environ.get("PIXPRO_DEBUG"):
+            if os.environ.get(DEBUG_ENV):
                 raise
             detail = " ".join(str(exc).split())[:300]
             _err(f"internal error: {type(exc).__name__}: {detail} (PIXPRO_DEBUG=1 shows more)")

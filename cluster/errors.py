@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from schemas.contract import Exit
+from schemas.contract import Exit, one_line
 
 EXIT_OK = Exit.OK
 EXIT_FAILURE = Exit.FAILURE
 EXIT_USAGE = Exit.USAGE
 EXIT_NOT_FOUND = Exit.NOT_FOUND
-MAX_LINE = 200
-"""Longest error line: an echoed key, value or path is shortened, never a screenful."""
-
-
-def _cut(line: str) -> str:
-    return line if len(line) <= MAX_LINE else line[: MAX_LINE - 3] + "..."
 
 
 class PixproError(Exception):
@@ -23,7 +17,7 @@ class PixproError(Exception):
 
     def __init__(self, message: str | list[str]) -> None:
         lines = message if isinstance(message, list) else [message]
-        self.lines = [_cut(" ".join(str(line).split())) for line in lines if str(line).strip()] or ["error"]
+        self.lines = [one_line(line) for line in lines if str(line).strip()] or ["error"]
         super().__init__("\n".join(self.lines))
 
 

@@ -17,8 +17,9 @@ from cluster.attempts import AttemptState, local_state, slurm_state
 from cluster.errors import UsageError
 from cluster.node_task import NodeTask
 from cluster.preflight import check_local_gpus
-from cluster.record import RECORD_FILE, RunRecord, read_local
+from cluster.record import RunRecord, read_local
 from cluster.torchrun import LOCAL_ENDPOINT
+from schemas.contract import RunPaths
 
 if TYPE_CHECKING:
     from cluster.index import Index
@@ -84,7 +85,7 @@ class SlurmExecutor:
         check_cluster = check_cluster and slurm.available()
         exclude = _left_out(run_dir)
         params = slurm.executor_parameters(spec, slurm.node_cpus(spec) if check_cluster else None, exclude)
-        script = slurm.render_script(params, run_dir / slurm.SUBMITIT_DIR)
+        script = slurm.render_script(params, RunPaths(run_dir).submitit)
         attempt = "$SLURM_JOB_ID.$SLURM_RESTART_COUNT"
         if spec.resources.nodes == 1:  # as JobContext.from_slurm_env: the store takes a free port
             d = Description(LOCAL_ENDPOINT, "$SLURM_JOB_ID", attempt, params, script, is_host="1")
@@ -112,7 +113,7 @@ class SlurmExecutor:
 
     def submit(self, record: RunRecord, spec: RunSpec, index: Index) -> str:
         params = slurm.executor_parameters(spec, slurm.node_cpus(spec), nodes.excluded(record))
-        folder = Path(record.run_dir) / slurm.SUBMITIT_DIR
+        folder = record.paths.submitit
         return slurm.submit(NodeTask.for_run(record), params, folder, spec)
 
     def cancel(self, record: RunRecord, job_ids: list[str]) -> None:
@@ -139,7 +140,7 @@ class SlurmExecutor:
         return out, warnings
 
     def log_files(self, record: RunRecord, job_id: str) -> list[Path]:
-        folder = Path(record.run_dir) / slurm.SUBMITIT_DIR
+        folder = record.paths.submitit
         return [folder / f"{job_id}_{node}_log.out" for node in range(record.nodes)]
 
     def settle_s(self, state: AttemptState) -> float:
@@ -149,7 +150,7 @@ class SlurmExecutor:
 
 def _left_out(run_dir: Path) -> list[str]:
     """The nodes an existing run leaves out (a new run's folder does not exist yet)."""
-    return nodes.excluded(read_local(run_dir)) if (run_dir / RECORD_FILE).exists() else []
+    return nodes.excluded(read_local(run_dir)) if RunPaths(run_dir).record.exists() else []
 
 
 class LocalExecutor:

@@ -11,11 +11,13 @@ import secrets
 import time
 from pathlib import Path
 
+from schemas.contract import HOME_ENV
+
 DEFAULT_HOME = "~/.local/state/pixpro"
 
 
 def pixpro_home() -> Path:
-    return Path(os.environ.get("PIXPRO_HOME") or DEFAULT_HOME).expanduser().absolute()
+    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().absolute()
 
 
 def runs_dir(home: Path | None = None) -> Path:

@@ -22,18 +22,17 @@ from types import FrameType
 
 from cluster.node_task import EXIT_PREEMPTED, JobContext, NodeTask, TrainerFailed
 from cluster.record import atomic_write, read_local
-from cluster.torchrun import LOCAL_ENDPOINT
+from schemas.contract import Exit, RunPaths
 
-LOCAL_DIR = "local"
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def state_path(run_dir: Path, job_id: str) -> Path:
-    return run_dir / LOCAL_DIR / f"{job_id}.json"
+    return RunPaths(run_dir).local / f"{job_id}.json"
 
 
 def log_path(run_dir: Path, job_id: str) -> Path:
-    return run_dir / LOCAL_DIR / f"{job_id}.log"
+    return RunPaths(run_dir).local / f"{job_id}.log"
 
 
 @dataclass
@@ -117,7 +116,7 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, forward)
     job = LocalJob(job_id, os.getpid(), time.time(), None, None)
     _write_job(run_dir, job)
-    ctx = JobContext(job_id=job_id, restart=0, node=0, nnodes=1, endpoint=LOCAL_ENDPOINT, slurm=False)
+    ctx = JobContext.local(job_id)
     try:
         rc = task.run(ctx)
     except TrainerFailed as exc:
@@ -125,10 +124,10 @@ def main(argv: list[str]) -> int:
         rc = exc.status
     except Exception as exc:
         print(f"pixpro: local runner failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        rc = 1
+        rc = Exit.FAILURE
     job.ended, job.exit_code = time.time(), rc
     _write_job(run_dir, job)
-    return rc if rc in (0, EXIT_PREEMPTED) else (rc or 1)
+    return rc if rc in (Exit.OK, EXIT_PREEMPTED) else (rc or Exit.FAILURE)
 
 
 if __name__ == "__main__":

@@ -26,15 +26,15 @@ from typing import Any
 from cluster.record import RunRecord
 from cluster.torchrun import (
     LOCAL_ENDPOINT,
+    NodeCommand,
+    Placement,
     first_host,
-    launch_command,
+    node_command,
     port_free,
-    procs_per_node,
     rdzv_port,
     shell_join,
-    torchrun_options,
 )
-from schemas.contract import CANCEL_MARKER, LOGS_DIR, STATUS_FILE, Exit, preemption_deadlines
+from schemas.contract import STATUS_FILE, Exit, RunPaths, preemption_deadlines
 
 EXIT_PREEMPTED = Exit.PREEMPTED  # launch.run: checkpoint committed, resume me
 POLL_S = 0.2
@@ -44,7 +44,7 @@ REQUEUE_SETTLE_S = 60.0
 class TrainerFailed(RuntimeError):
     """launch.run exited with a failure status; the job ends FAILED with this message in its log."""
 
-    def __init__(self, message: str, status: int = 1) -> None:
+    def __init__(self, message: str, status: int = Exit.FAILURE) -> None:
         super().__init__(message)
         self.status = status
 
@@ -63,6 +63,15 @@ class JobContext:
     @property
     def attempt(self) -> str:
         return f"{self.job_id}.{self.restart}" if self.slurm else self.job_id
+
+    @property
+    def placement(self) -> Placement:
+        return Placement(self.job_id, self.endpoint, "1" if self.node == 0 else "0", self.attempt)
+
+    @classmethod
+    def local(cls, job_id: str) -> JobContext:
+        """The local executor's one node: the store takes any free port."""
+        return cls(job_id=job_id, restart=0, node=0, nnodes=1, endpoint=LOCAL_ENDPOINT, slurm=False)
 
     @classmethod
     def from_slurm_env(cls) -> JobContext:
@@ -96,7 +105,7 @@ class NodeTask:
     """Picklable (no torch, no open handles in its state) callable for submitit and the local runner."""
 
     _CONFIG = (
-        "run_id", "run_dir", "spec_path", "workdir", "nodes", "gpus_per_node", "max_restarts",
+        "run_id", "run_dir", "workdir", "nodes", "gpus_per_node", "max_restarts",
         "signal_name", "signal_lead_s", "checkpoint_url", "storage_options", "python",
     )  # fmt: skip
 
@@ -105,7 +114,6 @@ class NodeTask:
         *,
         run_id: str,
         run_dir: str,
-        spec_path: str,
         workdir: str,
         nodes: int,
         gpus_per_node: int,
@@ -118,7 +126,6 @@ class NodeTask:
     ) -> None:
         self.run_id = run_id
         self.run_dir = run_dir
-        self.spec_path = spec_path
         self.workdir = workdir
         self.nodes = nodes
         self.gpus_per_node = gpus_per_node
@@ -136,7 +143,6 @@ class NodeTask:
         return cls(
             run_id=record.run_id,
             run_dir=record.run_dir,
-            spec_path=str(record.spec_path),
             workdir=record.workdir,
             nodes=record.nodes,
             gpus_per_node=record.gpus_per_node,
@@ -163,22 +169,23 @@ class NodeTask:
         return f"NodeTask(run_id={self.run_id!r}, nodes={self.nodes}, gpus_per_node={self.gpus_per_node})"
 
     # --- the command ---------------------------------------------------------------------------
-    def command(self, ctx: JobContext) -> list[str]:
-        opts = torchrun_options(
-            nnodes=ctx.nnodes,
-            nproc_per_node=procs_per_node(self.gpus_per_node),
-            endpoint=ctx.endpoint,
-            rdzv_id=ctx.job_id,
+    def launch(self, ctx: JobContext) -> NodeCommand:
+        """The launcher command of this node (:func:`cluster.torchrun.node_command`, as ``--dry-run``)."""
+        return node_command(
+            self.run_dir,
+            ctx.placement,
+            nodes=ctx.nnodes,
+            gpus_per_node=self.gpus_per_node,
             max_restarts=self.max_restarts,
-            log_dir=Path(self.run_dir) / LOGS_DIR,
-            is_host="1" if ctx.node == 0 else "0",
+            signal=self.signal_name,
+            python=self.python,
         )
-        return launch_command(opts, Path(self.spec_path), Path(self.run_dir), python=self.python)
+
+    def command(self, ctx: JobContext) -> list[str]:
+        return self.launch(ctx).argv
 
     def environment(self, ctx: JobContext) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(PIXPRO_ATTEMPT=ctx.attempt, PIXPRO_SIGNAL=self.signal_name, PYTHONUNBUFFERED="1")
-        return env
+        return {**os.environ, **self.launch(ctx).env}
 
     # --- running -------------------------------------------------------------------------------
     def __call__(self) -> int:
@@ -210,10 +217,10 @@ class NodeTask:
         rc = self.wait()
         assert rc is not None
         _say(f"attempt {ctx.attempt} node {ctx.node}: launcher exited with status {rc}")
-        if rc not in (0, EXIT_PREEMPTED) and self.trainer_completed(ctx):
+        if rc not in (Exit.OK, EXIT_PREEMPTED) and self.trainer_completed(ctx):
             _say(f"the trainer had completed attempt {ctx.attempt} (status.json); status {rc} came after")
-            rc = 0
-        if rc not in (0, EXIT_PREEMPTED):
+            rc = Exit.OK
+        if rc not in (Exit.OK, EXIT_PREEMPTED):
             raise TrainerFailed(
                 f"trainer exited with status {rc} (attempt {ctx.attempt}; see the log above)", rc
             )
@@ -267,7 +274,7 @@ class NodeTask:
                 os.killpg(self._proc.pid, sig)
 
     def cancelled(self) -> bool:
-        return (Path(self.run_dir) / CANCEL_MARKER).exists()
+        return RunPaths(self.run_dir).cancel_marker.exists()
 
     # --- preemption ------------------------------------------------------------------------------
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
@@ -284,9 +291,10 @@ class NodeTask:
         _, budget = preemption_deadlines(self.signal_lead_s)
         rc = self.wait(timeout=budget) if self._proc is not None else None
         _say(f"preemption signal: launcher status {rc!r} after waiting up to {budget:.0f}s")
-        if rc == 0 or (rc not in (None, EXIT_PREEMPTED) and self._ctx and self.trainer_completed(self._ctx)):
+        late = rc not in (None, EXIT_PREEMPTED) and self._ctx and self.trainer_completed(self._ctx)
+        if rc == Exit.OK or late:
             _say("training completed before the preemption took effect: not requeued")
-            sys.exit(0)
+            sys.exit(Exit.OK)
         if rc is not None and rc != EXIT_PREEMPTED:
             raise TrainerFailed(f"trainer exited with status {rc} while being preempted", rc)
         if self.cancelled():

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from cluster.errors import UsageError
 from cluster.record import RunRecord
-from schemas.contract import NODE_FAILURES_DIR, NodeFailure, excluded_nodes, failure_counts
+from schemas.contract import NodeFailure, RunPaths, excluded_nodes, failure_counts
 
 
 def failures(run_dir: Path) -> list[NodeFailure]:
     out = []
-    for path in sorted((run_dir / NODE_FAILURES_DIR).glob("*.json")):
+    for path in sorted(RunPaths(run_dir).node_failures.glob("*.json")):
         with contextlib.suppress(OSError, ValueError):
             out.append(NodeFailure.model_validate_json(path.read_bytes()))
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from launch.store import CheckpointStore
-from schemas.contract import HEARTBEATS_DIR, METRICS_DIR, STATUS_FILE, NodeHeartbeat
+from schemas.contract import METRICS_DIR, STATUS_FILE, NodeHeartbeat, RunPaths
 
 READ_TIMEOUT_S = 10.0
 """Per-call deadline of the CLI's store reads: a stalled S3 server costs ``pixpro status`` seconds, not
@@ -115,7 +115,7 @@ def read_heartbeats(run_dir: str | Path) -> list[NodeHeartbeat]:
     """The run folder's ``heartbeats/<node>.json`` files (the nodes' agents write them; unreadable or
     half-written ones are skipped)."""
     out = []
-    for path in sorted(Path(run_dir, HEARTBEATS_DIR).glob("*.json")):
+    for path in sorted(RunPaths(run_dir).heartbeats.glob("*.json")):
         with contextlib.suppress(OSError, ValueError):
             out.append(NodeHeartbeat.model_validate_json(path.read_bytes()))
     return out

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schemas.contract import CANCEL_MARKER, RECORD_FILE, SPEC_FILE
+from schemas.contract import CANCEL_MARKER, RECORD_FILE, SPEC_FILE, RunPaths
 
-__all__ = ["CANCEL_MARKER", "RECORD_FILE", "SPEC_FILE", "RunRecord", "atomic_write"]
+__all__ = ["CANCEL_MARKER", "RECORD_FILE", "SPEC_FILE", "RunPaths", "RunRecord", "atomic_write"]
 
 
 @dataclass
@@ -51,8 +51,12 @@ class RunRecord:
         return self.attempts[-1] if self.attempts else None
 
     @property
+    def paths(self) -> RunPaths:
+        return RunPaths(self.run_dir)
+
+    @property
     def spec_path(self) -> Path:
-        return Path(self.run_dir) / SPEC_FILE
+        return self.paths.spec
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -84,8 +88,8 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def write_local(record: RunRecord) -> None:
-    atomic_write(Path(record.run_dir) / RECORD_FILE, record.to_json().encode())
+    atomic_write(record.paths.record, record.to_json().encode())
 
 
 def read_local(run_dir: Path) -> RunRecord:
-    return RunRecord.from_json((run_dir / RECORD_FILE).read_bytes())
+    return RunRecord.from_json(RunPaths(run_dir).record.read_bytes())

@@ -22,10 +22,11 @@ from cluster.home import new_run_id, run_dir
 from cluster.index import Index
 from cluster.preflight import run_preflight
 from cluster.progress import open_run_store
-from cluster.record import CANCEL_MARKER, RECORD_FILE, SPEC_FILE, RunRecord, atomic_write, write_local
-from cluster.torchrun import launch_command, procs_per_node, shell_join, torchrun_options
+from cluster.record import RECORD_FILE, RunRecord, atomic_write, write_local
+from cluster.torchrun import NodeCommand, Placement, node_command
 from launch.store.format import absolute_url
 from schemas import RunSpec, SpecError, apply_overrides, load_spec, load_spec_data, parse_spec, spec_hash
+from schemas.contract import RunPaths, one_line
 
 
 def pixpro_version() -> str:
@@ -69,7 +70,7 @@ def resolve_spec(
 def with_checkpoint_url(spec: RunSpec, rdir: Path, cwd: Path) -> RunSpec:
     """Every attempt must use the same folder: fill in the default and make relative paths absolute."""
     url = spec.checkpoint.url
-    url = str(rdir / "checkpoints") if url is None else absolute_url(url, cwd)
+    url = RunPaths(rdir).store_url(None) if url is None else absolute_url(url, cwd)
     return spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"url": url})})
 
 
@@ -98,18 +99,36 @@ class Submission:
     def cluster_checked(self) -> bool:
         return self.description.cluster_checked
 
-    def torchrun_command(self) -> list[str]:
+    def node_command(self) -> NodeCommand:
+        """What each node runs, from the same builder as the node task, with the executor's placeholders."""
         res, d = self.spec.resources, self.description
-        opts = torchrun_options(
-            nnodes=res.nodes,
-            nproc_per_node=procs_per_node(res.gpus_per_node),
-            endpoint=d.endpoint,
-            rdzv_id=d.rdzv_id,
+        return node_command(
+            self.run_dir,
+            Placement(d.rdzv_id, d.endpoint, d.is_host or "1", d.attempt),
+            nodes=res.nodes,
+            gpus_per_node=res.gpus_per_node,
             max_restarts=res.max_restarts,
-            log_dir=self.run_dir / "logs",
-            is_host=d.is_host,
+            signal=res.signal,
         )
-        return launch_command(opts, self.run_dir / SPEC_FILE, self.run_dir)
+
+    def torchrun_command(self) -> list[str]:
+        return self.node_command().argv
+
+    def record(self) -> RunRecord:
+        """The run record a submission of this plan writes (run.json), before any attempt."""
+        return RunRecord(
+            run_id=self.run_id,
+            name=self.spec.name,
+            spec_hash=spec_hash(self.spec),
+            created=time.time(),
+            executor=self.executor,
+            run_dir=str(self.run_dir),
+            workdir=str(self.workdir),
+            checkpoint_url=self.spec.checkpoint.url or "",
+            storage_options=dict(self.spec.checkpoint.storage_options),
+            resources=self.spec.resources.model_dump(mode="json"),
+            version=pixpro_version(),
+        )
 
     def dry_run_text(self) -> str:
         d = self.description
@@ -121,8 +140,7 @@ class Submission:
             if not d.cluster_checked:
                 out += ["", "# sbatch is not on PATH: nothing was checked against a cluster"]
         out += ["", f"# torchrun command (per node; executor {self.executor}, cwd {self.workdir})", *d.notes]
-        env = f"PIXPRO_ATTEMPT={d.attempt} PIXPRO_SIGNAL={self.spec.resources.signal}"
-        out.append(f"{env} {shell_join(self.torchrun_command())}")
+        out.append(self.node_command().shell())
         out += ["", "# preflight: not run by --dry-run (pixpro validate --deep SPEC runs it; submit does)"]
         return "\n".join(out) + "\n"
 
@@ -175,7 +193,7 @@ def save(record: RunRecord, index: Index, *, strict: bool = True) -> str | None:
 
 
 def _short(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+    return one_line(f"{type(exc).__name__}: {exc}")
 
 
 def _check_checkpoint_folder_free(url: str, options: dict[str, Any]) -> None:
@@ -196,22 +214,11 @@ def _check_checkpoint_folder_free(url: str, options: dict[str, Any]) -> None:
 def create_run(plan: Submission) -> RunRecord:
     _check_checkpoint_folder_free(plan.spec.checkpoint.url or "", plan.spec.checkpoint.storage_options)
     plan.run_dir.mkdir(parents=True, exist_ok=False)
-    atomic_write(plan.run_dir / SPEC_FILE, spec_json(plan.spec).encode())
+    paths = RunPaths(plan.run_dir)
+    atomic_write(paths.spec, spec_json(plan.spec).encode())
     if plan.script is not None:
-        atomic_write(plan.run_dir / "sbatch.sh", plan.script.encode())
-    return RunRecord(
-        run_id=plan.run_id,
-        name=plan.spec.name,
-        spec_hash=spec_hash(plan.spec),
-        created=time.time(),
-        executor=plan.executor,
-        run_dir=str(plan.run_dir),
-        workdir=str(plan.workdir),
-        checkpoint_url=plan.spec.checkpoint.url or "",
-        storage_options=dict(plan.spec.checkpoint.storage_options),
-        resources=plan.spec.resources.model_dump(mode="json"),
-        version=pixpro_version(),
-    )
+        atomic_write(paths.sbatch, plan.script.encode())
+    return plan.record()
 
 
 def _rollback(record: RunRecord, index: Index) -> None:
@@ -262,7 +269,7 @@ def resume(ident: str, include_nodes: list[str] | None = None) -> tuple[RunRecor
         write_local(record)  # recheck reads the run folder's record
     spec = load_spec(record.spec_path)
     executor(record.executor).recheck(spec, Path(record.run_dir))
-    (Path(record.run_dir) / CANCEL_MARKER).unlink(missing_ok=True)
+    record.paths.cancel_marker.unlink(missing_ok=True)
     job_id = submit_attempt(record, spec, index)
     return record, job_id, save(record, index, strict=False)
 
@@ -278,7 +285,7 @@ def cancel(ident: str) -> tuple[RunRecord, list[str], str | None]:
     latest = record.latest_job
     if not active and (latest is None or states[record.run_id][latest].state in ("COMPLETED", "CANCELLED")):
         return record, [], None
-    atomic_write(Path(record.run_dir) / CANCEL_MARKER, f"{time.time()}\n".encode())
+    atomic_write(record.paths.cancel_marker, f"{time.time()}\n".encode())
     executor(record.executor).cancel(record, active)
     marked = active or ([latest] if latest else [])
     record.cancelled = sorted(set(record.cancelled) | set(marked))

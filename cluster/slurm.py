@@ -25,7 +25,6 @@ TERMINAL = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
      "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
 )  # fmt: skip
-SUBMITIT_DIR = "submitit"
 
 
 def available() -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from cluster import nodes
@@ -17,7 +16,7 @@ from cluster.executors import executor
 from cluster.progress import Progress, open_run_store, read_heartbeats, read_progress
 from cluster.record import RunRecord
 from launch.store.format import is_local_url
-from schemas.contract import TENSORBOARD_DIR, excluded_nodes, stalled_for, wandb_run_id
+from schemas.contract import excluded_nodes, stalled_for, wandb_run_id
 
 
 def read_all_progress(records: list[RunRecord]) -> dict[str, Progress]:
@@ -112,7 +111,7 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
                 "created": rec.created,
                 "checkpoint_url": rec.checkpoint_url,
                 "run_dir": rec.run_dir,
-                "tensorboard_dir": str(Path(rec.run_dir) / TENSORBOARD_DIR),  # tensorboard --logdir
+                "tensorboard_dir": str(rec.paths.tensorboard),  # tensorboard --logdir
                 "wandb_run_id": wandb_run_id(rec.run_id),  # if the spec has logging.wandb
                 "store_error": p.error,
                 **commit_health(p, rec.resources.get("signal_lead_s")),

@@ -1,6 +1,8 @@
 """The per-node trainer command: ``python -m launch.run <torchrun options> -- spec --run-dir dir``.
 
-Pure functions of the allocation, so ``--dry-run`` prints exactly what a node will run.
+Pure functions of the allocation: :func:`node_command` is the one builder, called by
+:class:`~cluster.node_task.NodeTask` with a node's real values and by ``--dry-run`` with the SLURM
+placeholders (:data:`PLACEHOLDERS`), so the dry run prints exactly what a node will run.
 """
 
 from __future__ import annotations
@@ -9,7 +11,10 @@ import shlex
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from schemas.contract import ATTEMPT_ENV, SIGNAL_ENV, RunPaths
 
 PORT_BASE = 20000
 EPHEMERAL_START = 32768
@@ -112,12 +117,60 @@ def launch_command(
             "--run-dir", str(run_dir)]  # fmt: skip
 
 
-def shell_join(cmd: list[str]) -> str:
+@dataclass(frozen=True)
+class Placement:
+    """Where one node task of an attempt runs, as its command needs it: a node's real values in
+    :class:`~cluster.node_task.NodeTask`, the SLURM placeholders in ``--dry-run``."""
+
+    rdzv_id: str
+    endpoint: str
+    is_host: str  # "1" on the node that hosts the rendezvous store
+    attempt: str  # the attempt id the trainers name their checkpoints with
+
+
+@dataclass(frozen=True)
+class NodeCommand:
+    """What a node task runs: the variables it adds to the node's environment, and the argv."""
+
+    env: dict[str, str]
+    argv: list[str]
+
+    def shell(self) -> str:
+        """One shell line (``VAR=value ... python -u -m launch.run ...``), placeholders expandable."""
+        return " ".join([*(f"{k}={shell_quote(v)}" for k, v in self.env.items()), shell_join(self.argv)])
+
+
+def node_command(
+    run_dir: str | Path,
+    placement: Placement,
+    *,
+    nodes: int,
+    gpus_per_node: int,
+    max_restarts: int,
+    signal: str,
+    python: str | None = None,
+) -> NodeCommand:
+    """The one builder of a node's launcher command (torchrun options, spec, run folder, environment)."""
+    paths = RunPaths(run_dir)
+    opts = torchrun_options(
+        nnodes=nodes,
+        nproc_per_node=procs_per_node(gpus_per_node),
+        endpoint=placement.endpoint,
+        rdzv_id=placement.rdzv_id,
+        max_restarts=max_restarts,
+        log_dir=paths.logs,
+        is_host=placement.is_host,
+    )
+    env = {ATTEMPT_ENV: placement.attempt, SIGNAL_ENV: signal, "PYTHONUNBUFFERED": "1"}
+    return NodeCommand(env, launch_command(opts, paths.spec, paths.run_dir, python=python))
+
+
+def shell_quote(arg: str) -> str:
     """Shell-quoted, except that the placeholders (:data:`PLACEHOLDERS`) stay expandable."""
+    if any(v in arg for v in PLACEHOLDERS) and not any(c in arg for c in "\"`'"):
+        return f'"{arg}"'
+    return shlex.quote(arg)
 
-    def quote(arg: str) -> str:
-        if any(v in arg for v in PLACEHOLDERS) and not any(c in arg for c in "\"`'"):
-            return f'"{arg}"'
-        return shlex.quote(arg)
 
-    return " ".join(quote(c) for c in cmd)
+def shell_join(cmd: list[str]) -> str:
+    return " ".join(shell_quote(c) for c in cmd)

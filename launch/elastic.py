@@ -7,7 +7,7 @@ attempt name, a log folder) disagrees across nodes after a remote failure. Here:
 * every rendezvous round gets its own TCPStore (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``), hosted by
   that round's rank 0 on a fresh port: no rank can read a key of an earlier round (a dead rank's
   address), so a restart is never spent on a stale address and no prefix is needed;
-* the rendezvous round, the same on every node, reaches the workers as :data:`ROUND_ENV`;
+* the rendezvous round, the same on every node, reaches the workers as :data:`schemas.contract.ROUND_ENV`;
 * a worker group that torchrun restarts or gives up on is stopped with SIGKILL at once. Its ranks cannot
   agree on a checkpoint (one is dead), and a SIGTERM only sets their preemption flag while they sit in a
   collective or a store wait: torchrun would wait its 30 s grace before killing them anyway;
@@ -27,11 +27,8 @@ from typing import Any
 from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, LogsDest, Std, to_map
 
 from launch.node_failures import RECORDER
+from schemas.contract import ATTEMPT_ENV, PREEMPT_ENV, ROUND_ENV
 
-ROUND_ENV = "PIXPRO_RDZV_ROUND"
-ATTEMPT_ENV = "PIXPRO_ATTEMPT"
-PREEMPT_ENV = "PIXPRO_PREEMPT_PENDING"
-"""Set in the agent when a preemption signal arrived: workers it starts later stop at their first step."""
 KILL_WAIT_S = 10
 _UNNAMED = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # a launch without PIXPRO_ATTEMPT
 

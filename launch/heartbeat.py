@@ -19,7 +19,8 @@ import signal
 import sys
 import time
 
-DIR_ENV = "PIXPRO_HEARTBEAT_DIR"
+from schemas.contract import HEARTBEAT_DIR_ENV as DIR_ENV
+
 DUMP_SIGNAL = signal.SIGRTMIN + 2
 """Asks a rank for its Python stacks (SIGUSR1/2 may be the preemption signal, NCCL may use SIGUSR1)."""
 RECORD_BYTES = 512  # one fixed-size record overwritten in place: a reader never sees a shorter file

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from schemas.contract import NODE_NAME_ENV, NodeFailure, node_failure_file
+from schemas.contract import MAX_LINE, SLURM_NODE_NAME, NodeFailure, node_failure_file, one_line
 
 NOT_THE_NODE = frozenset(
     {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2}
@@ -35,7 +35,7 @@ LOG_TAIL = 64 * 1024  # bytes of a rank's stderr read for the CUDA error that en
 
 
 def node_name() -> str:
-    return os.environ.get(NODE_NAME_ENV) or socket.gethostname()
+    return os.environ.get(SLURM_NODE_NAME) or socket.gethostname()
 
 
 def gpu_fault(stderr_path: str | None) -> str | None:
@@ -49,7 +49,7 @@ def gpu_fault(stderr_path: str | None) -> str | None:
     except OSError:
         return None
     found = GPU_FAULT.findall(tail)
-    return found[-1].strip()[:200] if found else None
+    return one_line(found[-1], MAX_LINE) if found else None
 
 
 def cause_of(exitcode: int, stderr_path: str | None) -> str | None:

@@ -28,13 +28,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from schemas.contract import Exit
+from schemas.contract import Exit, one_line
 
 EXIT_OK = Exit.OK
 EXIT_PROBLEM = Exit.USAGE
 SAMPLES = 2  # images decoded and put through one forward: enough to exercise BatchNorm and the loss
 MAX_SCAN = 20_000  # directory entries looked at before giving up on finding images (huge NFS folders)
-_MAX_LINE = 200
 
 
 class Problem(Exception):
@@ -338,8 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result), flush=True)
         return EXIT_OK
     for line in lines:
-        text = redact(" ".join(str(line).split()))
-        print(text if len(text) <= _MAX_LINE else text[: _MAX_LINE - 3] + "...", flush=True)
+        print(one_line(redact(" ".join(str(line).split()))), flush=True)
     return EXIT_PROBLEM
 
 

@@ -21,39 +21,39 @@ from launch import elastic
 from launch.node_failures import RECORDER
 from launch.preempt import EXIT_PREEMPTED, forward_to_children, preemption_signals
 from launch.watchdog import Watchdog, run_dir_of
-from schemas.contract import EXIT_DIR_ENV, exit_marker
+from schemas.contract import ATTEMPT_ENV, EXIT_DIR_ENV, PREEMPT_ENV, SIGNAL_ENV, Exit, exit_marker
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
         print("usage: python -m launch.run [torchrun options] -- SPEC [--run-dir DIR]", file=sys.stderr)
-        return 2
+        return Exit.USAGE
     cut = argv.index("--")
     torchrun_args, trainer_args = argv[:cut], argv[cut + 1 :]
-    user_signal = os.environ.get("PIXPRO_SIGNAL", "USR2")
+    user_signal = os.environ.get(SIGNAL_ENV, "USR2")
     # torchrun's own handlers stay on SIGINT/HUP/QUIT (it overrides the environment variable with its
     # --signals-to-handle option); SIGTERM and the user signal go to the trainers, with no 30 s SIGKILL.
     if not any(a.startswith(("--signals-to-handle", "--signals_to_handle")) for a in torchrun_args):
         torchrun_args = ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *torchrun_args]
     # Workers that torchrun starts after the signal (a restart racing the preemption) stop at once.
-    forward_to_children(preemption_signals(user_signal), mark_env=elastic.PREEMPT_ENV)
+    forward_to_children(preemption_signals(user_signal), mark_env=PREEMPT_ENV)
     elastic.install()
     run_dir = run_dir_of(trainer_args)
-    RECORDER.open(run_dir, os.environ.get(elastic.ATTEMPT_ENV) or "local")  # see launch.node_failures
+    RECORDER.open(run_dir, os.environ.get(ATTEMPT_ENV) or "local")  # see launch.node_failures
     watchdog = Watchdog(run_dir).start()  # hung ranks: see launch.watchdog
     with tempfile.TemporaryDirectory(prefix="pixpro-exit-") as exit_dir:
         os.environ[EXIT_DIR_ENV] = exit_dir
         from torch.distributed.run import main as torchrun_main
 
-        failure = None
+        failure: str | None = None
+        code: int = Exit.OK
         try:
             torchrun_main([*torchrun_args, "-m", "launch.train", *trainer_args])
-            code = 0
         except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
+            code = exc.code if isinstance(exc.code, int) else Exit.FAILURE
         except Exception as exc:  # torchrun's ChildFailedError already printed the details
-            code, failure = 1, type(exc).__name__
+            code, failure = Exit.FAILURE, type(exc).__name__
         finally:
             watchdog.stop()
         if any(Path(exit_dir).glob(exit_marker("preempted", "*"))):
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         if diverged:  # no restart, no requeue: it would only repeat
             reason = next((t for p in diverged if (t := p.read_text().strip())), "diverged")
             print(f"pixpro: {reason}", file=sys.stderr)
-            return 1
+            return Exit.FAILURE
         if failure:
             print(f"pixpro: training failed ({failure}); see the rank logs above", file=sys.stderr)
         if code and watchdog.last_hang:  # the restarts are spent: the hang is why

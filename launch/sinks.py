@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from schemas import RunSpec
-from schemas.contract import RECORD_FILE, TENSORBOARD_DIR, wandb_run_id
+from schemas.contract import RunPaths, wandb_run_id
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class WandbSink:
 def run_id_of(run_dir: Path) -> str:
     """The pixpro run id: the CLI's run record in the run folder, else the folder's name."""
     try:
-        return str(json.loads((run_dir / RECORD_FILE).read_text())["run_id"])
+        return str(json.loads(RunPaths(run_dir).record.read_text())["run_id"])
     except (OSError, ValueError, KeyError, TypeError):
         return run_dir.resolve().name
 
@@ -123,7 +123,7 @@ def sink_factories(spec: RunSpec, run_dir: Path, attempt: str) -> dict[str, Sink
     """The sinks the spec asks for, by name."""
     out: dict[str, SinkFactory] = {}
     if spec.logging.tensorboard:
-        out["tensorboard"] = lambda first: TensorBoardSink(run_dir / TENSORBOARD_DIR, first, attempt)
+        out["tensorboard"] = lambda first: TensorBoardSink(RunPaths(run_dir).tensorboard, first, attempt)
     wb = spec.logging.wandb
     if wb is not None and wb.mode != "disabled":
         out["wandb"] = lambda first: WandbSink(spec, run_id_of(run_dir), run_dir)

@@ -48,7 +48,16 @@ from pixpro.lars import LARS, lars_param_groups
 from pixpro.sources import CachedSource
 from pixpro.sync_batchnorm import convert_sync_batchnorm
 from schemas import RunSpec, SpecError, hang_timeout_s, load_spec, spec_hash
-from schemas.contract import EXIT_DIR_ENV, exit_marker, preemption_deadlines
+from schemas.contract import (
+    ATTEMPT_ENV,
+    EXIT_DIR_ENV,
+    PREEMPT_ENV,
+    STOP_AT_STEP_ENV,
+    Exit,
+    RunPaths,
+    exit_marker,
+    preemption_deadlines,
+)
 
 log = logging.getLogger("pixpro.train")
 SINK_CLOSE_S = {
@@ -63,7 +72,7 @@ SINK_CLOSE_S = {
 
 # --- the run's environment ------------------------------------------------------------------------
 def checkpoint_url(spec: RunSpec, run_dir: Path) -> str:
-    return spec.checkpoint.url or str(run_dir / "checkpoints")
+    return RunPaths(run_dir).store_url(spec.checkpoint.url)
 
 
 def attempt_id(collectives: Collectives) -> str:
@@ -73,7 +82,7 @@ def attempt_id(collectives: Collectives) -> str:
     the rendezvous round is appended after a torchrun restart (the same on every node, unlike torchrun's
     per-agent restart count), so restarted workers never reuse a prefix.
     """
-    base = os.environ.get(elastic.ATTEMPT_ENV)
+    base = os.environ.get(ATTEMPT_ENV)
     if base is None and "SLURM_JOB_ID" in os.environ:
         base = f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
     if base is None:
@@ -351,7 +360,7 @@ class Trainer:
     def _steps(self, model: torch.nn.Module) -> str:
         """Step until done ("completed") or until every rank agreed on a preemption ("preempted")."""
         spec = self.spec
-        stop_at = int(os.environ.get("PIXPRO_STOP_AT_STEP", -1))
+        stop_at = int(os.environ.get(STOP_AT_STEP_ENV, -1))
         last_ckpt_time = time.monotonic()
         t_last, n_last = time.monotonic(), self.step
         progress = _progress_bar(self.schedule.total_steps, self.step) if self.env.rank == 0 else None
@@ -641,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec)
     except SpecError as exc:
         print(f"pixpro: {exc}", file=sys.stderr)
-        return 2
+        return Exit.USAGE
     if spec.deterministic:
         set_deterministic()
         log.info(
@@ -650,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     device = bind_device(env)  # before the process group: its buffers must land on this rank's GPU
     flag = PreemptionFlag(preemption_signals(spec.resources.signal)).install()
-    if os.environ.get(elastic.PREEMPT_ENV):  # restarted by torchrun after the preemption signal arrived
+    if os.environ.get(PREEMPT_ENV):  # restarted by torchrun after the preemption signal arrived
         flag.trigger()
     run_dir = args.run_dir or Path("runs") / spec.name
     # env:// on the store of this rendezvous round (see launch.elastic: no stale keys to read)
@@ -663,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = trainer.fit()
     except (SpecError, DatasetError) as exc:  # bad input: one line, no traceback, no barrier to hang in
         log.error("%s", exc)
-        return 2
+        return Exit.USAGE
     # A preemption signal that arrives while the interpreter shuts down would otherwise kill us with
     # its default action (Python drops its handlers at exit) and turn a finished run into a failure.
     for sig in flag.signals:
@@ -674,9 +683,9 @@ def main(argv: list[str] | None = None) -> int:
         if exit_dir:  # under our torchrun wrapper: exit 0 so torchrun does not restart us (a restart would
             # only repeat a divergence); the wrapper reports the outcome (75, or 1 with the reason)
             Path(exit_dir, exit_marker(outcome, env.rank)).write_text(trainer.diverged or "")
-            return 0
-        return EXIT_PREEMPTED if outcome == "preempted" else 1
-    return 0
+            return Exit.OK
+        return EXIT_PREEMPTED if outcome == "preempted" else Exit.FAILURE
+    return Exit.OK
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from launch.preempt import die_with_parent
 from launch.snapshot import BufferRef, TensorMeta, map_buffer, rebuild
 from launch.store import CheckpointStore, FileEntry
 from launch.store.backends import failure_cause
+from schemas.contract import DEBUG_ENV
 
 log = logging.getLogger("launch.uploader")
 
@@ -237,7 +238,7 @@ def main(argv: list[str]) -> int:
         format=f"%(asctime)s [rank{cfg['rank']} uploader] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    if os.environ.get("PIXPRO_DEBUG"):  # the raw exceptions behind each reported cause (ours only:
+    if os.environ.get(DEBUG_ENV):  # the raw exceptions behind each reported cause (ours only:
         logging.getLogger("launch").setLevel(logging.DEBUG)  # botocore's debug log shows the key id)
     store = CheckpointStore(**cfg["store"])
     with contextlib.suppress(EOFError, OSError):  # EOF: the trainer closed its end

@@ -37,7 +37,7 @@ from pathlib import Path
 from launch.heartbeat import DIR_ENV, DUMP_SIGNAL, read
 from launch.node_failures import RECORDER
 from launch.preempt import children_of
-from schemas.contract import HEARTBEATS_DIR, NodeHeartbeat, RankBeat, heartbeat_file
+from schemas.contract import NodeHeartbeat, RankBeat, RunPaths
 
 POLL_S = 1.0
 PUBLISH_S = 5.0  # how often the node's heartbeat reaches the run folder, and others' are read
@@ -83,7 +83,7 @@ class Watchdog:
             self._thread.join(timeout=10)
         if self.run_dir is not None:
             with contextlib.suppress(OSError):
-                (self.run_dir / heartbeat_file(self.node)).unlink()
+                RunPaths(self.run_dir).heartbeat(self.node).unlink()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # --- reading ------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ class Watchdog:
         if self.run_dir is None:
             return []
         out = []
-        for path in (self.run_dir / HEARTBEATS_DIR).glob("*.json"):
+        for path in RunPaths(self.run_dir).heartbeats.glob("*.json"):
             if path.stem == self.node:
                 continue
             with contextlib.suppress(OSError, ValueError):
@@ -115,7 +115,7 @@ class Watchdog:
         self._published = time.time()
         if self.run_dir is None:
             return
-        path = self.run_dir / heartbeat_file(self.node)
+        path = RunPaths(self.run_dir).heartbeat(self.node)
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
             beat = NodeHeartbeat(node=self.node, updated=self._published, ranks=ranks, hang=hang)

@@ -16,6 +16,8 @@ Run folder (``runs/<run_id>/`` on the login node, shared with the compute nodes)
     heartbeats/<node>.json   each node agent's view of its ranks' progress (hang watchdog, status)
     node_failures/  one NodeFailure per rank failure blamed on its node (``sbatch --exclude`` after two)
 
+:class:`RunPaths` spells each of them from the run folder; every path either side uses comes from it.
+
 Checkpoint store (any fsspec URL; format and commit protocol in :mod:`launch.store`)::
 
     step-<012d step>.<attempt>/{train.pt, rank<R>.pt, manifest.json}   one checkpoint, manifest last
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 from enum import IntEnum
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -41,9 +44,84 @@ CANCEL_MARKER = "CANCELLED"
 SUBMITIT_DIR = "submitit"
 LOGS_DIR = "logs"
 CHECKPOINTS_DIR = "checkpoints"
+NODE_FAILURES_DIR = "node_failures"
+"""In the run folder: one :class:`NodeFailure` file per rank that failed through no fault of the run
+(killed, crashed, hung, a CUDA error), written by that node's agent (:mod:`launch.node_failures`)."""
 TENSORBOARD_DIR = "tensorboard"
 """Rank 0's TensorBoard event files; each attempt's file starts with a purge at its first new step, so
 steps a resumed attempt repeats replace the earlier attempt's (``tensorboard --logdir`` reads it)."""
+LOCAL_DIR = "local"
+HEARTBEATS_DIR = "heartbeats"
+"""In the run folder: ``heartbeats/<node>.json`` (:class:`NodeHeartbeat`), rewritten every few seconds
+by each node's agent (:mod:`launch.watchdog`) from its ranks' heartbeats; ``pixpro status`` reads it."""
+
+
+class RunPaths:
+    """Every path of one run folder, from the folder alone (submitit's ``JobPaths`` is the model)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+
+    def __repr__(self) -> str:
+        return f"RunPaths({str(self.run_dir)!r})"
+
+    @property
+    def spec(self) -> Path:
+        """The resolved spec every attempt's trainers load."""
+        return self.run_dir / SPEC_FILE
+
+    @property
+    def record(self) -> Path:
+        return self.run_dir / RECORD_FILE
+
+    @property
+    def sbatch(self) -> Path:
+        """The sbatch script as rendered at submission (for the user to read; submitit writes its own)."""
+        return self.run_dir / SBATCH_FILE
+
+    @property
+    def cancel_marker(self) -> Path:
+        return self.run_dir / CANCEL_MARKER
+
+    @property
+    def submitit(self) -> Path:
+        """submitit's folder: pickled node tasks, ``<job>_<node>_log.out`` per node."""
+        return self.run_dir / SUBMITIT_DIR
+
+    @property
+    def local(self) -> Path:
+        """The local executor's ``<job>.json`` (pid, exit status) and ``<job>.log`` per attempt."""
+        return self.run_dir / LOCAL_DIR
+
+    @property
+    def logs(self) -> Path:
+        """torchrun's ``--log-dir``: ``<attempt>[.r<round>]/rank<R>/`` per global rank."""
+        return self.run_dir / LOGS_DIR
+
+    @property
+    def checkpoints(self) -> Path:
+        """The default checkpoint store (``checkpoint.url`` unset)."""
+        return self.run_dir / CHECKPOINTS_DIR
+
+    def store_url(self, url: str | None) -> str:
+        """The run's checkpoint store: ``checkpoint.url``, else :attr:`checkpoints`."""
+        return url or str(self.checkpoints)
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.run_dir / TENSORBOARD_DIR
+
+    @property
+    def heartbeats(self) -> Path:
+        return self.run_dir / HEARTBEATS_DIR
+
+    def heartbeat(self, node: str) -> Path:
+        return self.heartbeats / f"{node}.json"
+
+    @property
+    def node_failures(self) -> Path:
+        """One :class:`NodeFailure` file per rank failure blamed on its node."""
+        return self.run_dir / NODE_FAILURES_DIR
 
 
 def wandb_run_id(run_id: str) -> str:
@@ -65,6 +143,17 @@ AUX_TOP = frozenset({METRICS_DIR, STATUS_FILE, RECORD_FILE, "aux"})
 def rank_file(rank: int) -> str:
     """Each rank's own file of a checkpoint (its RNG streams)."""
     return f"rank{rank}.pt"
+
+
+# -- error lines -------------------------------------------------------------------------------------
+MAX_LINE = 200
+"""Longest error line any command prints: an echoed key, value, path or cause is cut, never a screenful."""
+
+
+def one_line(text: object, limit: int = MAX_LINE) -> str:
+    """``text`` on one line (whitespace runs become one space), cut to ``limit`` characters."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 # -- exit statuses -----------------------------------------------------------------------------------
@@ -126,14 +215,34 @@ class MetricsRecord(_Record):
     scaler_skipped_steps: int | None = None  # fp16 only: steps GradScaler skipped (expected) in this attempt
 
 
-# -- preemption --------------------------------------------------------------------------------------
+# -- environment variables that cross a process boundary ---------------------------------------------
+HOME_ENV = "PIXPRO_HOME"
+"""The login node's state folder (runs, index); read by the CLI, set by the tests and benches."""
+DEBUG_ENV = "PIXPRO_DEBUG"
+"""Set (to anything) for tracebacks instead of one-line errors."""
+S3_ENDPOINT_ENV = "PIXPRO_S3_ENDPOINT"
+"""The S3 endpoint when neither ``storage_options`` nor botocore's own settings name one."""
+ATTEMPT_ENV = "PIXPRO_ATTEMPT"
+"""Set by the node task for the launcher and its trainers: the attempt id (``<job>.<restart>``)."""
+SIGNAL_ENV = "PIXPRO_SIGNAL"
+"""Set by the node task for the launcher: the user signal that means checkpoint and stop."""
 EXIT_DIR_ENV = "PIXPRO_EXIT_DIR"
 """Set by ``launch.run`` for its trainers: a folder where each rank that stops on purpose leaves a marker
 (:func:`exit_marker`), so it can exit 0 (torchrun does not restart it) and the launcher says why."""
+ROUND_ENV = "PIXPRO_RDZV_ROUND"
+"""Set by the launcher's agent for its workers: the rendezvous round, the same on every node."""
+PREEMPT_ENV = "PIXPRO_PREEMPT_PENDING"
+"""Set by the launcher once the preemption signal arrived: workers started after it stop at once."""
+HEARTBEAT_DIR_ENV = "PIXPRO_HEARTBEAT_DIR"
+"""Set by the launcher's watchdog for its workers: the node-local folder of their heartbeat files."""
+STOP_AT_STEP_ENV = "PIXPRO_STOP_AT_STEP"
+"""Test hook: the trainer stops (as if preempted) once it reaches this step."""
 
 
+# -- preemption --------------------------------------------------------------------------------------
 def exit_marker(outcome: str, rank: int | str) -> str:
-    """The marker file of a rank that stopped on purpose: ``preempted.<rank>`` or ``diverged.<rank>``."""
+    """The marker file of a rank that stopped on purpose: ``preempted.<rank>`` or ``diverged.<rank>``
+    (``rank="*"`` is the glob of them all)."""
     return f"{outcome}.{rank}"
 
 
@@ -148,15 +257,6 @@ def preemption_deadlines(signal_lead_s: float) -> tuple[float, float]:
 
 
 # -- heartbeats: hang detection ----------------------------------------------------------------------
-HEARTBEATS_DIR = "heartbeats"
-"""In the run folder: ``heartbeats/<node>.json`` (:class:`NodeHeartbeat`), rewritten every few seconds
-by each node's agent (:mod:`launch.watchdog`) from its ranks' heartbeats; ``pixpro status`` reads it."""
-
-
-def heartbeat_file(node: str) -> str:
-    return f"{HEARTBEATS_DIR}/{node}.json"
-
-
 class RankBeat(_Record):
     """One rank's newest heartbeat: what it last did (``phase`` at ``step``) and when."""
 
@@ -201,12 +301,9 @@ def stalled_for(beats: list[NodeHeartbeat], now: float) -> tuple[float, float] |
 
 
 # -- node failures: leaving out a node that keeps failing --------------------------------------------
-NODE_FAILURES_DIR = "node_failures"
-"""In the run folder: one :class:`NodeFailure` file per rank that failed through no fault of the run
-(killed, crashed, hung, a CUDA error), written by that node's agent (:mod:`launch.node_failures`)."""
 EXCLUDE_AFTER = 2
 """A node with this many failures of a run is left out of its next attempts (``sbatch --exclude``)."""
-NODE_NAME_ENV = "SLURMD_NODENAME"
+SLURM_NODE_NAME = "SLURMD_NODENAME"
 """SLURM's name of the node a job step runs on (``--exclude`` takes it); the host name elsewhere."""
 
 

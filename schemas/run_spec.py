@@ -40,6 +40,7 @@ from pydantic.json_schema import JsonValue, WithJsonSchema
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from schemas.backbones import backbone, backbone_names
+from schemas.contract import one_line
 from schemas.secrets import is_secret_key, secret_paths
 
 __all__ = [
@@ -104,7 +105,6 @@ MAX_SPEC_BYTES = 256 * 1024
 record, every attempt's log and error lines, so a 500-byte alias bomb must not become megabytes."""
 
 _MAX_NODES = 20_000  # values in a spec after alias expansion (a real spec has about 100)
-_MAX_LINE = 200  # longest error line; offending keys and values are shortened to fit
 _MAX_KEY_SHOWN = 40
 MAX_SEED = 2**32 - 1
 """Seeds are numpy/torch generator seeds; the trainer derives per-rank seeds as ``seed * 1000 + rank``."""
@@ -965,13 +965,9 @@ class SpecError(ValueError):
     def __init__(self, problems: list[str] | str) -> None:
         if isinstance(problems, str):
             problems = problems.splitlines()
-        cleaned = [_cut(" ".join(str(p).split())) for p in problems]  # a problem is exactly one short line
+        cleaned = [one_line(p) for p in problems]  # a problem is exactly one short line
         self.problems: list[str] = [p for p in dict.fromkeys(cleaned) if p] or ["invalid spec"]
         super().__init__("\n".join(self.problems))
-
-
-def _cut(line: str, limit: int = _MAX_LINE) -> str:
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 _REPR = reprlib.Repr()
@@ -1172,7 +1168,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     after, exactly as for the file, so ``--set data.batch_size=x`` fails like ``"batch_size": "x"``."""
     out = json.loads(json.dumps(data)) if overrides else data
     for item in overrides:
-        shown = _cut(" ".join(str(item).split()), 80)
+        shown = one_line(item, 80)
         dotted, eq, text = str(item).partition("=")
         parts = dotted.strip().split(".")
         if not eq or not all(parts):
@@ -1293,7 +1289,7 @@ def load_spec_data(path: str | os.PathLike[str]) -> dict[str, Any]:
     with the path or its contents (missing, a folder, unreadable, a name too long, too large, not UTF-8,
     bad syntax) is a :class:`SpecError` of one line."""
     p = Path(path)
-    where = _cut(" ".join(str(p).split()), 120)
+    where = one_line(p, 120)
     try:
         if not p.is_file():
             raise SpecError([f"{where}: {'not a file' if p.exists() else 'no such file'}"])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cluster.attempts import AttemptState
 from cluster.status import stalled
-from schemas.contract import NodeHeartbeat, RankBeat, heartbeat_file
+from schemas.contract import NodeHeartbeat, RankBeat, RunPaths
 from tests.support.runs import fake_run
 
 
@@ -21,7 +21,7 @@ def _beat(
         RankBeat(rank=r, pid=100 + r, step=10, phase="train", time=now - age_s - r, limit_s=limit_s)
         for r in range(2)
     ]
-    path = Path(run_dir, heartbeat_file(node))
+    path = RunPaths(run_dir).heartbeat(node)
     path.parent.mkdir(parents=True, exist_ok=True)
     beat = NodeHeartbeat(node=node, updated=now - updated_age_s, ranks=ranks)
     path.write_text(beat.model_dump_json())
@@ -55,7 +55,7 @@ def test_only_running_and_armed_heartbeats_stall(tmp_path: Path) -> None:
     _beat(rec.run_dir, "a-1", age_s=900, limit_s=300, now=now)
     for ended in ("COMPLETED", "FAILED", "PENDING"):  # a heartbeat left behind says nothing then
         assert stalled(rec, AttemptState(ended), now)[0].state == ended
-    Path(rec.run_dir, heartbeat_file("torn")).write_text('{"node": "torn", "upd')  # a half-written file
+    RunPaths(rec.run_dir).heartbeat("torn").write_text('{"node": "torn", "upd')  # a half-written file
     assert stalled(rec, AttemptState("RUNNING"), now)[0].state == "STALLED"
 
 
@@ -69,6 +69,6 @@ def test_an_earlier_attempts_heartbeat_does_not_stall_a_starting_attempt(tmp_pat
     now = time.time()
     _beat(rec.run_dir, "old-1", age_s=900, limit_s=300, now=now, updated_age_s=890)  # its agent is gone
     assert stalled(rec, AttemptState("RUNNING"), now)[0].state == "STALLED"  # all agents silent: stalled
-    path = Path(rec.run_dir, heartbeat_file("new-2"))  # the new attempt's agent, no rank beat yet
+    path = RunPaths(rec.run_dir).heartbeat("new-2")  # the new attempt's agent, no rank beat yet
     path.write_text(NodeHeartbeat(node="new-2", updated=now, ranks=[]).model_dump_json())
     assert stalled(rec, AttemptState("RUNNING"), now)[0].state == "RUNNING"

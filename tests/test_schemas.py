@@ -1090,9 +1090,10 @@ def test_ranges_the_trainer_needs(dotted: str, value: Any) -> None:
 
 def test_backbone_table_is_in_sync_with_torchvision() -> None:
     """schemas/backbones.json lists every torchvision classification model, and the trainer's own
-    builder still gives the recorded smallest crop (regenerate: python -m schemas.backbones --write)."""
+    builder still gives the recorded smallest crop (regenerate: python -m launch.tools.backbones --write)."""
     import torchvision
 
+    from launch.tools.backbones import _measure
     from schemas import backbones
 
     table = json.loads(backbones.TABLE_PATH.read_text())
@@ -1102,7 +1103,7 @@ def test_backbone_table_is_in_sync_with_torchvision() -> None:
     assert {"resnet50", "convnext_tiny", "regnet_y_400mf"} <= set(backbones.backbone_names())
     assert {"vit_b_16", "googlenet"} <= set(backbones.unsupported_backbones())
     for name in ("resnet18", "convnext_tiny", "alexnet"):
-        entry, _ = backbones._measure(name)
+        entry, _ = _measure(name)
         assert entry == table["backbones"][name], name
 
 

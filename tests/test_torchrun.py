@@ -1,14 +1,20 @@
-"""The rendezvous a multi-node job meets at: its port and which node hosts it."""
+"""The rendezvous a multi-node job meets at (its port, which node hosts it), and the one per-node command
+that ``--dry-run`` prints and every node task runs."""
 
 from __future__ import annotations
 
+import shlex
 import socket
 from pathlib import Path
 
 import pytest
 
 from cluster.node_task import JobContext, NodeTask, TrainerFailed
-from cluster.torchrun import EPHEMERAL_START, port_free, rdzv_port
+from cluster.runs import Submission, plan_submission
+from cluster.torchrun import EPHEMERAL_START, PLACEHOLDERS, port_free, rdzv_port
+from schemas.contract import HOME_ENV
+from tests.support.cli import write_spec
+from tests.support.trainer import tiny_spec
 
 
 def test_rendezvous_ports_lie_below_the_ephemeral_range() -> None:
@@ -34,7 +40,7 @@ def test_a_one_node_job_lets_the_store_pick_any_free_port(monkeypatch: pytest.Mo
 
 def _task(tmp_path: Path) -> NodeTask:
     return NodeTask(
-        run_id="r", run_dir=str(tmp_path), spec_path=str(tmp_path / "spec.json"), workdir=str(tmp_path),
+        run_id="r", run_dir=str(tmp_path), workdir=str(tmp_path),
         nodes=2, gpus_per_node=0, max_restarts=0, signal_name="USR2", signal_lead_s=60,
     )  # fmt: skip
 
@@ -86,3 +92,61 @@ def test_a_port_left_in_time_wait_counts_as_free() -> None:
     client.close()
     server.close()
     assert port_free(port)
+
+
+# ------------------------------------------------------------------ one command for --dry-run and nodes
+SLURM_ENV = {"SLURM_JOB_ID": "4711", "SLURM_RESTART_COUNT": "2", "SLURM_JOB_NODELIST": "node[1-2]"}
+
+
+def _plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, executor: str, nodes: int) -> Submission:
+    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
+    spec = write_spec(tmp_path / "s.json", tiny_spec(tmp_path / "data", name="dry"))
+    plan = plan_submission(spec, nodes=nodes, gpus=0, executor=executor, check_cluster=False, dry_run=True)
+    assert not (tmp_path / "home").exists()  # a dry run writes nothing
+    return plan
+
+
+def _dry_run_line(plan: Submission, values: dict[str, str]) -> list[str]:
+    """The dry run's per-node command as the shell would split and expand it with these values."""
+    text = plan.dry_run_text().split("# torchrun command", 1)[1]
+    (line,) = [ln for ln in text.splitlines() if "-m launch.run" in ln]
+    words = shlex.split(line)
+    for name, value in sorted(values.items(), key=lambda kv: -len(kv[0])):  # $SLURM_JOB_ID before $PORT...
+        words = [w.replace(name, value) for w in words]
+    assert not [w for w in words if any(p in w for p in PLACEHOLDERS)], words  # each has its node's value
+    return words
+
+
+def _runs(task: NodeTask, ctx: JobContext) -> list[str]:
+    """What the node task starts: its environment's additions, then the argv."""
+    env, argv = task.environment(ctx), task.command(ctx)
+    added = task.launch(ctx).env
+    assert all(env[k] == v for k, v in added.items())
+    return [f"{k}={v}" for k, v in added.items()] + argv
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_the_slurm_dry_run_prints_what_each_node_task_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nodes: int
+) -> None:
+    plan = _plan(tmp_path, monkeypatch, "slurm", nodes)
+    task = NodeTask.for_run(plan.record())
+    monkeypatch.setattr("cluster.node_task.first_host", lambda nodelist: "node1")  # scontrol's answer
+    for key, value in {**SLURM_ENV, "SLURM_JOB_NUM_NODES": str(nodes)}.items():
+        monkeypatch.setenv(key, value)
+    for node in range(nodes):
+        monkeypatch.setenv("SLURM_NODEID", str(node))
+        ctx = JobContext.from_slurm_env()
+        values = {"$SLURM_JOB_ID": "4711", "$SLURM_RESTART_COUNT": "2", "$FIRST_HOST": "node1",
+                  "$PORT": str(rdzv_port("4711", 2)), "$IS_HOST": "1" if node == 0 else "0"}  # fmt: skip
+        assert _dry_run_line(plan, values) == _runs(task, ctx), node
+
+
+def test_the_local_dry_run_prints_what_the_local_runner_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = _plan(tmp_path, monkeypatch, "local", 1)
+    task = NodeTask.for_run(plan.record())
+    assert _dry_run_line(plan, {}) == [
+        w.replace("local-7", "local-<n>") for w in _runs(task, JobContext.local("local-7"))
+    ]

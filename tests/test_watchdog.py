@@ -15,7 +15,7 @@ import pytest
 
 from launch import heartbeat
 from launch.watchdog import Watchdog, run_dir_of
-from schemas.contract import NodeHeartbeat, RankBeat, heartbeat_file
+from schemas.contract import NodeHeartbeat, RankBeat, RunPaths
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_the_rank_with_the_least_progress_is_hung_and_a_stopped_one_first(dog, r
     hung = dog.check(now)
     assert hung is not None and (hung.rank, hung.stopped) == (0, True)
     # published for the login node and the other agents
-    beat = NodeHeartbeat.model_validate_json((dog.run_dir / heartbeat_file("here")).read_bytes())
+    beat = NodeHeartbeat.model_validate_json(RunPaths(dog.run_dir).heartbeat("here").read_bytes())
     assert sorted(r.rank for r in beat.ranks) == [0, 1]
 
 
@@ -74,7 +74,7 @@ def test_only_the_hung_ranks_agent_acts_until_twice_the_limit(dog, ranks) -> Non
     now = time.time()
     _write(dog, 0, ranks[0].pid, step=7, age_s=40, limit_s=30)
     other = RankBeat(rank=1, pid=99999, step=6, phase="train", time=now - 45, limit_s=30, stopped=True)
-    path = dog.run_dir / heartbeat_file("there")
+    path = RunPaths(dog.run_dir).heartbeat("there")
     path.write_text(NodeHeartbeat(node="there", updated=now, ranks=[other]).model_dump_json())
     assert dog.check(now) is None  # the stopped rank is on "there": its agent acts
     _write(dog, 0, ranks[0].pid, step=7, age_s=61, limit_s=30)
@@ -87,7 +87,7 @@ def test_a_hang_found_elsewhere_dumps_and_stops_this_nodes_workers_of_that_round
     _write(dog, 0, ranks[0].pid, step=7, age_s=40, limit_s=30)
     _write(dog, 1, ranks[1].pid, step=0, age_s=-5, limit_s=None)  # a newer round's worker
     line = "pixpro: hang: rank 3 on node there ..."
-    path = dog.run_dir / heartbeat_file("there")
+    path = RunPaths(dog.run_dir).heartbeat("there")
     path.write_text(NodeHeartbeat(node="there", updated=now, ranks=[], hang=line).model_dump_json())
     assert dog.check(now) is None
     assert ranks[0].wait(timeout=30) == -signal.SIGKILL  # dumped (ignored here), then killed

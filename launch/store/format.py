@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.contract import AUX_TOP, LATEST
+from schemas.contract import one_line as _one_line
 
 FORMAT = "pixpro-checkpoint/1"
 POINTER_FORMAT = "pixpro-latest/1"
@@ -138,8 +139,8 @@ def absolute_url(url: str, base: Path) -> str:
 
 
 def one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """A store failure's cause on one line: cut longer than an error line, it is embedded in one."""
+    return _one_line(text, limit)
 
 
 def short(v: Any) -> str:

@@ -32,7 +32,7 @@ from launch.store.format import (
     step_order,
 )
 from launch.store.secrets import Redactor, collect_secrets, split_url
-from schemas.contract import AUX_TOP, LATEST, MANIFEST
+from schemas.contract import AUX_TOP, LATEST, MANIFEST, MAX_LINE
 
 log = logging.getLogger("launch.store")
 
@@ -235,7 +235,7 @@ class CheckpointStore:
             if left <= 0:
                 raise CommitTimeout(
                     f"step {step}: after {wait_s:g} s still waiting for {len(problems)} file(s): "
-                    + one_line(", ".join(problems), 200)
+                    + one_line(", ".join(problems), MAX_LINE)
                 )
             time.sleep(min(delay, left))
             delay = min(delay * 1.5, 5.0)

@@ -24,6 +24,7 @@ from typing import Any
 
 from launch.store.backends import exc_chain, failure_cause, is_precondition_failure
 from launch.store.format import StoreError, StoreUnavailable, one_line
+from schemas.contract import S3_ENDPOINT_ENV
 
 log = logging.getLogger("launch.store")
 
@@ -294,9 +295,7 @@ def s3_options(storage_options: dict[str, Any], userinfo: tuple[str, str] | None
             opts.setdefault("secret", userinfo[1])
     client_kwargs = dict(opts.pop("client_kwargs", None) or {})
     endpoint = (
-        opts.pop("endpoint_url", None)
-        or client_kwargs.get("endpoint_url")
-        or os.environ.get("PIXPRO_S3_ENDPOINT")
+        opts.pop("endpoint_url", None) or client_kwargs.get("endpoint_url") or os.environ.get(S3_ENDPOINT_ENV)
     )
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint

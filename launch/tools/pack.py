@@ -44,8 +44,9 @@ from pixpro.sources import (
     class_labels,
     split_url,
 )
+from schemas.contract import Exit, one_line
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = Exit.USAGE
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([a-z]*)$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}  # fmt: skip
@@ -171,7 +172,7 @@ def pack_shard(plan: ShardPlan, dest_root: str) -> dict[str, Any]:
                 data = source.read(i)
                 decode_rgb(data)
             except (RuntimeError, OSError, ReadFailed) as exc:
-                entry["reason"] = " ".join(str(exc).split())[:200]
+                entry["reason"] = one_line(str(exc))
                 entries.append(entry)
                 continue
             key = f"{i:09d}"

@@ -15,7 +15,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from schemas.contract import Exit
+from schemas.contract import Exit, RunPaths
 
 EXIT_BAD_INPUT = Exit.USAGE
 EXIT_NOT_FOUND = Exit.NOT_FOUND
@@ -94,7 +94,8 @@ def store_url(path: str) -> str:
     local = Path(path.removeprefix("file://")).expanduser()
     if not local.is_dir():
         raise PlotError(f"checkpoint store {path} does not exist", EXIT_NOT_FOUND)
-    return str(local / "checkpoints") if (local / "checkpoints").is_dir() else str(local)
+    store = RunPaths(local).checkpoints
+    return str(store) if store.is_dir() else str(local)
 
 
 def plot_run(url: str, output: str | Path) -> PlotData:

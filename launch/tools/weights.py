@@ -35,7 +35,7 @@ from launch.store import CheckpointStore, StoreError
 from launch.train_state import model_weights
 from pixpro.model import build_backbone
 from schemas import RunSpec, SpecError, load_spec, spec_hash
-from schemas.contract import CHECKPOINTS_DIR, LATEST, RECORD_FILE, SPEC_FILE, Exit
+from schemas.contract import LATEST, RECORD_FILE, Exit, RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +85,20 @@ def locate(checkpoint: str | Path) -> Location:
         raise WeightsError(f"checkpoint {text} does not exist", EXIT_NOT_FOUND)
     if path.is_file():
         return Location("file", str(path), None)
-    if (path / CHECKPOINTS_DIR).is_dir() and not (path / LATEST).exists():
-        return Location("store", str(path / "checkpoints"), path)
+    store = RunPaths(path).checkpoints
+    if store.is_dir() and not (path / LATEST).exists():
+        return Location("store", str(store), path)
     parent = path.resolve().parent
-    return Location("store", str(path), parent if (parent / SPEC_FILE).is_file() else None)
+    return Location("store", str(path), parent if RunPaths(parent).spec.is_file() else None)
 
 
 def find_spec(location: Location, store: CheckpointStore | None = None) -> Path | None:
     """The run's ``spec.json``: in the run folder, beside a ``.pt`` file, or via the store's run record."""
     candidates: list[Path] = []
     if location.run_dir is not None:
-        candidates.append(location.run_dir / SPEC_FILE)
+        candidates.append(RunPaths(location.run_dir).spec)
     if location.kind == "file":
-        candidates.append(Path(location.url).parent / SPEC_FILE)
+        candidates.append(RunPaths(Path(location.url).parent).spec)
     if store is not None:
         try:
             body = store.read_aux(RECORD_FILE)
@@ -105,7 +106,7 @@ def find_spec(location: Location, store: CheckpointStore | None = None) -> Path 
         except (StoreError, OSError, ValueError, KeyError, TypeError):
             run_dir = None
         if isinstance(run_dir, str):
-            candidates.append(Path(run_dir) / SPEC_FILE)
+            candidates.append(RunPaths(run_dir).spec)
     return next((p for p in candidates if p.is_file()), None)
 
 
