@@ -1,7 +1,71 @@
 """Validated run specs for pixpro, importable without torch (the CLI checks specs on login nodes).
 
-The public names are those of :mod:`schemas.run_spec` (its ``__all__``), re-exported here.
+Everything downstream (the CLI, the sbatch script, the trainer, resume checks) reads a :class:`RunSpec`,
+so mistakes are caught here, before a job waits hours in a queue. Unknown keys are errors everywhere
+(a misspelt ``optim.lr`` must not silently fall back to a default), and every error is reported as one
+line ``field.path: message (got value)`` so a user can fix a spec in one pass. Defaults are the official
+PixPro 100-epoch recipe (see docs / pixpro-reference.md).
+
+The public names of :mod:`schemas.spec` are re-exported here; nothing imports torch or the rest of the
+project, so the CLI validates specs on a login node in milliseconds.
 """
 
-from schemas.run_spec import *  # noqa: F403
-from schemas.run_spec import __all__ as __all__
+from schemas.spec.constants import (
+    ANNOTATION_KEYS,
+    CREDENTIAL_KEYS,
+    MAX_SPEC_BYTES,
+    OWNED_SBATCH_OPTIONS,
+    URL_SCHEMES,
+)
+from schemas.spec.data import (
+    AffineSpec,
+    DataSpec,
+    DemoDataSpec,
+    ElasticSpec,
+    PerspectiveSpec,
+    RotationSpec,
+    SpatialTransformSpec,
+)
+from schemas.spec.errors import SpecError
+from schemas.spec.export import SCHEMA_PATH, json_schema, json_schema_text
+from schemas.spec.hashing import hash_payload, spec_hash
+from schemas.spec.load import load_spec, load_spec_data
+from schemas.spec.operations import CheckpointSpec, ResourceSpec
+from schemas.spec.parse import apply_overrides, parse_spec
+from schemas.spec.rules import CROSS_FIELD_RULES, hang_timeout_s, too_few_images
+from schemas.spec.run import RunSpec
+from schemas.spec.training import LossSpec, ModelSpec, OptimSpec
+
+__all__ = [
+    "ANNOTATION_KEYS",
+    "CREDENTIAL_KEYS",
+    "CROSS_FIELD_RULES",
+    "MAX_SPEC_BYTES",
+    "OWNED_SBATCH_OPTIONS",
+    "SCHEMA_PATH",
+    "URL_SCHEMES",
+    "AffineSpec",
+    "CheckpointSpec",
+    "DataSpec",
+    "DemoDataSpec",
+    "ElasticSpec",
+    "LossSpec",
+    "ModelSpec",
+    "OptimSpec",
+    "PerspectiveSpec",
+    "ResourceSpec",
+    "RotationSpec",
+    "RunSpec",
+    "SpatialTransformSpec",
+    "SpecError",
+    "apply_overrides",
+    "hang_timeout_s",
+    "hash_payload",
+    "json_schema",
+    "json_schema_text",
+    "load_spec",
+    "load_spec_data",
+    "parse_spec",
+    "spec_hash",
+    "too_few_images",
+]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from schemas.generated import generated_file_main
-from schemas.run_spec import SCHEMA_PATH, json_schema_text
+from schemas.spec.export import SCHEMA_PATH, json_schema_text
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@
 runs on some path); ``pixpro/`` imports nothing of ``launch/`` or ``cluster/``; ``launch/`` nothing of
 ``cluster/``; ``cluster/`` no torch, no ``pixpro`` and of ``launch/`` only the torch-free store, which
 itself imports no torch and nothing of ``pixpro``/``cluster``. The runtime checks (``pixpro status``
-and ``validate`` load no torch) live in tests/test_cli.py and tests/test_schemas.py.
+and ``validate`` load no torch) live in tests/test_cli.py and tests/test_schemas_export.py.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def test_the_scan_sees_lazy_relative_and_dynamic_imports(tmp_path: Path) -> None
         ("cluster.status", "torch.distributed", False),
         ("launch.store.s3", "pixpro.sources", False),
         ("launch.train", "pixpro.model", True),
-        ("schemas.run_spec", "schemas.contract", True),
+        ("schemas.spec.errors", "schemas.contract", True),
         ("schemas.backbones", "pixpro.model", False),
         ("pixpro.model", "schemas.contract", True),
     ],
