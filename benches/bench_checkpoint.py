@@ -10,7 +10,7 @@ git at ``BASELINE_REV``), interleaved in one run so the load of a shared machine
 3. Process start -> first step when resuming that state from S3 (python -m launch.train), and where the
    time goes: imports, download, deserialization, the rest (model build, DataLoader, the step).
 
-    python benches/bench_checkpoint.py [--steps 4] [--size 160] [--batch 4] [--rounds 2]
+    python benches/bench_checkpoint.py [--quiet-s 8] [--size 96] [--batch 2] [--rounds 3]
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ ratio of medians is reported (the machine is shared, so absolute times swing).
 The ``cpu_autocast`` row times the same PixPro step in fp32 and under bf16 autocast with
 channels_last (what ``cpu_autocast: true`` in a spec turns on), interleaved, as a ratio of medians.
 
-    python benches/bench_step.py [--backbone resnet50] [--size 224] [--batch 8] [--reps 7]
+    python benches/bench_step.py [--backbone resnet50] [--size 224] [--batch 8] [--hidden 4096]
+                                 [--reps 7] [--threads 2]
 """
 
 from __future__ import annotations
