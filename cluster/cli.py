@@ -79,8 +79,8 @@ def guard(fn: F) -> F:
             _err(f"{name}: {exc.strerror or type(exc).__name__}")
             raise typer.Exit(EXIT_USAGE) from None
         except Exception as exc:
-            # schemas is only imported by commands that read specs (status must not pay for pydantic)
-            spec_error = getattr(sys.modules.get("schemas"), "SpecError", None)
+            # the spec models are only loaded by commands that read specs (status must not build them)
+            spec_error = getattr(sys.modules.get("schemas.run_spec"), "SpecError", None)
             if spec_error is not None and isinstance(exc, spec_error):
                 for line in exc.problems:
                     _err(line)
@@ -160,7 +160,7 @@ def validate(
     ] = False,
 ) -> None:
     """Check a spec and print it with every default filled in (JSON)."""
-    from cluster.runs import resolve_spec, spec_json
+    from cluster.specs import resolve_spec, spec_json
 
     resolved = resolve_spec(spec, overrides=sets or ())
     if deep:
@@ -210,6 +210,7 @@ def submit(
                 "run_id": plan.run_id,
                 "executor": plan.executor,
                 "cluster_checked": plan.cluster_checked,
+                "unchecked": plan.description.unchecked,
                 "spec": plan.spec.model_dump(mode="json"),
                 "sbatch": plan.script,
                 "torchrun": plan.torchrun_command(),
@@ -236,8 +237,9 @@ def _announce(run_id: str, job_id: str, executor: str, as_json: bool, verb: str)
 
 def _follow(ident: str, job_id: str | None, rank: int | None) -> int:
     from cluster import logs
+    from cluster.executors import executor
     from cluster.index import Index
-    from cluster.status import attempt_states, read_all_progress
+    from cluster.status import read_all_progress
 
     record = Index().find(ident)
     job = job_id or record.latest_job
@@ -246,9 +248,9 @@ def _follow(ident: str, job_id: str | None, rank: int | None) -> int:
         return EXIT_FAILURE
 
     def state_of() -> Any:
-        rec = Index().find(record.run_id)
-        states, _ = attempt_states([rec], read_all_progress([rec]))
-        return states[rec.run_id][job]
+        rec = Index().find(record.run_id)  # anew: a cancel marks its attempts in the record
+        trainer = read_all_progress([rec])[rec.run_id].trainer
+        return executor(rec.executor).job(rec, job).state(trainer)
 
     try:
         code = logs.follow(record, job, rank, state_of)

@@ -43,8 +43,9 @@ def attempt_states(
     out: dict[str, dict[str, AttemptState]] = {}
     warnings: list[str] = []
     for name in dict.fromkeys(r.executor for r in records):
-        states, more = executor(name).states([r for r in records if r.executor == name], trainers)
-        out.update(states)
+        jobs, more = executor(name).jobs([r for r in records if r.executor == name])
+        for run_id, handles in jobs.items():
+            out[run_id] = {j.job_id: j.state(trainers[run_id]) for j in handles}
         warnings += more
     return out, warnings
 
