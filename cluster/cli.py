@@ -321,14 +321,19 @@ def status(
             _err(f"warning: {w}")
         typer.echo(json.dumps(found[0] if ident else found, indent=2, sort_keys=True))
         return
-    from rich.console import Console
+    from concurrent.futures import ThreadPoolExecutor
 
-    from cluster import render
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(rows)  # SLURM answers while rich is imported
+        from rich.console import Console
 
-    console = Console(width=None if sys.stdout.isatty() else 200)
+        from cluster import render
 
-    def view() -> Any:
-        found, warnings = rows()
+        console = Console(width=None if sys.stdout.isatty() else 200)
+        answer = first.result()
+
+    def view(answer: tuple[list[dict[str, Any]], list[str]] | None = None) -> Any:
+        found, warnings = answer or rows()
         for w in warnings:
             _err(f"warning: {w}")
         if not found:
@@ -336,12 +341,12 @@ def status(
         return render.table(found)
 
     if not watch:
-        console.print(view())
+        console.print(view(answer))
         return
     from rich.live import Live
 
     try:
-        with Live(view(), console=console, auto_refresh=False) as live:
+        with Live(view(answer), console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(interval)
                 live.update(view(), refresh=True)
