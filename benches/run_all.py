@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_step.py", "bench_lars.py", "bench_checkpoint.py", "bench_probe.py", "bench_status.py"]
+BENCHES = [
+    "bench_step.py",
+    "bench_lars.py",
+    "bench_checkpoint.py",
+    "bench_probe.py",
+    "bench_status.py",
+    "bench_cli.py",
+]
 
 if __name__ == "__main__":
     for name in BENCHES:

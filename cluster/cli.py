@@ -74,8 +74,8 @@ def guard(fn: F) -> F:
             _err(f"{name}: {exc.strerror or type(exc).__name__}")
             raise typer.Exit(EXIT_USAGE) from None
         except Exception as exc:
-            # schemas is only imported by commands that read specs (status must not pay for pydantic)
-            spec_error = getattr(sys.modules.get("schemas"), "SpecError", None)
+            # the spec models are only loaded by commands that read specs (status must not build them)
+            spec_error = getattr(sys.modules.get("schemas.spec.errors"), "SpecError", None)
             if spec_error is not None and isinstance(exc, spec_error):
                 for line in exc.problems:
                     _err(line)
@@ -155,7 +155,7 @@ def validate(
     ] = False,
 ) -> None:
     """Check a spec and print it with every default filled in (JSON)."""
-    from cluster.runs import resolve_spec, spec_json
+    from cluster.specs import resolve_spec, spec_json
 
     resolved = resolve_spec(spec, overrides=sets or ())
     if deep:
@@ -205,6 +205,7 @@ def submit(
                 "run_id": plan.run_id,
                 "executor": plan.executor,
                 "cluster_checked": plan.cluster_checked,
+                "unchecked": plan.description.unchecked,
                 "spec": plan.spec.model_dump(mode="json"),
                 "sbatch": plan.script,
                 "torchrun": plan.torchrun_command(),
@@ -231,8 +232,9 @@ def _announce(run_id: str, job_id: str, executor: str, as_json: bool, verb: str)
 
 def _follow(ident: str, job_id: str | None, rank: int | None) -> int:
     from cluster import logs
+    from cluster.executors import executor
     from cluster.index import Index
-    from cluster.status import attempt_states, read_all_progress
+    from cluster.status import read_all_progress
 
     record = Index().find(ident)
     job = job_id or record.latest_job
@@ -241,9 +243,9 @@ def _follow(ident: str, job_id: str | None, rank: int | None) -> int:
         return EXIT_FAILURE
 
     def state_of() -> Any:
-        rec = Index().find(record.run_id)
-        states, _ = attempt_states([rec], read_all_progress([rec]))
-        return states[rec.run_id][job]
+        rec = Index().find(record.run_id)  # anew: a cancel marks its attempts in the record
+        trainer = read_all_progress([rec])[rec.run_id].trainer
+        return executor(rec.executor).job(rec, job).state(trainer)
 
     try:
         code = logs.follow(record, job, rank, state_of)
@@ -325,14 +327,19 @@ def status(
             _err(f"warning: {w}")
         typer.echo(json.dumps(found[0] if ident else found, indent=2, sort_keys=True))
         return
-    from rich.console import Console
+    from concurrent.futures import ThreadPoolExecutor
 
-    from cluster import render
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        first = pool.submit(rows)  # SLURM answers while rich is imported
+        from rich.console import Console
 
-    console = Console(width=None if sys.stdout.isatty() else 200)
+        from cluster import render
 
-    def view() -> Any:
-        found, warnings = rows()
+        console = Console(width=None if sys.stdout.isatty() else 200)
+        answer = first.result()
+
+    def view(answer: tuple[list[dict[str, Any]], list[str]] | None = None) -> Any:
+        found, warnings = answer or rows()
         for w in warnings:
             _err(f"warning: {w}")
         if not found:
@@ -340,12 +347,12 @@ def status(
         return render.table(found)
 
     if not watch:
-        console.print(view())
+        console.print(view(answer))
         return
     from rich.live import Live
 
     try:
-        with Live(view(), console=console, auto_refresh=False) as live:
+        with Live(view(answer), console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(interval)
                 live.update(view(), refresh=True)

@@ -1,8 +1,9 @@
 """Where attempts run: the executor interface and its two implementations, SLURM and local.
 
-submitit's few verbs are the model: check what the executor can give, describe what it would run, submit
-an attempt, cancel attempts, read their states and say where their logs are. Nothing outside this module
-asks which executor a run uses.
+submitit's shape is the model: an executor checks what it can give, describes what it would run and
+submits an attempt; the attempt's :class:`Job` handle knows its state, its logs and how to cancel itself.
+Adding an executor is one executor class and one handle class. Nothing outside this module asks which
+executor a run uses.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cluster import local, nodes, slurm
 from cluster.attempts import AttemptState, local_state, slurm_state
-from cluster.errors import UsageError
-from cluster.node_task import NodeTask
+from cluster.errors import Failure, UsageError
 from cluster.preflight import check_local_gpus
 from cluster.record import RunRecord, read_local
 from cluster.torchrun import LOCAL_ENDPOINT
@@ -41,36 +41,79 @@ class Description:
     cluster_checked: bool = False
     notes: list[str] = field(default_factory=list)
     is_host: str | None = None  # torchrun's rdzv-conf is_host (a placeholder on SLURM: 1 on node 0)
+    unchecked: str | None = None  # why the plan was not checked against a cluster (one line)
+
+
+class Job(Protocol):
+    """One attempt, as submitit's job handle: its id, its state, where its logs are, how to stop it."""
+
+    job_id: str
+
+    def state(self, trainer: dict[str, Any] | None = None) -> AttemptState:
+        """Its state from the executor's answer and the trainer's ``status.json`` (as written)."""
+
+    def log_files(self) -> list[Path]:
+        """The files its output goes to, one per node."""
+
+    def cancel(self) -> None:
+        """Ask it to checkpoint and stop."""
+
+    def settle_s(self, state: AttemptState) -> float:
+        """How long an ended state must hold before ``--follow`` believes it."""
 
 
 class Executor(Protocol):
+    """Where attempts run: checks a spec, describes and submits attempts, hands out their :class:`Job`."""
+
     name: str
 
     def check(self, spec: RunSpec) -> None:
         """Refuse (UsageError, exit 2) what this executor can never give the run."""
 
-    def describe(self, spec: RunSpec, run_dir: Path, check_cluster: bool) -> Description:
-        """The plan of an attempt; with ``check_cluster`` also checked against the cluster."""
+    def describe(
+        self, spec: RunSpec, run_dir: Path, check_cluster: bool, dry_run: bool = False
+    ) -> Description:
+        """The plan of an attempt; with ``check_cluster`` also checked against the cluster. A dry run
+        whose cluster does not answer is described unchecked (``Description.unchecked`` says why)."""
 
     def recheck(self, spec: RunSpec, run_dir: Path) -> None:
         """Before a resume: can the cluster still run it?"""
 
-    def submit(self, record: RunRecord, spec: RunSpec, index: Index) -> str:
-        """Queue one attempt; returns its job id."""
+    def submit(self, record: RunRecord, spec: RunSpec, index: Index) -> Job:
+        """Queue one attempt."""
 
-    def cancel(self, record: RunRecord, job_ids: list[str]) -> None:
-        """Ask these attempts to checkpoint and stop."""
+    def job(self, record: RunRecord, job_id: str) -> Job:
+        """The handle of one attempt of the run (asks nothing until its state is wanted)."""
 
-    def states(
-        self, records: list[RunRecord], trainers: dict[str, dict[str, Any] | None]
-    ) -> tuple[dict[str, dict[str, AttemptState]], list[str]]:
-        """{run_id: {job_id: state}} of these runs' attempts, and one-line warnings."""
+    def jobs(self, records: list[RunRecord]) -> tuple[dict[str, list[Job]], list[str]]:
+        """{run_id: handles of its attempts, oldest first}, their states asked in one batch for all runs
+        (``pixpro status``), and one-line warnings."""
 
-    def log_files(self, record: RunRecord, job_id: str) -> list[Path]:
-        """The files an attempt's output goes to, one per node."""
+
+# ------------------------------------------------------------------------------------------ SLURM
+@dataclass
+class SlurmJobHandle:
+    """A SLURM job: state from squeue + sacct, logs in submitit's folder, scancel to stop it."""
+
+    record: RunRecord
+    job_id: str
+    answer: slurm.SlurmJob | None = None  # what squeue + sacct said, when asked in a batch
+
+    def state(self, trainer: dict[str, Any] | None = None) -> AttemptState:
+        answer = self.answer or slurm.query([self.job_id], self.record.submitted)[0][self.job_id]
+        recent = time.time() - self.record.submitted.get(self.job_id, 0.0) < RECENT_S
+        return slurm_state(answer, trainer, self.job_id in self.record.cancelled, recent)
+
+    def log_files(self) -> list[Path]:
+        folder = self.record.paths.submitit
+        return [folder / f"{self.job_id}_{node}_log.out" for node in range(self.record.nodes)]
+
+    def cancel(self) -> None:
+        slurm.scancel([self.job_id])
 
     def settle_s(self, state: AttemptState) -> float:
-        """How long an ended state must hold before ``--follow`` believes it."""
+        # a preempted job is requeued under the same id a moment later and its log goes on
+        return 30.0 if state.state == "PREEMPTED" else 4.0
 
 
 class SlurmExecutor:
@@ -81,8 +124,11 @@ class SlurmExecutor:
     def check(self, spec: RunSpec) -> None:
         return None  # resources are checked against sinfo in describe()
 
-    def describe(self, spec: RunSpec, run_dir: Path, check_cluster: bool) -> Description:
-        check_cluster = check_cluster and slurm.available()
+    def describe(
+        self, spec: RunSpec, run_dir: Path, check_cluster: bool, dry_run: bool = False
+    ) -> Description:
+        sbatch = slurm.available()
+        check_cluster = check_cluster and sbatch
         exclude = _left_out(run_dir)
         params = slurm.executor_parameters(spec, slurm.node_cpus(spec) if check_cluster else None, exclude)
         script = slurm.render_script(params, RunPaths(run_dir).submitit)
@@ -103,49 +149,64 @@ class SlurmExecutor:
                 notes=[note],
                 is_host="$IS_HOST",
             )
-        if check_cluster:
+        if not check_cluster:
+            why = "the cluster was not asked" if sbatch else "sbatch is not on PATH"
+            d.unchecked = f"{why}: nothing was checked against a cluster"
+            return d
+        try:
             d.estimate = slurm.preflight(spec, script, exclude)
-            d.cluster_checked = True
+        except Failure as exc:  # the cluster did not answer; a refusal (UsageError) stands
+            if not dry_run:
+                raise
+            d.unchecked = f"not checked against the cluster: {exc.lines[0]}"
+            return d
+        d.cluster_checked = True
         return d
 
     def recheck(self, spec: RunSpec, run_dir: Path) -> None:
         self.describe(spec, run_dir, check_cluster=True)
 
-    def submit(self, record: RunRecord, spec: RunSpec, index: Index) -> str:
+    def submit(self, record: RunRecord, spec: RunSpec, index: Index) -> Job:
+        from cluster.node_task import NodeTask
+
         params = slurm.executor_parameters(spec, slurm.node_cpus(spec), nodes.excluded(record))
-        folder = record.paths.submitit
-        return slurm.submit(NodeTask.for_run(record), params, folder, spec)
+        return self.job(record, slurm.submit(NodeTask.for_run(record), params, record.paths.submitit, spec))
 
-    def cancel(self, record: RunRecord, job_ids: list[str]) -> None:
-        slurm.scancel(job_ids)
+    def job(self, record: RunRecord, job_id: str) -> Job:
+        return SlurmJobHandle(record, job_id)
 
-    def states(
-        self, records: list[RunRecord], trainers: dict[str, dict[str, Any] | None]
-    ) -> tuple[dict[str, dict[str, AttemptState]], list[str]]:
+    def jobs(self, records: list[RunRecord]) -> tuple[dict[str, list[Job]], list[str]]:
         ids = [j for r in records for j in r.attempts]
         submitted = {j: t for r in records for j, t in r.submitted.items()}
-        jobs, warnings = slurm.query(ids, submitted) if ids else ({}, [])
-        now = time.time()
-        out = {}
-        for rec in records:
-            out[rec.run_id] = {
-                j: slurm_state(
-                    jobs[j],
-                    trainers.get(rec.run_id),
-                    j in rec.cancelled,
-                    now - rec.submitted.get(j, 0.0) < RECENT_S,
-                )
-                for j in rec.attempts
-            }
-        return out, warnings
+        answers, warnings = slurm.query(ids, submitted) if ids else ({}, [])
+        handles: dict[str, list[Job]] = {
+            r.run_id: [SlurmJobHandle(r, j, answers[j]) for j in r.attempts] for r in records
+        }
+        return handles, warnings
 
-    def log_files(self, record: RunRecord, job_id: str) -> list[Path]:
-        folder = record.paths.submitit
-        return [folder / f"{job_id}_{node}_log.out" for node in range(record.nodes)]
+
+# ------------------------------------------------------------------------------------------ local
+@dataclass
+class LocalJobHandle:
+    """A local attempt: state from its runner's record, one log file, SIGTERM to stop it."""
+
+    record: RunRecord
+    job_id: str
+
+    def state(self, trainer: dict[str, Any] | None = None) -> AttemptState:
+        job = local.read_job(Path(self.record.run_dir), self.job_id)
+        return local_state(job, trainer, self.job_id in self.record.cancelled)
+
+    def log_files(self) -> list[Path]:
+        return [local.log_path(Path(self.record.run_dir), self.job_id)]
+
+    def cancel(self) -> None:
+        job = local.read_job(Path(self.record.run_dir), self.job_id)
+        if job is not None:
+            local.stop(job)
 
     def settle_s(self, state: AttemptState) -> float:
-        # a preempted job is requeued under the same id a moment later and its log goes on
-        return 30.0 if state.state == "PREEMPTED" else 4.0
+        return 0.0
 
 
 def _left_out(run_dir: Path) -> list[str]:
@@ -165,41 +226,24 @@ class LocalExecutor:
             )
         check_local_gpus(spec.resources.gpus_per_node)
 
-    def describe(self, spec: RunSpec, run_dir: Path, check_cluster: bool) -> Description:
+    def describe(
+        self, spec: RunSpec, run_dir: Path, check_cluster: bool, dry_run: bool = False
+    ) -> Description:
         return Description(LOCAL_ENDPOINT, "local-<n>", "local-<n>", is_host="1")
 
     def recheck(self, spec: RunSpec, run_dir: Path) -> None:
         self.check(spec)
 
-    def submit(self, record: RunRecord, spec: RunSpec, index: Index) -> str:
+    def submit(self, record: RunRecord, spec: RunSpec, index: Index) -> Job:
         job_id = index.next_local_job_id()
         local.spawn(Path(record.run_dir), job_id, Path(record.workdir))
-        return job_id
+        return self.job(record, job_id)
 
-    def cancel(self, record: RunRecord, job_ids: list[str]) -> None:
-        for job_id in job_ids:
-            job = local.read_job(Path(record.run_dir), job_id)
-            if job is not None:
-                local.stop(job)
+    def job(self, record: RunRecord, job_id: str) -> Job:
+        return LocalJobHandle(record, job_id)
 
-    def states(
-        self, records: list[RunRecord], trainers: dict[str, dict[str, Any] | None]
-    ) -> tuple[dict[str, dict[str, AttemptState]], list[str]]:
-        out = {}
-        for rec in records:
-            out[rec.run_id] = {
-                j: local_state(
-                    local.read_job(Path(rec.run_dir), j), trainers.get(rec.run_id), j in rec.cancelled
-                )
-                for j in rec.attempts
-            }
-        return out, []
-
-    def log_files(self, record: RunRecord, job_id: str) -> list[Path]:
-        return [local.log_path(Path(record.run_dir), job_id)]
-
-    def settle_s(self, state: AttemptState) -> float:
-        return 0.0
+    def jobs(self, records: list[RunRecord]) -> tuple[dict[str, list[Job]], list[str]]:
+        return {r.run_id: [self.job(r, j) for j in r.attempts] for r in records}, []
 
 
 _EXECUTORS: dict[str, Executor] = {"slurm": SlurmExecutor(), "local": LocalExecutor()}

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from cluster.node_task import EXIT_PREEMPTED, JobContext, NodeTask, TrainerFailed
 from cluster.record import atomic_write, read_local
 from schemas.contract import Exit, RunPaths
 
@@ -99,6 +98,9 @@ def stop(job: LocalJob) -> bool:
 
 
 def main(argv: list[str]) -> int:
+    # here, not at the top: ``pixpro status`` reads local job records through this module
+    from cluster.node_task import EXIT_PREEMPTED, JobContext, NodeTask, TrainerFailed
+
     run_dir, job_id = Path(argv[0]), argv[1]
     record = read_local(run_dir)
     task = NodeTask.for_run(record)

@@ -22,7 +22,7 @@ STATE_EVERY_S = 2.0
 
 
 def log_files(record: RunRecord, job_id: str) -> list[Path]:
-    return executor(record.executor).log_files(record, job_id)
+    return executor(record.executor).job(record, job_id).log_files()
 
 
 def rank_filter(rank: int | None) -> Callable[[str], bool]:
@@ -90,7 +90,8 @@ def follow(
     An ended SLURM state must hold for a while before it counts: a preempted job is requeued under
     the same id a moment later and its log goes on.
     """
-    tail = _Tail(log_files(record, job_id), rank, out)
+    job = executor(record.executor).job(record, job_id)
+    tail = _Tail(job.log_files(), rank, out)
     ended_since: float | None = None
     next_check = 0.0
     while True:
@@ -103,8 +104,7 @@ def follow(
                 ended_since = None
             else:
                 ended_since = ended_since or now
-                settle = executor(record.executor).settle_s(state)
-                if now - ended_since >= settle:
+                if now - ended_since >= job.settle_s(state):
                     time.sleep(POLL_S)
                     tail.pump(final=True)
                     return follow_exit_code(state)

@@ -23,9 +23,10 @@ from cluster.index import Index
 from cluster.preflight import run_preflight
 from cluster.progress import open_run_store
 from cluster.record import RECORD_FILE, RunRecord, atomic_write, write_local
+from cluster.specs import resolve_spec, spec_json
 from cluster.torchrun import NodeCommand, Placement, node_command
 from launch.store.format import absolute_url
-from schemas import RunSpec, SpecError, apply_overrides, load_spec, load_spec_data, parse_spec, spec_hash
+from schemas import RunSpec, load_spec, spec_hash
 from schemas.contract import RunPaths, one_line
 
 
@@ -37,45 +38,11 @@ def pixpro_version() -> str:
 
 
 # ------------------------------------------------------------------------------------------ specs
-def resolve_spec(
-    path: Path, nodes: int | None = None, gpus: int | None = None, overrides: Sequence[str] = ()
-) -> RunSpec:
-    """Load the file, apply ``--set`` overrides and ``--nodes``/``--gpus``, validate once (SpecError:
-    exit 2). A problem with a value that came from a flag names the flag, so the user fixes the
-    command line rather than the file."""
-    data = apply_overrides(load_spec_data(path), tuple(overrides))
-    flags: dict[str, str] = {}
-    for dotted in overrides:
-        key = dotted.partition("=")[0].strip()
-        flags[key] = f"--set {key}"
-    for key, value, flag in (("nodes", nodes, "--nodes"), ("gpus_per_node", gpus, "--gpus")):
-        resources = data.setdefault("resources", {})
-        if value is not None and isinstance(resources, dict):  # else the spec error about it stands
-            resources[key] = value
-            flags[f"resources.{key}"] = flag
-    try:
-        return parse_spec(data)
-    except SpecError as exc:
-        lines = []
-        for line in exc.problems:
-            for key, flag in flags.items():
-                if line.startswith(key + ":") and not flag.startswith("--set"):
-                    line = f"{flag} ({key}){line[len(key) :]}"
-                elif line.startswith(key + ":"):
-                    line = f"{line} (from {flag})"
-            lines.append(line)
-        raise SpecError(lines) from None
-
-
 def with_checkpoint_url(spec: RunSpec, rdir: Path, cwd: Path) -> RunSpec:
     """Every attempt must use the same folder: fill in the default and make relative paths absolute."""
     url = spec.checkpoint.url
     url = RunPaths(rdir).store_url(None) if url is None else absolute_url(url, cwd)
     return spec.model_copy(update={"checkpoint": spec.checkpoint.model_copy(update={"url": url})})
-
-
-def spec_json(spec: RunSpec) -> str:
-    return json.dumps(spec.model_dump(mode="json"), indent=2, sort_keys=False) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -137,8 +104,8 @@ class Submission:
             out += ["", "# sbatch script", d.script.rstrip()]
             if d.estimate:
                 out += ["", f"# sbatch --test-only: {d.estimate}"]
-            if not d.cluster_checked:
-                out += ["", "# sbatch is not on PATH: nothing was checked against a cluster"]
+            if d.unchecked:
+                out += ["", f"# {d.unchecked}"]
         out += ["", f"# torchrun command (per node; executor {self.executor}, cwd {self.workdir})", *d.notes]
         out.append(self.node_command().shell())
         out += ["", "# preflight: not run by --dry-run (pixpro validate --deep SPEC runs it; submit does)"]
@@ -158,7 +125,8 @@ def plan_submission(
 ) -> Submission:
     """Every check before anything is written: spec, executor resources (local: visible CUDA devices;
     SLURM: sinfo + ``sbatch --test-only``), then the preflight child (skipped by ``--dry-run`` and
-    ``--no-preflight``). A dry run without sbatch renders the SLURM plan unchecked."""
+    ``--no-preflight``). A dry run without sbatch, or whose cluster does not answer, renders the SLURM
+    plan unchecked and says why."""
     spec = resolve_spec(spec_path, nodes, gpus, overrides)
     ex = choose(executor, dry_run=dry_run)
     ex.check(spec)
@@ -166,7 +134,7 @@ def plan_submission(
     rdir = run_dir(run_id)
     cwd = Path.cwd()
     spec = with_checkpoint_url(spec, rdir, cwd)
-    plan = Submission(spec, run_id, rdir, ex.name, cwd, ex.describe(spec, rdir, check_cluster))
+    plan = Submission(spec, run_id, rdir, ex.name, cwd, ex.describe(spec, rdir, check_cluster, dry_run))
     if preflight and not dry_run:
         plan.preflight = run_preflight(plan.spec)
     return plan
@@ -230,7 +198,7 @@ def _rollback(record: RunRecord, index: Index) -> None:
 
 def submit_attempt(record: RunRecord, spec: RunSpec, index: Index) -> str:
     """Queue one more attempt of the run; returns its job id."""
-    job_id = executor(record.executor).submit(record, spec, index)
+    job_id = executor(record.executor).submit(record, spec, index).job_id
     record.attempts.append(job_id)
     record.submitted[job_id] = time.time()
     return job_id
@@ -286,7 +254,9 @@ def cancel(ident: str) -> tuple[RunRecord, list[str], str | None]:
     if not active and (latest is None or states[record.run_id][latest].state in ("COMPLETED", "CANCELLED")):
         return record, [], None
     atomic_write(record.paths.cancel_marker, f"{time.time()}\n".encode())
-    executor(record.executor).cancel(record, active)
+    ex = executor(record.executor)
+    for job_id in active:
+        ex.job(record, job_id).cancel()
     marked = active or ([latest] if latest else [])
     record.cancelled = sorted(set(record.cancelled) | set(marked))
     return record, marked, save(record, index, strict=False)

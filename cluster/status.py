@@ -1,7 +1,7 @@
 """Rows of ``pixpro status``: each run's attempts and state plus the trainer's own progress.
 
-All SLURM jobs of all runs are queried with one ``squeue`` and one ``sacct`` call; checkpoint
-folders on object stores are read in parallel. Nothing here imports torch or submitit.
+All SLURM jobs of all runs are queried with one ``squeue`` and one ``sacct`` call, answered while the
+checkpoint folders are read (those on object stores in parallel). Nothing here imports torch or submitit.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 from cluster import nodes
 from cluster.attempts import AttemptState
-from cluster.executors import executor
+from cluster.executors import Job, executor
 from cluster.progress import Progress, open_run_store, read_heartbeats, read_progress
 from cluster.record import RunRecord
 from launch.store.format import is_local_url
@@ -39,14 +39,30 @@ def attempt_states(
 ) -> tuple[dict[str, dict[str, AttemptState]], list[str]]:
     """State of every attempt of every run: {run_id: {job_id: AttemptState}}, and warnings; one batched
     query per executor."""
-    trainers = {r.run_id: progress[r.run_id].trainer if r.run_id in progress else None for r in records}
-    out: dict[str, dict[str, AttemptState]] = {}
+    handles, warnings = ask_executors(records)
+    return states_of(handles, progress), warnings
+
+
+def ask_executors(records: list[RunRecord]) -> tuple[dict[str, list[Job]], list[str]]:
+    """The handles of every attempt of these runs with their executors' answers (one batched query per
+    executor: one ``squeue`` and one ``sacct`` for all SLURM runs), and warnings."""
+    out: dict[str, list[Job]] = {}
     warnings: list[str] = []
     for name in dict.fromkeys(r.executor for r in records):
-        states, more = executor(name).states([r for r in records if r.executor == name], trainers)
-        out.update(states)
+        jobs, more = executor(name).jobs([r for r in records if r.executor == name])
+        out.update(jobs)
         warnings += more
     return out, warnings
+
+
+def states_of(
+    handles: dict[str, list[Job]], progress: dict[str, Progress]
+) -> dict[str, dict[str, AttemptState]]:
+    """Each handle's state, with what its run's trainer wrote."""
+    return {
+        run_id: {j.job_id: j.state(progress[run_id].trainer if run_id in progress else None) for j in jobs}
+        for run_id, jobs in handles.items()
+    }
 
 
 def run_state(rec: RunRecord, states: dict[str, AttemptState]) -> AttemptState:
@@ -70,8 +86,11 @@ def stalled(rec: RunRecord, st: AttemptState, now: float) -> tuple[AttemptState,
 
 
 def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
-    progress = read_all_progress(records)
-    states, warnings = attempt_states(records, progress)
+    with ThreadPoolExecutor(max_workers=1) as pool:  # SLURM answers while the stores are read
+        asked = pool.submit(ask_executors, records)
+        progress = read_all_progress(records)
+        handles, warnings = asked.result()
+    states = states_of(handles, progress)
     now = time.time()
     rows = []
     for rec in records:

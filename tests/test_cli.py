@@ -312,6 +312,28 @@ def test_dry_run_without_sbatch_previews_slurm_and_says_nothing_was_checked(
     assert not home.exists()
 
 
+def test_dry_run_previews_when_no_controller_answers(home: Path, spec_file: Path) -> None:
+    """SLURM's client installed but no controller to ask (no SLURM_CONF: ``sinfo`` fails at once with a
+    DNS SRV lookup error): a preview still renders the plan and says in one line what it could not
+    check; a real submission still refuses."""
+    which_or_fail("sinfo")
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"} | {"PIXPRO_HOME": str(home)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PIXPRO, *args], capture_output=True, text=True, timeout=120, env=env)
+
+    proc = run("submit", "--dry-run", "--executor", "slurm", str(spec_file))
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --nodes=1" in proc.stdout and "-m launch.run" in proc.stdout
+    unchecked = [ln for ln in proc.stdout.splitlines() if ln.startswith("# not checked against the cluster")]
+    assert len(unchecked) == 1 and "sinfo failed" in unchecked[0], proc.stdout
+    assert "sbatch --test-only" not in proc.stdout and "Traceback" not in proc.stderr
+    payload = json.loads(run("submit", "--dry-run", "--json", "--executor", "slurm", str(spec_file)).stdout)
+    assert payload["cluster_checked"] is False and "sinfo failed" in payload["unchecked"]
+    assert "sinfo failed" in assert_one_line_error(run("submit", "--executor", "slurm", str(spec_file)), 1)
+    assert not home.exists()
+
+
 def test_set_overrides_on_validate(home: Path, spec_file: Path) -> None:
     proc = cli(
         "validate",

@@ -32,3 +32,55 @@ def test_the_request_reaches_sbatch_and_the_srun_step() -> None:
     assert "#SBATCH --cpus-per-task=6" in script
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert "--cpus-per-task=6" in srun  # srun does not inherit it from the job since SLURM 22.05
+
+
+PINNED_SCRIPT = """\
+#!/bin/bash
+
+# Parameters
+#SBATCH --cpus-per-task=8
+#SBATCH --exclusive
+#SBATCH --gpus-per-node=2
+#SBATCH --job-name=pin
+#SBATCH --mem=64GB
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --open-mode=append
+#SBATCH --output=/runs/r1/submitit/%j_0_log.out
+#SBATCH --partition=gpu
+#SBATCH --requeue
+#SBATCH --signal=USR1@120
+#SBATCH --time=90
+#SBATCH --wckey=submitit
+
+# setup
+export SUBMITIT_PREEMPT_SIGNAL=USR1
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output /runs/r1/submitit/%j_%t_log.out --cpus-per-task=8 \
+/venv/bin/python -u -m submitit.core._submit /runs/r1/submitit
+"""
+
+
+def test_submitit_renders_the_sbatch_script_exactly_as_pinned() -> None:
+    """``render_script`` calls submitit's private ``_make_sbatch_string`` (submitit is pinned for it): an
+    upgrade that renders differently, or names the per-node logs differently (``pixpro logs`` reads
+    ``<job>_<node>_log.out``), fails here rather than on a cluster."""
+    params = {
+        "job_name": "pin",
+        "time": 90,
+        "nodes": 2,
+        "ntasks_per_node": 1,
+        "signal_delay_s": 120,
+        "stderr_to_stdout": True,
+        "cpus_per_task": 8,
+        "srun_args": ["--cpus-per-task=8"],
+        "setup": ["export SUBMITIT_PREEMPT_SIGNAL=USR1"],
+        "additional_parameters": {"requeue": True, "signal": "USR1@120", "exclusive": True},
+        "gpus_per_node": 2,
+        "mem": "64GB",
+        "partition": "gpu",
+    }
+    script = render_script(params, Path("/runs/r1/submitit"), python="/venv/bin/python")
+    assert script == PINNED_SCRIPT
