@@ -28,6 +28,13 @@ class AttemptState:
     reason: str = ""
     exit_code: int | None = None
     history: tuple[str, ...] = ()  # SLURM's states of the finished runs of this job id, oldest first
+    expected_start: float | None = None  # a pending job's expected start, when SLURM has planned one
+
+    @property
+    def requeues(self) -> int:
+        """Runs of this job id that were requeued: every ended run while it is queued or running, all
+        but its last once it ended."""
+        return len(self.history) if self.active else max(0, len(self.history) - 1)
 
     @property
     def active(self) -> bool:
@@ -71,13 +78,12 @@ def slurm_state(job: SlurmJob, trainer: dict | None, cancelled: bool, recent: bo
         earlier = sum(1 for r in runs if r.start is not None)
         if q in _QUEUED:
             if not runs and not q.startswith("REQUEUE"):
-                return AttemptState("PENDING", job.reason, None, history)  # never ran
+                return AttemptState("PENDING", job.reason, None, history, job.expected_start)  # never ran
             previous = runs[-1].state.upper() if runs else "REQUEUED"
             if previous == "NODE_FAIL":
                 return AttemptState("NODE_FAIL", _join("requeued", job.reason), None, history)
-            return AttemptState(
-                "REQUEUED", _join(job.reason, "preempted" if previous == "PREEMPTED" else ""), None, history
-            )
+            reason = _join(job.reason, "preempted" if previous == "PREEMPTED" else "")
+            return AttemptState("REQUEUED", reason, None, history, job.expected_start)
         if q in _RUNNING:
             # restart N: N earlier runs of this job id were requeued (a first attempt has no note)
             notes = _join("" if q == "RUNNING" else q.lower(), f"restart {earlier}" if earlier else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from rich.table import Table
@@ -46,12 +47,20 @@ def _of(value: Any, total: Any) -> str:
     return f"{value}/{total}" if total is not None else str(value)
 
 
+def eta(row: dict[str, Any]) -> str:
+    """A running run's time to finish; a pending one's expected start (local time), when SLURM has one."""
+    if row.get("eta_s") is not None:
+        return age(row["eta_s"])
+    start = row.get("expected_start")
+    return "-" if start is None else "starts " + time.strftime("%m-%d %H:%M", time.localtime(start))
+
+
 def table(rows: list[dict[str, Any]]) -> Table:
     t = Table(title=None, header_style="bold", expand=False, pad_edge=False)
     for name, justify in (
         ("RUN", "left"), ("ATTEMPTS", "left"), ("STATE", "left"), ("NODES×GPUS", "right"),
         ("STEP", "right"), ("EPOCH", "right"), ("CKPT", "right"), ("CKPT AGE", "right"), ("COMMIT", "right"),
-        ("LR", "right"), ("EMA", "right"), ("IMG/S", "right"),
+        ("LR", "right"), ("EMA", "right"), ("IMG/S", "right"), ("ETA", "right"),
     ):  # fmt: skip
         t.add_column(name, justify="right" if justify == "right" else "left", no_wrap=name != "STATE")
     for r in rows:
@@ -71,6 +80,7 @@ def table(rows: list[dict[str, Any]]) -> Table:
             _num(r["lr"], ".3g"),
             _num(r["ema_momentum"], ".5f"),
             _num(r["img_per_s"], ".1f"),
+            eta(r),
         )
     return t
 

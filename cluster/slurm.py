@@ -271,7 +271,7 @@ def scancel(job_ids: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------- queries
-SQUEUE_ARGS = ("-h", "--states=all", "-o", "%i|%T|%r", "-j")
+SQUEUE_ARGS = ("-h", "--states=all", "-o", "%i|%T|%r|%S", "-j")  # %S: a pending job's expected start
 # -D: every run of a requeued job (slurmdbd; jobcomp logs one line per run anyway); -X: no steps.
 SACCT_ARGS = ("-D", "-X", "-P", "-n", "-o", "JobID,State,ExitCode,Start,End", "-j")
 
@@ -292,6 +292,7 @@ class SlurmJob:
     job_id: str
     queue_state: str | None = None  # squeue %T while slurmctld still knows the job
     reason: str = ""
+    expected_start: float | None = None  # squeue's expected start of a pending job, when SLURM has one
     history: list[HistoryLine] = field(default_factory=list)  # ended runs, oldest first
     current: HistoryLine | None = None  # slurmdbd's record of the run not ended yet (PENDING/RUNNING)
     unanswered: tuple[str, ...] = ()  # the commands that failed when asked about it ("squeue", "sacct")
@@ -313,13 +314,17 @@ def _exit(text: str) -> tuple[int, int]:
 
 
 def parse_squeue(text: str, jobs: dict[str, SlurmJob]) -> None:
-    """``squeue -h --states=all -o '%i|%T|%r'`` into ``queue_state`` and ``reason``."""
+    """``squeue -h --states=all -o '%i|%T|%r|%S'`` into ``queue_state``, ``reason`` and, for a pending
+    job, ``expected_start`` (what ``squeue --start`` shows; "N/A" until the scheduler has planned it)."""
     for line in text.splitlines():
         jid, _, rest = line.strip().partition("|")
-        state, _, reason = rest.partition("|")
+        state, _, rest = rest.partition("|")
+        reason, _, start = rest.partition("|")
         if jid in jobs:
             jobs[jid].queue_state = state.strip()
             jobs[jid].reason = "" if reason.strip() in ("None", "(null)") else reason.strip()
+            if state.strip().upper() == "PENDING":
+                jobs[jid].expected_start = _time(start)
 
 
 def parse_sacct(text: str, jobs: dict[str, SlurmJob], submitted: dict[str, float] | None = None) -> None:

@@ -97,6 +97,7 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
         p = progress[rec.run_id]
         st, heartbeat_age = stalled(rec, run_state(rec, states[rec.run_id]), now)
         failed_nodes = nodes.counts(rec)
+        attempts = states[rec.run_id]
         rows.append(
             {
                 "run_id": rec.run_id,
@@ -125,6 +126,9 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
                 "updated": (p.trainer or {}).get("updated"),
                 "record_age_s": None if p.record_time is None else round(now - p.record_time, 1),
                 "heartbeat_age_s": heartbeat_age,
+                "eta_s": eta_s(st.state, p),
+                "expected_start": st.expected_start,  # a pending job's, when SLURM has planned it
+                "requeues": sum(a.requeues for a in attempts.values()),
                 "failed_nodes": failed_nodes,  # node -> failures blamed on it (since --include-node)
                 "excluded_nodes": excluded_nodes(failed_nodes),  # left out of the next attempts
                 "created": rec.created,
@@ -137,6 +141,15 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
             }
         )
     return rows, warnings
+
+
+def eta_s(state: str, p: Progress) -> float | None:
+    """Seconds to the last step of a running run at the trainer's recent pace (its newest metrics
+    record: steps per second over the last log interval); None when not running or not yet known."""
+    rate, step, total = p.metric("steps_per_s"), p.step, p.total_steps
+    if state != "RUNNING" or not rate or step is None or total is None:
+        return None
+    return round(max(0, total - step) / rate, 1)
 
 
 def commit_health(p: Progress, signal_lead_s: float | None) -> dict[str, Any]:

@@ -548,6 +548,7 @@ class Trainer:
             "lr": self.schedule.lr(self.step - 1, self.spec),
             "ema_momentum": self.schedule.momentum(self.step - 1, self.spec),
             "img_per_s": round(rate, 2),
+            "steps_per_s": round(rate / self.sampler.global_batch_size, 5),  # pixpro status: the ETA
             "positives": self._last_positives,
             "data_skips": self.data_skips,
             "skipped_steps": self._skipped_read,

@@ -212,6 +212,7 @@ class MetricsRecord(_Record):
     commit_s: float | None = None  # duration of the most recent committed checkpoint (hand-over to latest)
     store_error: str | None = None  # the checkpoint store is failing now (the last error)
     skipped_steps: int | None = None  # steps not applied (non-finite gradients) so far in this attempt
+    steps_per_s: float | None = None  # over the last log interval: ``pixpro status`` estimates the end
     scaler_skipped_steps: int | None = None  # fp16 only: steps GradScaler skipped (expected) in this attempt
 
 

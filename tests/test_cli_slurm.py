@@ -142,6 +142,7 @@ def test_two_nodes_four_ranks_complete(home: Path, ref4: dict[str, Any]) -> None
     assert row["step"] == row["total_steps"] == row["checkpoint_step"] == 20, row
     assert (row["nodes"], row["gpus_per_node"], row["job_id"]) == (2, 2, job)
     assert row["lr"] is not None and row["ema_momentum"] > 0.99 and row["img_per_s"] > 0
+    assert row["eta_s"] is None and row["requeues"] == 0 and row["expected_start"] is None  # it ended
 
     rdir = run_dir(home, run_id)
     ckpt = rdir / "checkpoints"

@@ -265,14 +265,18 @@ def test_status_through_two_requeues_and_cancel(
         reaches(job, "RUNNING", ())  # a first run: no restart note
         never_st = state(never)
         assert (never_st.state, never_st.reason, never_st.history) == ("PENDING", "BeginTime", ()), never_st
+        # squeue's expected start (what squeue --start shows): the --begin time, an hour from now
+        assert never_st.expected_start is not None and 3000 < never_st.expected_start - time.time() < 3700
+        assert state(job).expected_start is None and state(job).requeues == 0
         for n in (1, 2):
             sh("scontrol", "requeue", job)
             wait_for("the job pending again", lambda: state(job).state == "REQUEUED", 30)
             assert state(job).history == ("REQUEUED",) * n, (mode, seen[-3:])
             reaches(job, f"RUNNING (restart {n})", ("REQUEUED",) * n)
-            assert restarts() == n  # SLURM's own count agrees
+            assert restarts() == n == state(job).requeues  # SLURM's own count agrees
         sh("scancel", job, never)
         reaches(job, "CANCELLED", ("REQUEUED", "REQUEUED", "CANCELLED"))
+        assert state(job).requeues == 2  # the last run ended: it was not requeued
         reaches(never, "CANCELLED", ("CANCELLED",))
     finally:
         subprocess.run(["scancel", job, never], capture_output=True, timeout=30)
