@@ -30,7 +30,7 @@ from schemas.spec.errors import SpecError
 from schemas.spec.export import SCHEMA_PATH, json_schema, json_schema_text
 from schemas.spec.hashing import hash_payload, spec_hash
 from schemas.spec.load import load_spec, load_spec_data
-from schemas.spec.operations import CheckpointSpec, ResourceSpec
+from schemas.spec.operations import CheckpointSpec, MonitorSpec, ResourceSpec
 from schemas.spec.parse import apply_overrides, parse_spec
 from schemas.spec.rules import CROSS_FIELD_RULES, hang_timeout_s, too_few_images
 from schemas.spec.run import RunSpec
@@ -51,6 +51,7 @@ __all__ = [
     "ElasticSpec",
     "LossSpec",
     "ModelSpec",
+    "MonitorSpec",
     "OptimSpec",
     "PerspectiveSpec",
     "ResourceSpec",
