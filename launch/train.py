@@ -39,6 +39,7 @@ from launch.rng import capture_rng, restore_rng
 from launch.sampler import ResumableSampler
 from launch.sinks import MetricSinks, sink_factories
 from launch.store import CheckpointStore
+from launch.store.backends import failure_cause
 from launch.train_state import Schedule, TrainState
 from pixpro import photometric_cpu
 from pixpro.augment import TwoViewTransform
@@ -330,7 +331,10 @@ class Trainer:
         self.resumed_step = self.step
         log.info("resumed from step %d (epoch %d) of %d", self.step, self.epoch, self.schedule.total_steps)
         if self.monitor is not None and self.metrics is not None:  # the result the records carry on
-            self.knn = last_knn(read_metrics(self.store), self.step)
+            try:
+                self.knn = last_knn(read_metrics(self.store), self.step)
+            except Exception as exc:  # metrics are a mirror: an unreadable one never stops training
+                log.warning("could not read the kNN monitor's last result: %s", failure_cause(exc))
 
     def save(self, blocking: bool, budget_s: float | None = None) -> bool:
         """Hand the state to the uploader; ``blocking``: wait (at most ``budget_s``), say if it committed.
