@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from rich.console import Console
 
 from cluster import render
@@ -20,12 +23,15 @@ from cluster.index import Index
 from cluster.record import RunRecord, write_local
 from cluster.status import collect
 from launch import preflight
+from launch.collectives import Collectives
+from launch.monitor import KnnMonitor
 from launch.preempt import EXIT_PREEMPTED
 from launch.records import MetricsLog, knn_results, last_knn, read_metrics
 from launch.sinks import scalars
 from launch.store import CheckpointStore
 from pixpro.demo_data import generate_demo_dataset
-from schemas import hash_payload, parse_spec, spec_hash
+from pixpro.model import build_backbone
+from schemas import MonitorSpec, hash_payload, load_spec, parse_spec, spec_hash
 from tests.support.specs import MINIMAL, errors_of, with_value
 from tests.support.trainer import (
     REPO,
@@ -166,6 +172,29 @@ def test_two_ranks_merge_their_neighbours_into_the_answer_of_one(tmp_path):
     assert (two["top1"], two["top5"]) == (one["top1"], one["top5"])
 
 
+def test_an_evaluation_leaves_every_generator_mode_and_statistic_as_it_found_them(tmp_path):
+    """What the bitwise runs rely on, checked directly: the RNG streams, each module's train flag and
+    BatchNorm's running statistics; and ``every_epochs`` counts in steps of the run's epoch."""
+    generate_demo_dataset(tmp_path / "scenes", num_images=20, image_size=72, seed=3)
+    spec = MonitorSpec(data=str(tmp_path / "scenes"), every_epochs=2)
+    monitor = KnnMonitor(spec, 64, Collectives(), torch.device("cpu"))
+    assert monitor.every(6) == 12
+    torch.manual_seed(5)
+    backbone, _ = build_backbone("resnet18", False)
+    backbone.train()
+    next(m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)).eval()  # one left in eval
+    modes = [m.training for m in backbone.modules()]
+    buffers = {k: v.clone() for k, v in backbone.state_dict().items()}
+    rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    top1, top5 = monitor.evaluate(backbone, 12)
+    assert 0 <= top1 <= top5 <= 1
+    assert [m.training for m in backbone.modules()] == modes
+    assert all(torch.equal(v, buffers[k]) for k, v in backbone.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng[0]) and (np.random.get_state()[1] == rng[1]).all()
+    assert random.getstate() == rng[2]
+    assert monitor.evaluate(backbone, 24) == (top1, top5)  # from the cached crops: the same answer
+
+
 # ------------------------------------------------------------------------------------ bad input
 def test_spec_errors_are_one_line_each():
     def bad(monitor: Any) -> list[str]:
@@ -194,8 +223,6 @@ def test_the_monitor_is_outside_the_spec_hash():
 
 
 def test_the_example_imagenet_spec_turns_the_monitor_on():
-    from schemas import load_spec
-
     spec = load_spec(REPO / "launch" / "specs" / "imagenet_r50_100ep.json")
     assert spec.monitor is not None and spec.monitor.every_epochs == 2
 
