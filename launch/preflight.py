@@ -211,6 +211,8 @@ def check_monitor(spec: Any) -> str:
     demo_later = spec.data.demo is not None and monitor.data == spec.data.root
     if demo_later and not Path(spec.data.root).exists():
         return "the demo scenes data.root gets"
+    if "://" not in monitor.data and not Path(monitor.data).exists():
+        raise Problem("monitor.data", f"{monitor.data} does not exist here (--no-preflight skips the check)")
     try:
         data = load_labelled(monitor.data, data_storage_options(spec, monitor.data))
     except WeightsError as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import subprocess
 import sys
 import time
@@ -236,7 +237,8 @@ def test_preflight_refuses_unreadable_or_unlabelled_monitor_data_in_one_line(tmp
             preflight.check_monitor(spec)
         return str(info.value)
 
-    assert problem(str(tmp_path / "none")) == f"monitor.data: data folder {tmp_path / 'none'} does not exist"
+    missing = f"monitor.data: {tmp_path / 'none'} does not exist here (--no-preflight skips the check)"
+    assert problem(str(tmp_path / "none")) == missing
     flat = tmp_path / "flat"
     generate_demo_dataset(tmp_path / "scenes", num_images=8, image_size=64, seed=0)
     (tmp_path / "scenes" / "images").rename(flat)  # images without class folders or masks
@@ -244,6 +246,12 @@ def test_preflight_refuses_unreadable_or_unlabelled_monitor_data_in_one_line(tmp
         problem(str(flat))
         == f"monitor.data: {flat}: no class sub-folders (images must sit in one folder per class)"
     )
+    good = tmp_path / "good"
+    generate_demo_dataset(good, num_images=20, image_size=64, seed=0)
+    ok = parse_spec(
+        {"data": {"root": str(tmp_path / "train")}, "monitor": {"data": str(good), "every_steps": 1}}
+    )
+    assert re.fullmatch(r"\d+ training and \d+ held-out images in \d classes", preflight.check_monitor(ok))
     # the demo scenes the first attempt generates into data.root: nothing to read yet, nothing wrong
     demo = str(tmp_path / "demo")
     later = parse_spec(
@@ -261,7 +269,7 @@ def test_the_preflight_child_and_the_trainer_exit_2_with_one_line(tmp_path, data
     )  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines() == [
-        f"monitor.data: data folder {tmp_path / 'none'} does not exist"
+        f"monitor.data: {tmp_path / 'none'} does not exist here (--no-preflight skips the check)"
     ]
     res = run_trainer(path, tmp_path / "run")
     assert res.returncode == 2 and "Traceback" not in res.stderr
