@@ -55,12 +55,17 @@ def eta(row: dict[str, Any]) -> str:
     return "-" if start is None else "starts " + time.strftime("%m-%d %H:%M", time.localtime(start))
 
 
+def _knn(top1: Any, step: Any) -> str:
+    """The kNN monitor's newest top-1 and the step it was measured at: ``41.2% @8000``."""
+    return "-" if top1 is None else f"{100 * top1:.1f}% @{step}"
+
+
 def table(rows: list[dict[str, Any]]) -> Table:
     t = Table(title=None, header_style="bold", expand=False, pad_edge=False)
     for name, justify in (
         ("RUN", "left"), ("ATTEMPTS", "left"), ("STATE", "left"), ("NODES×GPUS", "right"),
         ("STEP", "right"), ("EPOCH", "right"), ("CKPT", "right"), ("CKPT AGE", "right"), ("COMMIT", "right"),
-        ("LR", "right"), ("EMA", "right"), ("IMG/S", "right"), ("ETA", "right"),
+        ("LR", "right"), ("EMA", "right"), ("IMG/S", "right"), ("KNN@1", "right"), ("ETA", "right"),
     ):  # fmt: skip
         t.add_column(name, justify="right" if justify == "right" else "left", no_wrap=name != "STATE")
     for r in rows:
@@ -80,6 +85,7 @@ def table(rows: list[dict[str, Any]]) -> Table:
             _num(r["lr"], ".3g"),
             _num(r["ema_momentum"], ".5f"),
             _num(r["img_per_s"], ".1f"),
+            _knn(r.get("knn_top1"), r.get("knn_step")),
             eta(r),
         )
     return t

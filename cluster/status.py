@@ -123,6 +123,9 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
                 "img_per_s": p.metric("img_per_s"),
                 "loss": p.metric("loss"),
                 "data_skips": p.metric("data_skips"),
+                "knn_top1": p.metric("knn_top1"),  # the kNN monitor's newest result and its step
+                "knn_top5": p.metric("knn_top5"),
+                "knn_step": p.metric("knn_step"),
                 "updated": (p.trainer or {}).get("updated"),
                 "record_age_s": None if p.record_time is None else round(now - p.record_time, 1),
                 "heartbeat_age_s": heartbeat_age,

@@ -1,6 +1,7 @@
 """Every collective the trainer makes, in one place: which group, which tensors, which timeout.
 
-Two planes. The **data plane** (DDP's gradient all-reduce, synchronized BatchNorm) moves device tensors
+Two planes. The **data plane** (DDP's gradient all-reduce, synchronized BatchNorm, the kNN monitor's
+features) moves device tensors
 on the device's group: NCCL between GPUs, gloo on a CPU. The **control plane** (the per-step
 preempt/save agreement, the resume agreement, the attempt name, barriers) moves a few host integers and
 bytes. NCCL has no CPU backend: a CPU tensor on an NCCL group fails with ``No backend type associated with
@@ -137,6 +138,16 @@ class Collectives:
         box = [data]
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
+
+    # --- the data plane beside DDP and SyncBatchNorm: device tensors, the data group ---------------------
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (the same shape and dtype on each), in rank order. It must live on the
+        training device: the data group is NCCL on GPUs, which refuses CPU tensors."""
+        if not self.active:
+            return [tensor]
+        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(out, tensor.contiguous(), group=self.data_group)
+        return out
 
     def barrier(self) -> None:
         if self.active:

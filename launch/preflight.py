@@ -6,8 +6,8 @@ Run by ``pixpro submit`` and ``pixpro validate --deep`` in a child process (the 
 torch). On a tiny CPU budget it builds the model exactly as the trainer does, runs one forward and loss
 on a real batch at the spec's crop size (two images in fp32: the per-rank batch size and the GPU's
 autocast dtype only scale the work),
-opens the data root and decodes a few samples through the trainer's own transform, and writes, reads
-back and removes a probe object at the checkpoint URL.
+opens the data root and decodes a few samples through the trainer's own transform, lists the kNN
+monitor's labelled data, and writes, reads back and removes a probe object at the checkpoint URL.
 
 Exit 0 with one JSON line (timings, loss) on stdout; exit 2 with one line per problem on stdout
 (``field.path: what failed``), credentials redacted. Never a traceback.
@@ -199,6 +199,29 @@ def check_data(spec: Any, scratch: Path) -> list[dict[str, Any]]:
     return (samples * SAMPLES)[:SAMPLES]  # one image found: the model step still sees a batch of two
 
 
+# --------------------------------------------------------------------------------------- monitor
+def check_monitor(spec: Any) -> str:
+    """The kNN monitor's data: readable and labelled (the trainer's own loader, which lists it and reads
+    the demo masks), or the demo scenes the first attempt generates into data.root."""
+    from launch.tools.labelled import load_labelled
+    from launch.tools.weights import WeightsError
+    from launch.train import data_storage_options
+
+    monitor = spec.monitor
+    demo_later = spec.data.demo is not None and monitor.data == spec.data.root
+    if demo_later and not Path(spec.data.root).exists():
+        return "the demo scenes data.root gets"
+    if "://" not in monitor.data and not Path(monitor.data).exists():
+        raise Problem("monitor.data", f"{monitor.data} does not exist here (--no-preflight skips the check)")
+    try:
+        data = load_labelled(monitor.data, data_storage_options(spec, monitor.data))
+    except WeightsError as exc:
+        raise Problem("monitor.data", str(exc)) from None
+    except Exception as exc:
+        raise Problem("monitor.data", f"cannot read {monitor.data}: {_short(exc)}") from None
+    return f"{len(data.train)} training and {len(data.test)} held-out images in {len(data.classes)} classes"
+
+
 # ----------------------------------------------------------------------------------------- model
 def check_model(spec: Any, samples: list[dict[str, Any]]) -> float:
     """Build the model as the trainer does and run one forward + loss + backward on the samples."""
@@ -301,8 +324,11 @@ def run(spec: Any) -> dict[str, Any]:
     checkpoint = timed("checkpoint", lambda: check_checkpoint(spec))
     with tempfile.TemporaryDirectory(prefix="pixpro-preflight-") as scratch:
         samples = timed("data", lambda: check_data(spec, Path(scratch)))
+    monitor = timed("monitor", lambda: check_monitor(spec)) if spec.monitor is not None else None
     loss = timed("model", lambda: check_model(spec, samples))
     found = {"loss": loss, "samples": len(samples), "checkpoint": checkpoint, "logging": sinks}
+    if monitor is not None:
+        found["monitor"] = monitor
     return {"ok": True, **found, "seconds": times}
 
 

@@ -124,3 +124,19 @@ def read_metrics(store: CheckpointStore) -> list[dict[str, Any]]:
             if step not in by_step or by_step[step].get("time", 0) <= rec.get("time", 0):
                 by_step[step] = rec
     return [by_step[k] for k in sorted(by_step)]
+
+
+def knn_results(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The kNN monitor's evaluations among ``records`` (one per step, as :func:`read_metrics` gives them):
+    the records measured at their own step; the others only carry the newest result on."""
+    return [r for r in records if r.get("knn_step") is not None and r["knn_step"] == r["step"]]
+
+
+def last_knn(records: list[dict[str, Any]], up_to: int) -> dict[str, Any]:
+    """The kNN monitor's newest result measured at or before step ``up_to`` (a resumed attempt carries it
+    on; results after its checkpoint are measured again), as the record fields; {} when there is none."""
+    done = [r for r in knn_results(records) if r["step"] <= up_to]
+    if not done:
+        return {}
+    newest = max(done, key=lambda r: r["step"])
+    return {k: newest[k] for k in ("knn_top1", "knn_top5", "knn_step")}

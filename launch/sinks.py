@@ -45,12 +45,16 @@ SCALARS = {
 }
 """Metrics record field -> the tag TensorBoard and W&B show it under (absent fields are left out)."""
 
+KNN_SCALARS = {"knn_top1": "monitor/knn_top1", "knn_top5": "monitor/knn_top5"}
+"""The kNN monitor's fields: plotted at the step they were measured only (later records carry them on)."""
+
 STEP_KEY = "trainer/step"
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """The plotted values of one metrics record, by tag."""
-    return {tag: float(record[k]) for k, tag in SCALARS.items() if record.get(k) is not None}
+    fields = SCALARS | (KNN_SCALARS if record.get("knn_step") == record.get("step") else {})
+    return {tag: float(record[k]) for k, tag in fields.items() if record.get(k) is not None}
 
 
 class Sink(Protocol):

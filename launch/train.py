@@ -31,13 +31,15 @@ from launch import elastic, heartbeat
 from launch.batches import PREFETCH, loader_collate, release
 from launch.checkpoint import HANG_GRACE_S, RETRY_FOR_S, Checkpointer
 from launch.collectives import Collectives, DistEnv, bind_device, collective_timeout_s
+from launch.monitor import KnnMonitor
 from launch.nonfinite import Diverged, NonFiniteGuard
 from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_signals, preemption_signals
-from launch.records import MetricsLog, write_status
+from launch.records import MetricsLog, last_knn, read_metrics, write_status
 from launch.rng import capture_rng, restore_rng
 from launch.sampler import ResumableSampler
 from launch.sinks import MetricSinks, sink_factories
 from launch.store import CheckpointStore
+from launch.store.backends import failure_cause
 from launch.train_state import Schedule, TrainState
 from pixpro import photometric_cpu
 from pixpro.augment import TwoViewTransform
@@ -115,10 +117,11 @@ def build_model(spec: RunSpec) -> PixPro:
     )
 
 
-def data_storage_options(spec: RunSpec) -> dict[str, Any]:
-    """fsspec options for ``data.root``: on S3 the checkpoint store's rules (endpoint from
-    ``PIXPRO_S3_ENDPOINT``, credentials from the environment, retries without jitter)."""
-    if spec.data.root.lower().startswith(("s3://", "s3a://")):
+def data_storage_options(spec: RunSpec, url: str | None = None) -> dict[str, Any]:
+    """fsspec options for ``data.root`` (or another data ``url``: the monitor's): on S3 the checkpoint
+    store's rules (endpoint from ``PIXPRO_S3_ENDPOINT``, credentials from the environment, retries
+    without jitter)."""
+    if (url or spec.data.root).lower().startswith(("s3://", "s3a://")):
         from launch.store.s3 import s3_options
 
         return s3_options(dict(spec.data.storage_options), None)
@@ -273,6 +276,20 @@ class Trainer:
         self._scaler_skipped_read = 0  # fp16: GradScaler's skipped steps at the last read (expected ones)
         self.diverged: str | None = None  # the one line that says why the run stopped
         self._loader: DataLoader | None = None
+        self.monitor = (
+            KnnMonitor(
+                spec.monitor,
+                spec.data.crop_size,
+                self.collectives,
+                self.device,
+                data_storage_options(spec, spec.monitor.data),
+                self.amp_dtype,
+                self.memory_format,
+            )
+            if spec.monitor is not None
+            else None
+        )
+        self.knn: dict[str, Any] = {}  # the monitor's newest result, carried on every metrics record
 
     # state: the step and epoch live in the TrainState that checkpoints hold -------------------------
     @property
@@ -313,6 +330,11 @@ class Trainer:
             torch.manual_seed(hash((self.spec.seed, self.step, self.env.rank)) & 0x7FFF_FFFF)
         self.resumed_step = self.step
         log.info("resumed from step %d (epoch %d) of %d", self.step, self.epoch, self.schedule.total_steps)
+        if self.monitor is not None and self.metrics is not None:  # the result the records carry on
+            try:
+                self.knn = last_knn(read_metrics(self.store), self.step)
+            except Exception as exc:  # metrics are a mirror: an unreadable one never stops training
+                log.warning("could not read the kNN monitor's last result: %s", failure_cause(exc))
 
     def save(self, blocking: bool, budget_s: float | None = None) -> bool:
         """Hand the state to the uploader; ``blocking``: wait (at most ``budget_s``), say if it committed.
@@ -379,7 +401,13 @@ class Trainer:
                     self.sampler.advance_steps(1)
                     if self.step == stop_at:
                         self.flag.trigger()
-                    if self.step % spec.log_every_steps == 0 or self.step == self.schedule.total_steps:
+                    monitored = self._monitor()
+                    t_last += monitored or 0.0  # the rate counts training alone
+                    if (
+                        self.step % spec.log_every_steps == 0
+                        or self.step == self.schedule.total_steps
+                        or monitored is not None
+                    ):
                         loss = self._read_step()
                         if self.metrics is not None:
                             now = time.monotonic()
@@ -533,6 +561,21 @@ class Trainer:
         self._skipped_read = skipped
         return loss
 
+    def _monitor(self) -> float | None:
+        """Run the kNN monitor when this step is one of its multiples (every rank): its seconds, or None."""
+        if self.monitor is None:
+            return None
+        steps_per_epoch = len(self.dataset) // self.schedule.global_batch
+        if self.step % self.monitor.every(steps_per_epoch) != 0:
+            return None
+        started = time.monotonic()
+        top1, top5 = self.monitor.evaluate(self.model.online_encoder(), self.step)
+        self.knn = {"knn_top1": top1, "knn_top5": top5, "knn_step": self.step}
+        seconds = time.monotonic() - started
+        if self.env.rank == 0:
+            log.info("kNN monitor at step %d: top-1 %.4f top-5 %.4f (%.1f s)", self.step, top1, top5, seconds)
+        return seconds
+
     def _checkpoint_due(self, last_time: float) -> bool:
         c = self.spec.checkpoint
         by_steps = c.every_steps is not None and self.step % c.every_steps == 0
@@ -556,6 +599,7 @@ class Trainer:
             "total_steps": self.schedule.total_steps,
             "commit_s": self.checkpointer.last_commit_s,
             "store_error": self.checkpointer.store_error,
+            **self.knn,
         }
         if self.resumed_step is not None:
             rec["resumed_from"] = self.resumed_step

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from schemas.spec.export import SCHEMA_PATH, json_schema, json_schema_text
     from schemas.spec.hashing import hash_payload, spec_hash
     from schemas.spec.load import load_spec, load_spec_data
-    from schemas.spec.operations import CheckpointSpec, ResourceSpec
+    from schemas.spec.operations import CheckpointSpec, MonitorSpec, ResourceSpec
     from schemas.spec.parse import apply_overrides, parse_spec
     from schemas.spec.rules import CROSS_FIELD_RULES, hang_timeout_s, too_few_images
     from schemas.spec.run import RunSpec
@@ -54,6 +54,7 @@ _HOMES = {
     "LossSpec": "schemas.spec.training",
     "MAX_SPEC_BYTES": "schemas.spec.constants",
     "ModelSpec": "schemas.spec.training",
+    "MonitorSpec": "schemas.spec.operations",
     "OWNED_SBATCH_OPTIONS": "schemas.spec.constants",
     "OptimSpec": "schemas.spec.training",
     "PerspectiveSpec": "schemas.spec.data",
@@ -92,6 +93,7 @@ __all__ = [
     "ElasticSpec",
     "LossSpec",
     "ModelSpec",
+    "MonitorSpec",
     "OptimSpec",
     "PerspectiveSpec",
     "ResourceSpec",

@@ -214,6 +214,11 @@ class MetricsRecord(_Record):
     skipped_steps: int | None = None  # steps not applied (non-finite gradients) so far in this attempt
     steps_per_s: float | None = None  # over the last log interval: ``pixpro status`` estimates the end
     scaler_skipped_steps: int | None = None  # fp16 only: steps GradScaler skipped (expected) in this attempt
+    # the kNN monitor's newest result and the step it was measured at, carried on every record after it
+    # (a record with knn_step == step is the evaluation itself)
+    knn_top1: float | None = None
+    knn_top5: float | None = None
+    knn_step: int | None = None
 
 
 # -- environment variables that cross a process boundary ---------------------------------------------
@@ -264,7 +269,7 @@ class RankBeat(_Record):
     rank: int
     pid: int
     step: int
-    phase: str  # starting, train (step+1 in progress), checkpoint, final-flush
+    phase: str  # starting, train (step+1 in progress), monitor (the kNN monitor), checkpoint, final-flush
     time: float
     limit_s: float | None = None  # no progress for longer is a hang; None: not armed (before step 1)
     stopped: bool = False  # the process is stopped (SIGSTOP, a debugger): the OS says so

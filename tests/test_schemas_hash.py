@@ -53,6 +53,8 @@ def test_spec_hash_of_the_defaults_is_pinned() -> None:
         ("data.num_workers", 0),
         ("threads", 1),
         ("deterministic", True),
+        ("monitor", None),
+        ("monitor.every_epochs", 5),
     ],
 )
 def test_spec_hash_ignores_what_does_not_change_training(dotted: str, value: Any) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -47,9 +48,9 @@ class LabelledData:
     left_out: int = 0  # images without a label (demo scenes without objects)
 
 
-def _open(root: str | Path) -> ImageFolder:
+def _open(root: str | Path, storage_options: dict[str, Any] | None = None) -> ImageFolder:
     try:
-        return ImageFolder(root)
+        return ImageFolder(root, storage_options=storage_options)
     except DatasetError as exc:
         raise WeightsError(str(exc)) from None
 
@@ -84,8 +85,10 @@ def _demo_scenes(root: Path) -> LabelledData:
     return data
 
 
-def _class_folder(root: str | Path) -> tuple[ImageFolder, np.ndarray, list[str]]:
-    images = _open(root)
+def _class_folder(
+    root: str | Path, storage_options: dict[str, Any] | None = None
+) -> tuple[ImageFolder, np.ndarray, list[str]]:
+    images = _open(root, storage_options)
     classes, labels = class_labels([images.source.name(i) for i in range(len(images))])
     if not classes:
         raise WeightsError(f"{root}: no class sub-folders (images must sit in one folder per class)")
@@ -108,8 +111,9 @@ def _stratified(
     )
 
 
-def load_labelled(root: str | Path) -> LabelledData:
-    """The train and held-out splits of ``root``; one-line errors for unusable data."""
+def load_labelled(root: str | Path, storage_options: dict[str, Any] | None = None) -> LabelledData:
+    """The train and held-out splits of ``root``; one-line errors for unusable data. ``storage_options``
+    reach fsspec for a URL (the demo-scenes and train/val layouts are local only)."""
     local = Path(root) if "://" not in str(root) else None
     if local is not None and not local.exists():
         raise WeightsError(f"data folder {root} does not exist")
@@ -127,7 +131,7 @@ def load_labelled(root: str | Path) -> LabelledData:
             "train/val folders",
         )
     else:
-        images, labels, classes = _class_folder(root)
+        images, labels, classes = _class_folder(root, storage_options)
         keep = np.flatnonzero(labels >= 0)
         data = _stratified(images, keep, labels[keep], classes, "class folders")
     if len(data.train) < 2 or len(data.test) < 1 or len(np.unique(data.train.labels)) < 2:

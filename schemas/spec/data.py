@@ -13,7 +13,7 @@ from schemas.spec.fields import (
     SpecModel,
     StorageOptionValue,
     check_range_pair,
-    check_url,
+    check_required_url,
     fail,
     kind_required,
     refuse_credentials,
@@ -162,9 +162,7 @@ class DataSpec(SpecModel):
     @field_validator("root")
     @classmethod
     def _root_url(cls, value: str) -> str:
-        checked = check_url(value)
-        assert checked is not None
-        return checked
+        return check_required_url(value)
 
     @field_validator("storage_options", mode="before")
     @classmethod

@@ -174,6 +174,13 @@ def check_url(value: str | None) -> str | None:
     return value
 
 
+def check_required_url(value: str) -> str:
+    """:func:`check_url` of a field that has no None."""
+    checked = check_url(value)
+    assert checked is not None
+    return checked
+
+
 def _number_to_str(value: Any) -> Any:
     """YAML reads ``nice: 10`` as an int; sbatch values are text either way (``10.0`` is an integer to
     JSON Schema, so it is ``10`` here too)."""

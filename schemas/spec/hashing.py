@@ -18,6 +18,7 @@ _HASH_EXCLUDE: dict[str, Any] = {
     "logging": True,
     "threads": True,
     "deterministic": True,
+    "monitor": True,
     "optim": {"max_nonfinite_steps"},
     "data": {"num_workers", "storage_options", "cache", "cache_gb", "cache_dir", "augment_on"},
 }
@@ -25,7 +26,8 @@ _HASH_EXCLUDE: dict[str, Any] = {
 checked separately, from the checkpoint), where/how often checkpoints go, logging cadence and sinks,
 DataLoader workers (augmentation is seeded per sample, not per worker), how data is reached and cached
 (never what a sample is), where the photometric steps run (same views either way) and CPU threads (only
-float rounding), deterministic kernels (only float rounding) and when a diverging run gives up."""
+float rounding), deterministic kernels (only float rounding), when a diverging run gives up, and the kNN
+monitor (it reads the weights, never changes them)."""
 
 
 _ADDED_LATER: dict[str, Any] = {"cpu_autocast": False}

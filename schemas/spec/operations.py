@@ -1,5 +1,6 @@
-"""The ``checkpoint``, ``resources`` and ``logging`` sections: where state and metrics go and what SLURM
-is asked for; a resume may change them (the spec hash leaves them out)."""
+"""The ``checkpoint``, ``resources``, ``logging`` and ``monitor`` sections: where state and metrics go, what
+SLURM is asked for and what is measured on the side; a resume may change them (the spec hash leaves them
+out)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from schemas.spec.fields import (
     SpecModel,
     StorageOptionValue,
     Url,
+    check_required_url,
     check_url,
     fail,
     refuse_credentials,
@@ -168,3 +170,56 @@ class LoggingSpec(SpecModel):
 
     tensorboard: bool = Field(True, description="TensorBoard event files in the run folder's tensorboard/.")
     wandb: WandbSpec | None = Field(None, description="Weights & Biases run; None = no W&B.")
+
+
+# -------------------------------------------------------------------------------------------- monitor
+
+
+class MonitorSpec(SpecModel):
+    """A weighted kNN classifier on the frozen online backbone, run inside the training job (the
+    ``pixpro eval --task knn`` recipe on centre crops at data.crop_size): a label-based signal while a run
+    trains. It reads, never changes, the training state: a run ends the same with or without it."""
+
+    data: Url = Field(
+        description="Labelled images: a folder of class sub-folders (held out: every fifth image of each "
+        "class), train/ and val/ folders of them, a packed dataset of them (pixpro pack), or a demo-scenes "
+        "folder; a local path or an fsspec URL (data.storage_options apply).",
+    )
+    every_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="Evaluate at every multiple of this many optimizer steps."
+    )
+    every_epochs: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Evaluate at the end of every this many epochs; exactly one of every_steps and "
+        "every_epochs.",
+    )
+    train_samples: int = Field(
+        10_000,
+        ge=2,
+        le=1_000_000,
+        description="Labelled training (reference) images, spread evenly over the split; fewer if it has "
+        "fewer. Their centre crops are decoded once and kept in memory, split across the ranks.",
+    )
+    test_samples: int = Field(
+        2_500, ge=1, le=1_000_000, description="Held-out images scored, spread evenly over the split."
+    )
+    k: int = Field(20, ge=1, le=1000, description="Nearest training images that vote.")
+    temperature: float = Field(
+        0.07, gt=0, le=10, description="Each vote is weighted by exp(cosine similarity / temperature)."
+    )
+
+    @field_validator("data")
+    @classmethod
+    def _data_url(cls, value: str) -> str:
+        return check_required_url(value)
+
+    @field_validator("every_epochs")
+    @classmethod
+    def _one_cadence(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if "every_steps" not in info.data:  # every_steps itself failed: its own error says why
+            return value
+        if (value is None) == (info.data["every_steps"] is None):
+            raise fail("monitor_cadence", "set exactly one of monitor.every_steps and monitor.every_epochs")
+        return value

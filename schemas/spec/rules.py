@@ -19,6 +19,8 @@ CROSS_FIELD_RULES: dict[str, str] = {
     "data.crop_scale": "0 < lo <= hi <= 1",
     "data.spatial": "scale 0 < lo <= hi; translate fractions in [0, 1]",
     "checkpoint.url": "no user info, a bucket for object stores",
+    "monitor.data": "no user info, a bucket for object stores",
+    "monitor.every_epochs": "exactly one of monitor.every_steps and monitor.every_epochs",
     "name": "not '.' or '..'",
 }
 """Rules the exported JSON Schema cannot express (relations between fields, tables, URL parts), by the

@@ -9,7 +9,7 @@ from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 from schemas.spec.constants import MAX_SEED, MAX_STEPS, MAX_THREADS, NAME_PATTERN
 from schemas.spec.data import DataSpec
 from schemas.spec.fields import SpecModel, fail
-from schemas.spec.operations import CheckpointSpec, LoggingSpec, ResourceSpec
+from schemas.spec.operations import CheckpointSpec, LoggingSpec, MonitorSpec, ResourceSpec
 from schemas.spec.training import LossSpec, ModelSpec, OptimSpec
 
 
@@ -57,6 +57,11 @@ class RunSpec(SpecModel):
         10, ge=1, le=MAX_STEPS, description="Log metrics every this many optimizer steps."
     )
     logging: LoggingSpec = Field(default_factory=LoggingSpec, description="TensorBoard and W&B mirrors.")
+    monitor: MonitorSpec | None = Field(
+        None,
+        description="A kNN classifier on the online backbone every few steps or epochs, its top-1/top-5 in "
+        "the metrics; None = no monitor.",
+    )
     resources: ResourceSpec = Field(default_factory=ResourceSpec, description="SLURM allocation.")
 
     @field_validator("cpu_autocast")

@@ -86,6 +86,15 @@ FULL: dict[str, Any] = {
         "tensorboard": True,
         "wandb": {"project": "pixpro", "entity": None, "mode": "offline", "tags": ["r50"], "group": "g"},
     },
+    "monitor": {
+        "data": "s3://bucket/labelled",
+        "every_steps": None,
+        "every_epochs": 2,
+        "train_samples": 500,
+        "test_samples": 100,
+        "k": 10,
+        "temperature": 0.1,
+    },
     "resources": {
         "nodes": 2,
         "gpus_per_node": 4,
