@@ -7,7 +7,15 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_step.py", "bench_lars.py", "bench_checkpoint.py", "bench_probe.py", "bench_status.py"]
+BENCHES = [
+    "bench_step.py",
+    "bench_lars.py",
+    "bench_checkpoint.py",
+    "bench_probe.py",
+    "bench_status.py",
+    "bench_s3.py",
+    "bench_deadlines.py",
+]
 
 if __name__ == "__main__":
     for name in BENCHES:

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +151,8 @@ def test_unreachable_object_store_is_one_line(tmp_path: Path) -> None:
         checkpoint__url="s3://bucket/run",
         checkpoint__storage_options={"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}},
     )
-    start = time.monotonic()
-    line = problem_of(spec)
+    line = problem_of(spec)  # ends (how soon: benches/bench_deadlines.py)
     assert line.startswith("checkpoint.url: cannot write a probe object:"), line
-    assert time.monotonic() - start < 60
 
 
 def test_child_process_cli_passes_or_fails_in_one_line(tmp_path: Path) -> None:

@@ -267,7 +267,7 @@ def test_status_through_two_requeues_and_cancel(
         assert (never_st.state, never_st.reason, never_st.history) == ("PENDING", "BeginTime", ()), never_st
         for n in (1, 2):
             sh("scontrol", "requeue", job)
-            wait_for("the job pending again", lambda: state(job).state == "REQUEUED", 30)
+            wait_for("the job pending again", lambda: state(job).state == "REQUEUED", 120)
             assert state(job).history == ("REQUEUED",) * n, (mode, seen[-3:])
             reaches(job, f"RUNNING (restart {n})", ("REQUEUED",) * n)
             assert restarts() == n  # SLURM's own count agrees
