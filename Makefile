@@ -33,8 +33,8 @@ lint: venv
 PYTEST_PARALLEL ?= -n 4 --dist loadgroup
 PYTEST_ARGS ?=
 
-# No root, no services (SLURM, moto server), about 6 minutes on 2 cores: the end-to-end trainer runs
-# (slow) and the SLURM tests (cluster) are left to `make test`.
+# No root, no services (SLURM, moto server), about 6 minutes on 2 idle cores in one process: the
+# end-to-end trainer runs (slow) and the SLURM tests (cluster) are left to `make test`.
 test-unit: venv
 	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not cluster and not slow" $(PYTEST_ARGS)
 

@@ -1,5 +1,7 @@
-"""How long the deadline paths take: what the tests assert only as outcomes (a save returned, a stalled
-call gave up, a hung check was killed), timed here so a loaded CI machine cannot fail a test.
+"""How long the deadline paths take, which the tests assert only as outcomes.
+
+A save returned, a stalled call gave up, a hung check was killed: the tests wait for the event (with a
+generous cap), and the time it took is measured here, so a loaded CI machine cannot fail a test.
 
 Every row runs against real stores (a local folder; a moto server on loopback, through the tests' fault
 proxy) and the real processes; ``limit`` is the figure the test used to assert before it became an
@@ -193,6 +195,7 @@ def trainer_rows(work: Path, moto: MotoS3) -> Iterator[Row]:
     from launch.preempt import children_of
     from tests.support.trainer import Tail, start_trainer, tiny_spec, write_spec
 
+    work.mkdir(parents=True)
     longer = {"optim__epochs": 7, "optim__max_steps": 40}
     spec = write_spec(work / "lead.json", tiny_spec(work / "data", resources__signal_lead_s=10, **longer))
     proc = start_trainer(spec, work / "lead")

@@ -1,6 +1,8 @@
-"""Checkpoint store throughput on S3: a 100 MiB checkpoint written, committed and read back through
-``CheckpointStore`` against a moto server on loopback, with raw s3fs put/cat of the same bytes beside it
-(the store's overhead: multipart parts, sha256, the HEAD size check, ranged concurrent reads).
+"""Checkpoint store throughput on S3, against raw s3fs on the same server.
+
+A 100 MiB checkpoint written, committed and read back through ``CheckpointStore`` against a moto server
+on loopback, with raw s3fs put/cat of the same bytes beside it (the store's overhead: multipart parts,
+sha256, the HEAD size check, ranged concurrent reads).
 
     python benches/bench_s3.py [--reps 3] [--mib 100]
 """

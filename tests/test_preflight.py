@@ -161,7 +161,7 @@ def test_child_process_cli_passes_or_fails_in_one_line(tmp_path: Path) -> None:
     good = tmp_path / "good.json"
     good.write_text(json.dumps(small_spec(tmp_path)))
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.preflight", str(good)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "launch.preflight", str(good)], capture_output=True, text=True, timeout=400
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -170,7 +170,7 @@ def test_child_process_cli_passes_or_fails_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(small_spec(tmp_path, data__demo=None, data__root=str(tmp_path / "none"))))
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.preflight", str(bad)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "launch.preflight", str(bad)], capture_output=True, text=True, timeout=400
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines() == [
