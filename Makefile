@@ -27,13 +27,19 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# No root, no services (SLURM, moto server), about 6 minutes on 2 cores: the end-to-end trainer runs
-# (slow) and the SLURM tests (cluster) are left to `make test`.
+# The tests run in parallel (pytest-xdist): most of their time is spent waiting on trainer processes,
+# SLURM and the S3 server, so 4 workers pay off even on 2 cores. Tests in one xdist_group share a worker
+# (tests/conftest.py). PYTEST_ARGS adds options (e.g. `-p randomly` to shuffle, `-n 0` for one process).
+PYTEST_PARALLEL ?= -n 4 --dist loadgroup
+PYTEST_ARGS ?=
+
+# No root, no services (SLURM, moto server), about 6 minutes on 2 idle cores in one process: the
+# end-to-end trainer runs (slow) and the SLURM tests (cluster) are left to `make test`.
 test-unit: venv
-	$(PY) -m pytest -q -m "not cluster and not slow"
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not cluster and not slow" $(PYTEST_ARGS)
 
 test: services lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 bench: venv
 	$(PY) benches/run_all.py

@@ -14,6 +14,8 @@ BENCHES = [
     "bench_probe.py",
     "bench_status.py",
     "bench_cli.py",
+    "bench_s3.py",
+    "bench_deadlines.py",
 ]
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Shared fixtures: the moto S3 server and fault proxy live in tests/conftest_s3.py."""
+"""Shared fixtures: the moto S3 server and fault proxy live in tests/conftest_s3.py.
+
+``make test`` runs the tests in parallel (pytest-xdist, ``--dist loadgroup``): tests in one
+``xdist_group`` run on one worker, one after another. Every test of the ``cluster`` marker joins the
+group ``slurm``: the local cluster's two nodes are shared, and some tests need both idle.
+"""
 
 import os
 from pathlib import Path
@@ -17,7 +22,26 @@ if (SLURM_DIR / "bin").is_dir() and str(SLURM_DIR / "bin") not in os.environ.get
     os.environ["PATH"] = f"{SLURM_DIR / 'bin'}:{os.environ.get('PATH', '')}"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("cluster"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     """Where a test module's tiny demo dataset is generated (on first use by the trainer)."""
     return tmp_path_factory.mktemp("data") / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One finished run of :func:`tests.support.trainer.tiny_spec` (10 steps, one process), made once a
+    session and only read by its users: ``run/spec.json``, ``run/checkpoints/``, its dataset in ``data/``
+    (the data root is part of the spec hash, so a test that compares bitwise against this run trains
+    on ``data/`` too)."""
+    from tests.support.shared import run_once
+    from tests.support.trainer import tiny_spec
+
+    return run_once(tmp_path_factory, "tiny-run", tiny_spec(Path("data")))

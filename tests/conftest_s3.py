@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,15 @@ def s3_storage_options(endpoint: str, **config: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def moto_s3() -> Iterator[MotoS3]:
-    """One moto server per session with fake AWS_* credentials in the environment and one bucket."""
+    """One moto server per session (per xdist worker) with fake AWS_* credentials and one bucket."""
+    with moto_server() as server:
+        yield server
+
+
+@contextmanager
+def moto_server() -> Iterator[MotoS3]:
+    """A moto server on a free loopback port with fake AWS_* credentials in the environment and one
+    bucket, for the fixture above and for benches."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)

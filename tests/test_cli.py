@@ -395,12 +395,12 @@ def test_megabyte_unknown_key_is_not_echoed(home: Path, tmp_path: Path) -> None:
 
 
 def test_validate_deep_runs_the_preflight_in_a_child(home: Path, spec_file: Path, tmp_path: Path) -> None:
-    proc = cli("validate", "--deep", str(spec_file), home=home, timeout=120)
+    proc = cli("validate", "--deep", str(spec_file), home=home, timeout=400)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.startswith("pixpro: preflight passed in ") and json.loads(proc.stdout)["name"]
     spec = tiny_spec(tmp_path / "nothing-here", data__demo=None)
     bad = write_spec(tmp_path / "bad.json", spec)
-    line = assert_one_line_error(cli("validate", "--deep", str(bad), home=home, timeout=120), 2)
+    line = assert_one_line_error(cli("validate", "--deep", str(bad), home=home, timeout=400), 2)
     assert line.startswith("pixpro: preflight: data.root: ") and "does not exist" in line
     line = assert_one_line_error(cli("submit", "--executor", "local", str(bad), home=home, env=NO_SBATCH), 2)
     assert line.startswith("pixpro: preflight: data.root: ")

@@ -16,21 +16,15 @@ from launch.tools.weights import load_online_encoder
 from launch.train import build_model
 from pixpro.model import build_backbone
 from schemas import load_spec
-from tests.support.trainer import final_state, run_trainer, tiny_spec, write_spec
+from tests.support.trainer import final_state, tiny_spec, write_spec
 
 pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(tiny_run: Path) -> Path:
     """A finished 10-step resnet18 run laid out as the CLI does: run/spec.json, run/checkpoints/."""
-    tmp = tmp_path_factory.mktemp("export")
-    run_dir = tmp / "run"
-    run_dir.mkdir()
-    spec = write_spec(run_dir / "spec.json", tiny_spec(tmp / "data"))
-    done = run_trainer(spec, run_dir)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return run_dir
+    return tiny_run / "run"
 
 
 def _export(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:

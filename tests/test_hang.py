@@ -12,7 +12,15 @@ import pytest
 
 from cluster.nodes import failures as node_failures
 from tests.support.trainer import assert_identical, final_state, write_spec
-from tests.test_preemption import _Agents, _current_step, _spec, _wait_until, golden  # noqa: F401
+from tests.test_preemption import (  # noqa: F401  (fixtures: the uninterrupted run and its dataset)
+    _Agents,
+    _current_step,
+    _spec,
+    _wait_until,
+    data_root,
+    golden,
+    uninterrupted,
+)
 
 pytestmark = [pytest.mark.slow]
 
@@ -34,7 +42,7 @@ def _stop_after_a_commit(agents: _Agents, run: Path, agent: int) -> tuple[int, f
 @pytest.mark.parametrize("agent", [1, 0], ids=["second-node", "first-node"])
 def test_sigstopped_rank_is_dumped_named_restarted_and_the_run_ends_exact(
     tmp_path,
-    data_root,
+    data_root,  # noqa: F811  (the uninterrupted run's dataset: the spec hash matches the golden's)
     golden,  # noqa: F811  (the uninterrupted run of tests/test_preemption.py)
     agent,
 ):
@@ -63,7 +71,7 @@ def test_sigstopped_rank_is_dumped_named_restarted_and_the_run_ends_exact(
     print(f"SIGSTOP -> hang line {detected:.1f}s, -> training again {training:.1f}s, job {total:.1f}s")
 
 
-def test_a_hang_with_no_restarts_left_fails_with_the_line(tmp_path, data_root):
+def test_a_hang_with_no_restarts_left_fails_with_the_line(tmp_path, data_root):  # noqa: F811
     spec = write_spec(tmp_path / "spec.json", _spec(data_root, resources__hang_timeout_s=HANG_TIMEOUT_S))
     run = tmp_path / "run"
     agents = _Agents(spec, run, "job10.0", max_restarts=0)

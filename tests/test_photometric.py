@@ -252,6 +252,6 @@ def test_the_trainer_compiles_the_worker_steps_before_its_workers_fork(tmp_path,
         "print(len(photometric_cpu.finish.signatures))\n"
     )
     run = [sys.executable, "-c", script]
-    out = subprocess.run(run, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(run, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (int(out.stdout.split()[-1]) > 0) == compiled

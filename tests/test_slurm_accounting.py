@@ -270,7 +270,7 @@ def test_status_through_two_requeues_and_cancel(
         assert state(job).expected_start is None and state(job).requeues == 0
         for n in (1, 2):
             sh("scontrol", "requeue", job)
-            wait_for("the job pending again", lambda: state(job).state == "REQUEUED", 30)
+            wait_for("the job pending again", lambda: state(job).state == "REQUEUED", 120)
             assert state(job).history == ("REQUEUED",) * n, (mode, seen[-3:])
             reaches(job, f"RUNNING (restart {n})", ("REQUEUED",) * n)
             assert restarts() == n == state(job).requeues  # SLURM's own count agrees

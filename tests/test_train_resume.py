@@ -8,19 +8,14 @@ import torch
 from launch.preempt import EXIT_PREEMPTED
 from launch.records import read_metrics
 from launch.store import CheckpointStore
+from tests.support.shared import run_fixtures
 from tests.support.trainer import assert_identical, final_state, run_trainer, tiny_spec, write_spec
 
 pytestmark = [pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def golden(tmp_path_factory, data_root):
-    """Run A: 10 steps uninterrupted, single process."""
-    d = tmp_path_factory.mktemp("golden")
-    spec = write_spec(d / "spec.json", tiny_spec(data_root))
-    res = run_trainer(spec, d / "run")
-    assert res.returncode == 0, res.stderr[-3000:]
-    return final_state(str(d / "run" / "checkpoints"))
+# Run A, 10 steps uninterrupted in one process, is the session's tiny run: the tests train on its dataset.
+data_root, golden = run_fixtures("tiny_run")
 
 
 def _segments(tmp_path, data_root, stops, nproc=1, **overrides):

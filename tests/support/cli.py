@@ -46,7 +46,7 @@ def write_spec(path: Path, spec: dict[str, Any]) -> Path:
 
 
 def cli(
-    *args: str, home: Path, cwd: Path | None = None, timeout: float = 120, env: dict[str, str] | None = None
+    *args: str, home: Path, cwd: Path | None = None, timeout: float = 400, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run the installed ``pixpro`` console script."""
     full_env = {**os.environ, "PIXPRO_HOME": str(home), **(env or {})}
