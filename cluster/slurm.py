@@ -262,6 +262,23 @@ def submit(task: Any, params: dict[str, Any], folder: Path, spec: RunSpec) -> st
     return str(job.job_id)
 
 
+def submit_array(
+    tasks: list[Any], params: dict[str, Any], folder: Path, spec: RunSpec, max_parallel: int | None
+) -> list[str]:
+    """One sbatch of a job array through submitit (one pickle per task); returns the task ids in order
+    (``<array>_<index>``, the ids squeue, sacct and scontrol accept)."""
+    from submitit import SlurmExecutor
+
+    executor = SlurmExecutor(folder=folder, max_num_timeout=3)
+    executor.update_parameters(**params, array_parallelism=max_parallel or len(tasks))
+    try:
+        with executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
+    except Exception as exc:
+        raise sbatch_error(str(exc), spec) from None
+    return [str(job.job_id) for job in jobs]
+
+
 def scancel(job_ids: list[str]) -> None:
     if not job_ids:
         return
