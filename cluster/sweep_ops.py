@@ -120,18 +120,13 @@ def plan_sweep(
     plans: list[runs.Submission] = []
     problems: list[str] = []
     for values in members:
+        kwargs: dict[str, Any] = {"nodes": nodes, "gpus": gpus, "executor": executor, "dry_run": dry_run}
+        kwargs["overrides"] = [*overrides, *member_overrides(values)]
         try:
-            plans.append(
-                runs.plan_submission(
-                    spec_path,
-                    nodes=nodes,
-                    gpus=gpus,
-                    executor=executor,
-                    overrides=[*overrides, *member_overrides(values)],
-                    dry_run=dry_run,
-                    preflight=preflight,
-                )
-            )
+            sub = runs.plan_submission(spec_path, preflight=preflight, **kwargs)
+            while sub.run_id in {p.run_id for p in plans}:  # run ids of one second differ in 4 hex digits
+                sub = runs.plan_submission(spec_path, preflight=False, **kwargs)  # the preflight passed
+            plans.append(sub)
         except Exception as exc:
             if not is_refusal(exc):
                 raise

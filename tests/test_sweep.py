@@ -181,3 +181,33 @@ def test_array_tasks_not_started_yet_share_one_squeue_and_sacct_line() -> None:
         "PENDING",
         "PENDING",
     ]
+
+
+def test_an_array_task_names_its_attempts_by_the_id_its_run_record_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inside an array task SLURM_JOB_ID is the task's own number; the record holds ``<array>_<index>``,
+    which status matches against the trainer's attempt names (and scontrol requeue accepts)."""
+    from cluster.node_task import JobContext
+
+    env = {"SLURM_JOB_ID": "4713", "SLURM_ARRAY_JOB_ID": "4711", "SLURM_ARRAY_TASK_ID": "2",
+           "SLURM_RESTART_COUNT": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0"}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ctx = JobContext.from_slurm_env()
+    assert (ctx.job_id, ctx.attempt) == ("4711_2", "4711_2.1")
+
+
+def test_members_planned_in_one_second_never_share_a_run_id(
+    monkeypatch: pytest.MonkeyPatch, spec_file: Path, home: Path
+) -> None:
+    from cluster import runs, sweep_ops
+
+    drawn = iter(["same-id", "same-id", "other-id"])
+    monkeypatch.setattr(runs, "new_run_id", lambda name: next(drawn))
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    plan = sweep_ops.plan_sweep(
+        spec_file, ["seed=1,2"], max_parallel=None, nodes=None, gpus=None, executor="local", dry_run=True
+    )
+    assert [p.run_id for p in plan.plans] == ["same-id", "other-id"]
+    assert [p.spec.seed for p in plan.plans] == [1, 2] and not home.exists()
