@@ -66,7 +66,9 @@ def states_of(
 
 
 def run_state(rec: RunRecord, states: dict[str, AttemptState]) -> AttemptState:
-    if not rec.attempts and rec.sweep_id and not rec.paths.cancel_marker.exists():
+    if not rec.attempts and rec.sweep_id:  # a member the local sweep runner has not started (yet)
+        if rec.paths.cancel_marker.exists():
+            return AttemptState("CANCELLED", "before it started")
         return AttemptState("PENDING", "waits for a slot of its sweep")
     if not rec.attempts:
         return AttemptState("UNKNOWN", "never submitted")

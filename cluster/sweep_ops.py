@@ -200,16 +200,16 @@ def submit_sweep(plan: SweepPlan) -> tuple[SweepRecord, list[RunRecord], list[st
 
 
 def cancel_sweep(sweep: SweepRecord) -> list[tuple[str, list[str]]]:
-    """Cancel every member (a member not started yet is marked, so the local runner leaves it)."""
+    """Cancel every member. Members not started yet are marked first, so the local sweep runner leaves
+    them; one it started meanwhile has its attempt by then and is cancelled with the others."""
     from cluster.record import atomic_write
 
-    done = []
+    index = Index()
     for run_id in sweep.run_ids:
-        record, jobs, _ = runs.cancel(run_id)
+        record = index.find(run_id)
         if not record.attempts:
             atomic_write(record.paths.cancel_marker, f"{time.time()}\n".encode())
-        done.append((run_id, jobs))
-    return done
+    return [(run_id, runs.cancel(run_id)[1]) for run_id in sweep.run_ids]
 
 
 def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str]]:

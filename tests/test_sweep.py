@@ -13,6 +13,7 @@ from cluster.errors import UsageError
 from cluster.sweep import parse_grid
 from tests.support.cli import assert_one_line_error, cli, status_json, wait_status, write_spec
 from tests.support.cli import cluster_tiny_spec as tiny_spec
+from tests.support.procs import wait_for
 
 NO_SBATCH = {"PATH": "/nonexistent", "CUDA_VISIBLE_DEVICES": ""}  # no SLURM, no GPU
 GRID = ("--sweep", "optim.base_lr=2,4", "--sweep", "model.ppm_gamma=1,3")
@@ -211,3 +212,26 @@ def test_members_planned_in_one_second_never_share_a_run_id(
     )
     assert [p.run_id for p in plan.plans] == ["same-id", "other-id"]
     assert [p.spec.seed for p in plan.plans] == [1, 2] and not home.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cancelling_a_local_sweep_keeps_its_runner_from_starting_the_rest(
+    home: Path, spec_file: Path
+) -> None:
+    proc = cli(
+        "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", "1",
+        "--sweep", "seed=1,2", str(spec_file), home=home, env={"CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    first, second = out["members"]
+    wait_status(home, first["run_id"], lambda r: r["state"] == "RUNNING", 120)
+    assert status_json(home, second["run_id"])["state"] == "PENDING"
+    cancel = cli("cancel", out["sweep_id"], home=home)
+    assert cancel.returncode == 0 and cancel.stdout.count("cancelled run ") == 1, cancel
+    wait_status(home, first["run_id"], lambda r: r["state"] == "CANCELLED", 120)
+    runner = home / "sweeps" / out["sweep_id"] / "runner.log"
+    wait_for("the sweep runner to finish", lambda: "every member" in runner.read_text(), 60)
+    row = status_json(home, second["run_id"])
+    assert (row["state"], row["reason"], row["attempts"]) == ("CANCELLED", "before it started", []), row
