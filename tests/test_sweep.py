@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,17 +126,22 @@ def test_dry_run_lists_each_member_with_its_resolved_values_and_writes_nothing(
     assert not home.exists()
 
 
+def one_at_a_time(home: Path, spec_file: Path, sweep: str) -> dict[str, Any]:
+    """A local sweep with --max-parallel 1 (its runner starts the members); the submit's JSON."""
+    proc = cli(
+        "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", "1",
+        "--sweep", sweep, str(spec_file), home=home, env={"CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_local_sweep_runs_members_max_parallel_at_a_time_then_cancel_and_resume_skip_them(
     home: Path, spec_file: Path
 ) -> None:
-    proc = cli(
-        "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", "1",
-        "--sweep", "optim.base_lr=2,4", str(spec_file), home=home, env={"CUDA_VISIBLE_DEVICES": ""},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out = one_at_a_time(home, spec_file, "optim.base_lr=2,4")
     sweep_id, members = out["sweep_id"], out["members"]
     assert [m["sweep_values"] for m in members] == [{"optim.base_lr": 2.0}, {"optim.base_lr": 4.0}]
     assert [m["job_id"] for m in members] == [None, None]  # the sweep runner starts them
@@ -219,12 +225,7 @@ def test_members_planned_in_one_second_never_share_a_run_id(
 def test_cancelling_a_local_sweep_keeps_its_runner_from_starting_the_rest(
     home: Path, spec_file: Path
 ) -> None:
-    proc = cli(
-        "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", "1",
-        "--sweep", "seed=1,2", str(spec_file), home=home, env={"CUDA_VISIBLE_DEVICES": ""},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
+    out = one_at_a_time(home, spec_file, "seed=1,2")
     first, second = out["members"]
     wait_status(home, first["run_id"], lambda r: r["state"] == "RUNNING", 120)
     assert status_json(home, second["run_id"])["state"] == "PENDING"
