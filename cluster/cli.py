@@ -186,19 +186,42 @@ def submit(
         bool,
         typer.Option("--no-preflight", help="Skip the preflight (model step, data, checkpoint probe)."),
     ] = False,
+    sweep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sweep",
+            metavar="KEY.PATH=V1,V2",
+            help="Sweep a spec value (values read as --set reads them); several --sweep make a grid. "
+            "Every member is a full run; on SLURM they are queued as one job array.",
+        ),
+    ] = None,
+    max_parallel: Annotated[
+        int | None, typer.Option("--max-parallel", help="With --sweep: at most this many members at once.")
+    ] = None,
 ) -> None:
-    """Create a run and queue its first attempt."""
+    """Create a run (or a sweep of runs) and queue its first attempt."""
     from cluster import runs
 
-    plan = runs.plan_submission(
-        spec,
-        nodes=nodes,
-        gpus=gpus,
-        executor=executor,
-        overrides=sets or (),
-        dry_run=dry_run,
-        preflight=not no_preflight,
-    )
+    planned: dict[str, Any] = {
+        "nodes": nodes,
+        "gpus": gpus,
+        "executor": executor,
+        "overrides": sets or (),
+        "dry_run": dry_run,
+        "preflight": not no_preflight,
+    }
+    if sweep:
+        if follow:
+            raise errors.UsageError("--follow: follow one member of a sweep with pixpro logs RUN --follow")
+        from cluster import sweep_ops
+
+        _submit_sweep(
+            sweep_ops.plan_sweep(spec, sweep, max_parallel=max_parallel, **planned), dry_run, as_json
+        )
+        return
+    if max_parallel is not None:
+        raise errors.UsageError("--max-parallel: only with --sweep")
+    plan = runs.plan_submission(spec, **planned)
     if dry_run:
         if as_json:
             payload = {
@@ -220,6 +243,26 @@ def submit(
     _announce(record.run_id, job_id, record.executor, as_json, "submitted")
     if follow:
         raise typer.Exit(_follow(record.run_id, job_id, None))
+
+
+def _submit_sweep(plan: Any, dry_run: bool, as_json: bool) -> None:
+    from cluster import sweep_ops
+
+    if dry_run:
+        typer.echo(json.dumps(plan.payload(), indent=2) if as_json else plan.dry_run_text(), nl=as_json)
+        return
+    record, members, warnings = sweep_ops.submit_sweep(plan)
+    for w in warnings:
+        _err(f"warning: {w}")
+    if as_json:
+        rows = [{"run_id": m.run_id, "job_id": m.latest_job, "sweep_values": m.sweep_values} for m in members]
+        typer.echo(json.dumps({"sweep_id": record.sweep_id, "array_job": record.array_job, "members": rows}))
+        return
+    typer.echo(f"submitted sweep {record.sweep_id}: {len(members)} runs ({record.executor})")
+    for m in members:
+        values = " ".join(f"{k}={json.dumps(v)}" for k, v in m.sweep_values.items())
+        typer.echo(f"  {m.run_id}  {m.latest_job or '(waits for a slot)'}  {values}")
+    typer.echo(f"  pixpro status {record.sweep_id}    pixpro cancel {record.sweep_id}")
 
 
 def _announce(run_id: str, job_id: str, executor: str, as_json: bool, verb: str) -> None:
@@ -277,8 +320,23 @@ def resume(
     Nodes that failed the run twice (killed, crashed, hung, a CUDA error) are left out (sbatch
     --exclude); pixpro status lists them."""
     from cluster import runs
+    from cluster.sweep import find_sweep
 
-    record, job_id, warning = runs.resume(_check_id(ident), include_node or [])
+    group = find_sweep(_check_id(ident))
+    if group is not None:
+        if include_node or follow:
+            raise errors.UsageError("--include-node and --follow act on one run: give a member's run id")
+        from cluster.sweep_ops import resume_sweep
+
+        resumed = resume_sweep(group)
+        if as_json:
+            typer.echo(json.dumps([{"run_id": r, "job_id": j} for r, j in resumed]))
+        elif not resumed:
+            typer.echo(f"sweep {group.sweep_id}: every member completed or is still queued or running")
+        for run_id, job_id in [] if as_json else resumed:
+            typer.echo(f"resumed run {run_id} as job {job_id}")
+        return
+    record, job_id, warning = runs.resume(ident, include_node or [])
     if warning:
         _err(f"warning: {warning}")
     _announce(record.run_id, job_id, record.executor, as_json, "resumed")
@@ -308,11 +366,17 @@ def status(
         _check_id(ident)
     from cluster.index import Index
     from cluster.status import checkpoint_warnings, collect
+    from cluster.sweep import find_sweep
 
     index = Index()
+    group = find_sweep(ident) if ident else None
 
     def rows() -> tuple[list[dict[str, Any]], list[str]]:
-        records = [index.find(ident)] if ident else index.all()
+        records = (
+            ([index.find(r) for r in group.run_ids] if group else [index.find(ident)])
+            if ident
+            else index.all()
+        )
         found, warnings = collect(records)
         unreadable = [r for r in found if r["store_error"]]
         warnings += [
@@ -325,7 +389,7 @@ def status(
         found, warnings = rows()
         for w in warnings:
             _err(f"warning: {w}")
-        typer.echo(json.dumps(found[0] if ident else found, indent=2, sort_keys=True))
+        typer.echo(json.dumps(found[0] if ident and not group else found, indent=2, sort_keys=True))
         return
     from concurrent.futures import ThreadPoolExecutor
 
@@ -344,7 +408,7 @@ def status(
             _err(f"warning: {w}")
         if not found:
             return "No runs yet. Start one with: pixpro submit SPEC  (runs are kept in $PIXPRO_HOME)"
-        return render.table(found)
+        return render.grouped(found)
 
     if not watch:
         console.print(view(answer))
@@ -393,8 +457,20 @@ def logs(
 def cancel(ident: Annotated[str, typer.Argument(metavar="ID", help="Run id or job id.")]) -> None:
     """Stop every queued or running attempt of the run and mark it cancelled (resume later if you like)."""
     from cluster import runs
+    from cluster.sweep import find_sweep
 
-    record, jobs, warning = runs.cancel(_check_id(ident))
+    group = find_sweep(_check_id(ident))
+    if group is not None:
+        from cluster.sweep_ops import cancel_sweep
+
+        for run_id, jobs in cancel_sweep(group):
+            typer.echo(
+                f"cancelled run {run_id}: job(s) {', '.join(jobs)}"
+                if jobs
+                else f"run {run_id}: nothing to cancel"
+            )
+        return
+    record, jobs, warning = runs.cancel(ident)
     if warning:
         _err(f"warning: {warning}")
     if jobs:

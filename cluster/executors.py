@@ -19,7 +19,7 @@ from cluster.errors import Failure, UsageError
 from cluster.preflight import check_local_gpus
 from cluster.record import RunRecord, read_local
 from cluster.torchrun import LOCAL_ENDPOINT
-from schemas.contract import RunPaths
+from schemas.contract import SUBMITIT_DIR, RunPaths
 
 if TYPE_CHECKING:
     from cluster.index import Index
@@ -81,6 +81,12 @@ class Executor(Protocol):
 
     def submit(self, record: RunRecord, spec: RunSpec, index: Index) -> Job:
         """Queue one attempt."""
+
+    def submit_sweep(
+        self, records: list[RunRecord], spec: RunSpec, index: Index, sweep_dir: Path, max_parallel: int | None
+    ) -> list[str | None]:
+        """Queue the first attempt of every member of a sweep (their resources are ``spec``'s), at most
+        ``max_parallel`` running at once; a member's job id, or None for one started later."""
 
     def job(self, record: RunRecord, job_id: str) -> Job:
         """The handle of one attempt of the run (asks nothing until its state is wanted)."""
@@ -172,6 +178,21 @@ class SlurmExecutor:
         params = slurm.executor_parameters(spec, slurm.node_cpus(spec), nodes.excluded(record))
         return self.job(record, slurm.submit(NodeTask.for_run(record), params, record.paths.submitit, spec))
 
+    def submit_sweep(
+        self, records: list[RunRecord], spec: RunSpec, index: Index, sweep_dir: Path, max_parallel: int | None
+    ) -> list[str | None]:
+        """One job array in the sweep's submitit folder; each member's submitit folder links to it, so its
+        logs are where a single run's are (``<array>_<index>_<node>_log.out``)."""
+        from cluster.node_task import NodeTask
+
+        folder = sweep_dir / SUBMITIT_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        for record in records:
+            record.paths.submitit.symlink_to(folder, target_is_directory=True)
+        params = slurm.executor_parameters(spec, slurm.node_cpus(spec))
+        tasks = [NodeTask.for_run(r) for r in records]
+        return list(slurm.submit_array(tasks, params, folder, spec, max_parallel))
+
     def job(self, record: RunRecord, job_id: str) -> Job:
         return SlurmJobHandle(record, job_id)
 
@@ -238,6 +259,17 @@ class LocalExecutor:
         job_id = index.next_local_job_id()
         local.spawn(Path(record.run_dir), job_id, Path(record.workdir))
         return self.job(record, job_id)
+
+    def submit_sweep(
+        self, records: list[RunRecord], spec: RunSpec, index: Index, sweep_dir: Path, max_parallel: int | None
+    ) -> list[str | None]:
+        """Every member now, or a detached sweep runner that starts them as slots free up."""
+        if max_parallel is None or max_parallel >= len(records):
+            return [self.submit(r, spec, index).job_id for r in records]
+        from cluster.sweep_runner import spawn_sweep_runner
+
+        spawn_sweep_runner(sweep_dir)
+        return [None] * len(records)
 
     def job(self, record: RunRecord, job_id: str) -> Job:
         return LocalJobHandle(record, job_id)

@@ -79,6 +79,8 @@ class JobContext:
         needs to find it); several: the first host, at a port every node derives from the job."""
         env = os.environ
         job_id = env["SLURM_JOB_ID"]
+        if env.get("SLURM_ARRAY_TASK_ID") and env.get("SLURM_ARRAY_JOB_ID"):  # as the run record names it
+            job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
         restart = int(env.get("SLURM_RESTART_COUNT") or 0)
         nnodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or 1)
         if nnodes == 1:

@@ -37,6 +37,8 @@ class RunRecord:
     cancelled: list[str] = field(default_factory=list)  # job ids the user cancelled
     forgotten_nodes: dict[str, float] = field(default_factory=dict)  # node -> when --include-node forgave it
     version: str = ""
+    sweep_id: str = ""  # the sweep this run is a member of ("" for none)
+    sweep_values: dict[str, Any] = field(default_factory=dict)  # its swept spec values, key -> value
 
     @property
     def nodes(self) -> int:

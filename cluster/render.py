@@ -6,6 +6,7 @@ import json
 import time
 from typing import Any
 
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
@@ -69,13 +70,10 @@ def table(rows: list[dict[str, Any]]) -> Table:
     ):  # fmt: skip
         t.add_column(name, justify="right" if justify == "right" else "left", no_wrap=name != "STATE")
     for r in rows:
-        state = Text(r["state"], style=_STYLE.get(r["state"], ""))
-        if r["reason"]:
-            state.append(f" ({r['reason']})", style="dim")
         t.add_row(
             r["run_id"],
             ",".join(a["job_id"] for a in r["attempts"]) or "-",
-            state,
+            _state(r),
             f"{r['nodes']}×{r['gpus_per_node']}",
             _of(r["step"], r["total_steps"]),
             _num(r["epoch"], "d"),
@@ -89,6 +87,48 @@ def table(rows: list[dict[str, Any]]) -> Table:
             eta(r),
         )
     return t
+
+
+def _state(r: dict[str, Any]) -> Text:
+    state = Text(r["state"], style=_STYLE.get(r["state"], ""))
+    if r["reason"]:
+        state.append(f" ({r['reason']})", style="dim")
+    return state
+
+
+def sweep_table(sweep_id: str, rows: list[dict[str, Any]]) -> Table:
+    """One sweep: a row per member with its swept values, state, step and loss."""
+    keys = list(dict.fromkeys(k for r in rows for k in r["sweep_values"]))
+    t = Table(title=f"sweep {sweep_id}", title_justify="left", header_style="bold", pad_edge=False)
+    t.add_column("RUN", no_wrap=True)
+    for key in keys:
+        t.add_column(key, justify="right", no_wrap=True)
+    for name in ("ATTEMPTS", "STATE", "STEP", "LOSS"):
+        t.add_column(name, justify="right" if name in ("STEP", "LOSS") else "left", no_wrap=name != "STATE")
+    for r in rows:
+        values = [json.dumps(r["sweep_values"].get(k)) for k in keys]
+        attempts = ",".join(a["job_id"] for a in r["attempts"]) or "-"
+        t.add_row(
+            r["run_id"],
+            *values,
+            attempts,
+            _state(r),
+            _of(r["step"], r["total_steps"]),
+            _num(r["loss"], ".4g"),
+        )
+    return t
+
+
+def grouped(rows: list[dict[str, Any]]) -> Group:
+    """Runs outside sweeps in one table, then one table per sweep."""
+    single = [r for r in rows if not r.get("sweep_id")]
+    sweeps: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("sweep_id"):
+            sweeps.setdefault(r["sweep_id"], []).append(r)
+    parts: list[Table] = [table(single)] if single else []
+    parts += [sweep_table(sweep_id, members) for sweep_id, members in sweeps.items()]
+    return Group(*parts)
 
 
 def to_json(data: Any) -> str:

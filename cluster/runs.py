@@ -189,7 +189,7 @@ def create_run(plan: Submission) -> RunRecord:
     return plan.record()
 
 
-def _rollback(record: RunRecord, index: Index) -> None:
+def rollback(record: RunRecord, index: Index) -> None:
     index.remove(record.run_id)
     with contextlib.suppress(Exception):
         open_run_store(record.checkpoint_url, record.storage_options).delete_aux(RECORD_FILE)
@@ -212,7 +212,7 @@ def submit(plan: Submission) -> tuple[RunRecord, str, str | None]:
         save(record, index)  # first: the local runner reads run.json; and proves the store is writable
         job_id = submit_attempt(record, plan.spec, index)
     except BaseException:
-        _rollback(record, index)
+        rollback(record, index)
         raise
     return record, job_id, save(record, index, strict=False)  # queued already: never fail from here
 

@@ -262,6 +262,23 @@ def submit(task: Any, params: dict[str, Any], folder: Path, spec: RunSpec) -> st
     return str(job.job_id)
 
 
+def submit_array(
+    tasks: list[Any], params: dict[str, Any], folder: Path, spec: RunSpec, max_parallel: int | None
+) -> list[str]:
+    """One sbatch of a job array through submitit (one pickle per task); returns the task ids in order
+    (``<array>_<index>``, the ids squeue, sacct and scontrol accept)."""
+    from submitit import SlurmExecutor
+
+    executor = SlurmExecutor(folder=folder, max_num_timeout=3)
+    executor.update_parameters(**params, array_parallelism=max_parallel or len(tasks))
+    try:
+        with executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
+    except Exception as exc:
+        raise sbatch_error(str(exc), spec) from None
+    return [str(job.job_id) for job in jobs]
+
+
 def scancel(job_ids: list[str]) -> None:
     if not job_ids:
         return
@@ -292,10 +309,10 @@ class SlurmJob:
     job_id: str
     queue_state: str | None = None  # squeue %T while slurmctld still knows the job
     reason: str = ""
-    expected_start: float | None = None  # squeue's expected start of a pending job, when SLURM has one
     history: list[HistoryLine] = field(default_factory=list)  # ended runs, oldest first
     current: HistoryLine | None = None  # slurmdbd's record of the run not ended yet (PENDING/RUNNING)
     unanswered: tuple[str, ...] = ()  # the commands that failed when asked about it ("squeue", "sacct")
+    expected_start: float | None = None  # squeue's expected start of a pending job, when SLURM has one
 
 
 def _time(text: str) -> float | None:
@@ -313,18 +330,35 @@ def _exit(text: str) -> tuple[int, int]:
         return 0, 0
 
 
+def array_ids(jid: str) -> list[str]:
+    """The task ids of a line about array tasks not started yet (``123_[0-3,5%2]`` -> ``123_0`` ...
+    ``123_5``); any other id as it is."""
+    main, sep, rest = jid.partition("_[")
+    if not sep or not rest.endswith("]"):
+        return [jid]
+    out = []
+    for part in rest[:-1].split("%")[0].split(","):
+        first, _, last = part.partition("-")
+        if not (first.isdigit() and (last or first).isdigit()):
+            return [jid]
+        out += [f"{main}_{i}" for i in range(int(first), int(last or first) + 1)]
+    return out
+
+
 def parse_squeue(text: str, jobs: dict[str, SlurmJob]) -> None:
     """``squeue -h --states=all -o '%i|%T|%r|%S'`` into ``queue_state``, ``reason`` and, for a pending
-    job, ``expected_start`` (what ``squeue --start`` shows; "N/A" until the scheduler has planned it)."""
+    job, ``expected_start`` (what ``squeue --start`` shows; "N/A" until the scheduler has planned it).
+    Array tasks not started yet share one line."""
     for line in text.splitlines():
         jid, _, rest = line.strip().partition("|")
         state, _, rest = rest.partition("|")
         reason, _, start = rest.partition("|")
-        if jid in jobs:
-            jobs[jid].queue_state = state.strip()
-            jobs[jid].reason = "" if reason.strip() in ("None", "(null)") else reason.strip()
-            if state.strip().upper() == "PENDING":
-                jobs[jid].expected_start = _time(start)
+        for one in array_ids(jid):
+            if one in jobs:
+                jobs[one].queue_state = state.strip()
+                jobs[one].reason = "" if reason.strip() in ("None", "(null)") else reason.strip()
+                if state.strip().upper() == "PENDING":
+                    jobs[one].expected_start = _time(start)
 
 
 def parse_sacct(text: str, jobs: dict[str, SlurmJob], submitted: dict[str, float] | None = None) -> None:
@@ -340,23 +374,28 @@ def parse_sacct(text: str, jobs: dict[str, SlurmJob], submitted: dict[str, float
     """
     for line in text.splitlines():
         fields = line.strip().split("|")
-        if len(fields) < 5 or fields[0] not in jobs:
-            continue  # job steps (123.batch) and unrelated lines
-        code, sig = _exit(fields[2])
-        state = fields[1].split()[0] if fields[1].strip() else "UNKNOWN"  # "CANCELLED by 0"
-        rec = HistoryLine(state, code, sig, _time(fields[3]), _time(fields[4]))
-        job = jobs[fields[0]]
-        if rec.end is None:
-            job.current = rec
-            continue
-        since = (submitted or {}).get(fields[0])
-        if since is not None and rec.end < since - 5:
-            continue
-        if state in ("PENDING", "REQUEUE_FED", "REQUEUE_HOLD", "REQUEUED"):
-            rec.state = "REQUEUED"  # an ended run that was requeued (jobcomp logs it as PENDING)
-        job.history.append(rec)
+        for one in array_ids(fields[0]) if len(fields) >= 5 else []:
+            if one in jobs:  # not job steps (123.batch) nor unrelated lines
+                _add_history(jobs[one], fields, submitted)
     for job in jobs.values():
         job.history.sort(key=lambda r: r.end or 0.0)  # stable: sacct's order among equal ends
+
+
+def _add_history(job: SlurmJob, fields: list[str], submitted: dict[str, float] | None) -> None:
+    """One sacct record of the job: its current run, or an ended one (those of an older job with a reused
+    id dropped)."""
+    code, sig = _exit(fields[2])
+    state = fields[1].split()[0] if fields[1].strip() else "UNKNOWN"  # "CANCELLED by 0"
+    rec = HistoryLine(state, code, sig, _time(fields[3]), _time(fields[4]))
+    if rec.end is None:
+        job.current = rec
+        return
+    since = (submitted or {}).get(job.job_id)
+    if since is not None and rec.end < since - 5:
+        return
+    if state in ("PENDING", "REQUEUE_FED", "REQUEUE_HOLD", "REQUEUED"):
+        rec.state = "REQUEUED"  # an ended run that was requeued (jobcomp logs it as PENDING)
+    job.history.append(rec)
 
 
 def _asked(args: list[str]) -> subprocess.CompletedProcess[str]:

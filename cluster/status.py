@@ -66,6 +66,10 @@ def states_of(
 
 
 def run_state(rec: RunRecord, states: dict[str, AttemptState]) -> AttemptState:
+    if not rec.attempts and rec.sweep_id:  # a member the local sweep runner has not started (yet)
+        if rec.paths.cancel_marker.exists():
+            return AttemptState("CANCELLED", "before it started")
+        return AttemptState("PENDING", "waits for a slot of its sweep")
     if not rec.attempts:
         return AttemptState("UNKNOWN", "never submitted")
     return states[rec.attempts[-1]]
@@ -140,6 +144,8 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
                 "tensorboard_dir": str(rec.paths.tensorboard),  # tensorboard --logdir
                 "wandb_run_id": wandb_run_id(rec.run_id),  # if the spec has logging.wandb
                 "store_error": p.error,
+                "sweep_id": rec.sweep_id or None,  # the sweep this run is a member of
+                "sweep_values": rec.sweep_values,  # its swept spec values
                 **commit_health(p, rec.resources.get("signal_lead_s")),
             }
         )

@@ -1,0 +1,236 @@
+"""Submitting, cancelling and resuming a sweep: every member through :mod:`cluster.runs`.
+
+All members are planned before anything is written; a problem of any member refuses the whole sweep
+with one line per problem (each naming the member's values).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster import runs
+from cluster.errors import Failure, UsageError
+from cluster.executors import executor
+from cluster.index import Index
+from cluster.record import RunRecord
+from cluster.sweep import (
+    SweepRecord,
+    collect_problems,
+    is_refusal,
+    member_label,
+    member_overrides,
+    new_sweep_id,
+    parse_grid,
+    save_sweep,
+    sweeps_dir,
+)
+from schemas.contract import SUBMITIT_DIR
+
+
+@dataclass
+class SweepPlan:
+    sweep_id: str
+    members: list[dict[str, str]]  # the swept values of each member (as given)
+    plans: list[runs.Submission]
+    max_parallel: int | None
+
+    @property
+    def executor(self) -> str:
+        return self.plans[0].executor
+
+    def resolved(self, plan: runs.Submission, values: dict[str, str]) -> dict[str, Any]:
+        """Each swept value as the validated spec holds it (defaults and coercions applied)."""
+        data: Any = plan.spec.model_dump(mode="json")
+        out = {}
+        for key in values:
+            node = data
+            for part in key.split("."):
+                node = node[int(part)] if isinstance(node, list) else node.get(part)
+            out[key] = node
+        return out
+
+    def array_line(self) -> str:
+        n = len(self.plans)
+        if self.executor == "slurm":
+            return f"# one SLURM job array of {n} members: --array=0-{n - 1}%{min(n, self.max_parallel or n)}"
+        at_once = min(n, self.max_parallel or n)
+        return f"# {n} members on this machine, {at_once} at a time"
+
+    def array_script(self) -> str | None:
+        """The sbatch script of the array (SLURM only): a member's, with ``--array``."""
+        first = self.plans[0]
+        if first.script is None:
+            return None
+        from cluster.slurm import render_script
+
+        n = len(self.plans)
+        params = {**first.description.params, "map_count": n, "array_parallelism": self.max_parallel or n}
+        return render_script(params, sweeps_dir() / self.sweep_id / SUBMITIT_DIR)
+
+    def dry_run_text(self) -> str:
+        out = [f"# sweep {self.sweep_id}", self.array_line()]
+        for i, (plan, values) in enumerate(zip(self.plans, self.members, strict=True)):
+            shown = " ".join(f"{k}={json.dumps(v)}" for k, v in self.resolved(plan, values).items())
+            out.append(f"# member {i}: {plan.run_id}  {shown}")
+        script = self.array_script()
+        if script is not None:
+            out += ["", "# sbatch script of the array", script.rstrip()]
+        first = self.plans[0].dry_run_text().rstrip()
+        out += ["", "# member 0 (the others differ only in the values above)", first]
+        return "\n".join(out) + "\n"
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "sweep_id": self.sweep_id,
+            "executor": self.executor,
+            "max_parallel": self.max_parallel,
+            "members": [
+                {
+                    "run_id": p.run_id,
+                    "sweep_values": self.resolved(p, v),
+                    "spec": p.spec.model_dump(mode="json"),
+                }
+                for p, v in zip(self.plans, self.members, strict=True)
+            ],
+            "sbatch": self.array_script(),
+        }
+
+
+def plan_sweep(
+    spec_path: Path,
+    sweeps: Sequence[str],
+    *,
+    max_parallel: int | None,
+    nodes: int | None,
+    gpus: int | None,
+    executor: str,
+    overrides: Sequence[str] = (),
+    dry_run: bool = False,
+    preflight: bool = True,
+) -> SweepPlan:
+    """Plan every member (as ``pixpro submit`` plans one run); every member's problems at once."""
+    if max_parallel is not None and max_parallel < 1:
+        raise UsageError(f"--max-parallel {max_parallel}: must be at least 1")
+    members = parse_grid(sweeps)
+    plans: list[runs.Submission] = []
+    problems: list[str] = []
+    for values in members:
+        kwargs: dict[str, Any] = {"nodes": nodes, "gpus": gpus, "executor": executor, "dry_run": dry_run}
+        kwargs["overrides"] = [*overrides, *member_overrides(values)]
+        try:
+            sub = runs.plan_submission(spec_path, preflight=preflight, **kwargs)
+            while sub.run_id in {p.run_id for p in plans}:  # run ids of one second differ in 4 hex digits
+                sub = runs.plan_submission(spec_path, preflight=False, **kwargs)  # the preflight passed
+            plans.append(sub)
+        except Exception as exc:
+            if not is_refusal(exc):
+                raise
+            problems += collect_problems(values, exc)
+    if not problems:
+        problems = _shared_problems(plans, members)
+    if problems:
+        raise UsageError(problems)
+    return SweepPlan(new_sweep_id(plans[0].spec.name), members, plans, max_parallel)
+
+
+def _shared_problems(plans: list[runs.Submission], members: list[dict[str, str]]) -> list[str]:
+    """Members share one sbatch script (resources) and must not share a checkpoint folder."""
+    problems = []
+    first = plans[0].spec.resources
+    for plan, values in zip(plans[1:], members[1:], strict=True):
+        if plan.spec.resources != first:
+            problems.append(
+                f"sweep member {member_label(values)}: resources differ from member "
+                f"{member_label(members[0])}'s (a sweep is one job array: one sbatch script for every member)"
+            )
+    urls = [p.spec.checkpoint.url for p in plans]
+    if len(set(urls)) < len(urls):
+        problems.append(
+            f"checkpoint.url {urls[0]} would be shared by every member: "
+            "leave it unset (each run gets its own folder)"
+        )
+    return problems
+
+
+def submit_sweep(plan: SweepPlan) -> tuple[SweepRecord, list[RunRecord], list[str]]:
+    """Create every member's run and queue them (one array on SLURM): (sweep, members, warnings)."""
+    index = Index()
+    sweep = SweepRecord(
+        sweep_id=plan.sweep_id,
+        name=plan.plans[0].spec.name,
+        created=time.time(),
+        executor=plan.executor,
+        max_parallel=plan.max_parallel,
+        keys=list(plan.members[0]),
+    )
+    records: list[RunRecord] = []
+    try:
+        for sub, values in zip(plan.plans, plan.members, strict=True):
+            record = runs.create_run(sub)
+            record.sweep_id, record.sweep_values = sweep.sweep_id, plan.resolved(sub, values)
+            records.append(record)
+            runs.save(record, index)
+            sweep.members.append({"run_id": record.run_id, "values": record.sweep_values})
+        save_sweep(sweep)
+        job_ids = executor(sweep.executor).submit_sweep(
+            records, plan.plans[0].spec, index, sweeps_dir() / sweep.sweep_id, plan.max_parallel
+        )
+    except BaseException:
+        for record in records:
+            runs.rollback(record, index)
+        import shutil
+
+        shutil.rmtree(sweeps_dir() / sweep.sweep_id, ignore_errors=True)
+        raise
+    warnings = []
+    for record, job_id in zip(records, job_ids, strict=True):
+        if job_id is not None:
+            record.attempts.append(job_id)
+            record.submitted[job_id] = time.time()
+            warning = runs.save(record, index, strict=False)
+            warnings += [warning] if warning else []
+    sweep.array_job = job_ids[0].split("_")[0] if job_ids[0] and "_" in job_ids[0] else None
+    save_sweep(sweep)
+    return sweep, records, warnings
+
+
+def cancel_sweep(sweep: SweepRecord) -> list[tuple[str, list[str]]]:
+    """Cancel every member. Members not started yet are marked first, so the local sweep runner leaves
+    them; one it started meanwhile has its attempt by then and is cancelled with the others."""
+    from cluster.record import atomic_write
+
+    index = Index()
+    for run_id in sweep.run_ids:
+        record = index.find(run_id)
+        if not record.attempts:
+            atomic_write(record.paths.cancel_marker, f"{time.time()}\n".encode())
+    return [(run_id, runs.cancel(run_id)[1]) for run_id in sweep.run_ids]
+
+
+def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str]]:
+    """Resume every member that has not completed and has no attempt queued or running."""
+    from cluster.status import attempt_states, read_all_progress, run_state
+
+    index = Index()
+    records = [index.find(r) for r in sweep.run_ids]
+    states, _ = attempt_states(records, read_all_progress(records))
+    resumed = []
+    problems = []
+    for record in records:
+        st = states[record.run_id]
+        if run_state(record, st).state == "COMPLETED" or any(s.active for s in st.values()):
+            continue
+        try:
+            _, job_id, _ = runs.resume(record.run_id)
+        except Failure as exc:
+            problems += [f"run {record.run_id}: {line}" for line in exc.lines]
+            continue
+        resumed.append((record.run_id, job_id))
+    if problems and not resumed:
+        raise Failure(problems)
+    return resumed

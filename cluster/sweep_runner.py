@@ -1,0 +1,77 @@
+"""The local executor's sweep runner: a detached process that starts members as slots free up.
+
+SLURM bounds a job array's running tasks itself (``--array=...%N``); on this machine a sweep with
+``--max-parallel`` below its size gets this runner, which starts each member's first attempt (as
+``pixpro submit`` would) once fewer than N members run, in order. A member cancelled or resumed
+before its turn is left to the user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cluster import local
+from cluster.record import RunRecord, atomic_write
+
+POLL_S = 0.5
+RUNNER_FILE = "runner.json"
+RUNNER_LOG = "runner.log"
+
+
+def spawn_sweep_runner(sweep_dir: Path) -> int:
+    """Start the runner detached (own session, output to the sweep's runner.log); returns its pid."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / RUNNER_LOG, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-u", "-m", "cluster.sweep_runner", str(sweep_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    atomic_write(sweep_dir / RUNNER_FILE, json.dumps({"pid": proc.pid}).encode())
+    return proc.pid
+
+
+def running(record: RunRecord) -> bool:
+    """The member's latest local attempt has not ended."""
+    job_id = record.latest_job
+    if job_id is None:
+        return False
+    job = local.read_job(Path(record.run_dir), job_id)
+    return job is not None and job.ended is None and job.alive
+
+
+def main(argv: list[str]) -> int:
+    from cluster.index import Index
+    from cluster.runs import save, submit_attempt
+    from cluster.sweep import SWEEP_FILE, SweepRecord
+    from schemas import load_spec
+
+    sweep_dir = Path(argv[0])
+    sweep = SweepRecord.from_dict(json.loads((sweep_dir / SWEEP_FILE).read_bytes()))
+    slots = sweep.max_parallel or len(sweep.members)
+    index = Index()
+    pending = list(sweep.run_ids)
+    while pending:
+        busy = sum(running(index.find(run_id)) for run_id in sweep.run_ids)
+        while pending and busy < slots:
+            record = index.find(pending.pop(0))
+            if record.attempts or record.paths.cancel_marker.exists():
+                continue  # resumed or cancelled before its turn
+            job_id = submit_attempt(record, load_spec(record.spec_path), index)
+            warning = save(record, index, strict=False)
+            print(f"started {record.run_id} as {job_id}" + (f" (warning: {warning})" if warning else ""))
+            busy += 1
+        time.sleep(POLL_S)
+    print(f"every member of {sweep.sweep_id} started (pid {os.getpid()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,238 @@
+"""``pixpro submit --sweep``: the grid, validation of every member at once, dry runs, and a local sweep
+bounded by ``--max-parallel`` (the SLURM job array is tested in test_cli_slurm.py)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster.errors import UsageError
+from cluster.sweep import parse_grid
+from tests.support.cli import assert_one_line_error, cli, status_json, wait_status, write_spec
+from tests.support.cli import cluster_tiny_spec as tiny_spec
+from tests.support.procs import wait_for
+
+NO_SBATCH = {"PATH": "/nonexistent", "CUDA_VISIBLE_DEVICES": ""}  # no SLURM, no GPU
+GRID = ("--sweep", "optim.base_lr=2,4", "--sweep", "model.ppm_gamma=1,3")
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"  # not created: commands that must write nothing leave it absent
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path) -> Path:
+    return write_spec(tmp_path / "tiny.json", tiny_spec(tmp_path / "data", name=f"s{uuid.uuid4().hex[:8]}"))
+
+
+def test_grid_is_every_combination_first_option_slowest() -> None:
+    grid = parse_grid(["optim.base_lr=2.0, 4.0", "model.ppm_gamma=1,2,3"])
+    assert [tuple(m.values()) for m in grid] == [(a, b) for a in ("2.0", "4.0") for b in ("1", "2", "3")]
+    assert all(list(m) == ["optim.base_lr", "model.ppm_gamma"] for m in grid)
+    for bad in (["optim.base_lr"], ["=1,2"], ["optim.base_lr=1,,2"], ["a=1", "a=2"], ["a=1,1"], []):
+        with pytest.raises(UsageError):
+            parse_grid(bad)
+
+
+def test_bad_sweep_options_exit_2_and_write_nothing(home: Path, spec_file: Path) -> None:
+    for args, word in (
+        (["--sweep", "optim.base_lr"], "KEY.PATH=V1,V2"),
+        (["--sweep", "optim.base_lr=1", "--sweep", "optim.base_lr=2"], "given twice"),
+        (["--sweep", "optim.base_lr=1,2", "--max-parallel", "0"], "--max-parallel"),
+        (["--max-parallel", "2"], "only with --sweep"),
+        (["--sweep", "optim.base_lr=1,2", "--follow"], "--follow"),
+    ):
+        proc = cli("submit", "--executor", "local", *args, str(spec_file), home=home, env=NO_SBATCH)
+        assert word in assert_one_line_error(proc, 2), args
+    assert not home.exists()
+
+
+def test_every_member_problem_is_reported_at_once_before_anything_is_written(
+    home: Path, spec_file: Path
+) -> None:
+    proc = cli(
+        "submit", "--executor", "local", "--sweep", "optim.base_lr=2,-1,x",
+        "--sweep", "model.ppm_gamma=1,200", str(spec_file), home=home, env=NO_SBATCH,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    # members (-1,1) (-1,200) (x,1) (x,200) (2,200): one line per problem, each naming the member's values
+    assert len(lines) == 7, lines
+    assert all(ln.startswith("pixpro: sweep member optim.base_lr=") for ln in lines), lines
+    assert sum("optim.base_lr=x model.ppm_gamma=200: optim.base_lr" in ln for ln in lines) == 1
+    assert sum("optim.base_lr=2 model.ppm_gamma=200: model.ppm_gamma" in ln for ln in lines) == 1
+    assert all("(from --sweep " in ln for ln in lines), lines
+    assert not home.exists()
+
+
+def test_members_share_resources_and_never_a_checkpoint_folder(
+    home: Path, spec_file: Path, tmp_path: Path
+) -> None:
+    proc = cli(
+        "submit", "--executor", "local", "--sweep", "resources.cpus_per_task=1,2", str(spec_file),
+        home=home, env=NO_SBATCH,
+    )  # fmt: skip
+    line = assert_one_line_error(proc, 2)
+    assert "resources.cpus_per_task=2: resources differ" in line and "job array" in line
+    shared = tiny_spec(tmp_path / "data", checkpoint__url=str(tmp_path / "ckpt"))
+    spec = write_spec(tmp_path / "shared.json", shared)
+    proc = cli("submit", "--executor", "local", "--sweep", "seed=1,2", str(spec), home=home, env=NO_SBATCH)
+    assert "shared by every member" in assert_one_line_error(proc, 2)
+    assert not home.exists()
+
+
+def test_dry_run_lists_each_member_with_its_resolved_values_and_writes_nothing(
+    home: Path, spec_file: Path
+) -> None:
+    proc = cli("submit", "--dry-run", "--executor", "local", *GRID, str(spec_file), home=home, env=NO_SBATCH)
+    assert proc.returncode == 0, proc.stderr
+    members = [ln for ln in proc.stdout.splitlines() if ln.startswith("# member ") and "  " in ln]
+    assert [ln.split("  ", 1)[1] for ln in members] == [
+        "optim.base_lr=2.0 model.ppm_gamma=1.0",
+        "optim.base_lr=2.0 model.ppm_gamma=3.0",
+        "optim.base_lr=4.0 model.ppm_gamma=1.0",
+        "optim.base_lr=4.0 model.ppm_gamma=3.0",
+    ]
+    assert "# 4 members on this machine, 4 at a time" in proc.stdout and "# resolved spec" in proc.stdout
+
+    # without sbatch a dry run previews SLURM: one array script, at most --max-parallel running
+    proc = cli(
+        "submit",
+        "--dry-run",
+        "--json",
+        "--max-parallel",
+        "2",
+        *GRID,
+        str(spec_file),
+        home=home,
+        env=NO_SBATCH,
+    )
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert (
+        plan["executor"] == "slurm"
+        and plan["max_parallel"] == 2
+        and "#SBATCH --array=0-3%2" in plan["sbatch"]
+    )
+    assert [m["sweep_values"] for m in plan["members"]][1] == {"optim.base_lr": 2.0, "model.ppm_gamma": 3.0}
+    specs = [m["spec"] for m in plan["members"]]
+    assert [s["optim"]["base_lr"] for s in specs] == [2.0, 2.0, 4.0, 4.0]
+    assert len({s["checkpoint"]["url"] for s in specs}) == 4  # each member its own run folder
+    assert not home.exists()
+
+
+def one_at_a_time(home: Path, spec_file: Path, sweep: str) -> dict[str, Any]:
+    """A local sweep with --max-parallel 1 (its runner starts the members); the submit's JSON."""
+    proc = cli(
+        "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", "1",
+        "--sweep", sweep, str(spec_file), home=home, env={"CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_local_sweep_runs_members_max_parallel_at_a_time_then_cancel_and_resume_skip_them(
+    home: Path, spec_file: Path
+) -> None:
+    out = one_at_a_time(home, spec_file, "optim.base_lr=2,4")
+    sweep_id, members = out["sweep_id"], out["members"]
+    assert [m["sweep_values"] for m in members] == [{"optim.base_lr": 2.0}, {"optim.base_lr": 4.0}]
+    assert [m["job_id"] for m in members] == [None, None]  # the sweep runner starts them
+
+    rows = [wait_status(home, m["run_id"], lambda r: r["state"] == "COMPLETED", 300) for m in members]
+    assert [r["step"] for r in rows] == [20, 20]
+    listed = status_json(home, sweep_id)
+    assert [(r["run_id"], r["sweep_id"], r["sweep_values"]) for r in listed] == [
+        (m["run_id"], sweep_id, m["sweep_values"]) for m in members
+    ]
+    # one at a time: the second member's attempt started after the first one's ended
+    first, second = (
+        json.loads((home / "runs" / r["run_id"] / "local" / f"{r['job_id']}.json").read_bytes()) for r in rows
+    )
+    assert second["started"] >= first["ended"], (first, second)
+    spec = [json.loads((home / "runs" / r["run_id"] / "spec.json").read_bytes()) for r in rows]
+    assert [s["optim"]["base_lr"] for s in spec] == [2.0, 4.0]
+
+    table = cli("status", sweep_id, home=home)
+    assert table.returncode == 0 and f"sweep {sweep_id}" in table.stdout and "optim.base_lr" in table.stdout
+    cancel = cli("cancel", sweep_id, home=home)
+    assert cancel.returncode == 0 and cancel.stdout.count("nothing to cancel") == 2, cancel
+    resume = cli("resume", sweep_id, home=home)
+    assert resume.returncode == 0 and "every member completed" in resume.stdout, resume
+
+
+def test_array_tasks_not_started_yet_share_one_squeue_and_sacct_line() -> None:
+    from cluster import slurm
+
+    assert slurm.array_ids("77_[0-2,5%2]") == ["77_0", "77_1", "77_2", "77_5"]
+    assert slurm.array_ids("77_3") == ["77_3"] and slurm.array_ids("77_[x]") == ["77_[x]"]
+    jobs = {j: slurm.SlurmJob(j) for j in ("77_0", "77_1", "77_2")}
+    slurm.parse_squeue("77_0|RUNNING|None\n77_[1-2%1]|PENDING|JobArrayTaskLimit\n", jobs)
+    assert [(j.queue_state, j.reason) for j in jobs.values()] == [
+        ("RUNNING", ""),
+        ("PENDING", "JobArrayTaskLimit"),
+        ("PENDING", "JobArrayTaskLimit"),
+    ]
+    slurm.parse_sacct(
+        "77_0|RUNNING|0:0|2026-12-05T10:00:00|Unknown\n77_[1-2%1]|PENDING|0:0|Unknown|Unknown\n", jobs
+    )
+    assert [j.current.state if j.current else None for j in jobs.values()] == [
+        "RUNNING",
+        "PENDING",
+        "PENDING",
+    ]
+
+
+def test_an_array_task_names_its_attempts_by_the_id_its_run_record_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inside an array task SLURM_JOB_ID is the task's own number; the record holds ``<array>_<index>``,
+    which status matches against the trainer's attempt names (and scontrol requeue accepts)."""
+    from cluster.node_task import JobContext
+
+    env = {"SLURM_JOB_ID": "4713", "SLURM_ARRAY_JOB_ID": "4711", "SLURM_ARRAY_TASK_ID": "2",
+           "SLURM_RESTART_COUNT": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0"}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ctx = JobContext.from_slurm_env()
+    assert (ctx.job_id, ctx.attempt) == ("4711_2", "4711_2.1")
+
+
+def test_members_planned_in_one_second_never_share_a_run_id(
+    monkeypatch: pytest.MonkeyPatch, spec_file: Path, home: Path
+) -> None:
+    from cluster import runs, sweep_ops
+
+    drawn = iter(["same-id", "same-id", "other-id"])
+    monkeypatch.setattr(runs, "new_run_id", lambda name: next(drawn))
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    plan = sweep_ops.plan_sweep(
+        spec_file, ["seed=1,2"], max_parallel=None, nodes=None, gpus=None, executor="local", dry_run=True
+    )
+    assert [p.run_id for p in plan.plans] == ["same-id", "other-id"]
+    assert [p.spec.seed for p in plan.plans] == [1, 2] and not home.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cancelling_a_local_sweep_keeps_its_runner_from_starting_the_rest(
+    home: Path, spec_file: Path
+) -> None:
+    out = one_at_a_time(home, spec_file, "seed=1,2")
+    first, second = out["members"]
+    wait_status(home, first["run_id"], lambda r: r["state"] == "RUNNING", 120)
+    assert status_json(home, second["run_id"])["state"] == "PENDING"
+    cancel = cli("cancel", out["sweep_id"], home=home)
+    assert cancel.returncode == 0 and cancel.stdout.count("cancelled run ") == 1, cancel
+    wait_status(home, first["run_id"], lambda r: r["state"] == "CANCELLED", 120)
+    runner = home / "sweeps" / out["sweep_id"] / "runner.log"
+    wait_for("the sweep runner to finish", lambda: "every member" in runner.read_text(), 60)
+    row = status_json(home, second["run_id"])
+    assert (row["state"], row["reason"], row["attempts"]) == ("CANCELLED", "before it started", []), row
