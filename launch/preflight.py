@@ -145,7 +145,7 @@ def _image_folder(spec: Any, scratch: Path) -> Any:
         root = _demo_root(spec, scratch)  # its size against the global batch: checked by the validator
     elif "://" in spec.data.root or Path(spec.data.root, PACK_MANIFEST).is_file():
         try:
-            from launch.train import data_storage_options
+            from launch.builders import data_storage_options
 
             folder = ImageFolder(spec.data.root, min_size=crop, storage_options=data_storage_options(spec))
         except DatasetError as exc:
@@ -178,7 +178,7 @@ def _enough(spec: Any, images: int, ranks: int) -> None:
 
 def check_data(spec: Any, scratch: Path) -> list[dict[str, Any]]:
     """Decode ``SAMPLES`` images and make view pairs through the trainer's transform."""
-    from launch.train import build_spatial
+    from launch.builders import build_spatial
     from pixpro.augment import TwoViewTransform
     from pixpro.data import TwoViewDataset
 
@@ -203,9 +203,9 @@ def check_data(spec: Any, scratch: Path) -> list[dict[str, Any]]:
 def check_monitor(spec: Any) -> str:
     """The kNN monitor's data: readable and labelled (the trainer's own loader, which lists it and reads
     the demo masks), or the demo scenes the first attempt generates into data.root."""
+    from launch.builders import data_storage_options
     from launch.tools.labelled import load_labelled
     from launch.tools.weights import WeightsError
-    from launch.train import data_storage_options
 
     monitor = spec.monitor
     demo_later = spec.data.demo is not None and monitor.data == spec.data.root
@@ -227,7 +227,7 @@ def check_model(spec: Any, samples: list[dict[str, Any]]) -> float:
     """Build the model as the trainer does and run one forward + loss + backward on the samples."""
     import torch
 
-    from launch.train import build_model
+    from launch.builders import build_model
 
     try:
         model = build_model(spec)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from launch.builders import build_model
 from launch.tools import pack
 from launch.tools.classify import knn_scores, main, run, topk_accuracy
 from launch.tools.labelled import dominant_class, load_labelled
-from launch.train import build_model
 from pixpro.demo_data import generate_demo_dataset
 from schemas import load_spec
 from tests.support.cli import cli

@@ -11,9 +11,9 @@ import torch
 import torchvision
 from torch import nn
 
+from launch.builders import build_model
 from launch.tools.export import main
 from launch.tools.weights import load_online_encoder
-from launch.train import build_model
 from pixpro.model import build_backbone
 from schemas import load_spec
 from tests.support.trainer import final_state, tiny_spec, write_spec

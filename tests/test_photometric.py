@@ -244,7 +244,7 @@ def test_the_trainer_compiles_the_worker_steps_before_its_workers_fork(tmp_path,
 
     spec = write_spec(tmp_path / "spec.json", tiny_spec(tmp_path / "data", data__augment_on=augment_on))
     script = (
-        "from launch.train import DistEnv, build_data\n"
+        "from launch.builders import build_data\nfrom launch.collectives import DistEnv\n"
         "from pixpro import photometric_cpu\n"
         "from schemas import load_spec\n"
         "assert not photometric_cpu.finish.signatures\n"

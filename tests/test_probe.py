@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from launch.builders import build_model
 from launch.tools import probe as probe_mod
 from launch.tools.probe import main, miou, run
-from launch.train import build_model
 from pixpro.demo_data import generate_demo_dataset
 from pixpro.model import build_backbone
 from schemas import load_spec

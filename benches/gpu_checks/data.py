@@ -17,7 +17,8 @@ from gpu_checks.record import Rec
 
 def check_input(ctx: Ctx, rec: Rec, dl: Deadline) -> tuple[str, str]:
     """The trainer's DataLoader over the demo PNGs with N workers against the model's rate."""
-    from launch.train import DistEnv, build_data
+    from launch.builders import build_data
+    from launch.collectives import DistEnv
     from schemas import parse_spec
 
     b = ctx.s["batch"]
@@ -117,7 +118,8 @@ def check_photometric(ctx: Ctx, rec: Rec, dl: Deadline) -> tuple[str, str]:
 
 def device_path_rate(ctx: Ctx, spec: Any, workers: int) -> float:
     """img/s of the loader with ``augment_on: device``, its photometric steps run on the device per batch."""
-    from launch.train import DistEnv, build_data
+    from launch.builders import build_data
+    from launch.collectives import DistEnv
 
     data = spec.data.model_copy(update={"augment_on": "device", "num_workers": workers})
     spec_d = spec.model_copy(update={"data": data})
@@ -130,8 +132,9 @@ def loader_rate(ctx: Ctx, spec: Any, dataset: Any, workers: int) -> tuple[float,
     each batch taken to the device and finished there as the train step does; and whether it came pinned.
     The files repeat so an epoch outlasts the window (page cache: decode + augment, not disk, measured)."""
     from launch.batches import release
+    from launch.builders import device_views
     from launch.sampler import ResumableSampler
-    from launch.train import Trainer, device_views
+    from launch.train import Trainer
 
     b = ctx.s["batch"]
     repeated = Repeated(dataset, max(1, math.ceil(400 * b / len(dataset))))

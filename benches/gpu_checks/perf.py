@@ -21,7 +21,7 @@ GOAL_STEP_OVER_FLOOR = GOALS["step_over_floor"]
 def floor_step_fn(trainer: Any, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
     """The same network's own work: both views through the online backbone forward and backward, two
     target forwards (as benches/bench_step.py), in the trainer's precision and memory format."""
-    from launch.train import device_views
+    from launch.builders import device_views
 
     online, target = trainer.model.backbone, trainer.model.target_backbone
     v1, v2, _, _ = device_views(trainer.dataset.transform, batch, trainer.device)
