@@ -42,7 +42,7 @@ def test_two_resumes_mid_epoch_and_at_boundary_equal_uninterrupted(tmp_path, dat
     # the pace pixpro status estimates the end from: the global images per second over the batch
     batch = records[0]["img_per_s"] / records[0]["steps_per_s"]
     assert all(
-        r["steps_per_s"] > 0 and r["img_per_s"] / r["steps_per_s"] == pytest.approx(batch) for r in records
+        r["steps_per_s"] > 0 and r["img_per_s"] / r["steps_per_s"] == pytest.approx(batch, rel=0.01) for r in records
     )
 
 
