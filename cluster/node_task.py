@@ -316,7 +316,7 @@ class NodeTask:
         if proc.returncode != 0:
             _say(f"not requeued here ({' '.join(proc.stderr.split()) or proc.returncode}); SLURM decides")
             return EXIT_PREEMPTED
-        self._exclude_failed_nodes(ctx.job_id)
+        self._exclude(ctx.job_id, self._left_out())
         _say(f"requeued job {ctx.job_id}; waiting to be stopped by SLURM")
         time.sleep(REQUEUE_SETTLE_S)
         return EXIT_PREEMPTED
@@ -331,24 +331,24 @@ class NodeTask:
         except (OSError, ValueError):
             return []
 
-    def _exclude_failed_nodes(self, job_id: str) -> None:
+    @staticmethod
+    def _exclude(job_id: str, left_out: list[str]) -> None:
         """A requeued job is pending again: only now does SLURM take a new exclude list for it."""
-        left_out = self._left_out()
         if left_out:
             _scontrol("update", f"JobId={job_id}", f"ExcNodeList={','.join(left_out)}")
 
     def _on_left_out_node(self, ctx: JobContext) -> bool:
         """A requeue (preemption) came back on a node that failed this run twice since the job was
         queued: requeue again, without it. A new job (``pixpro resume``) has it in ``--exclude``."""
-        left_out = set(self._left_out())
+        left_out = self._left_out()
         if not left_out:
             return False
         hosts = _scontrol("show", "hostnames", os.environ.get("SLURM_JOB_NODELIST", ""))
-        bad = sorted(left_out & set((hosts or "").split()))
+        bad = sorted(set(left_out) & set((hosts or "").split()))
         if not bad or _scontrol("requeue", ctx.job_id) is None:
             return False
         _say(f"attempt {ctx.attempt} got {', '.join(bad)}, which failed this run twice: requeued without it")
-        self._exclude_failed_nodes(ctx.job_id)
+        self._exclude(ctx.job_id, left_out)
         time.sleep(REQUEUE_SETTLE_S)
         return True
 
