@@ -198,9 +198,27 @@ def submit(
     max_parallel: Annotated[
         int | None, typer.Option("--max-parallel", help="With --sweep: at most this many members at once.")
     ] = None,
+    eval_task: Annotated[
+        str | None,
+        typer.Option(
+            "--eval",
+            metavar="TASK",
+            help="Also queue an evaluation (knn, linear or dense) of every run, to start when it completed "
+            "(as pixpro eval RUN --submit --after).",
+        ),
+    ] = None,
+    eval_data: Annotated[
+        str | None,
+        typer.Option("--eval-data", help="With --eval: its labelled data (default: monitor.data)."),
+    ] = None,
 ) -> None:
     """Create a run (or a sweep of runs) and queue its first attempt."""
-    from cluster import runs
+    from cluster import evals, runs
+
+    if eval_data is not None and eval_task is None:
+        raise errors.UsageError("--eval-data: only with --eval")
+    if eval_task is not None and follow:
+        raise errors.UsageError("--eval and --follow: follow the run with pixpro logs RUN --follow")
 
     planned: dict[str, Any] = {
         "nodes": nodes,
@@ -215,13 +233,15 @@ def submit(
             raise errors.UsageError("--follow: follow one member of a sweep with pixpro logs RUN --follow")
         from cluster import sweep_ops
 
+        sweep_plan = sweep_ops.plan_sweep(spec, sweep, max_parallel=max_parallel, **planned)
         _submit_sweep(
-            sweep_ops.plan_sweep(spec, sweep, max_parallel=max_parallel, **planned), dry_run, as_json
+            sweep_plan, dry_run, as_json, evals.for_submit(eval_task, eval_data, sweep_plan.plans[0].spec)
         )
         return
     if max_parallel is not None:
         raise errors.UsageError("--max-parallel: only with --sweep")
     plan = runs.plan_submission(spec, **planned)
+    eval_of = evals.for_submit(eval_task, eval_data, plan.spec)
     if dry_run:
         if as_json:
             payload = {
@@ -240,12 +260,13 @@ def submit(
     record, job_id, warning = runs.submit(plan)
     if warning:
         _err(f"warning: {warning}")
-    _announce(record.run_id, job_id, record.executor, as_json, "submitted")
+    queued = _queue_evals([record], eval_of)
+    _announce(record.run_id, job_id, record.executor, as_json, "submitted", queued)
     if follow:
         raise typer.Exit(_follow(record.run_id, job_id, None))
 
 
-def _submit_sweep(plan: Any, dry_run: bool, as_json: bool) -> None:
+def _submit_sweep(plan: Any, dry_run: bool, as_json: bool, eval_of: tuple[str, str] | None = None) -> None:
     from cluster import sweep_ops
 
     if dry_run:
@@ -254,22 +275,48 @@ def _submit_sweep(plan: Any, dry_run: bool, as_json: bool) -> None:
     record, members, warnings = sweep_ops.submit_sweep(plan)
     for w in warnings:
         _err(f"warning: {w}")
+    queued = _queue_evals(members, eval_of)
     if as_json:
         rows = [{"run_id": m.run_id, "job_id": m.latest_job, "sweep_values": m.sweep_values} for m in members]
-        typer.echo(json.dumps({"sweep_id": record.sweep_id, "array_job": record.array_job, "members": rows}))
+        payload = {"sweep_id": record.sweep_id, "array_job": record.array_job, "members": rows}
+        typer.echo(json.dumps(payload | ({"evals": queued} if eval_of else {})))
         return
     typer.echo(f"submitted sweep {record.sweep_id}: {len(members)} runs ({record.executor})")
     for m in members:
         values = " ".join(f"{k}={json.dumps(v)}" for k, v in m.sweep_values.items())
         typer.echo(f"  {m.run_id}  {m.latest_job or '(waits for a slot)'}  {values}")
+    _announce_evals(queued)
     typer.echo(f"  pixpro status {record.sweep_id}    pixpro cancel {record.sweep_id}")
 
 
-def _announce(run_id: str, job_id: str, executor: str, as_json: bool, verb: str) -> None:
+def _queue_evals(records: list[Any], eval_of: tuple[str, str] | None) -> list[dict[str, Any]]:
+    from cluster import evals
+
+    queued, warnings = evals.queue_after(records, eval_of)
+    for w in warnings:
+        _err(f"warning: {w}")
+    return queued
+
+
+def _announce_evals(queued: list[dict[str, Any]]) -> None:
+    for ev in queued:
+        after = f"after job {ev['after']}" if ev["after"] else "when the run completed"
+        typer.echo(f"  eval {ev['eval_id']} of run {ev['run_id']}: job {ev['job_id']}, {after}")
+
+
+def _announce(
+    run_id: str,
+    job_id: str,
+    executor: str,
+    as_json: bool,
+    verb: str,
+    queued: list[dict[str, Any]] | None = None,
+) -> None:
     if as_json:
-        typer.echo(json.dumps({"run_id": run_id, "job_id": job_id}))
+        typer.echo(json.dumps({"run_id": run_id, "job_id": job_id} | ({"evals": queued} if queued else {})))
     else:
         typer.echo(f"{verb} run {run_id} as job {job_id} ({executor})")
+        _announce_evals(queued or [])
         typer.echo(f"  pixpro status {run_id}    pixpro logs {job_id} --follow    pixpro cancel {run_id}")
 
 
@@ -520,22 +567,67 @@ def export_(
 def eval_(
     ident: Annotated[str, _SOURCE],
     data: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="dense: a folder with images/ and masks/ (e.g. the demo data); linear/knn: a folder or "
-            "pack of class sub-folders (or train/ and val/), or the demo scenes (dominant class)."
+            "pack of class sub-folders (or train/ and val/), or the demo scenes (dominant class). "
+            "With --submit it defaults to the spec's monitor.data."
         ),
-    ],
+    ] = None,
     task: Annotated[str, typer.Option(help="dense (mIoU probe), linear or knn (top-1/top-5).")] = "dense",
     random_init: Annotated[bool, typer.Option(help="Score the untrained architecture instead.")] = False,
     seed: int = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     spec: Annotated[Path | None, typer.Option(help="The run's spec (default: spec.json of the run).")] = None,
+    submit_job: Annotated[
+        bool,
+        typer.Option(
+            "--submit",
+            help="Run it as a job through the run's executor (on SLURM one node with --gpus); the result "
+            "goes into the run folder and pixpro status RUN shows it.",
+        ),
+    ] = False,
+    after: Annotated[
+        bool, typer.Option("--after", help="With --submit: start when the run completed (SLURM afterok).")
+    ] = False,
+    gpus: Annotated[
+        int | None,
+        typer.Option("--gpus", help="With --submit: GPUs of the job (default 1 where the run used GPUs)."),
+    ] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", metavar="resources.KEY=VALUE", help="With --submit: the job's resources (partition ...)."
+        ),
+    ] = None,
 ) -> None:
     """Evaluate the frozen encoder: dense linear probe (mIoU on per-pixel labels), or linear
-    classification / weighted kNN on global-pooled features (top-1/top-5), on a held-out split."""
+    classification / weighted kNN on global-pooled features (top-1/top-5), on a held-out split.
+
+    With --submit the evaluation runs as a job of the run's executor, and --after queues it to start
+    when the run completed."""
+    if submit_job:
+        if random_init or spec is not None:
+            raise errors.UsageError("--random-init and --spec do not go with --submit: it evaluates the run")
+        from cluster import evals
+        from cluster.executors import executor
+
+        record, request = evals.submit_for_run(
+            _check_id(ident), task, data, seed=seed, after=after, gpus=gpus, sets=sets or ()
+        )
+        if as_json:
+            typer.echo(json.dumps({"run_id": record.run_id, **request.model_dump(mode="json")}))
+        else:
+            typer.echo(evals.summary(record, request))
+            log = executor(record.executor).eval_log(record, request)
+            typer.echo(f"  pixpro status {record.run_id}    its log: {log}")
+        return
+    if after or gpus is not None or sets:
+        raise errors.UsageError("--after, --gpus and --set go with --submit")
     if task not in EVAL_TOOLS:
         raise errors.UsageError(f"--task {task}: must be one of {', '.join(EVAL_TOOLS)}")
+    if not data:
+        raise errors.UsageError("--data: labelled data to evaluate on is required (without --submit)")
     args = [_source(ident), "--data", data, "--seed", str(seed)]
     args += (["--random-init"] if random_init else []) + (["--json"] if as_json else [])
     args += ["--task", task] if task != "dense" else []

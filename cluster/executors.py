@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from cluster import local, nodes, slurm
+from cluster import evals, local, nodes, slurm
 from cluster.attempts import AttemptState, local_state, slurm_state
 from cluster.errors import Failure, UsageError
 from cluster.preflight import check_local_gpus
 from cluster.record import RunRecord, read_local
 from cluster.torchrun import LOCAL_ENDPOINT
-from schemas.contract import SUBMITIT_DIR, RunPaths
+from schemas.contract import SUBMITIT_DIR, EvalRequest, RunPaths
 
 if TYPE_CHECKING:
     from cluster.index import Index
@@ -88,12 +88,27 @@ class Executor(Protocol):
         """Queue the first attempt of every member of a sweep (their resources are ``spec``'s), at most
         ``max_parallel`` running at once; a member's job id, or None for one started later."""
 
+    def submit_eval(self, record: RunRecord, spec: RunSpec, request: EvalRequest) -> str:
+        """Queue an evaluation of the run (:mod:`cluster.evals`); ``spec`` holds its resources."""
+
+    def eval_log(self, record: RunRecord, request: EvalRequest) -> Path:
+        """Where the evaluation job's output goes."""
+
     def job(self, record: RunRecord, job_id: str) -> Job:
         """The handle of one attempt of the run (asks nothing until its state is wanted)."""
 
-    def jobs(self, records: list[RunRecord]) -> tuple[dict[str, list[Job]], list[str]]:
-        """{run_id: handles of its attempts, oldest first}, their states asked in one batch for all runs
-        (``pixpro status``), and one-line warnings."""
+    def jobs(self, records: list[RunRecord]) -> Jobs:
+        """The handles of every run's attempts and the states of its evaluation jobs, asked in one batch
+        for all runs (``pixpro status``), and one-line warnings."""
+
+
+@dataclass
+class Jobs:
+    """What :meth:`Executor.jobs` found for a list of runs."""
+
+    attempts: dict[str, list[Job]]  # run_id -> handles of its attempts, oldest first
+    evals: dict[str, list[tuple[EvalRequest, AttemptState]]]  # run_id -> its evaluations, their jobs' states
+    warnings: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------ SLURM
@@ -193,17 +208,42 @@ class SlurmExecutor:
         tasks = [NodeTask.for_run(r) for r in records]
         return list(slurm.submit_array(tasks, params, folder, spec, max_parallel))
 
+    def submit_eval(self, record: RunRecord, spec: RunSpec, request: EvalRequest) -> str:
+        """One node, ``afterok`` on the run's job with ``--after``; logs in the evaluation's folder."""
+        from cluster.eval_runner import EvalTask
+
+        params = slurm.executor_parameters(spec, slurm.node_cpus(spec), nodes.excluded(record))
+        params["job_name"] = f"{spec.name}-eval-{request.task}"
+        if request.after:
+            params["additional_parameters"]["dependency"] = f"afterok:{request.after}"
+        task = EvalTask(record.run_dir, request.eval_id, record.workdir)
+        return slurm.submit(task, params, record.paths.eval(request.eval_id).submitit, spec)
+
+    def eval_log(self, record: RunRecord, request: EvalRequest) -> Path:
+        return record.paths.eval(request.eval_id).submitit / f"{request.job_id}_0_log.out"
+
     def job(self, record: RunRecord, job_id: str) -> Job:
         return SlurmJobHandle(record, job_id)
 
-    def jobs(self, records: list[RunRecord]) -> tuple[dict[str, list[Job]], list[str]]:
-        ids = [j for r in records for j in r.attempts]
-        submitted = {j: t for r in records for j, t in r.submitted.items()}
+    def jobs(self, records: list[RunRecord]) -> Jobs:
+        """Attempts and evaluation jobs of every run: one ``squeue`` and one ``sacct`` for all."""
+        asked = {r.run_id: evals.requests(r) for r in records}
+        queued = {e.job_id: e.submitted for es in asked.values() for e in es if e.job_id}
+        submitted = {j: t for r in records for j, t in r.submitted.items()} | queued
+        ids = [j for r in records for j in r.attempts] + list(queued)
         answers, warnings = slurm.query(ids, submitted) if ids else ({}, [])
-        handles: dict[str, list[Job]] = {
-            r.run_id: [SlurmJobHandle(r, j, answers[j]) for j in r.attempts] for r in records
-        }
-        return handles, warnings
+        now = time.time()
+
+        def eval_job(e: EvalRequest) -> AttemptState:
+            if e.job_id is None:
+                return AttemptState("UNKNOWN", "not queued")
+            return slurm_state(answers[e.job_id], None, False, now - e.submitted < RECENT_S)
+
+        return Jobs(
+            {r.run_id: [SlurmJobHandle(r, j, answers[j]) for j in r.attempts] for r in records},
+            {run_id: [(e, eval_job(e)) for e in es] for run_id, es in asked.items()},
+            warnings,
+        )
 
 
 # ------------------------------------------------------------------------------------------ local
@@ -271,11 +311,30 @@ class LocalExecutor:
         spawn_sweep_runner(sweep_dir)
         return [None] * len(records)
 
+    def submit_eval(self, record: RunRecord, spec: RunSpec, request: EvalRequest) -> str:
+        """A detached runner (:mod:`cluster.eval_runner`) that waits for the run with ``--after``."""
+        self.check(spec)
+        job_id = f"eval-{request.eval_id}"
+        run_dir, workdir = Path(record.run_dir), Path(record.workdir)
+        local.spawn(run_dir, job_id, workdir, "cluster.eval_runner", request.eval_id)
+        return job_id
+
+    def eval_log(self, record: RunRecord, request: EvalRequest) -> Path:
+        return local.log_path(Path(record.run_dir), str(request.job_id))
+
     def job(self, record: RunRecord, job_id: str) -> Job:
         return LocalJobHandle(record, job_id)
 
-    def jobs(self, records: list[RunRecord]) -> tuple[dict[str, list[Job]], list[str]]:
-        return {r.run_id: [self.job(r, j) for j in r.attempts] for r in records}, []
+    def jobs(self, records: list[RunRecord]) -> Jobs:
+        def eval_job(r: RunRecord, e: EvalRequest) -> AttemptState:
+            if e.job_id is None:
+                return AttemptState("UNKNOWN", "not queued")
+            return local_state(local.read_job(Path(r.run_dir), e.job_id), None, False)
+
+        return Jobs(
+            {r.run_id: [self.job(r, j) for j in r.attempts] for r in records},
+            {r.run_id: [(e, eval_job(r, e)) for e in evals.requests(r)] for r in records},
+        )
 
 
 _EXECUTORS: dict[str, Executor] = {"slurm": SlurmExecutor(), "local": LocalExecutor()}

@@ -47,13 +47,17 @@ class LocalJob:
         return self.ended is None and self.pid is not None and _is_our_runner(self.pid, self.job_id)
 
 
+RUNNERS = ("cluster.local", "cluster.eval_runner")
+"""The modules a local job runs: an attempt's node task, or an evaluation (:mod:`cluster.eval_runner`)."""
+
+
 def _is_our_runner(pid: int, job_id: str) -> bool:
     """The pid is alive and is this job's runner (pids get reused)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"cluster.local" in cmdline and job_id.encode() in cmdline
+    return any(m.encode() in cmdline for m in RUNNERS) and job_id.encode() in cmdline
 
 
 def read_job(run_dir: Path, job_id: str) -> LocalJob | None:
@@ -64,17 +68,17 @@ def read_job(run_dir: Path, job_id: str) -> LocalJob | None:
     return LocalJob(job_id, data.get("pid"), data.get("started"), data.get("ended"), data.get("exit_code"))
 
 
-def _write_job(run_dir: Path, job: LocalJob) -> None:
+def write_job(run_dir: Path, job: LocalJob) -> None:
     atomic_write(state_path(run_dir, job.job_id), json.dumps(vars(job), sort_keys=True).encode())
 
 
-def spawn(run_dir: Path, job_id: str, workdir: Path) -> int:
+def spawn(run_dir: Path, job_id: str, workdir: Path, runner: str = RUNNERS[0], *args: str) -> int:
     """Start the runner detached (own session, stdin closed, output to the job's log); returns its pid."""
     log = log_path(run_dir, job_id)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "cluster.local", str(run_dir), job_id],
+            [sys.executable, "-u", "-m", runner, str(run_dir), job_id, *args],
             cwd=workdir,
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -82,7 +86,7 @@ def spawn(run_dir: Path, job_id: str, workdir: Path) -> int:
             start_new_session=True,
         )
     if not state_path(run_dir, job_id).exists():  # the runner writes it too, and its end status last
-        _write_job(run_dir, LocalJob(job_id, proc.pid, time.time(), None, None))
+        write_job(run_dir, LocalJob(job_id, proc.pid, time.time(), None, None))
     return proc.pid
 
 
@@ -117,7 +121,7 @@ def main(argv: list[str]) -> int:
     for sig in _FORWARDED:
         signal.signal(sig, forward)
     job = LocalJob(job_id, os.getpid(), time.time(), None, None)
-    _write_job(run_dir, job)
+    write_job(run_dir, job)
     ctx = JobContext.local(job_id)
     try:
         rc = task.run(ctx)
@@ -128,7 +132,7 @@ def main(argv: list[str]) -> int:
         print(f"pixpro: local runner failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         rc = Exit.FAILURE
     job.ended, job.exit_code = time.time(), rc
-    _write_job(run_dir, job)
+    write_job(run_dir, job)
     return rc if rc in (Exit.OK, EXIT_PREEMPTED) else (rc or Exit.FAILURE)
 
 

@@ -8,14 +8,12 @@ here: the spec refuses them and storage access takes them from the environment.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schemas.contract import CANCEL_MARKER, RECORD_FILE, SPEC_FILE, RunPaths
+from schemas.contract import CANCEL_MARKER, RECORD_FILE, SPEC_FILE, RunPaths, atomic_write
 
 __all__ = ["CANCEL_MARKER", "RECORD_FILE", "SPEC_FILE", "RunPaths", "RunRecord", "atomic_write"]
 
@@ -74,19 +72,6 @@ class RunRecord:
 
     def created_iso(self) -> str:
         return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.created))
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_local(record: RunRecord) -> None:

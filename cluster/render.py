@@ -97,14 +97,16 @@ def _state(r: dict[str, Any]) -> Text:
 
 
 def sweep_table(sweep_id: str, rows: list[dict[str, Any]]) -> Table:
-    """One sweep: a row per member with its swept values, state, step and loss."""
+    """One sweep: a row per member with its swept values, state, step, loss, the kNN monitor's newest
+    top-1 and its latest evaluation job's result."""
     keys = list(dict.fromkeys(k for r in rows for k in r["sweep_values"]))
     t = Table(title=f"sweep {sweep_id}", title_justify="left", header_style="bold", pad_edge=False)
     t.add_column("RUN", no_wrap=True)
     for key in keys:
         t.add_column(key, justify="right", no_wrap=True)
-    for name in ("ATTEMPTS", "STATE", "STEP", "LOSS"):
-        t.add_column(name, justify="right" if name in ("STEP", "LOSS") else "left", no_wrap=name != "STATE")
+    for name in ("ATTEMPTS", "STATE", "STEP", "LOSS", "KNN@1", "EVAL"):
+        right = name in ("STEP", "LOSS", "KNN@1")
+        t.add_column(name, justify="right" if right else "left", no_wrap=name not in ("STATE", "EVAL"))
     for r in rows:
         values = [json.dumps(r["sweep_values"].get(k)) for k in keys]
         attempts = ",".join(a["job_id"] for a in r["attempts"]) or "-"
@@ -115,12 +117,34 @@ def sweep_table(sweep_id: str, rows: list[dict[str, Any]]) -> Table:
             _state(r),
             _of(r["step"], r["total_steps"]),
             _num(r["loss"], ".4g"),
+            _knn(r.get("knn_top1"), r.get("knn_step")),
+            _latest_eval(r),
         )
     return t
 
 
+def _latest_eval(r: dict[str, Any]) -> str:
+    from cluster.evals import headline
+
+    found = r.get("evals") or []
+    return f"{found[-1]['task']}: {headline(found[-1])}" if found else "-"
+
+
+def evals_table(rows: list[dict[str, Any]]) -> Table:
+    """Every evaluation job of the runs shown (``pixpro eval --submit``): its state, then its result."""
+    from cluster.evals import headline
+
+    t = Table(title="evaluations", title_justify="left", header_style="bold", pad_edge=False)
+    for name in ("RUN", "EVAL", "JOB", "AFTER", "RESULT"):
+        t.add_column(name, no_wrap=name != "RESULT")
+    for r in rows:
+        for ev in r.get("evals") or []:
+            t.add_row(r["run_id"], ev["eval_id"], ev["job_id"] or "-", ev["after"] or "-", headline(ev))
+    return t
+
+
 def grouped(rows: list[dict[str, Any]]) -> Group:
-    """Runs outside sweeps in one table, then one table per sweep."""
+    """Runs outside sweeps in one table, then one table per sweep, then their evaluation jobs."""
     single = [r for r in rows if not r.get("sweep_id")]
     sweeps: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -128,6 +152,8 @@ def grouped(rows: list[dict[str, Any]]) -> Group:
             sweeps.setdefault(r["sweep_id"], []).append(r)
     parts: list[Table] = [table(single)] if single else []
     parts += [sweep_table(sweep_id, members) for sweep_id, members in sweeps.items()]
+    if any(r.get("evals") for r in rows):
+        parts.append(evals_table(rows))
     return Group(*parts)
 
 

@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from cluster import evals
 from cluster.errors import Failure, UsageError
 from cluster.executors import Description, choose, executor
 from cluster.home import new_run_id, run_dir
@@ -239,7 +240,12 @@ def resume(ident: str, include_nodes: list[str] | None = None) -> tuple[RunRecor
     executor(record.executor).recheck(spec, Path(record.run_dir))
     record.paths.cancel_marker.unlink(missing_ok=True)
     job_id = submit_attempt(record, spec, index)
-    return record, job_id, save(record, index, strict=False)
+    warning = save(record, index, strict=False)
+    try:
+        evals.repoint(record, job_id)
+    except Failure as exc:  # the attempt is queued: an evaluation left waiting is a warning
+        warning = f"an evaluation still waits on the earlier attempt: {exc.lines[0]}"
+    return record, job_id, warning
 
 
 def cancel(ident: str) -> tuple[RunRecord, list[str], str | None]:

@@ -287,6 +287,15 @@ def scancel(job_ids: list[str]) -> None:
         raise Failure(f"scancel failed: {_one_line(proc.stderr)}")
 
 
+def set_dependency(job_id: str, dependency: str) -> None:
+    """A pending job waits on another job from now on (``scontrol update``; SLURM refuses it once the
+    job started)."""
+    proc = _run(["scontrol", "update", f"JobId={job_id}", f"Dependency={dependency}"])
+    if proc.returncode != 0:
+        why = _one_line(proc.stderr)
+        raise Failure(f"scontrol update JobId={job_id} Dependency={dependency} failed: {why}")
+
+
 # ------------------------------------------------------------------------------------- queries
 SQUEUE_ARGS = ("-h", "--states=all", "-o", "%i|%T|%r|%S", "-j")  # %S: a pending job's expected start
 # -D: every run of a requeued job (slurmdbd; jobcomp logs one line per run anyway); -X: no steps.

@@ -10,13 +10,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from cluster import nodes
+from cluster import evals, nodes
 from cluster.attempts import AttemptState
-from cluster.executors import Job, executor
+from cluster.executors import Job, Jobs, executor
 from cluster.progress import Progress, open_run_store, read_heartbeats, read_progress
 from cluster.record import RunRecord
 from launch.store.format import is_local_url
-from schemas.contract import excluded_nodes, stalled_for, wandb_run_id
+from schemas.contract import EvalRequest, excluded_nodes, stalled_for, wandb_run_id
 
 
 def read_all_progress(records: list[RunRecord]) -> dict[str, Progress]:
@@ -39,20 +39,30 @@ def attempt_states(
 ) -> tuple[dict[str, dict[str, AttemptState]], list[str]]:
     """State of every attempt of every run: {run_id: {job_id: AttemptState}}, and warnings; one batched
     query per executor."""
-    handles, warnings = ask_executors(records)
-    return states_of(handles, progress), warnings
+    asked = ask_executors(records)
+    return states_of(asked.attempts, progress), asked.warnings
 
 
-def ask_executors(records: list[RunRecord]) -> tuple[dict[str, list[Job]], list[str]]:
-    """The handles of every attempt of these runs with their executors' answers (one batched query per
-    executor: one ``squeue`` and one ``sacct`` for all SLURM runs), and warnings."""
-    out: dict[str, list[Job]] = {}
-    warnings: list[str] = []
+def ask_executors(records: list[RunRecord]) -> Jobs:
+    """The handles of every attempt of these runs with their executors' answers, and the states of their
+    evaluation jobs (one batched query per executor: one ``squeue`` and one ``sacct`` for all SLURM
+    runs), and warnings."""
+    out = Jobs({}, {})
     for name in dict.fromkeys(r.executor for r in records):
-        jobs, more = executor(name).jobs([r for r in records if r.executor == name])
-        out.update(jobs)
-        warnings += more
-    return out, warnings
+        found = executor(name).jobs([r for r in records if r.executor == name])
+        out.attempts.update(found.attempts)
+        out.evals.update(found.evals)
+        out.warnings += found.warnings
+    return out
+
+
+def eval_rows(rec: RunRecord, asked: list[tuple[EvalRequest, AttemptState]]) -> list[dict[str, Any]]:
+    """The run's evaluation jobs for ``pixpro status``: state, and the result once there is one."""
+    out = []
+    for request, job in asked:
+        found = evals.result(rec, request.eval_id)
+        out.append(evals.row(request, evals.state(found, job), found))
+    return out
 
 
 def states_of(
@@ -91,10 +101,10 @@ def stalled(rec: RunRecord, st: AttemptState, now: float) -> tuple[AttemptState,
 
 def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
     with ThreadPoolExecutor(max_workers=1) as pool:  # SLURM answers while the stores are read
-        asked = pool.submit(ask_executors, records)
+        asking = pool.submit(ask_executors, records)
         progress = read_all_progress(records)
-        handles, warnings = asked.result()
-    states = states_of(handles, progress)
+        asked = asking.result()
+    states, warnings = states_of(asked.attempts, progress), asked.warnings
     now = time.time()
     rows = []
     for rec in records:
@@ -146,6 +156,7 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
                 "store_error": p.error,
                 "sweep_id": rec.sweep_id or None,  # the sweep this run is a member of
                 "sweep_values": rec.sweep_values,  # its swept spec values
+                "evals": eval_rows(rec, asked.evals.get(rec.run_id, [])),  # pixpro eval --submit
                 **commit_health(p, rec.resources.get("signal_lead_s")),
             }
         )

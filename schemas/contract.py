@@ -15,6 +15,7 @@ Run folder (``runs/<run_id>/`` on the login node, shared with the compute nodes)
     checkpoints/    the checkpoint store, unless checkpoint.url points elsewhere
     heartbeats/<node>.json   each node agent's view of its ranks' progress (hang watchdog, status)
     node_failures/  one NodeFailure per rank failure blamed on its node (``sbatch --exclude`` after two)
+    evals/<eval_id>/   an evaluation run as a job (``pixpro eval --submit``): request, result, its logs
 
 :class:`RunPaths` spells each of them from the run folder; every path either side uses comes from it.
 
@@ -29,6 +30,8 @@ Checkpoint store (any fsspec URL; format and commit protocol in :mod:`launch.sto
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from enum import IntEnum
 from pathlib import Path
 from typing import Literal
@@ -51,6 +54,8 @@ TENSORBOARD_DIR = "tensorboard"
 """Rank 0's TensorBoard event files; each attempt's file starts with a purge at its first new step, so
 steps a resumed attempt repeats replace the earlier attempt's (``tensorboard --logdir`` reads it)."""
 LOCAL_DIR = "local"
+EVALS_DIR = "evals"
+"""In the run folder: one :class:`EvalPaths` folder per evaluation submitted as a job."""
 HEARTBEATS_DIR = "heartbeats"
 """In the run folder: ``heartbeats/<node>.json`` (:class:`NodeHeartbeat`), rewritten every few seconds
 by each node's agent (:mod:`launch.watchdog`) from its ranks' heartbeats; ``pixpro status`` reads it."""
@@ -122,6 +127,56 @@ class RunPaths:
     def node_failures(self) -> Path:
         """One :class:`NodeFailure` file per rank failure blamed on its node."""
         return self.run_dir / NODE_FAILURES_DIR
+
+    @property
+    def evals(self) -> Path:
+        return self.run_dir / EVALS_DIR
+
+    def eval(self, eval_id: str) -> EvalPaths:
+        return EvalPaths(self.evals / eval_id)
+
+
+class EvalPaths:
+    """One evaluation job's folder: the login node writes the request, the job its result."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    @property
+    def eval_id(self) -> str:
+        return self.folder.name
+
+    @property
+    def request(self) -> Path:
+        """:class:`EvalRequest`, written by ``pixpro eval --submit`` (and again with the job id)."""
+        return self.folder / "request.json"
+
+    @property
+    def result(self) -> Path:
+        """:class:`EvalResult`, written by the job when it starts and when it ends."""
+        return self.folder / "result.json"
+
+    @property
+    def log(self) -> Path:
+        """The local executor's log of the job (SLURM's are in :attr:`submitit`)."""
+        return self.folder / "eval.log"
+
+    @property
+    def submitit(self) -> Path:
+        return self.folder / SUBMITIT_DIR
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temporary file and rename: a reader on either side never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def wandb_run_id(run_id: str) -> str:
@@ -219,6 +274,39 @@ class MetricsRecord(_Record):
     knn_top1: float | None = None
     knn_top5: float | None = None
     knn_step: int | None = None
+
+
+# -- evaluations run as jobs (``pixpro eval --submit``) -----------------------------------------------
+EvalTask = Literal["dense", "linear", "knn"]
+EvalState = Literal["running", "completed", "failed"]
+EVAL_HEADLINE = {"dense": ("miou", "pixel_accuracy"), "linear": ("top1", "top5"), "knn": ("top1", "top5")}
+"""The numbers of an evaluation's result that ``pixpro status`` shows, per task."""
+
+
+class EvalRequest(_Record):
+    """What to evaluate and where it runs; the job reads it, only the login node writes it."""
+
+    eval_id: str
+    task: EvalTask
+    data: str  # absolute path or URL: the job's working directory is the run's, not the user's
+    seed: int = 0
+    executor: str
+    submitted: float
+    after: str | None = None  # the run's job it waits for (SLURM afterok); None: the latest checkpoint now
+    job_id: str | None = None  # set once the executor took it
+    resources: dict[str, int | str | None] = {}
+
+
+class EvalResult(_Record):
+    """Written by the job: ``running`` when it starts, then ``completed`` with the tool's result or
+    ``failed`` with one error line."""
+
+    state: EvalState
+    started: float
+    ended: float | None = None
+    step: int | None = None  # the checkpoint's step that was evaluated
+    result: dict | None = None  # the tool's whole result (``pixpro eval --json``)
+    error: str | None = None
 
 
 # -- environment variables that cross a process boundary ---------------------------------------------

@@ -1,0 +1,104 @@
+"""What an evaluation job runs: :mod:`launch.eval_job` in a child process, from the run's working
+directory (relative data paths in its spec resolve there).
+
+On SLURM, :class:`EvalTask` is the callable submitit pickles; a failed evaluation raises, so the job
+ends FAILED. On the local executor ``python -m cluster.eval_runner RUN_DIR JOB_ID EVAL_ID`` runs
+detached (:func:`cluster.local.spawn`): with ``--after`` it first waits for the run's latest attempt
+and evaluates only a run that completed, as SLURM's ``afterok`` would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from cluster.attempts import local_state
+from cluster.local import LocalJob, read_job, write_job
+from cluster.record import read_local
+from schemas.contract import EvalRequest, EvalResult, Exit, RunPaths, atomic_write
+
+POLL_S = 2.0
+
+
+class EvalFailed(RuntimeError):
+    """The evaluation ended with a non-zero exit status (its result says why)."""
+
+
+@dataclass
+class EvalTask:
+    run_dir: str
+    eval_id: str
+    workdir: str
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-u", "-m", "launch.eval_job", self.run_dir, self.eval_id]
+
+    def __call__(self) -> None:
+        rc = subprocess.call(self.command(), cwd=self.workdir)
+        if rc != 0:
+            raise EvalFailed(f"eval {self.eval_id} of {self.run_dir} exited {rc}")
+
+
+def wait_for_run(run_dir: Path) -> str | None:
+    """Wait while the run's latest attempt is queued or running; None once it completed, else why the
+    evaluation will not run (one line)."""
+    paths = RunPaths(run_dir)
+    while True:
+        record = read_local(run_dir)
+        if not record.attempts:  # a sweep member the local sweep runner has not started yet
+            if paths.cancel_marker.exists():
+                return "the run was cancelled before it started"
+            time.sleep(POLL_S)
+            continue
+        job = record.attempts[-1]
+        st = local_state(read_job(run_dir, job), None, job in record.cancelled)
+        if st.active:
+            time.sleep(POLL_S)
+            continue
+        if st.state == "COMPLETED":
+            return None
+        return f"the run's attempt {job} ended {st.label()} before the run completed"
+
+
+def main(argv: list[str]) -> int:
+    run_dir, job_id, eval_id = Path(argv[0]), argv[1], argv[2]
+    paths = RunPaths(run_dir).eval(eval_id)
+    request = EvalRequest.model_validate_json(paths.request.read_bytes())
+    record = read_local(run_dir)
+    task = EvalTask(str(run_dir), eval_id, record.workdir)
+    child: list[subprocess.Popen[bytes]] = []
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        for proc in child:
+            proc.terminate()
+        if not child:
+            raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    job = LocalJob(job_id, os.getpid(), time.time(), None, None)
+    write_job(run_dir, job)
+    rc: int = Exit.FAILURE
+    try:
+        why = wait_for_run(run_dir) if request.after is not None else None
+        if why is not None:
+            now = time.time()
+            failed = EvalResult(state="failed", started=now, ended=now, error=f"not evaluated: {why}")
+            atomic_write(paths.result, failed.model_dump_json(indent=2).encode())
+            print(f"pixpro eval {eval_id}: not evaluated: {why}", flush=True)
+        else:
+            child.append(subprocess.Popen(task.command(), cwd=task.workdir))
+            rc = child[0].wait()
+    finally:
+        job.ended, job.exit_code = time.time(), rc
+        write_job(run_dir, job)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,141 @@
+"""Evaluation as a job (``pixpro eval RUN --submit [--after]``, ``pixpro submit --eval TASK``) on the
+local executor; the SLURM side (afterok, a resume re-pointing the dependency) is in
+``tests/test_eval_slurm.py``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cluster import evals
+from cluster.attempts import AttemptState
+from schemas.contract import EvalResult
+from tests.support.cli import assert_one_line_error, cli, wait_status, write_spec
+from tests.support.trainer import tiny_spec
+
+
+def _result(state: str, error: str | None = None) -> EvalResult:
+    return EvalResult(state=state, started=1.0, ended=None if state == "running" else 2.0, error=error)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("found", "job", "expected"),
+    [
+        (None, AttemptState("PENDING", "Dependency"), ("PENDING", "Dependency")),  # waits for the run
+        (None, AttemptState("PENDING", "DependencyNeverSatisfied"), ("PENDING", "DependencyNeverSatisfied")),
+        (None, AttemptState("RUNNING"), ("RUNNING", "")),  # started, not yet written its first result
+        (None, AttemptState("COMPLETED", "", 0), ("FAILED", "its job ended without a result")),
+        (None, AttemptState("CANCELLED"), ("CANCELLED", "")),
+        (None, AttemptState("REQUEUED", "preempted"), ("PENDING", "requeued")),
+        (_result("running"), AttemptState("RUNNING"), ("RUNNING", "")),
+        (_result("running"), AttemptState("FAILED", "exit 1"), ("FAILED", "ended without a result")),
+        (_result("running"), AttemptState("CANCELLED"), ("CANCELLED", "ended without a result")),
+        (_result("completed"), AttemptState("COMPLETED"), ("COMPLETED", "")),
+        (
+            _result("completed"),
+            AttemptState("UNKNOWN", "not in squeue or sacct"),
+            ("COMPLETED", ""),
+        ),  # forgotten
+        (_result("failed", "no checkpoint"), AttemptState("FAILED", "exit 3"), ("FAILED", "no checkpoint")),
+    ],
+)
+def test_an_evaluation_is_in_the_state_its_result_or_else_its_job_says(
+    found: EvalResult | None, job: AttemptState, expected: tuple[str, str]
+) -> None:
+    st = evals.state(found, job)
+    assert (st.state, st.reason) == expected
+
+
+def test_the_headline_is_the_tasks_numbers_or_the_state() -> None:
+    knn = {"task": "knn", "state": "COMPLETED", "reason": "", "top1": 0.5234, "top5": 0.9, "step": 400}
+    assert evals.headline(knn) == "top-1 52.3% top-5 90.0% @ step 400"
+    dense = {
+        "task": "dense",
+        "state": "COMPLETED",
+        "reason": "",
+        "miou": 0.41,
+        "pixel_accuracy": 0.8,
+        "step": 7,
+    }
+    assert evals.headline(dense) == "mIoU 41.0% pixel acc 80.0% @ step 7"
+    waiting = {"task": "knn", "state": "PENDING", "reason": "Dependency"}
+    assert evals.headline(waiting) == "PENDING (Dependency)"
+
+
+def test_usage_errors_are_one_line_exit_2_and_queue_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    spec = write_spec(tmp_path / "spec.json", tiny_spec(tmp_path / "data"))
+    cases = [
+        (["eval", "r1", "--submit", "--random-init", "--data", "d"], "do not go with --submit"),
+        (["eval", "r1", "--after", "--data", "d"], "go with --submit"),
+        (
+            ["eval", "r1", "--submit", "--task", "segment"],
+            "--task segment: must be one of dense, linear, knn",
+        ),
+        (["eval", "r1", "--submit", "--set", "optim.base_lr=1"], "takes only resources.* settings"),
+        (["eval", "r1", "--task", "knn"], "--data: labelled data to evaluate on is required"),
+        (["submit", "--executor", "local", "--eval-data", "d", str(spec)], "--eval-data: only with --eval"),
+        (
+            ["submit", "--executor", "local", "--eval", "segment", str(spec)],
+            "must be one of dense, linear, knn",
+        ),
+        (["submit", "--executor", "local", "--eval", "knn", str(spec)], "needs labelled data"),
+    ]
+    for args, words in cases:
+        line = assert_one_line_error(cli(*args, home=home, cwd=tmp_path), 2)
+        assert words in line, (args, line)
+    assert not (home / "runs").exists() or not any((home / "runs").iterdir())
+
+
+def _evals_done(row: dict[str, Any], n: int) -> bool:
+    found = row.get("evals") or []
+    return len(found) == n and all(e["state"] in ("COMPLETED", "FAILED") for e in found)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_local_evaluations_after_the_run_and_of_its_last_checkpoint(tmp_path: Path) -> None:
+    """``submit --eval knn`` waits for the run, evaluates its final checkpoint and status shows it; an
+    evaluation of a completed run starts at once; ``--after`` of a run that cannot complete is refused."""
+    home, data = tmp_path / "home", tmp_path / "data"
+    spec = write_spec(tmp_path / "spec.json", tiny_spec(data))
+    proc = cli(
+        "submit", "--json", "--executor", "local", "--no-preflight", "--eval", "knn", "--eval-data", "data",
+        str(spec), home=home, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    run_id, job = out["run_id"], out["job_id"]
+    assert out["evals"] == [{"run_id": run_id, "eval_id": "knn-1", "job_id": "eval-knn-1", "after": job}]
+    request = json.loads((home / "runs" / run_id / "evals" / "knn-1" / "request.json").read_bytes())
+    assert request["data"] == str(data)  # relative to where the user typed it, made absolute
+    row = wait_status(home, run_id, lambda r: _evals_done(r, 1), 400)
+    assert row["state"] == "COMPLETED", row
+    (knn,) = row["evals"]
+    assert knn["state"] == "COMPLETED" and knn["step"] == row["total_steps"] == 10, knn
+    assert 0 <= knn["top1"] <= knn["top5"] <= 1
+
+    dense = cli(
+        "eval", run_id, "--task", "dense", "--data", str(data), "--submit", "--after", "--json", home=home
+    )
+    assert dense.returncode == 0, dense.stderr
+    assert json.loads(dense.stdout)["after"] is None  # the run completed already: nothing to wait for
+    row = wait_status(home, run_id, lambda r: _evals_done(r, 2), 300)
+    assert [(e["eval_id"], e["state"]) for e in row["evals"]] == [
+        ("knn-1", "COMPLETED"),
+        ("dense-1", "COMPLETED"),
+    ]
+    assert 0 <= row["evals"][1]["miou"] <= 1 and row["evals"][1]["step"] == 10
+    table = cli("status", run_id, home=home)
+    assert "knn-1" in table.stdout and "top-1" in table.stdout and "mIoU" in table.stdout, table.stdout
+
+    missing = cli(
+        "eval", run_id, "--task", "knn", "--data", str(tmp_path / "nope"), "--submit", "--json", home=home
+    )
+    assert missing.returncode == 0, missing.stderr  # queued: the job finds out, and says so in its result
+    row = wait_status(home, run_id, lambda r: _evals_done(r, 3), 300)
+    failed = row["evals"][2]
+    assert failed["state"] == "FAILED" and "does not exist" in failed["reason"], failed
