@@ -183,15 +183,14 @@ def repoint(record: RunRecord, job_id: str) -> list[str]:
     """After ``pixpro resume``: evaluations still waiting on an earlier attempt of the run wait on
     ``job_id`` instead (SLURM takes a new dependency while a job is pending; a local one follows the
     run's latest attempt by itself); returns their eval ids."""
-    from cluster import slurm
+    from cluster.executors import executor
     from cluster.status import ask_executors
 
     moved = []
     for request, job in ask_executors([record]).evals.get(record.run_id, []):
         if not request.after or request.after == job_id or job.state != "PENDING":
             continue
-        if request.job_id and request.executor == "slurm":
-            slurm.set_dependency(request.job_id, f"afterok:{job_id}")
+        executor(request.executor).eval_waits_on(request, job_id)
         request.after = job_id
         write_request(record, request)
         moved.append(request.eval_id)

@@ -94,6 +94,9 @@ class Executor(Protocol):
     def eval_log(self, record: RunRecord, request: EvalRequest) -> Path:
         """Where the evaluation job's output goes."""
 
+    def eval_waits_on(self, request: EvalRequest, job_id: str) -> None:
+        """A pending evaluation job waits for ``job_id`` from now on (after ``pixpro resume``)."""
+
     def job(self, record: RunRecord, job_id: str) -> Job:
         """The handle of one attempt of the run (asks nothing until its state is wanted)."""
 
@@ -222,6 +225,10 @@ class SlurmExecutor:
     def eval_log(self, record: RunRecord, request: EvalRequest) -> Path:
         return record.paths.eval(request.eval_id).submitit / f"{request.job_id}_0_log.out"
 
+    def eval_waits_on(self, request: EvalRequest, job_id: str) -> None:
+        if request.job_id:  # SLURM takes a new dependency while the job is pending
+            slurm.set_dependency(request.job_id, f"afterok:{job_id}")
+
     def job(self, record: RunRecord, job_id: str) -> Job:
         return SlurmJobHandle(record, job_id)
 
@@ -321,6 +328,9 @@ class LocalExecutor:
 
     def eval_log(self, record: RunRecord, request: EvalRequest) -> Path:
         return local.log_path(Path(record.run_dir), str(request.job_id))
+
+    def eval_waits_on(self, request: EvalRequest, job_id: str) -> None:
+        return None  # the local runner waits for whatever attempt is the run's latest
 
     def job(self, record: RunRecord, job_id: str) -> Job:
         return LocalJobHandle(record, job_id)

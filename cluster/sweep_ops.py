@@ -135,11 +135,12 @@ def plan_sweep(
         problems = _shared_problems(plans, members)
     if problems:
         raise UsageError(problems)
+    own_checkpoint_folders(plans)
     return SweepPlan(new_sweep_id(plans[0].spec.name), members, plans, max_parallel)
 
 
 def _shared_problems(plans: list[runs.Submission], members: list[dict[str, str]]) -> list[str]:
-    """Members share one sbatch script (resources) and must not share a checkpoint folder."""
+    """Members share one sbatch script (resources)."""
     problems = []
     first = plans[0].spec.resources
     for plan, values in zip(plans[1:], members[1:], strict=True):
@@ -148,13 +149,19 @@ def _shared_problems(plans: list[runs.Submission], members: list[dict[str, str]]
                 f"sweep member {member_label(values)}: resources differ from member "
                 f"{member_label(members[0])}'s (a sweep is one job array: one sbatch script for every member)"
             )
-    urls = [p.spec.checkpoint.url for p in plans]
-    if len(set(urls)) < len(urls):
-        problems.append(
-            f"checkpoint.url {urls[0]} would be shared by every member: "
-            "leave it unset (each run gets its own folder)"
-        )
     return problems
+
+
+def own_checkpoint_folders(plans: list[runs.Submission]) -> None:
+    """A ``checkpoint.url`` the members would share (the spec's own, e.g. an S3 prefix) becomes one
+    folder per member below it, ``<url>/<run_id>``: exact resume needs a store per run."""
+    urls = [p.spec.checkpoint.url for p in plans]
+    if len(set(urls)) == len(urls):
+        return
+    for plan in plans:
+        ckpt = plan.spec.checkpoint
+        url = f"{str(ckpt.url).rstrip('/')}/{plan.run_id}"
+        plan.spec = plan.spec.model_copy(update={"checkpoint": ckpt.model_copy(update={"url": url})})
 
 
 def submit_sweep(plan: SweepPlan) -> tuple[SweepRecord, list[RunRecord], list[str]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import assert_one_line_error, cli, status_json, wait_status
+from tests.support.procs import wait_for
 from tests.test_cli_slurm import DATA_DIR, SHARED, _jobs, cluster, home, spec_file, submit
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -61,11 +62,12 @@ def test_eval_after_waits_for_the_run_follows_its_resume_and_reports_in_status(
     assert ev["step"] == row["total_steps"] and 0 <= ev["top1"] <= ev["top5"] <= 1, ev
     log = home / "runs" / run_id / "evals" / "knn-1" / "submitit" / f"{eval_job}_0_log.out"
     assert "pixpro eval knn-1: completed at step" in log.read_text(), log
-    sacct = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-o", "JobName,State", "-j", eval_job],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert sacct.stdout.split("\n")[0].endswith("-eval-knn|COMPLETED"), sacct.stdout
+
+    def job_ended() -> str:
+        args = ["sacct", "-X", "-n", "-P", "-o", "JobName,State", "-j", eval_job]
+        line = subprocess.run(args, capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+        return line if line.split("|")[-1] in ("COMPLETED", "FAILED", "CANCELLED") else ""
+
+    ended = wait_for("the evaluation job's end in sacct", job_ended, 120)  # it exits after the result
+    assert ended.endswith("-eval-knn|COMPLETED"), ended
     assert status_json(home, run_id)["evals"][0]["top1"] == ev["top1"]

@@ -13,6 +13,8 @@ from tests.support.cli import cli, status_json, wait_status
 from tests.support.procs import wait_for
 from tests.support.trainer import assert_identical, final_state
 from tests.test_cli_slurm import (
+    DATA_DIR,
+    SHARED,
     _jobs,
     cluster,
     finished,
@@ -35,7 +37,7 @@ def test_sweep_is_one_array_and_a_requeued_member_ends_equal_to_its_own_run(
     refs = {lr: submit(home, spec_file, "--set", f"optim.base_lr={lr}") for lr in ("2.0", "4.0")}
     proc = cli(
         "submit", "--json", "--max-parallel", "2", "--sweep", "optim.base_lr=2,4", str(spec_file),
-        home=home, cwd=spec_file.parent,
+        "--eval", "knn", "--eval-data", str(SHARED / DATA_DIR), home=home, cwd=spec_file.parent,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -43,6 +45,9 @@ def test_sweep_is_one_array_and_a_requeued_member_ends_equal_to_its_own_run(
     _jobs.append(array)
     assert [m["job_id"] for m in members] == [f"{array}_0", f"{array}_1"], out
     assert [m["sweep_values"] for m in members] == [{"optim.base_lr": 2.0}, {"optim.base_lr": 4.0}]
+    # one evaluation per member, each afterok on its array task
+    assert [(e["run_id"], e["after"]) for e in out["evals"]] == [(m["run_id"], m["job_id"]) for m in members]
+    _jobs.extend(e["job_id"] for e in out["evals"])
 
     first = members[0]
     ckpt = run_dir(home, first["run_id"]) / "checkpoints"
@@ -58,6 +63,12 @@ def test_sweep_is_one_array_and_a_requeued_member_ends_equal_to_its_own_run(
     assert json.loads((ckpt / "latest").read_bytes())["attempt"] == f"{first['job_id']}.1"
     assert (run_dir(home, first["run_id"]) / "submitit" / f"{first['job_id']}_0_log.out").exists()
 
+    def evaluated(r: dict) -> bool:
+        return r["evals"][0]["state"] in ("COMPLETED", "FAILED")
+
+    for m in members:
+        (ev,) = wait_status(home, m["run_id"], evaluated, 300)["evals"]
+        assert ev["state"] == "COMPLETED" and ev["step"] == rows[0]["total_steps"], ev
     listed = status_json(home, out["sweep_id"])
     assert [(r["sweep_id"], r["sweep_values"], r["state"]) for r in listed] == [
         (out["sweep_id"], m["sweep_values"], "COMPLETED") for m in members
