@@ -207,25 +207,30 @@ def submit_sweep(plan: SweepPlan) -> tuple[SweepRecord, list[RunRecord], list[st
 
 
 def cancel_sweep(sweep: SweepRecord) -> list[tuple[str, list[str]]]:
-    """Cancel every member. Members not started yet are marked first, so the local sweep runner leaves
-    them; one it started meanwhile has its attempt by then and is cancelled with the others."""
+    """Cancel every member. Members not started yet are marked first, under their start lock, so the
+    local sweep runner leaves them; one it started before has its attempt and is cancelled with the
+    others."""
     from cluster.record import atomic_write
+    from cluster.sweep_runner import member_lock
 
     index = Index()
     for run_id in sweep.run_ids:
-        record = index.find(run_id)
-        if not record.attempts:
-            atomic_write(record.paths.cancel_marker, f"{time.time()}\n".encode())
+        with member_lock(index.find(run_id)):
+            if not index.find(run_id).attempts:
+                atomic_write(index.find(run_id).paths.cancel_marker, f"{time.time()}\n".encode())
     return [(run_id, runs.cancel(run_id)[1]) for run_id in sweep.run_ids]
 
 
 def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str]]:
-    """Resume every member that has not completed and has no attempt queued or running."""
+    """Resume every member that has not completed and has no attempt queued or running; a member the
+    local sweep runner will still start is left to it (resuming it would start it twice)."""
     from cluster.status import attempt_states, read_all_progress, run_state
+    from cluster.sweep_runner import member_lock, runner_alive
 
     index = Index()
     records = [index.find(r) for r in sweep.run_ids]
     states, _ = attempt_states(records, read_all_progress(records))
+    waiting = runner_alive(sweeps_dir() / sweep.sweep_id)
     resumed = []
     problems = []
     for record in records:
@@ -233,7 +238,10 @@ def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str]]:
         if run_state(record, st).state == "COMPLETED" or any(s.active for s in st.values()):
             continue
         try:
-            _, job_id, _ = runs.resume(record.run_id)
+            with member_lock(record):
+                if not index.find(record.run_id).attempts and waiting:
+                    continue  # its turn has not come: the runner starts it
+                _, job_id, _ = runs.resume(record.run_id)
         except Failure as exc:
             problems += [f"run {record.run_id}: {line}" for line in exc.lines]
             continue

@@ -3,16 +3,20 @@
 SLURM bounds a job array's running tasks itself (``--array=...%N``); on this machine a sweep with
 ``--max-parallel`` below its size gets this runner, which starts each member's first attempt (as
 ``pixpro submit`` would) once fewer than N members run, in order. A member cancelled or resumed
-before its turn is left to the user.
+before its turn is left out; the member's start lock (:func:`member_lock`) keeps the runner and a
+``pixpro cancel``/``resume`` of the member from acting at the same moment.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from cluster import local
@@ -38,6 +42,29 @@ def spawn_sweep_runner(sweep_dir: Path) -> int:
     return proc.pid
 
 
+@contextlib.contextmanager
+def member_lock(record: RunRecord) -> Iterator[None]:
+    """Exclusive, across processes, for deciding whether a sweep member starts."""
+    path = record.paths.start_lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def runner_alive(sweep_dir: Path) -> bool:
+    """The sweep's runner is still starting members (pid alive and running this module)."""
+    try:
+        pid = int(json.loads((sweep_dir / RUNNER_FILE).read_bytes())["pid"])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return b"cluster.sweep_runner" in cmdline and str(sweep_dir).encode() in cmdline
+
+
 def running(record: RunRecord) -> bool:
     """The member's latest local attempt has not ended."""
     job_id = record.latest_job
@@ -61,11 +88,13 @@ def main(argv: list[str]) -> int:
     while pending:
         busy = sum(running(index.find(run_id)) for run_id in sweep.run_ids)
         while pending and busy < slots:
-            record = index.find(pending.pop(0))
-            if record.attempts or record.paths.cancel_marker.exists():
-                continue  # resumed or cancelled before its turn
-            job_id = submit_attempt(record, load_spec(record.spec_path), index)
-            warning = save(record, index, strict=False)
+            run_id = pending.pop(0)
+            with member_lock(index.find(run_id)):
+                record = index.find(run_id)  # as it is now that no cancel or resume acts on it
+                if record.attempts or record.paths.cancel_marker.exists():
+                    continue  # resumed or cancelled before its turn
+                job_id = submit_attempt(record, load_spec(record.spec_path), index)
+                warning = save(record, index, strict=False)
             print(f"started {record.run_id} as {job_id}" + (f" (warning: {warning})" if warning else ""))
             busy += 1
         time.sleep(POLL_S)

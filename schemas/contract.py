@@ -132,6 +132,12 @@ class RunPaths:
     def evals(self) -> Path:
         return self.run_dir / EVALS_DIR
 
+    @property
+    def start_lock(self) -> Path:
+        """Held while a sweep member's first attempt is started, cancelled before it starts or resumed:
+        the local sweep runner and ``pixpro cancel``/``resume`` never act on a member at once."""
+        return self.run_dir / ".start.lock"
+
     def eval(self, eval_id: str) -> EvalPaths:
         return EvalPaths(self.evals / eval_id)
 

@@ -237,6 +237,9 @@ def test_cancelling_a_local_sweep_keeps_its_runner_from_starting_the_rest(
     first, second = out["members"]
     wait_status(home, first["run_id"], lambda r: r["state"] == "RUNNING", 120)
     assert status_json(home, second["run_id"])["state"] == "PENDING"
+    # a member waiting for its slot is the runner's to start: a resume of the sweep leaves it
+    early = cli("resume", out["sweep_id"], home=home)
+    assert early.returncode == 0 and "still queued or running" in early.stdout, early
     cancel = cli("cancel", out["sweep_id"], home=home)
     assert cancel.returncode == 0 and cancel.stdout.count("cancelled run ") == 1, cancel
     wait_status(home, first["run_id"], lambda r: r["state"] == "CANCELLED", 120)
