@@ -565,7 +565,9 @@ def export_(
 @app.command("eval")
 @guard
 def eval_(
-    ident: Annotated[str, _SOURCE],
+    ident: Annotated[
+        str, typer.Argument(metavar="RUN", help=_SOURCE.help + " With --submit: a run or sweep id.")
+    ],
     data: Annotated[
         str | None,
         typer.Option(
@@ -611,13 +613,18 @@ def eval_(
             raise errors.UsageError("--random-init and --spec do not go with --submit: it evaluates the run")
         from cluster import evals
         from cluster.executors import executor
+        from cluster.sweep import find_sweep
 
-        record, request = evals.submit_for_run(
-            _check_id(ident), task, data, seed=seed, after=after, gpus=gpus, sets=sets or ()
-        )
+        group = find_sweep(_check_id(ident))
+        queued = [
+            evals.submit_for_run(run_id, task, data, seed=seed, after=after, gpus=gpus, sets=sets or ())
+            for run_id in (group.run_ids if group else [ident])
+        ]
         if as_json:
-            typer.echo(json.dumps({"run_id": record.run_id, **request.model_dump(mode="json")}))
-        else:
+            rows = [{"run_id": rec.run_id, **req.model_dump(mode="json")} for rec, req in queued]
+            typer.echo(json.dumps(rows if group else rows[0]))
+            return
+        for record, request in queued:
             typer.echo(evals.summary(record, request))
             log = executor(record.executor).eval_log(record, request)
             typer.echo(f"  pixpro status {record.run_id}    its log: {log}")

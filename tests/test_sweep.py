@@ -175,6 +175,18 @@ def test_local_sweep_runs_members_max_parallel_at_a_time_then_cancel_and_resume_
     resume = cli("resume", sweep_id, home=home)
     assert resume.returncode == 0 and "every member completed" in resume.stdout, resume
 
+    # an evaluation of every member in one command
+    data = str(spec_file.parent / "data")
+    proc = cli("eval", sweep_id, "--task", "knn", "--data", data, "--submit", "--json", home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert [(e["run_id"], e["eval_id"]) for e in json.loads(proc.stdout)] == [
+        (m["run_id"], "knn-1") for m in members
+    ]
+    for m in members:
+        (ev,) = wait_status(home, m["run_id"], lambda r: r["evals"][0]["state"] != "RUNNING", 300)["evals"]
+        assert ev["state"] == "COMPLETED" and ev["step"] == 20, ev
+    assert "top-1" in cli("status", sweep_id, home=home).stdout  # the sweep table's EVAL column
+
 
 def test_array_tasks_not_started_yet_share_one_squeue_and_sacct_line() -> None:
     from cluster import slurm
