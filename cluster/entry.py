@@ -73,7 +73,7 @@ record models are ours and need no plugin."""
 
 def parse(argv: list[str]) -> tuple[str, dict[str, Any]] | None:
     """The hot command and its keywords, or None: the Typer app answers (help, errors, ``--``, a dash
-    value, a value Click would refuse...)."""
+    value, a value Typer would refuse...)."""
     if not argv or argv[0] not in HOT:
         return None
     params = HOT[argv[0]]

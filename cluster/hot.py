@@ -21,7 +21,8 @@ _ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
 
 
 def echo(text: str, nl: bool = True) -> None:
-    """``typer.echo`` for the ASCII this module prints (JSON with ``ensure_ascii``, rich's own output)."""
+    """``typer.echo`` for what this module prints: ASCII (``json.dumps`` escapes everything else, so
+    there is no colour code for ``typer.echo`` to strip)."""
     sys.stdout.write(text + "\n" if nl else text)
     sys.stdout.flush()
 
