@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import functools
 import json
-import math
-import os
-import re
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from cluster import errors
-from cluster.errors import EXIT_FAILURE, EXIT_USAGE, PixproError
-from schemas.contract import DEBUG_ENV, Exit, one_line
+from cluster import errors, hot
+from cluster.errors import EXIT_FAILURE, EXIT_USAGE
+from cluster.exits import exit_status
+from cluster.exits import say as _err
+from cluster.hot import check_id as _check_id
+from schemas.contract import Exit
 
 try:  # typer >= 0.22 vendors click
     from typer._click.exceptions import ClickException, UsageError
@@ -32,22 +31,7 @@ except ImportError:  # pragma: no cover - older typer on real click
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_INTERRUPTED = Exit.INTERRUPTED
 
-
-_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]{0,127}")
 SET_HELP = "Override one spec value, validated like the file and recorded in the run (repeatable)."
-
-
-def _err(line: str) -> None:
-    print(f"pixpro: {one_line(line)}", file=sys.stderr, flush=True)
-
-
-def _check_id(ident: str) -> str:
-    """Run and job ids are short words: refuse anything else before any lookup (an empty id must not
-    mean "all runs", an option-like one must not reach a subprocess)."""
-    if not _ID.fullmatch(ident):
-        shown = one_line(repr(ident), 60)
-        raise errors.UsageError(f"ID {shown}: not a run or job id (letters, digits, _ . : -; at most 128)")
-    return ident
 
 
 def guard(fn: F) -> F:
@@ -59,32 +43,11 @@ def guard(fn: F) -> F:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, ClickException):
             raise
-        except PixproError as exc:
-            for line in exc.lines:
-                _err(line)
-            raise typer.Exit(exc.code) from None
-        except KeyboardInterrupt:
-            _err("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        except OSError as exc:
-            if exc.filename is None or os.environ.get(DEBUG_ENV):
+        except (KeyboardInterrupt, Exception) as exc:
+            code = exit_status(exc)
+            if code is None:
                 raise
-            # a path the user gave: too long, a folder, no permission... one line, exit 2
-            name = one_line(exc.filename, 100)
-            _err(f"{name}: {exc.strerror or type(exc).__name__}")
-            raise typer.Exit(EXIT_USAGE) from None
-        except Exception as exc:
-            # the spec models are only loaded by commands that read specs (status must not build them)
-            spec_error = getattr(sys.modules.get("schemas.spec.errors"), "SpecError", None)
-            if spec_error is not None and isinstance(exc, spec_error):
-                for line in exc.problems:
-                    _err(line)
-                raise typer.Exit(EXIT_USAGE) from None
-            if os.environ.get(DEBUG_ENV):
-                raise
-            detail = " ".join(str(exc).split())[:300]
-            _err(f"internal error: {type(exc).__name__}: {detail} (PIXPRO_DEBUG=1 shows more)")
-            raise typer.Exit(EXIT_FAILURE) from None
+            raise typer.Exit(code) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -155,15 +118,7 @@ def validate(
     ] = False,
 ) -> None:
     """Check a spec and print it with every default filled in (JSON)."""
-    from cluster.specs import resolve_spec, spec_json
-
-    resolved = resolve_spec(spec, overrides=sets or ())
-    if deep:
-        from cluster.preflight import run_preflight
-
-        summary = run_preflight(resolved)
-        _err(f"preflight passed in {summary.get('total_s', '?')} s (loss {summary.get('loss', 0):.4g})")
-    typer.echo(spec_json(resolved), nl=False)
+    hot.validate(spec, sets, deep)
 
 
 # ----------------------------------------------------------------------------------------- submit
@@ -407,68 +362,7 @@ def status(
     ] = 5.0,
 ) -> None:
     """Runs, their attempts and states, progress, last checkpoint, LR, EMA momentum and throughput."""
-    if not (math.isfinite(interval) and 0.5 <= interval <= 3600):
-        raise errors.UsageError(f"--interval {interval}: must be a number of seconds from 0.5 to 3600")
-    if ident is not None:
-        _check_id(ident)
-    from cluster.index import Index
-    from cluster.status import checkpoint_warnings, collect
-    from cluster.sweep import find_sweep
-
-    index = Index()
-    group = find_sweep(ident) if ident else None
-
-    def rows() -> tuple[list[dict[str, Any]], list[str]]:
-        records = (
-            ([index.find(r) for r in group.run_ids] if group else [index.find(ident)])
-            if ident
-            else index.all()
-        )
-        found, warnings = collect(records)
-        unreadable = [r for r in found if r["store_error"]]
-        warnings += [
-            f"run {r['run_id']}: cannot read {r['checkpoint_url']}: {r['store_error']}" for r in unreadable
-        ]
-        warnings += [w for r in found for w in checkpoint_warnings(r)]
-        return found, warnings
-
-    if as_json:
-        found, warnings = rows()
-        for w in warnings:
-            _err(f"warning: {w}")
-        typer.echo(json.dumps(found[0] if ident and not group else found, indent=2, sort_keys=True))
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        first = pool.submit(rows)  # SLURM answers while rich is imported
-        from rich.console import Console
-
-        from cluster import render
-
-        console = Console(width=None if sys.stdout.isatty() else 200)
-        answer = first.result()
-
-    def view(answer: tuple[list[dict[str, Any]], list[str]] | None = None) -> Any:
-        found, warnings = answer or rows()
-        for w in warnings:
-            _err(f"warning: {w}")
-        if not found:
-            return "No runs yet. Start one with: pixpro submit SPEC  (runs are kept in $PIXPRO_HOME)"
-        return render.grouped(found)
-
-    if not watch:
-        console.print(view(answer))
-        return
-    from rich.live import Live
-
-    try:
-        with Live(view(answer), console=console, auto_refresh=False) as live:
-            while True:
-                time.sleep(interval)
-                live.update(view(), refresh=True)
-    except KeyboardInterrupt:
-        return
+    hot.status(ident, as_json, watch, interval)
 
 
 # ----------------------------------------------------------------------------------------- logs / cancel

@@ -14,13 +14,16 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster.attempts import AttemptState
 from cluster.errors import Failure, UsageError
 from cluster.record import RunRecord
 from launch.store.format import absolute_url
-from schemas.contract import EVAL_HEADLINE, EvalRequest, EvalResult, atomic_write
+from schemas.contract import EVAL_HEADLINE, atomic_write
+
+if TYPE_CHECKING:
+    from schemas.contract import EvalRequest, EvalResult
 
 TASKS = tuple(EVAL_HEADLINE)
 RESOURCE_KEYS = "resources."
@@ -86,6 +89,7 @@ def submit(
 ) -> EvalRequest:
     """Write the request, queue the job through the run's executor, record its job id."""
     from cluster.executors import executor
+    from schemas.contract import EvalRequest
 
     eval_id = _new_folder(record, task)
     resources = spec.resources
@@ -121,6 +125,8 @@ def requests(record: RunRecord) -> list[EvalRequest]:
     folder = record.paths.evals
     if not folder.is_dir():
         return []
+    from schemas.contract import EvalRequest  # the model (pydantic) only for a run with evaluations
+
     out = []
     for path in folder.glob("*/request.json"):
         try:
@@ -131,6 +137,8 @@ def requests(record: RunRecord) -> list[EvalRequest]:
 
 
 def result(record: RunRecord, eval_id: str) -> EvalResult | None:
+    from schemas.contract import EvalResult
+
     try:
         return EvalResult.model_validate_json(record.paths.eval(eval_id).result.read_bytes())
     except (OSError, ValueError):

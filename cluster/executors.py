@@ -19,11 +19,12 @@ from cluster.errors import Failure, UsageError
 from cluster.preflight import check_local_gpus
 from cluster.record import RunRecord, read_local
 from cluster.torchrun import LOCAL_ENDPOINT
-from schemas.contract import SUBMITIT_DIR, EvalRequest, RunPaths
+from schemas.contract import SUBMITIT_DIR, RunPaths
 
 if TYPE_CHECKING:
     from cluster.index import Index
     from schemas import RunSpec
+    from schemas.contract import EvalRequest
 
 RECENT_S = 120.0  # a job this young may not be visible to squeue/sacct yet: PENDING, not UNKNOWN
 

@@ -10,15 +10,24 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cluster.errors import UsageError
 from cluster.record import RunRecord
-from schemas.contract import NodeFailure, RunPaths, excluded_nodes, failure_counts
+from schemas.contract import RunPaths, excluded_nodes, failure_counts
+
+if TYPE_CHECKING:
+    from schemas.records import NodeFailure
 
 
 def failures(run_dir: Path) -> list[NodeFailure]:
+    paths = sorted(RunPaths(run_dir).node_failures.glob("*.json"))
+    if not paths:
+        return []  # a run no node failed needs no model (pixpro status need not import pydantic)
+    from schemas.records import NodeFailure
+
     out = []
-    for path in sorted(RunPaths(run_dir).node_failures.glob("*.json")):
+    for path in paths:
         with contextlib.suppress(OSError, ValueError):
             out.append(NodeFailure.model_validate_json(path.read_bytes()))
     return out

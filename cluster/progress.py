@@ -12,10 +12,13 @@ import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launch.store import CheckpointStore
-from schemas.contract import METRICS_DIR, STATUS_FILE, NodeHeartbeat, RunPaths
+from schemas.contract import METRICS_DIR, STATUS_FILE, RunPaths
+
+if TYPE_CHECKING:
+    from schemas.records import NodeHeartbeat
 
 READ_TIMEOUT_S = 10.0
 """Per-call deadline of the CLI's store reads: a stalled S3 server costs ``pixpro status`` seconds, not
@@ -114,8 +117,13 @@ def read_progress(store: CheckpointStore) -> Progress:
 def read_heartbeats(run_dir: str | Path) -> list[NodeHeartbeat]:
     """The run folder's ``heartbeats/<node>.json`` files (the nodes' agents write them; unreadable or
     half-written ones are skipped)."""
+    paths = sorted(RunPaths(run_dir).heartbeats.glob("*.json"))
+    if not paths:
+        return []  # no model to build (pixpro status need not import pydantic)
+    from schemas.records import NodeHeartbeat
+
     out = []
-    for path in sorted(RunPaths(run_dir).heartbeats.glob("*.json")):
+    for path in paths:
         with contextlib.suppress(OSError, ValueError):
             out.append(NodeHeartbeat.model_validate_json(path.read_bytes()))
     return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster import evals, nodes
 from cluster.attempts import AttemptState
@@ -16,7 +16,10 @@ from cluster.executors import Job, Jobs, executor
 from cluster.progress import Progress, open_run_store, read_heartbeats, read_progress
 from cluster.record import RunRecord
 from launch.store.format import is_local_url
-from schemas.contract import EvalRequest, excluded_nodes, stalled_for, wandb_run_id
+
+if TYPE_CHECKING:
+    from schemas.contract import EvalRequest
+from schemas.contract import excluded_nodes, stalled_for, wandb_run_id
 
 
 def read_all_progress(records: list[RunRecord]) -> dict[str, Progress]:

@@ -34,9 +34,16 @@ import os
 import tempfile
 from enum import IntEnum
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+if TYPE_CHECKING:
+    from schemas.records import EvalRequest as EvalRequest
+    from schemas.records import EvalResult as EvalResult
+    from schemas.records import MetricsRecord as MetricsRecord
+    from schemas.records import NodeFailure as NodeFailure
+    from schemas.records import NodeHeartbeat as NodeHeartbeat
+    from schemas.records import RankBeat as RankBeat
+    from schemas.records import TrainerStatus as TrainerStatus
 
 # -- run folder --------------------------------------------------------------------------------------
 SPEC_FILE = "spec.json"
@@ -233,86 +240,11 @@ class Exit(IntEnum):
 TrainerState = Literal["running", "completed", "preempted", "diverged"]
 
 
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="allow")  # readers keep what a newer writer added
-
-
-class TrainerStatus(_Record):
-    """``status.json``: rewritten by rank 0 when an attempt starts and when it ends."""
-
-    updated: float
-    state: TrainerState
-    step: int
-    total_steps: int
-    epoch: int
-    attempt: str
-    committed_step: int | None = None
-    data_skips: int | None = None
-    last_commit_s: float | None = None  # hand-over to 'latest' moved, of the newest commit
-    last_commit_time: float | None = None  # wall clock of the newest commit
-    store_error: str | None = None  # the checkpoint store's last failure, while it lasts
-    preempt_committed: bool | None = None  # a preemption's final checkpoint made it within the lead time
-    diverged: str | None = None  # why a diverged attempt stopped, in one line
-
-
-class MetricsRecord(_Record):
-    """One line of ``metrics/<attempt>.<chunk>.jsonl`` (every ``log_every_steps``)."""
-
-    time: float
-    attempt: str
-    step: int
-    epoch: int
-    loss: float
-    lr: float
-    ema_momentum: float
-    img_per_s: float
-    positives: float
-    total_steps: int
-    resumed_from: int | None = None
-    data_skips: int | None = None  # samples replaced by the next usable one so far in this attempt
-    commit_s: float | None = None  # duration of the most recent committed checkpoint (hand-over to latest)
-    store_error: str | None = None  # the checkpoint store is failing now (the last error)
-    skipped_steps: int | None = None  # steps not applied (non-finite gradients) so far in this attempt
-    steps_per_s: float | None = None  # over the last log interval: ``pixpro status`` estimates the end
-    scaler_skipped_steps: int | None = None  # fp16 only: steps GradScaler skipped (expected) in this attempt
-    # the kNN monitor's newest result and the step it was measured at, carried on every record after it
-    # (a record with knn_step == step is the evaluation itself)
-    knn_top1: float | None = None
-    knn_top5: float | None = None
-    knn_step: int | None = None
-
-
 # -- evaluations run as jobs (``pixpro eval --submit``) -----------------------------------------------
 EvalTask = Literal["dense", "linear", "knn"]
 EvalState = Literal["running", "completed", "failed"]
 EVAL_HEADLINE = {"dense": ("miou", "pixel_accuracy"), "linear": ("top1", "top5"), "knn": ("top1", "top5")}
 """The numbers of an evaluation's result that ``pixpro status`` shows, per task."""
-
-
-class EvalRequest(_Record):
-    """What to evaluate and where it runs; the job reads it, only the login node writes it."""
-
-    eval_id: str
-    task: EvalTask
-    data: str  # absolute path or URL: the job's working directory is the run's, not the user's
-    seed: int = 0
-    executor: str
-    submitted: float
-    after: str | None = None  # the run's job it waits for (SLURM afterok); None: the latest checkpoint now
-    job_id: str | None = None  # set once the executor took it
-    resources: dict[str, int | str | None] = {}
-
-
-class EvalResult(_Record):
-    """Written by the job: ``running`` when it starts, then ``completed`` with the tool's result or
-    ``failed`` with one error line."""
-
-    state: EvalState
-    started: float
-    ended: float | None = None
-    step: int | None = None  # the checkpoint's step that was evaluated
-    result: dict | None = None  # the tool's whole result (``pixpro eval --json``)
-    error: str | None = None
 
 
 # -- environment variables that cross a process boundary ---------------------------------------------
@@ -357,25 +289,6 @@ def preemption_deadlines(signal_lead_s: float) -> tuple[float, float]:
 
 
 # -- heartbeats: hang detection ----------------------------------------------------------------------
-class RankBeat(_Record):
-    """One rank's newest heartbeat: what it last did (``phase`` at ``step``) and when."""
-
-    rank: int
-    pid: int
-    step: int
-    phase: str  # starting, train (step+1 in progress), monitor (the kNN monitor), checkpoint, final-flush
-    time: float
-    limit_s: float | None = None  # no progress for longer is a hang; None: not armed (before step 1)
-    stopped: bool = False  # the process is stopped (SIGSTOP, a debugger): the OS says so
-
-
-class NodeHeartbeat(_Record):
-    """``heartbeats/<node>.json``: a node's ranks as its agent saw them at ``updated``."""
-
-    node: str
-    updated: float
-    ranks: list[RankBeat]
-    hang: str | None = None  # the watchdog's line, once it found a hung rank on this node
 
 
 GONE_AGENT_S = 60.0
@@ -407,16 +320,6 @@ SLURM_NODE_NAME = "SLURMD_NODENAME"
 """SLURM's name of the node a job step runs on (``--exclude`` takes it); the host name elsewhere."""
 
 
-class NodeFailure(_Record):
-    """One rank's failure on one node, blamed on the node."""
-
-    node: str
-    rank: int
-    attempt: str
-    cause: str  # one line: "killed by SIGKILL", "hang: ...", "CUDA error: ..."
-    time: float
-
-
 def node_failure_file(failure: NodeFailure) -> str:
     """Unique per event (attempt, round time, rank): nodes never write the same file."""
     return f"{NODE_FAILURES_DIR}/{failure.node}.{failure.attempt}.rank{failure.rank}.{failure.time:.3f}.json"
@@ -433,3 +336,25 @@ def failure_counts(failures: list[NodeFailure], forgotten: dict[str, float]) -> 
 
 def excluded_nodes(counts: dict[str, int]) -> list[str]:
     return sorted(node for node, n in counts.items() if n >= EXCLUDE_AFTER)
+
+
+# -- the records' models (pydantic), built on first use --------------------------------------------
+RECORDS = (
+    "TrainerStatus",
+    "MetricsRecord",
+    "RankBeat",
+    "NodeHeartbeat",
+    "NodeFailure",
+    "EvalRequest",
+    "EvalResult",
+)
+"""Defined in :mod:`schemas.records` and importable from here: importing the contract alone (``pixpro
+status``) imports no pydantic."""
+
+
+def __getattr__(name: str) -> Any:
+    if name not in RECORDS:
+        raise AttributeError(f"module 'schemas.contract' has no attribute {name!r}")
+    import schemas.records
+
+    return getattr(schemas.records, name)

@@ -32,7 +32,7 @@ ALLOWED = {
     (Path("pixpro/sources.py"), "manifest.json"): "a data pack's own manifest (pixpro.sources owns it)",
     (Path("launch/sinks.py"), "tensorboard"): "the sink's name, the spec's logging.tensorboard switch",
     (Path("pixpro/sources.py"), c.MAX_LINE): "a read error's cause, cut where pixpro (no schemas) raises it",
-    (Path("cluster/cli.py"), c.MAX_LINE): "the status table's width when stdout is not a terminal",
+    (Path("cluster/hot.py"), c.MAX_LINE): "the status table's width when stdout is not a terminal",
 }
 PROCESS_TREE = ("launch/run.py", "launch/train.py", "cluster/node_task.py", "cluster/local.py")
 """Modules whose exit statuses travel from a trainer rank up to sbatch: :class:`schemas.contract.Exit`."""
