@@ -34,7 +34,7 @@ lint: venv
 PYTEST_PARALLEL ?=
 PYTEST_ARGS ?=
 
-# No root, no services (SLURM, moto server), about 6 minutes on 2 idle cores in one process: the
+# No root, no services (SLURM, moto server), about 8 minutes on 2 idle cores in one process: the
 # end-to-end trainer runs (slow) and the SLURM tests (cluster) are left to `make test`.
 test-unit: venv
 	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not cluster and not slow" $(PYTEST_ARGS)
