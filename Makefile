@@ -27,17 +27,19 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# One process by default: on 2 cores, 4 xdist workers measured no faster than one (41:38 against 42:26
-# for the whole suite) and pushed CPU-bound checks past their budgets. With more cores, e.g.
-# PYTEST_PARALLEL="-n 8 --dist loadgroup" (tests in one xdist_group share a worker: tests/conftest.py).
-# PYTEST_ARGS adds options (e.g. `-p randomly` to shuffle).
+# `make test` runs in one process by default (the whole suite, 52 min on 2 idle cores, has not been
+# measured on workers on an idle machine); with more cores, e.g. PYTEST_PARALLEL="-n 8 --dist loadgroup"
+# (tests in one xdist_group share a worker: tests/conftest.py). PYTEST_ARGS adds options (e.g.
+# `-p randomly` to shuffle).
 PYTEST_PARALLEL ?=
 PYTEST_ARGS ?=
+# `make test-unit` on two workers: 4:23 against 7:36 in one process, 800 tests on 2 idle cores.
+UNIT_PARALLEL ?= -n 2
 
-# No root, no services (SLURM, moto server), about 8 minutes on 2 idle cores in one process: the
-# end-to-end trainer runs (slow) and the SLURM tests (cluster) are left to `make test`.
+# No root, no services (SLURM, moto server), about 4.5 minutes on 2 idle cores: the end-to-end trainer
+# runs (slow) and the SLURM tests (cluster) are left to `make test`.
 test-unit: venv
-	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not cluster and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(UNIT_PARALLEL) -m "not cluster and not slow" $(PYTEST_ARGS)
 
 test: services lint
 	$(PY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
