@@ -243,15 +243,10 @@ def submit_for_run(
     return record, submit(record, task, data, seed=seed, after=waits, spec=spec, cwd=Path.cwd())
 
 
-def submit_after_runs(records: list[RunRecord], task: str, data: str) -> list[EvalRequest]:
-    """``pixpro submit --eval TASK``: one evaluation per run just queued, each after its run's job."""
-    out = []
-    for record in records:
-        spec = eval_spec(record, None, ())
-        out.append(
-            submit(record, task, data, seed=0, after=record.latest_job or "", spec=spec, cwd=Path.cwd())
-        )
-    return out
+def submit_after_run(record: RunRecord, task: str, data: str) -> EvalRequest:
+    """``pixpro submit --eval TASK``: an evaluation of a run just queued, after its run's job."""
+    spec, after = eval_spec(record, None, ()), record.latest_job or ""
+    return submit(record, task, data, seed=0, after=after, spec=spec, cwd=Path.cwd())
 
 
 def for_submit(task: str | None, data: str | None, spec: Any) -> tuple[str, str] | None:
@@ -271,7 +266,7 @@ def queue_after(
     queued, warnings = [], []
     for record in records:
         try:
-            (request,) = submit_after_runs([record], *eval_of)
+            request = submit_after_run(record, *eval_of)
         except (Failure, UsageError) as exc:
             later = f"pixpro eval {record.run_id} --task {eval_of[0]} --submit --after"
             warnings.append(f"run {record.run_id}: evaluation not queued ({exc.lines[0]}): {later}")
