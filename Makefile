@@ -27,11 +27,12 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# `make test` runs in one process by default (the whole suite, 52 min on 2 idle cores, has not been
-# measured on workers on an idle machine); with more cores, e.g. PYTEST_PARALLEL="-n 8 --dist loadgroup"
-# (tests in one xdist_group share a worker: tests/conftest.py). PYTEST_ARGS adds options (e.g.
+# `make test` runs on two pytest-xdist workers, `--dist loadgroup` (tests in one xdist_group share a
+# worker: every SLURM test is in group `slurm`, tests/conftest.py): 37 min against 52 in one process on
+# 2 idle cores, measured before the end-to-end tests moved to squeezenet1_1. PYTEST_PARALLEL= runs one
+# process; more cores, e.g. PYTEST_PARALLEL="-n 8 --dist loadgroup". PYTEST_ARGS adds options (e.g.
 # `-p randomly` to shuffle).
-PYTEST_PARALLEL ?=
+PYTEST_PARALLEL ?= -n 2 --dist loadgroup
 PYTEST_ARGS ?=
 # `make test-unit` on two workers: 4:23 against 7:36 in one process, 800 tests on 2 idle cores.
 UNIT_PARALLEL ?= -n 2

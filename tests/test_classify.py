@@ -18,7 +18,7 @@ from launch.tools.labelled import dominant_class, load_labelled
 from pixpro.demo_data import generate_demo_dataset
 from schemas import load_spec
 from tests.support.cli import cli
-from tests.support.trainer import tiny_spec, write_spec
+from tests.support.trainer import TINY_BACKBONE, tiny_spec, write_spec
 
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}
 
@@ -137,7 +137,7 @@ def test_pixpro_weights_through_the_cli_are_deterministic_and_seeded(tmp_path: P
     assert table.returncode == 0 and table.stdout.splitlines()[0].startswith("| task | weights |"), (
         table.stderr
     )
-    assert "| knn | resnet18 pixpro |" in table.stdout
+    assert f"| knn | {TINY_BACKBONE} pixpro |" in table.stdout
 
 
 def test_bad_tasks_and_data_are_one_line_exit_2(tmp_path: Path) -> None:

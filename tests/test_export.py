@@ -16,15 +16,18 @@ from launch.tools.export import main
 from launch.tools.weights import load_online_encoder
 from pixpro.model import build_backbone
 from schemas import load_spec
+from tests.support.shared import run_once
 from tests.support.trainer import final_state, tiny_spec, write_spec
 
 pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def run(tiny_run: Path) -> Path:
-    """A finished 10-step resnet18 run laid out as the CLI does: run/spec.json, run/checkpoints/."""
-    return tiny_run / "run"
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 10-step resnet18 run laid out as the CLI does: run/spec.json, run/checkpoints/ (the
+    formats are the resnet family's: torchvision's resnet18 and detectron2's ResNet)."""
+    spec = tiny_spec(Path("data"), model__backbone="resnet18")
+    return run_once(tmp_path_factory, "tiny-run-resnet18", spec) / "run"
 
 
 def _export(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:

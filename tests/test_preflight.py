@@ -21,12 +21,13 @@ from cluster.errors import UsageError
 from cluster.preflight import check_local_gpus, local_gpus, run_preflight
 from launch import preflight
 from schemas import parse_spec
+from tests.support.trainer import TINY_BACKBONE
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def small_spec(tmp_path: Path, **changes: Any) -> dict[str, Any]:
-    """resnet18 at crop 64 on two demo images, checkpoints in tmp: a preflight of a few seconds."""
+    """The tests' tiny backbone at crop 64 on four demo images, checkpoints in tmp: a preflight of seconds."""
     spec: dict[str, Any] = {
         "name": "pf",
         "data": {
@@ -36,7 +37,7 @@ def small_spec(tmp_path: Path, **changes: Any) -> dict[str, Any]:
             "batch_size": 4,
             "num_workers": 0,
         },
-        "model": {"backbone": "resnet18", "projector_hidden": 64, "projector_out": 32},
+        "model": {"backbone": TINY_BACKBONE, "projector_hidden": 64, "projector_out": 32},
         "precision": "fp32",
         "checkpoint": {"url": str(tmp_path / "ckpt")},
     }

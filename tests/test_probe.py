@@ -16,7 +16,7 @@ from launch.tools.probe import main, miou, run
 from pixpro.demo_data import generate_demo_dataset
 from pixpro.model import build_backbone
 from schemas import load_spec
-from tests.support.trainer import tiny_spec, write_spec
+from tests.support.trainer import TINY_BACKBONE, tiny_spec, write_spec
 
 pytestmark = [pytest.mark.slow]
 
@@ -57,9 +57,8 @@ def test_probe_is_deterministic_and_reports_json(demo, checkpoint, capsys):
     second = json.loads(capsys.readouterr().out)
     assert first == second
     assert first["train_images"] == 12 and first["test_images"] == 3  # last 20% by name held out
-    assert (
-        first["backbone"] == "resnet18" and first["weights"] == "pixpro" and first["feature_size"] == [2, 2]
-    )
+    assert first["backbone"] == TINY_BACKBONE and first["weights"] == "pixpro"
+    assert first["feature_size"] == [3, 3]  # squeezenet1_1 at 64 px
     assert 0 <= first["miou"] <= 1 and first["miou"] == pytest.approx(
         np.mean(list(first["per_class_iou"].values()))
     )
@@ -71,8 +70,8 @@ def test_probe_is_deterministic_and_reports_json(demo, checkpoint, capsys):
 def test_random_init_baseline_is_seeded(demo, checkpoint):
     _, spec = checkpoint
     a = run(None, str(spec), demo, random_init=True, seed=1, epochs=2)
-    b = run(None, None, demo, random_init=True, seed=1, epochs=2, backbone_name="resnet18")
-    c = run(None, None, demo, random_init=True, seed=2, epochs=2, backbone_name="resnet18")
+    b = run(None, None, demo, random_init=True, seed=1, epochs=2, backbone_name=TINY_BACKBONE)
+    c = run(None, None, demo, random_init=True, seed=2, epochs=2, backbone_name=TINY_BACKBONE)
     assert a.weights == "random-init" and a.step is None
     assert a.miou == b.miou and a.per_class_iou == b.per_class_iou
     assert c.per_class_iou != a.per_class_iou

@@ -103,7 +103,7 @@ def test_a_state_that_is_not_finite_is_never_saved(make_trainer):
     trainer._train_step(trainer.model, next(batches))
     trainer.step += 1
     with torch.no_grad():
-        trainer.model.backbone.conv1.weight.fill_(float("nan"))
+        next(trainer.model.backbone.parameters()).fill_(float("nan"))  # the first conv's weight
     trainer._train_step(trainer.model, next(batches))
     trainer.step += 1
     with pytest.raises(Diverged, match="state at step 2 holds non-finite values"):

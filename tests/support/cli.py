@@ -24,7 +24,7 @@ SETUP_HINT = f"run `bash {REPO / 'cluster/slurm/setup.sh'}` as root first (it st
 CLUSTER_TINY = {
     "seed": 0,
     "data__demo": {"num_images": 32, "image_size": 48, "seed": 0},
-    "data__crop_size": 40,  # resnet18 needs > 32 px for a 2x2 map
+    "data__crop_size": 40,  # a 2x2 feature map (resnet18 and squeezenet1_1 need over 32 px)
     "data__crop_scale": [0.08, 1.0],
     "optim__epochs": 100,
     "optim__warmup_epochs": 1,
