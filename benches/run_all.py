@@ -14,6 +14,7 @@ BENCHES = [
     "bench_probe.py",
     "bench_status.py",
     "bench_cli.py",
+    "bench_startup.py",
     "bench_s3.py",
     "bench_deadlines.py",
 ]

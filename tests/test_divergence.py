@@ -23,6 +23,7 @@ def test_an_absurd_learning_rate_ends_diverged_with_finite_checkpoints_and_no_re
         tiny_spec(
             data_root,
             optim__optimizer="sgd",
+            model__backbone="resnet18",  # the dynamics below are resnet18's
             optim__base_lr=1e10,  # step 1 is finite and saved; from step 2 on every step overflows
             checkpoint__every_steps=1,
             resources__max_restarts=2,

@@ -14,6 +14,7 @@ import inspect
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support.shared import once
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHES = REPO / "benches"
@@ -44,9 +47,16 @@ def _run(out: Path, data: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory) -> tuple[Path, Path, dict]:
-    out, data = tmp_path_factory.mktemp("gpu_check"), tmp_path_factory.mktemp("gpu_check_data") / "demo"
-    res = _run(out, data)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    """One ``--cpu`` run a session (:func:`tests.support.shared.once`), only read by its users: a module
+    fixture set up again (pytest-xdist may tear it down between two of its tests) finds it made."""
+
+    def make(folder: Path) -> None:
+        (folder / "out").mkdir()
+        res = _run(folder / "out", folder / "data" / "demo")
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    folder = once(tmp_path_factory, "gpu-check-cpu", make)
+    out, data = folder / "out", folder / "data" / "demo"
     return out, data, json.loads((out / "gpu_check.json").read_text())
 
 
@@ -143,8 +153,10 @@ def test_other_cpu_results(cpu_run):
 
 
 @slow
-def test_only_reruns_one_check_and_keeps_the_others(cpu_run):
-    out, data, record = cpu_run
+def test_only_reruns_one_check_and_keeps_the_others(cpu_run, tmp_path):
+    shared, data, record = cpu_run
+    out = tmp_path / "out"
+    shutil.copytree(shared, out)  # the shared run stays as it was made
     res = _run(out, data, "--only", "env")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     merged = json.loads((out / "gpu_check.json").read_text())

@@ -86,7 +86,10 @@ def test_tensorboard_and_wandb_offline_are_continuous_across_a_resume(tmp_path, 
     10: tensorboard's reader sees each step once with the final values, and both attempts log to one
     W&B run (offline). A W&B key in the environment appears in no file the run wrote."""
     wandb_cfg = {"project": "pixpro-test", "mode": "offline", "tags": ["ci"]}
-    spec = write_spec(tmp_path / "spec.json", tiny_spec(data_root, logging__wandb=wandb_cfg))
+    # resnet18: its steps outlast a commit, so step 3 is committed (not superseded) before step 5 stops
+    spec = write_spec(
+        tmp_path / "spec.json", tiny_spec(data_root, logging__wandb=wandb_cfg, model__backbone="resnet18")
+    )
     run = tmp_path / "run"
     key = "0123456789abcdef0123456789abcdef01234567"
     env = {"WANDB_API_KEY": key, "WANDB_SILENT": "true"}
