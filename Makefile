@@ -28,9 +28,10 @@ lint: venv
 	$(VENV)/bin/mypy
 
 # `make test` runs on two pytest-xdist workers, `--dist loadgroup` (tests in one xdist_group share a
-# worker: every SLURM test is in group `slurm`, tests/conftest.py): 37 min against 52 in one process on
-# 2 idle cores, measured before the end-to-end tests moved to squeezenet1_1. PYTEST_PARALLEL= runs one
-# process; more cores, e.g. PYTEST_PARALLEL="-n 8 --dist loadgroup". PYTEST_ARGS adds options (e.g.
+# worker: every SLURM test is in group `slurm`, tests/conftest.py): 31 min on 2 idle cores (875 tests;
+# .ci/run 34 min with its set-up); 52 min in one process before the local end-to-end tests moved to
+# squeezenet1_1. PYTEST_PARALLEL= runs one process; more cores, e.g. PYTEST_PARALLEL="-n 8 --dist
+# loadgroup". PYTEST_ARGS adds options (e.g.
 # `-p randomly` to shuffle).
 PYTEST_PARALLEL ?= -n 2 --dist loadgroup
 PYTEST_ARGS ?=
