@@ -17,6 +17,7 @@ from schemas.contract import STATUS_FILE
 from tests.conftest_s3 import s3_storage_options
 from tests.support.procs import wait_for
 from tests.support.trainer import (
+    SLOW_BACKBONE,
     Tail,
     assert_identical,
     final_state,
@@ -31,8 +32,8 @@ pytestmark = [pytest.mark.slow]
 
 def test_sigterm_while_an_upload_is_in_flight_commits_the_final_state(tmp_path, moto_s3, fault_proxy, s3_url):
     data_root = tmp_path / "data"
-    # resnet18's 135 MB checkpoints: an upload through the slowed proxy is still in flight at the signal
-    longer = {"optim__epochs": 7, "optim__max_steps": 40, "model__backbone": "resnet18"}
+    # an upload through the slowed proxy is still in flight at the signal
+    longer = {"optim__epochs": 7, "optim__max_steps": 40, "model__backbone": SLOW_BACKBONE}
     golden_spec = write_spec(tmp_path / "golden.json", tiny_spec(data_root, **longer))
     assert run_trainer(golden_spec, tmp_path / "golden").returncode == 0
     golden = final_state(str(tmp_path / "golden" / "checkpoints"))

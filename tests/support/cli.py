@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.support.trainer import tiny_spec
+from tests.support.trainer import SLOW_BACKBONE, tiny_spec
 
 REPO = Path(__file__).resolve().parents[2]
 PIXPRO = str(Path(sys.executable).with_name("pixpro"))
@@ -23,9 +23,7 @@ SETUP_HINT = f"run `bash {REPO / 'cluster/slurm/setup.sh'}` as root first (it st
 
 CLUSTER_TINY = {
     "seed": 0,
-    # resnet18, not TINY_BACKBONE: the SLURM tests signal, requeue and cancel a 20-step run from outside
-    # once it has committed, and need its steps slow enough that it is still running when they land.
-    "model__backbone": "resnet18",
+    "model__backbone": SLOW_BACKBONE,  # signalled, requeued and cancelled from outside mid-run
     "data__demo": {"num_images": 32, "image_size": 48, "seed": 0},
     "data__crop_size": 40,  # a 2x2 feature map (resnet18 and squeezenet1_1 need over 32 px)
     "data__crop_scale": [0.08, 1.0],

@@ -17,6 +17,10 @@ TINY_BACKBONE = "squeezenet1_1"
 """The end-to-end tests' backbone: 0.7 M parameters and an 11 MB checkpoint (resnet18: 11 M and 135 MB),
 about 8x less CPU a step; what they test (resume, preemption, stores, the CLI) is the same for any
 backbone, and the resnet family has tests of its own (model, LARS, SyncBN, export, preflight)."""
+SLOW_BACKBONE = "resnet18"
+"""The backbone of the tests that race a run's own pace: a signal from outside must land while the run
+still trains, a commit must come before the next checkpoint supersedes it, an upload (135 MB) must still
+be in flight at a signal."""
 
 
 def tiny_spec(data_root: Path, **overrides: Any) -> dict:
