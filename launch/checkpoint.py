@@ -32,19 +32,16 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import socket
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from launch import uploader
 from launch.collectives import Collectives
 from launch.snapshot import SharedBuffer, copy_in, plan
 from launch.store import CheckpointStore, CorruptCheckpoint, Manifest
@@ -54,8 +51,6 @@ from schemas.contract import TRAIN_FILE, rank_file
 log = logging.getLogger(__name__)
 
 __all__ = ["TRAIN_FILE", "Checkpointer", "from_bytes", "rank_file", "to_bytes"]
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def to_bytes(obj: Any) -> bytes:
@@ -91,7 +86,10 @@ class Checkpointer:
         retry_for_s: float = RETRY_FOR_S,
         hang_grace_s: float = HANG_GRACE_S,
         silent_s: float = 180.0,
+        spare: uploader.Started | None = None,
     ) -> None:
+        """``spare``: an uploader started early (:func:`launch.uploader.start`, by fork before this
+        process had threads), taken as the first one."""
         self.store = store
         self.rank = rank
         self.world_size = world_size
@@ -109,7 +107,8 @@ class Checkpointer:
         self._inflight: _Pending | None = None
         self._waiting: _Pending | None = None
         self._results: dict[int, bool] = {}
-        self._proc: subprocess.Popen | None = None
+        self._proc: uploader.Process | None = None
+        self._spare = spare
         self._conn: Connection | None = None
         self._ready = False
         self._closing = False
@@ -121,16 +120,8 @@ class Checkpointer:
 
     # --- the uploader process ---------------------------------------------------------------------
     def _start(self) -> None:
-        ours, theirs = socket.socketpair()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "launch.uploader", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
-        self._conn = Connection(ours.detach())
+        spare, self._spare = self._spare, None
+        self._proc, self._conn = spare or uploader.start()  # a restart: a fresh interpreter (threads run)
         self._ready, self._started = False, time.monotonic()
         cfg = {"store": self.store.config(), "rank": self.rank, "world_size": self.world_size}
         self._conn.send(("config", cfg))

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, LogsDest, Std, to_map
 
+from launch import forking
 from launch.node_failures import RECORDER
 from schemas.contract import ATTEMPT_ENV, PREEMPT_ENV, ROUND_ENV
 
@@ -43,9 +46,16 @@ def round_suffix(name: str, round_: int) -> str:
     return f"{name}.r{round_}" if round_ else name
 
 
-def install() -> None:
-    """Adjust torchrun's agent in this process (call before torch.distributed.run.main)."""
+def install(fork: tuple[str, Callable[[list[str]], int]] | None = None) -> None:
+    """Adjust torchrun's agent in this process (call before torch.distributed.run.main).
+
+    ``fork``: ``(module, main)`` of a trainer this process has imported; a worker torchrun would start
+    as ``python -u -m module ARGS`` is forked from here and runs ``main(ARGS)`` (:mod:`launch.forking`).
+    """
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler import (
+        SubprocessHandler,
+    )
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
@@ -67,6 +77,23 @@ def install() -> None:
             RECORDER.failed(result.failures, dict(self._pcontext.stderrs))
         return result
 
+    popen = SubprocessHandler._popen
+
+    def fork_or_popen(self: SubprocessHandler, args: tuple, env: dict[str, str]) -> Any:
+        if fork is None or not forking.enabled() or args[:4] != (sys.executable, "-u", "-m", fork[0]):
+            return popen(self, args, env)
+        main, argv = fork[1], list(args[4:])
+        return forking.fork_call(
+            lambda: main(argv),
+            list(args),
+            argv=[sys.modules[fork[0]].__file__ or fork[0], *argv],  # as python -m sets it
+            env=env,
+            stdout=self._stdout,
+            stderr=self._stderr,
+            new_session=True,  # as torchrun's Popen: its close() signals the worker's process group
+        )
+
+    SubprocessHandler._popen = fork_or_popen  # type: ignore[method-assign]
     DynamicRendezvousHandler.next_rendezvous = next_rendezvous  # type: ignore[method-assign]
     LocalElasticAgent._stop_workers = stop_workers  # type: ignore[method-assign]
     LocalElasticAgent._monitor_workers = monitor_workers  # type: ignore[method-assign]

@@ -17,11 +17,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from launch import elastic
+from launch import elastic, forking
 from launch.node_failures import RECORDER
 from launch.preempt import EXIT_PREEMPTED, forward_to_children, preemption_signals
 from launch.watchdog import Watchdog, run_dir_of
 from schemas.contract import ATTEMPT_ENV, EXIT_DIR_ENV, PREEMPT_ENV, SIGNAL_ENV, Exit, exit_marker
+
+TRAINER = "launch.train"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +40,14 @@ def main(argv: list[str] | None = None) -> int:
         torchrun_args = ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *torchrun_args]
     # Workers that torchrun starts after the signal (a restart racing the preemption) stop at once.
     forward_to_children(preemption_signals(user_signal), mark_env=PREEMPT_ENV)
-    elastic.install()
+    fork = None
+    if forking.enabled():  # the trainer's imports, paid once here instead of once per rank and restart
+        from launch import train
+        from pixpro import photometric_cpu
+
+        photometric_cpu.precompile()  # numba's machine code, loaded once for every rank
+        fork = (TRAINER, train.main)
+    elastic.install(fork)
     run_dir = run_dir_of(trainer_args)
     RECORDER.open(run_dir, os.environ.get(ATTEMPT_ENV) or "local")  # see launch.node_failures
     watchdog = Watchdog(run_dir).start()  # hung ranks: see launch.watchdog
@@ -49,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         failure: str | None = None
         code: int = Exit.OK
         try:
-            torchrun_main([*torchrun_args, "-m", "launch.train", *trainer_args])
+            torchrun_main([*torchrun_args, "-m", TRAINER, *trainer_args])
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else Exit.FAILURE
         except Exception as exc:  # torchrun's ChildFailedError already printed the details

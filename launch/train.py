@@ -24,7 +24,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from launch import heartbeat
+from launch import heartbeat, uploader
 from launch.batches import PREFETCH, loader_collate, release
 from launch.builders import (
     attempt_id,
@@ -79,6 +79,7 @@ class Trainer:
         flag: PreemptionFlag,
         collectives: Collectives | None = None,
         device: torch.device | None = None,
+        spare_uploader: uploader.Started | None = None,
     ) -> None:
         self.spec, self.run_dir, self.env, self.flag = spec, run_dir, env, flag
         self.collectives = collectives or Collectives()
@@ -89,8 +90,7 @@ class Trainer:
             keep_last=spec.checkpoint.keep_last,
             attempt=self.attempt,
         )
-        # first: the uploader process imports torch while this one builds the data and the model
-        self.checkpointer = Checkpointer(self.store, env.rank, env.world_size)
+        self.checkpointer = Checkpointer(self.store, env.rank, env.world_size, spare=spare_uploader)
         self.checkpointer.prefetch()  # a resume's download overlaps building the data and the model
         self.metrics = MetricsLog(self.store, self.attempt) if env.rank == 0 else None
         self.sinks = MetricSinks(sink_factories(spec, run_dir, self.attempt)) if env.rank == 0 else None
@@ -541,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", type=Path, help="run spec (JSON or YAML)")
     parser.add_argument("--run-dir", type=Path, default=None, help="local run folder (default runs/<name>)")
     args = parser.parse_args(argv)
+    # first, while this process has no threads: forked from here, the uploader costs no start-up of its
+    # own (launch.forking); else a fresh interpreter imports torch while this one builds the run
+    spare = uploader.start(fork=True)
     env = DistEnv.from_environ()
     _setup_logging(env.rank)
     try:
@@ -565,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     timeout_s = collective_timeout_s(RETRY_FOR_S + HANG_GRACE_S, commit_s, hang_timeout_s(spec))
     collectives = Collectives.start(env, device, timeout_s)
     try:
-        trainer = Trainer(spec, run_dir, env, flag, collectives, device)
+        trainer = Trainer(spec, run_dir, env, flag, collectives, device, spare)
         outcome = trainer.fit()
     except (SpecError, DatasetError) as exc:  # bad input: one line, no traceback, no barrier to hang in
         log.error("%s", exc)

@@ -26,15 +26,19 @@ import json
 import logging
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import IO, Any, cast
 
 import torch
 
+from launch import forking
 from launch.preempt import die_with_parent
 from launch.snapshot import BufferRef, TensorMeta, map_buffer, rebuild
 from launch.store import CheckpointStore, FileEntry
@@ -223,6 +227,28 @@ def _exit_with_parent(parent: int) -> None:
             os._exit(0)
 
 
+Process = subprocess.Popen | forking.ForkedProcess
+Started = tuple[Process, Connection]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start(fork: bool = False) -> Started:
+    """A new uploader and this process's end of its socket: ``python -m launch.uploader FD``, or with
+    ``fork`` (the trainer's first, before it has run a torch op or started a thread) forked from this
+    process where :func:`launch.forking.enabled`."""
+    ours, theirs = socket.socketpair()
+    fd = theirs.fileno()
+    proc: Process
+    cmd = [sys.executable, "-m", "launch.uploader", str(fd)]
+    if fork and forking.enabled() and threading.active_count() == 1:
+        proc = forking.fork_call(lambda: main([str(fd)]), cmd, argv=[__file__, str(fd)], keep_fds=[fd])
+    else:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.Popen(cmd, pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
+    theirs.close()
+    return proc, Connection(ours.detach())
+
+
 def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)  # the trainer handles preemption; we stop when it says so
@@ -231,12 +257,16 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     torch.set_num_threads(1)
     conn = Connection(int(argv[0]))
-    kind, cfg = conn.recv()
+    try:
+        kind, cfg = conn.recv()
+    except (EOFError, OSError):  # the trainer stopped before it needed an uploader
+        return 0
     assert kind == "config", kind
     logging.basicConfig(
         level=logging.WARNING,
         format=f"%(asctime)s [rank{cfg['rank']} uploader] %(levelname)s %(message)s",
         stream=sys.stderr,
+        force=True,  # forked from the trainer: its handlers are not ours
     )
     if os.environ.get(DEBUG_ENV):  # the raw exceptions behind each reported cause (ours only:
         logging.getLogger("launch").setLevel(logging.DEBUG)  # botocore's debug log shows the key id)

@@ -269,6 +269,9 @@ HEARTBEAT_DIR_ENV = "PIXPRO_HEARTBEAT_DIR"
 """Set by the launcher's watchdog for its workers: the node-local folder of their heartbeat files."""
 STOP_AT_STEP_ENV = "PIXPRO_STOP_AT_STEP"
 """Test hook: the trainer stops (as if preempted) once it reaches this step."""
+FORK_ENV = "PIXPRO_FORK"
+"""``0``: the launcher and the trainer start ranks and uploaders as fresh interpreters, not by fork from
+their own imported state (:mod:`launch.forking`)."""
 
 
 # -- preemption --------------------------------------------------------------------------------------
