@@ -53,6 +53,7 @@ from schemas import RunSpec, SpecError, hang_timeout_s, load_spec, spec_hash
 from schemas.contract import (
     EXIT_DIR_ENV,
     PREEMPT_ENV,
+    STEP_PAUSE_ENV,
     STOP_AT_STEP_ENV,
     Exit,
     exit_marker,
@@ -235,6 +236,7 @@ class Trainer:
         """Step until done ("completed") or until every rank agreed on a preemption ("preempted")."""
         spec = self.spec
         stop_at = int(os.environ.get(STOP_AT_STEP_ENV, -1))
+        pause_s = float(os.environ.get(STEP_PAUSE_ENV) or 0.0)
         last_ckpt_time = time.monotonic()
         t_last, n_last = time.monotonic(), self.step
         progress = _progress_bar(self.schedule.total_steps, self.step) if self.env.rank == 0 else None
@@ -253,6 +255,8 @@ class Trainer:
                     self.sampler.advance_steps(1)
                     if self.step == stop_at:
                         self.flag.trigger()
+                    if pause_s:
+                        time.sleep(pause_s)
                     monitored = self._monitor()
                     t_last += monitored or 0.0  # the rate counts training alone
                     if (

@@ -269,6 +269,9 @@ HEARTBEAT_DIR_ENV = "PIXPRO_HEARTBEAT_DIR"
 """Set by the launcher's watchdog for its workers: the node-local folder of their heartbeat files."""
 STOP_AT_STEP_ENV = "PIXPRO_STOP_AT_STEP"
 """Test hook: the trainer stops (as if preempted) once it reaches this step."""
+STEP_PAUSE_ENV = "PIXPRO_STEP_PAUSE_S"
+"""Test hook: the trainer sleeps this many seconds after each step, so a tiny run lasts long enough to be
+signalled, requeued or cancelled from outside mid-run without burning CPU on a bigger model."""
 FORK_ENV = "PIXPRO_FORK"
 """``0``: the launcher and the trainer start ranks and uploaders as fresh interpreters, not by fork from
 their own imported state (:mod:`launch.forking`)."""

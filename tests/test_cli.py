@@ -674,5 +674,5 @@ def test_local_executor_follow_runs_to_completion(home: Path, spec_file: Path, t
     acc = EventAccumulator(row["tensorboard_dir"])
     acc.Reload()  # what `tensorboard --logdir` shows: every logged step once
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 21))
-    for step_dir in (rdir / "checkpoints").glob("step-*"):  # ~150 MB each; pytest keeps old tmp dirs
+    for step_dir in (rdir / "checkpoints").glob("step-*"):  # ~11 MB each; pytest keeps old tmp dirs
         shutil.rmtree(step_dir)

@@ -70,7 +70,7 @@ def home() -> Iterator[Path]:
     path = SHARED / uuid.uuid4().hex[:8] / "home"
     path.mkdir(parents=True)
     yield path
-    # Checkpoints are ~150 MB each here; records and logs stay for a post-mortem.
+    # Checkpoints are ~11 MB each here; records and logs stay for a post-mortem.
     for step_dir in path.glob("runs/*/checkpoints/step-*"):
         shutil.rmtree(step_dir, ignore_errors=True)
 

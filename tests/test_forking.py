@@ -74,6 +74,7 @@ def test_the_child_gets_its_own_handlers_descriptors_environment_argv_and_title(
     listener = socket.create_server(("127.0.0.1", 0))
     kept_a, kept_b = socket.socketpair()
     previous = signal.signal(signal.SIGUSR1, lambda *_: None)
+    previous_int = signal.signal(signal.SIGINT, lambda *_: None)  # (xdist's workers ignore SIGINT)
 
     def parents_handler() -> None:
         parents_exit.write_text(str(os.getpid()))
@@ -118,6 +119,7 @@ def test_the_child_gets_its_own_handlers_descriptors_environment_argv_and_title(
     finally:
         atexit.unregister(parents_handler)
         signal.signal(signal.SIGUSR1, previous)
+        signal.signal(signal.SIGINT, previous_int)
         listener.close()
         kept_a.close()
         kept_b.close()

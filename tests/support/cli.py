@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.support.trainer import SLOW_BACKBONE, tiny_spec
+from schemas.contract import STEP_PAUSE_ENV
+from tests.support.trainer import tiny_spec
 
 REPO = Path(__file__).resolve().parents[2]
 PIXPRO = str(Path(sys.executable).with_name("pixpro"))
@@ -23,7 +24,6 @@ SETUP_HINT = f"run `bash {REPO / 'cluster/slurm/setup.sh'}` as root first (it st
 
 CLUSTER_TINY = {
     "seed": 0,
-    "model__backbone": SLOW_BACKBONE,  # signalled, requeued and cancelled from outside mid-run
     "data__demo": {"num_images": 32, "image_size": 48, "seed": 0},
     "data__crop_size": 40,  # a 2x2 feature map (resnet18 and squeezenet1_1 need over 32 px)
     "data__crop_scale": [0.08, 1.0],
@@ -34,6 +34,10 @@ CLUSTER_TINY = {
     "resources": {"nodes": 1, "gpus_per_node": 0, "time_limit_min": 60, "signal_lead_s": 60},
 }
 """The CLI/SLURM tests' run: 32 images of 48 px, crop 40, 20 steps, a commit every 2 steps (seconds a run)."""
+STEP_PAUSE_S = "0.35"
+"""What :func:`cli` runs pause after each step (``PIXPRO_STEP_PAUSE_S``): about a resnet18 step here, so
+a run signalled, requeued or cancelled from outside is still training when it lands, at the CPU cost of
+:data:`tests.support.trainer.TINY_BACKBONE`."""
 
 
 def cluster_tiny_spec(data_root: Path, name: str = "tiny", **overrides: Any) -> dict[str, Any]:
@@ -50,7 +54,7 @@ def cli(
     *args: str, home: Path, cwd: Path | None = None, timeout: float = 400, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run the installed ``pixpro`` console script."""
-    full_env = {**os.environ, "PIXPRO_HOME": str(home), **(env or {})}
+    full_env = {**os.environ, "PIXPRO_HOME": str(home), STEP_PAUSE_ENV: STEP_PAUSE_S, **(env or {})}
     return subprocess.run(
         [PIXPRO, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=full_env
     )
