@@ -80,6 +80,7 @@ def install(fork: tuple[str, Callable[[list[str]], int]] | None = None) -> None:
     popen = SubprocessHandler._popen
 
     def fork_or_popen(self: SubprocessHandler, args: tuple, env: dict[str, str]) -> Any:
+        env = forking.worker_env(env)
         if fork is None or not forking.enabled() or args[:4] != (sys.executable, "-u", "-m", fork[0]):
             return popen(self, args, env)
         main, argv = fork[1], list(args[4:])

@@ -3,16 +3,21 @@
 A rank imports torch, torchvision (whose ops import ``torch._dynamo``) and the trainer before it does
 anything: about 5 CPU-seconds (``benches/bench_startup.py``), paid again by every rank, every uploader
 and every restart after a failure. The node agent pays it once and forks its ranks from that state
-(:func:`install`); a rank forks its first uploader the same way. torch's DataLoader starts its workers
-like this too: fork after import, before any CUDA.
+(:func:`launch.elastic.install`); a rank forks its first uploader the same way. torch's DataLoader
+starts its workers like this too: fork after import, before any CUDA.
 
-Fork is taken only where it is safe: CUDA must not be initialized in the forking process (a forked child
-could not use it), else the caller starts a fresh interpreter as before. The child is made to look like
-a fresh one: its own session where asked (torchrun's ``start_new_session``), default signal handlers (the
-signals stay blocked until they are reset), no inherited socket (the agent's rendezvous store must die
-with the agent), none of the parent's exit handlers or finalizers, unbuffered stdio (``python -u``), the
-given environment and argv, and the command line it would have had (``ps``, ``pgrep -f launch.train``
-and py-spy see a rank as a rank). ``PIXPRO_FORK=0`` turns it off (every child a fresh interpreter).
+Fork is taken only where it is safe. A child cannot use CUDA once the forking process initialized it,
+or once torch "poisoned fork" there (any ``cudaGetDeviceCount``: ``torch.cuda.is_available()``, which
+torchrun's ``LaunchConfig`` calls in the agent, unless ``PYTORCH_NVML_BASED_CUDA_CHECK=1``, which
+:mod:`launch.run` sets for it). :func:`enabled` asks a throw-away child whether it would be poisoned,
+and where it would be and a GPU is visible the caller starts a fresh interpreter as before.
+
+The child is made to look like a fresh one: its own session where asked (torchrun's
+``start_new_session``), default signal handlers (the signals stay blocked until they are reset), no
+inherited socket (the agent's rendezvous store must die with the agent), none of the parent's exit
+handlers or finalizers, unbuffered stdio (``python -u``), the given environment and argv, and the
+command line it would have had (``ps``, ``pgrep -f launch.train`` and py-spy see a rank as a rank).
+``PIXPRO_FORK=0`` turns it off (every child a fresh interpreter).
 """
 
 from __future__ import annotations
@@ -40,14 +45,49 @@ import setproctitle
 from schemas.contract import FORK_ENV
 
 _BLOCKED = set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+NVML_CHECK_ENV = "PYTORCH_NVML_BASED_CUDA_CHECK"
+_SET_HERE_ENV = "_PIXPRO_NVML_CHECK_SET_BY_AGENT"
+
+
+def spare_device_checks() -> None:
+    """Make torch's CUDA availability checks in this process NVML-based, which do not poison fork (where
+    NVML answers: a GPU node), unless the user chose already; :func:`worker_env` keeps our choice from
+    the workers, whose own checks should stay torch's default."""
+    if NVML_CHECK_ENV not in os.environ:
+        os.environ[NVML_CHECK_ENV] = os.environ[_SET_HERE_ENV] = "1"
+
+
+def worker_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without what :func:`spare_device_checks` set."""
+    if env.pop(_SET_HERE_ENV, None):
+        env.pop(NVML_CHECK_ENV, None)
+    return env
 
 
 def enabled() -> bool:
-    """Fork is allowed here: not turned off, and no CUDA context that a child would inherit broken."""
+    """Fork is allowed here: not turned off, and a child could use the GPUs it needs."""
     if os.environ.get(FORK_ENV, "1") == "0":
         return False
     torch = sys.modules.get("torch")
-    return torch is None or not torch.cuda.is_initialized()
+    if torch is None:
+        return True
+    if torch.cuda.is_initialized():
+        return False
+    # poisoned with no GPU visible (a CPU node, where the agent's check found none): nothing to lose
+    return not (fork_poisoned() and torch.cuda.device_count() > 0)
+
+
+def fork_poisoned() -> bool:
+    """Whether a child forked now would be refused CUDA ("Cannot re-initialize CUDA in forked
+    subprocess"): only a child can tell, so one is forked to answer."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    pid = os.fork()
+    if pid == 0:
+        os._exit(1 if torch.cuda._is_in_bad_fork() else 0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) != 0
 
 
 class ForkedProcess:

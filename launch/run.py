@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     # Workers that torchrun starts after the signal (a restart racing the preemption) stop at once.
     forward_to_children(preemption_signals(user_signal), mark_env=PREEMPT_ENV)
     fork = None
+    forking.spare_device_checks()  # torchrun's device check must not poison fork (launch.forking)
     if forking.enabled():  # the trainer's imports, paid once here instead of once per rank and restart
         from launch import train
         from pixpro import photometric_cpu

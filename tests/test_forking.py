@@ -200,3 +200,41 @@ def test_forked_and_fresh_ranks_train_the_same_run_bitwise(tmp_path, data_root):
         states[fork] = final_state(str(run / "checkpoints"))
     assert states["1"]["__step__"] == 4
     assert_identical(states["1"], states["0"])
+
+
+def test_a_device_check_that_poisons_fork_sends_gpu_children_back_to_exec():
+    """torch's cudaGetDeviceCount (``torch.cuda.is_available()``, which torchrun's LaunchConfig calls in
+    the agent) leaves forked children unable to use CUDA; forking.enabled() sees it, and where a GPU is
+    visible declines the fork (the child would fail at its first CUDA call on a GPU node)."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from launch import forking
+
+        before = forking.fork_poisoned()
+        torch.cuda.is_available()  # the check torchrun makes, NVML not answering (as here: no driver)
+        after = forking.fork_poisoned()
+        on_cpu = forking.enabled()  # poisoned, but no GPU to lose
+        torch.cuda.device_count = lambda: 8  # as on a GPU node
+        print(before, after, on_cpu, forking.enabled())
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env | {"PYTHONPATH": str(REPO)}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True", "True", "False"]
+
+
+def test_the_agents_nvml_device_check_stays_out_of_the_workers_env(monkeypatch):
+    for name in (forking.NVML_CHECK_ENV, "_PIXPRO_NVML_CHECK_SET_BY_AGENT"):  # restored after the test
+        monkeypatch.delenv(name, raising=False)
+    forking.spare_device_checks()
+    assert os.environ[forking.NVML_CHECK_ENV] == "1"
+    worker = forking.worker_env(dict(os.environ))
+    assert forking.NVML_CHECK_ENV not in worker and not any("NVML" in k for k in worker)
+    monkeypatch.setenv(forking.NVML_CHECK_ENV, "0")  # the user's own choice is theirs
+    monkeypatch.delenv("_PIXPRO_NVML_CHECK_SET_BY_AGENT", raising=False)
+    forking.spare_device_checks()
+    assert forking.worker_env(dict(os.environ))[forking.NVML_CHECK_ENV] == "0"
