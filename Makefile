@@ -28,11 +28,9 @@ lint: venv
 	$(VENV)/bin/mypy
 
 # `make test` runs on two pytest-xdist workers, `--dist loadgroup` (tests in one xdist_group share a
-# worker: every SLURM test is in group `slurm`, tests/conftest.py): 31 min on 2 idle cores (875 tests;
-# .ci/run 34 min with its set-up); 52 min in one process before the local end-to-end tests moved to
-# squeezenet1_1. PYTEST_PARALLEL= runs one process; more cores, e.g. PYTEST_PARALLEL="-n 8 --dist
-# loadgroup". PYTEST_ARGS adds options (e.g.
-# `-p randomly` to shuffle).
+# worker: every SLURM test is in group `slurm`, tests/conftest.py): 22 min on 2 idle cores (889 tests;
+# .ci/run 25.5 min with its set-up; commit a6df48d). PYTEST_PARALLEL= runs one process; more cores,
+# e.g. PYTEST_PARALLEL="-n 8 --dist loadgroup". PYTEST_ARGS adds options (e.g. `-p randomly` to shuffle).
 PYTEST_PARALLEL ?= -n 2 --dist loadgroup
 PYTEST_ARGS ?=
 # `make test-unit` on two workers: 4:23 against 7:36 in one process, 800 tests on 2 idle cores.
