@@ -228,13 +228,13 @@ def test_a_device_check_that_poisons_fork_sends_gpu_children_back_to_exec():
 
 
 def test_the_agents_nvml_device_check_stays_out_of_the_workers_env(monkeypatch):
-    for name in (forking.NVML_CHECK_ENV, "_PIXPRO_NVML_CHECK_SET_BY_AGENT"):  # restored after the test
+    for name in (forking.NVML_CHECK_ENV, forking._SET_HERE_ENV):  # restored after the test
         monkeypatch.delenv(name, raising=False)
     forking.spare_device_checks()
     assert os.environ[forking.NVML_CHECK_ENV] == "1"
     worker = forking.worker_env(dict(os.environ))
     assert forking.NVML_CHECK_ENV not in worker and not any("NVML" in k for k in worker)
     monkeypatch.setenv(forking.NVML_CHECK_ENV, "0")  # the user's own choice is theirs
-    monkeypatch.delenv("_PIXPRO_NVML_CHECK_SET_BY_AGENT", raising=False)
+    monkeypatch.delenv(forking._SET_HERE_ENV, raising=False)
     forking.spare_device_checks()
     assert forking.worker_env(dict(os.environ))[forking.NVML_CHECK_ENV] == "0"
