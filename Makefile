@@ -27,11 +27,12 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# `make test` runs on two pytest-xdist workers, `--dist loadgroup` (tests in one xdist_group share a
-# worker: every SLURM test is in group `slurm`, tests/conftest.py): 22 min on 2 idle cores (889 tests;
-# .ci/run 25.5 min with its set-up; commit a6df48d). PYTEST_PARALLEL= runs one process; more cores,
-# e.g. PYTEST_PARALLEL="-n 8 --dist loadgroup". PYTEST_ARGS adds options (e.g. `-p randomly` to shuffle).
-PYTEST_PARALLEL ?= -n 2 --dist loadgroup
+# `make test` runs on three pytest-xdist workers on 2 cores, `--dist loadgroup` (tests in one xdist_group
+# share a worker: every SLURM test is in group `slurm`, tests/conftest.py): the SLURM tests mostly wait on
+# their cluster, so the two other workers keep both cores busy meanwhile. PYTEST_PARALLEL= runs one
+# process; more cores, e.g. PYTEST_PARALLEL="-n 8 --dist loadgroup". PYTEST_ARGS adds options (e.g.
+# `-p randomly` to shuffle).
+PYTEST_PARALLEL ?= -n 3 --dist loadgroup
 PYTEST_ARGS ?=
 # `make test-unit` on two workers: 4:23 against 7:36 in one process, 800 tests on 2 idle cores.
 UNIT_PARALLEL ?= -n 2

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 
 import pytest
 import torch
 
 from launch.store import CheckpointStore
 from schemas.contract import STATUS_FILE
+from tests.support import zygote
 from tests.support.trainer import REPO, tiny_spec, trainer_cmd, trainer_env, write_spec
 
 pytestmark = [pytest.mark.slow]
@@ -30,7 +30,7 @@ def test_an_absurd_learning_rate_ends_diverged_with_finite_checkpoints_and_no_re
         ),
     )
     run = tmp_path / "run"
-    proc = subprocess.run(
+    proc = zygote.run(
         trainer_cmd(spec, run, nproc=1, max_restarts=2),
         cwd=REPO,
         env=trainer_env(),

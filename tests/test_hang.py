@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from cluster.nodes import failures as node_failures
+from schemas.contract import STEP_PAUSE_ENV
 from tests.support.trainer import assert_identical, final_state, write_spec
 from tests.test_preemption import (  # noqa: F401  (fixtures: the uninterrupted run and its dataset)
     _Agents,
@@ -25,6 +26,10 @@ from tests.test_preemption import (  # noqa: F401  (fixtures: the uninterrupted 
 pytestmark = [pytest.mark.slow]
 
 HANG_TIMEOUT_S = 30  # the minimum the spec accepts
+PACE = {STEP_PAUSE_ENV: "0.3"}
+"""The ranks sleep this long after each step. The watchdog wakes a stopped rank (SIGCONT) for its stack
+dump and kills it :data:`launch.watchdog.DUMP_WAIT_S` later; the 25 steps left must outlast that on an
+idle machine too, or the woken rank finishes the run before the kill and there is no restart to see."""
 
 
 def _hang_line(agents: _Agents, pid: int) -> re.Match[str] | None:
@@ -48,7 +53,7 @@ def test_sigstopped_rank_is_dumped_named_restarted_and_the_run_ends_exact(
 ):
     spec = write_spec(tmp_path / "spec.json", _spec(data_root, resources__hang_timeout_s=HANG_TIMEOUT_S))
     run = tmp_path / "run"
-    agents = _Agents(spec, run, "job9.0", max_restarts=1, tee=True)
+    agents = _Agents(spec, run, "job9.0", max_restarts=1, tee=True, **PACE)
     t_start = time.monotonic()
     pid, t_stop = _stop_after_a_commit(agents, run, agent)
     _wait_until("the hang line", lambda: _hang_line(agents, pid) is not None, agents, 180)
@@ -74,7 +79,7 @@ def test_sigstopped_rank_is_dumped_named_restarted_and_the_run_ends_exact(
 def test_a_hang_with_no_restarts_left_fails_with_the_line(tmp_path, data_root):  # noqa: F811
     spec = write_spec(tmp_path / "spec.json", _spec(data_root, resources__hang_timeout_s=HANG_TIMEOUT_S))
     run = tmp_path / "run"
-    agents = _Agents(spec, run, "job10.0", max_restarts=0)
+    agents = _Agents(spec, run, "job10.0", max_restarts=0, **PACE)
     pid, _ = _stop_after_a_commit(agents, run, 1)
     codes = agents.wait(timeout=300)
     assert codes[1] != 0 and codes[0] != 0, agents.output()[-4000:]

@@ -33,6 +33,7 @@ from launch.store import CheckpointStore
 from pixpro.demo_data import generate_demo_dataset
 from pixpro.model import build_backbone
 from schemas import MonitorSpec, hash_payload, load_spec, parse_spec, spec_hash
+from tests.support import zygote
 from tests.support.specs import MINIMAL, errors_of, with_value
 from tests.support.trainer import (
     REPO,
@@ -263,7 +264,7 @@ def test_preflight_refuses_unreadable_or_unlabelled_monitor_data_in_one_line(tmp
 def test_the_preflight_child_and_the_trainer_exit_2_with_one_line(tmp_path, data_root):
     spec = tiny_spec(data_root, monitor={"data": str(tmp_path / "none"), "every_steps": 2})
     path = write_spec(tmp_path / "spec.json", spec)
-    proc = subprocess.run(
+    proc = zygote.run(
         [sys.executable, "-m", "launch.preflight", str(path)], capture_output=True, text=True, timeout=300,
         cwd=REPO, env=trainer_env(),
     )  # fmt: skip

@@ -15,6 +15,7 @@ import pytest
 
 from cluster.nodes import failures as node_failures
 from launch.preempt import EXIT_PREEMPTED, children_of
+from tests.support import zygote
 from tests.support.procs import free_port
 from tests.support.shared import run_fixtures, run_once
 from tests.support.trainer import (
@@ -48,8 +49,8 @@ def uninterrupted(tmp_path_factory) -> Path:
 data_root, golden = run_fixtures("uninterrupted")  # the tests train on its dataset, compare to its state
 
 
-def _launch(spec: Path, run: Path, max_restarts: int = 0) -> subprocess.Popen:
-    return subprocess.Popen(
+def _launch(spec: Path, run: Path, max_restarts: int = 0) -> zygote.Child | subprocess.Popen:
+    return zygote.popen(
         trainer_cmd(spec, run, nproc=2, max_restarts=max_restarts),
         cwd=REPO,
         env=trainer_env(),
@@ -180,7 +181,9 @@ class _Agents:
     """Two ``launch.run`` agents, one rank each, meeting through the c10d rendezvous on 127.0.0.1:
     what a 2-node SLURM job runs, without SLURM. Each agent's output goes to its own file."""
 
-    def __init__(self, spec: Path, run: Path, attempt: str, max_restarts: int, tee: bool = False) -> None:
+    def __init__(
+        self, spec: Path, run: Path, attempt: str, max_restarts: int, tee: bool = False, **env: str
+    ) -> None:
         self.logs = [run.parent / f"{attempt}.agent{i}.log" for i in range(2)]
         port = free_port()
         self.procs = []
@@ -195,10 +198,10 @@ class _Agents:
             ]  # fmt: skip
             with open(log, "w") as out:
                 self.procs.append(
-                    subprocess.Popen(
+                    zygote.popen(
                         cmd,
                         cwd=REPO,
-                        env=trainer_env(PIXPRO_ATTEMPT=attempt, SLURMD_NODENAME=f"node{node}"),
+                        env=trainer_env(PIXPRO_ATTEMPT=attempt, SLURMD_NODENAME=f"node{node}", **env),
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,

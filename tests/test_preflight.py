@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,8 @@ from cluster.errors import UsageError
 from cluster.preflight import check_local_gpus, local_gpus, run_preflight
 from launch import preflight
 from schemas import parse_spec
-from tests.support.trainer import TINY_BACKBONE
+from tests.support import zygote
+from tests.support.trainer import TINY_BACKBONE, trainer_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,18 +161,16 @@ def test_child_process_cli_passes_or_fails_in_one_line(tmp_path: Path) -> None:
     exit 0, or one line and exit 2. How long it takes is the README's measured figure, not a test."""
     good = tmp_path / "good.json"
     good.write_text(json.dumps(small_spec(tmp_path)))
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.preflight", str(good)], capture_output=True, text=True, timeout=400
-    )
+    cmd = [sys.executable, "-m", "launch.preflight", str(good)]
+    proc = zygote.run(cmd, env=trainer_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["ok"] and set(summary["seconds"]) == {"checkpoint", "data", "model"}
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(small_spec(tmp_path, data__demo=None, data__root=str(tmp_path / "none"))))
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.preflight", str(bad)], capture_output=True, text=True, timeout=400
-    )
+    cmd = [sys.executable, "-m", "launch.preflight", str(bad)]
+    proc = zygote.run(cmd, env=trainer_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines() == [
         f"data.root: {tmp_path / 'none'} does not exist here (--no-preflight skips the check)"

@@ -8,6 +8,7 @@ import torch
 from launch.preempt import EXIT_PREEMPTED
 from launch.records import read_metrics
 from launch.store import CheckpointStore
+from tests.support import zygote
 from tests.support.shared import run_fixtures
 from tests.support.trainer import assert_identical, final_state, run_trainer, tiny_spec, write_spec
 
@@ -115,7 +116,6 @@ def test_a_checkpoint_without_spec_hash_is_refused_in_one_line(tmp_path, data_ro
     """A train.pt that records no spec hash could belong to any run: the trainer refuses to resume it
     (exit 2, one line) and export refuses to read it; nothing committed is touched."""
     import io
-    import subprocess
     import sys
 
     from tests.support.trainer import REPO, trainer_env
@@ -142,7 +142,7 @@ def test_a_checkpoint_without_spec_hash_is_refused_in_one_line(tmp_path, data_ro
     assert "Traceback" not in res.stderr
     assert CheckpointStore(str(run / "checkpoints")).resolve().step == 3  # refused, not deleted
 
-    out = subprocess.run(
+    out = zygote.run(
         [sys.executable, "-m", "launch.tools.export", str(run / "checkpoints"), "--spec", str(spec_path),
          "--format", "torchvision", "-o", str(tmp_path / "w.pth")],
         cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120,

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from tests.support import zygote
+
 REPO = Path(__file__).resolve().parents[2]
 TINY_BACKBONE = "squeezenet1_1"
 """The end-to-end tests' backbone: 0.7 M parameters and an 11 MB checkpoint (resnet18: 11 M and 135 MB),
@@ -95,7 +97,7 @@ def run_trainer(
     spec: Path, run_dir: Path, nproc: int = 1, timeout: float = 300, **env: str
 ) -> subprocess.CompletedProcess:
     """Run the trainer to the end (see :func:`trainer_cmd`), output captured."""
-    return subprocess.run(
+    return zygote.run(
         trainer_cmd(spec, run_dir, nproc),
         cwd=REPO,
         env=trainer_env(**env),
@@ -105,9 +107,9 @@ def run_trainer(
     )
 
 
-def start_trainer(spec: Path, run_dir: Path) -> subprocess.Popen:
+def start_trainer(spec: Path, run_dir: Path) -> zygote.Child | subprocess.Popen:
     """One trainer process in the background, stdout and stderr merged (read it with :class:`Tail`)."""
-    return subprocess.Popen(
+    return zygote.popen(
         trainer_cmd(spec, run_dir),
         cwd=REPO,
         env=trainer_env(),
