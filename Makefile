@@ -6,7 +6,7 @@ SPEC ?= launch/specs/demo.json
 # Job history of the local test cluster: slurmdbd (real accounting: mariadbd + slurmdbd) or jobcomp.
 SLURM_ACCOUNTING ?= $(or $(PIXPRO_SLURM_ACCOUNTING),slurmdbd)
 
-.PHONY: venv demo test test-unit lint services bench clean-services gpu-check
+.PHONY: venv demo test test-unit lint services slurm bench clean-services gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,12 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/pixpro submit --executor local --follow $(SPEC)
 
-services: venv
-	PIXPRO_SLURM_ACCOUNTING=$(SLURM_ACCOUNTING) bash cluster/slurm/setup.sh
+# The cluster needs no venv: `make -j2 services` (as .ci/run) installs both at once.
+services: venv slurm
 	PYTHON=$(PY) bash cluster/s3/moto.sh start
+
+slurm:
+	PIXPRO_SLURM_ACCOUNTING=$(SLURM_ACCOUNTING) bash cluster/slurm/setup.sh
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -42,8 +45,13 @@ UNIT_PARALLEL ?= -n 2
 test-unit: venv
 	$(PY) -m pytest -q $(UNIT_PARALLEL) -m "not cluster and not slow" $(PYTEST_ARGS)
 
-test: services lint
-	$(PY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS)
+# lint runs beside the tests (mypy's cold start is about a minute of one core, and the tests leave a core
+# idle while SLURM jobs wait); its output follows theirs, and either failing fails the target.
+test: services
+	@$(MAKE) --no-print-directory lint > $(VENV)/lint.log 2>&1 & lint=$$!; \
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) $(PYTEST_ARGS); tests=$$?; \
+	wait $$lint; lint=$$?; cat $(VENV)/lint.log; \
+	[ $$lint -eq 0 ] || echo "make test: lint failed (above)"; [ $$tests -eq 0 ] && [ $$lint -eq 0 ]
 
 bench: venv
 	$(PY) benches/run_all.py

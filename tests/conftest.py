@@ -6,6 +6,7 @@ group ``slurm``: the local cluster's two nodes are shared, and some tests need b
 """
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,21 @@ if "SLURM_CONF" not in os.environ and (SLURM_DIR / "etc" / "slurm.conf").is_file
     os.environ["SLURM_CONF"] = str(SLURM_DIR / "etc" / "slurm.conf")
 if (SLURM_DIR / "bin").is_dir() and str(SLURM_DIR / "bin") not in os.environ.get("PATH", "").split(":"):
     os.environ["PATH"] = f"{SLURM_DIR / 'bin'}:{os.environ.get('PATH', '')}"
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """``--dist loadgroup`` must keep each group on one worker (the SLURM tests share one cluster); with
+    pytest 9.2 and pytest-xdist 3.8 it silently does not (pytest-xdist#1386): refuse to run instead."""
+    if not session.config.getvalue("loadgroup"):
+        return
+    lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
+    if lost:
+        line = (
+            f"pytest-xdist's loadgroup is not in effect ({lost[0]} has no group suffix): pytest "
+            f"{pytest.__version__} with this pytest-xdist spreads a group over workers; see pyproject.toml"
+        )
+        print(line, file=sys.__stderr__, flush=True)  # a worker's error reaches the controller mangled
+        raise pytest.UsageError(line)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
