@@ -208,16 +208,18 @@ class Child(ForkedProcess):
     """The part of :class:`subprocess.Popen` the tests use, for a child of the zygote: its exit status
     comes from the zygote, which waits for it."""
 
-    def __init__(self, pid: int, args: Sequence[str], stdout: IO | None, stderr: IO | None) -> None:
+    def __init__(
+        self, zygote: _Zygote, pid: int, args: Sequence[str], stdout: IO | None, stderr: IO | None
+    ) -> None:
         super().__init__(pid, list(args))
-        self.stdout, self.stderr = stdout, stderr
+        self.zygote, self.stdout, self.stderr = zygote, stdout, stderr
 
     def poll(self) -> int | None:
         return self._wait(0)
 
     def _wait(self, timeout: float | None) -> int | None:
         if self.returncode is None:
-            self.returncode = _the_zygote().exit_code(self.pid, timeout)
+            self.returncode = self.zygote.exit_code(self.pid, timeout)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
@@ -261,23 +263,23 @@ def _module_of(cmd: Sequence[str]) -> tuple[str, list[str]] | None:
 
 
 def _zygote_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIXPRO_", "SLURM_", "TORCHELASTIC_"))}
-    return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    """The zygote starts as the trainers it forks would (:func:`tests.support.trainer.trainer_env`)."""
+    from tests.support.trainer import trainer_env  # that module imports this one
+
+    return trainer_env()
 
 
 def _same_start(env: dict[str, str]) -> bool:
     """Whether a fresh interpreter with ``env`` would start as the zygote did: what is read at start-up
     (``PYTHONPATH``: e.g. the NCCL rule's ``sitecustomize``; the OpenMP threads) is the same, and fresh
     interpreters were not asked for."""
-    return (
-        os.environ.get(OFF_ENV) != "0"
-        and env.get(FORK_ENV) != "0"
-        and env.get("PYTHONPATH", str(REPO)) == str(REPO)
-        and all(
-            env.get(k) == _zygote_env().get(k)
-            for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED")
-        )
+    if os.environ.get(OFF_ENV) == "0" or env.get(FORK_ENV) == "0":
+        return False
+    ours = _zygote_env()
+    same_threads = all(
+        env.get(k) == ours.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONHASHSEED")
     )
+    return env.get("PYTHONPATH", ours["PYTHONPATH"]) == ours["PYTHONPATH"] and same_threads
 
 
 def popen(
@@ -332,13 +334,14 @@ def popen(
         "cwd": str(cwd or os.getcwd()),
         "new_session": start_new_session,
     }
+    zygote = _the_zygote()
     try:
-        pid = _the_zygote().start(req, theirs)
+        pid = zygote.start(req, theirs)
     finally:
         for fd, target in zip(theirs, (stdout, stderr), strict=True):
             if target in (subprocess.PIPE, subprocess.DEVNULL):
                 os.close(fd)
-    return Child(pid, cmd, streams[0], streams[1])
+    return Child(zygote, pid, cmd, streams[0], streams[1])
 
 
 def run(
