@@ -11,8 +11,9 @@ import io
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -20,6 +21,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 PACK_FORMAT = "pixpro-pack/1"
 PACK_MANIFEST = "manifest.json"
 PACK_INDEX = "index.npz"
+
+T = TypeVar("T")
 
 
 class SourceError(ValueError):
@@ -134,11 +137,12 @@ class FolderSource:
         if protocol:
             self._fs = _Remote(self.root, storage_options)
             self._base = self._fs.base
+            fs = self._fs()
             try:
-                listing = self._fs().find(self._base)
+                listing = _retrying(lambda: fs.find(self._base), self.root)
             except FileNotFoundError:
                 listing = []
-            if not listing and not self._fs().exists(self._base):
+            if not listing and not _retrying(lambda: fs.exists(self._base), self.root):
                 raise SourceError(f"dataset folder {self.root} does not exist")
             strip = len(self._base) + 1
             names = sorted(p[strip:] for p in listing if Path(p).suffix.lower() in IMAGE_SUFFIXES)
@@ -175,7 +179,7 @@ class FolderSource:
             with open(self.path(index), "rb") as f:
                 return f.read()
         fs = self._fs()
-        return _retrying(lambda: fs.cat_file(self.path(index)), self.path(index))
+        return _retrying(lambda: bytes(fs.cat_file(self.path(index))), self.path(index))
 
 
 class PackedSource:
@@ -226,7 +230,7 @@ class PackedSource:
             if self._fs is None:
                 return Path(self._base, rel).read_bytes()
             fs = self._fs()
-            return _retrying(lambda: fs.cat_file(f"{self._base}/{rel}"), rel)
+            return _retrying(lambda: bytes(fs.cat_file(f"{self._base}/{rel}")), rel)
         except FileNotFoundError:
             return None
 
@@ -256,7 +260,7 @@ class PackedSource:
             data = os.pread(fd, length, start)
         else:
             fs = self._fs()
-            data = _retrying(lambda: fs.cat_file(path, start=start, end=start + length), path)
+            data = _retrying(lambda: bytes(fs.cat_file(path, start=start, end=start + length)), path)
         if len(data) != length:
             raise ReadFailed(f"{path}: {len(data)} of {length} bytes at offset {start} (truncated shard?)")
         return data
@@ -269,7 +273,7 @@ def open_source(
     protocol, path = split_url(root)
     if protocol:
         fs, base = _filesystem(os.fspath(root), storage_options)
-        packed = fs.exists(f"{base}/{PACK_MANIFEST}")
+        packed = _retrying(lambda: fs.exists(f"{base}/{PACK_MANIFEST}"), f"{root}/{PACK_MANIFEST}")
     else:
         packed = Path(path, PACK_MANIFEST).is_file()
     return PackedSource(root, storage_options) if packed else FolderSource(root, storage_options)
@@ -279,13 +283,13 @@ READ_TRIES = 4
 READ_DEADLINE_S = 60.0
 
 
-def _retrying(fn: Any, what: str) -> bytes:
-    """A remote read with a fixed back-off and an overall deadline; FileNotFoundError is not retried."""
+def _retrying(fn: Callable[[], T], what: str) -> T:
+    """A remote call with a fixed back-off and an overall deadline; FileNotFoundError is not retried."""
     deadline = time.monotonic() + READ_DEADLINE_S
     delay = 0.2
     for attempt in range(READ_TRIES):
         try:
-            return bytes(fn())
+            return fn()
         except FileNotFoundError:
             raise
         except Exception as exc:  # transport errors of any fsspec backend

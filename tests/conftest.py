@@ -26,7 +26,7 @@ if (SLURM_DIR / "bin").is_dir() and str(SLURM_DIR / "bin") not in os.environ.get
 def pytest_collection_finish(session: pytest.Session) -> None:
     """``--dist loadgroup`` must keep each group on one worker (the SLURM tests share one cluster); with
     pytest 9.2 and pytest-xdist 3.8 it silently does not (pytest-xdist#1386): refuse to run instead."""
-    if not session.config.getvalue("loadgroup"):
+    if not getattr(session.config.option, "loadgroup", False):  # set by xdist for --dist loadgroup
         return
     lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
     if lost:

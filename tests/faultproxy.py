@@ -8,8 +8,9 @@ its behaviour can be switched while connections are open:
 * ``passthrough()``: forward everything (the default);
 * ``latency(seconds)``: sleep before forwarding every chunk, both directions;
 * ``reset_after(nbytes, once=...)``: after ``nbytes`` more bytes of client->server ("upstream") traffic,
-  abort the connection carrying them with a TCP RST; with ``once=False`` every later connection is reset
-  on its first upstream byte too (an outage) until the mode is switched again;
+  abort the connection carrying them with a TCP RST; ``times=k`` does the same to the next k requests
+  (a retry loop's worst luck); with ``once=False`` every later connection is reset on its first
+  upstream byte too (an outage) until the mode is switched again;
 * ``stall()``: keep connections open but forward nothing (a hung server);
 * ``stall_for(seconds)``: the same for ``seconds``, then forward again, but never for a connection that
   carried a request during the stall (its bytes are read and dropped, as by a middlebox that lost its
@@ -66,6 +67,8 @@ class FaultProxy:
         self._latency = 0.0
         self._reset_budget = 0
         self._reset_once = True
+        self._resets_left = 1
+        self._reset_nbytes = 0
         self._stop = threading.Event()
         self._blackhole = False  # the current stall kills the connections it catches (stall_for)
         self.stall_ended = threading.Event()
@@ -127,9 +130,10 @@ class FaultProxy:
         with self._lock:
             self._mode, self._latency = "pass", float(seconds)
 
-    def reset_after(self, nbytes: int, *, once: bool = True) -> None:
+    def reset_after(self, nbytes: int, *, once: bool = True, times: int = 1) -> None:
         with self._lock:
             self._mode, self._reset_budget, self._reset_once = "reset", int(nbytes), once
+            self._resets_left, self._reset_nbytes = int(times), int(nbytes)
 
     def stall(self) -> None:
         with self._lock:
@@ -241,7 +245,10 @@ class FaultProxy:
                             cut = self._reset_budget
                             self._reset_budget = 0
                             self.stats.resets += 1
-                            if self._reset_once:
+                            self._resets_left -= 1
+                            if self._resets_left > 0:
+                                self._reset_budget = self._reset_nbytes
+                            elif self._reset_once:
                                 self._mode = "pass"
                         else:
                             self._reset_budget -= len(data)

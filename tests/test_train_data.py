@@ -10,7 +10,9 @@ import pytest
 from launch.preempt import EXIT_PREEMPTED
 from launch.records import read_metrics
 from launch.store import CheckpointStore
+from launch.store.s3 import s3_options
 from launch.tools.pack import main as pack_main
+from pixpro.sources import READ_TRIES, FolderSource, PackedSource, ReadFailed, open_source
 from tests.conftest_s3 import MotoS3, s3_storage_options
 from tests.faultproxy import FaultProxy
 from tests.support.trainer import assert_identical, final_state, run_trainer, tiny_spec, write_spec
@@ -83,30 +85,54 @@ def test_a_truncated_shard_is_skipped_counted_and_training_completes(tmp_path, t
     assert records[-1]["data_skips"] == status["data_skips"]
 
 
-def test_a_stalled_store_fails_a_read_within_its_deadline(
-    tmp_path, moto_s3: MotoS3, fault_proxy: FaultProxy, raw_s3
-):
-
-    import pytest
-
-    from pixpro.sources import PackedSource, ReadFailed
+def _packed_in_s3(tmp_path, moto_s3: MotoS3, raw_s3) -> tuple[str, str]:
+    """Three small PNGs as a folder and as a pack in the bucket: (folder URL, pack URL)."""
+    from PIL import Image
 
     src = tmp_path / "src" / "a"
     src.mkdir(parents=True)
-    from PIL import Image
-
     for i in range(3):
         Image.new("RGB", (40, 40), (i * 50, 0, 0)).save(src / f"{i}.png")
     assert pack_main([str(src.parent), str(tmp_path / "packed")]) == 0
-    url = f"s3://{moto_s3.bucket}/stall-{tmp_path.name}"
-    raw_s3.put(str(tmp_path / "packed"), url.removeprefix("s3://"), recursive=True)
-    from launch.store.s3 import s3_options
+    folder, packed = (f"s3://{moto_s3.bucket}/{kind}-{tmp_path.name}" for kind in ("folder", "packed"))
+    raw_s3.put(str(src.parent), folder.removeprefix("s3://"), recursive=True)
+    raw_s3.put(str(tmp_path / "packed"), packed.removeprefix("s3://"), recursive=True)
+    return folder, packed
 
-    source = PackedSource(
-        url, s3_options(s3_storage_options(fault_proxy.url), None) | {"skip_instance_cache": True}
-    )
+
+def _data_options(fault_proxy: FaultProxy) -> dict:
+    """The trainer's options for data in S3 through the proxy: botocore's retries off, so each reset
+    reaches pixpro's own retry loop."""
+    return s3_options(s3_storage_options(fault_proxy.url), None) | {"skip_instance_cache": True}
+
+
+def test_a_stalled_store_fails_a_read_within_its_deadline(
+    tmp_path, moto_s3: MotoS3, fault_proxy: FaultProxy, raw_s3
+):
+    _, url = _packed_in_s3(tmp_path, moto_s3, raw_s3)
+    source = PackedSource(url, _data_options(fault_proxy))
     assert source.read(0)  # reachable
     fault_proxy.stall()
     with pytest.raises(ReadFailed):  # 4 tries of one 3 s read timeout each, then reported, never a hang
         source.read(1)
+    fault_proxy.passthrough()
+
+
+def test_opening_a_dataset_in_s3_retries_each_call(
+    tmp_path, moto_s3: MotoS3, fault_proxy: FaultProxy, raw_s3
+):
+    """The probe for a pack manifest and a folder's listing are retried like every read: a trainer does not
+    fail to start on one reset connection. aiohttp sends a GET or HEAD twice before it gives up on a reset,
+    so 2 * (READ_TRIES - 1) resets fail all tries but the last."""
+    folder, packed = _packed_in_s3(tmp_path, moto_s3, raw_s3)
+    options = _data_options(fault_proxy)
+    for open_it, url, kind in ((open_source, packed, PackedSource), (FolderSource, folder, FolderSource)):
+        resets = fault_proxy.stats.resets
+        fault_proxy.reset_after(0, times=2 * (READ_TRIES - 1))
+        source = open_it(url, options)
+        assert isinstance(source, kind) and len(source) == 3
+        assert fault_proxy.stats.resets - resets == 2 * (READ_TRIES - 1)
+    fault_proxy.reset_after(0, times=2 * READ_TRIES)
+    with pytest.raises(ReadFailed, match=r"manifest\.json: EndpointConnectionError"):
+        open_source(packed, options)
     fault_proxy.passthrough()
