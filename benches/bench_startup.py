@@ -14,6 +14,10 @@ two-step squeezenet1_1 run at 64 px (its final checkpoint committed), with the r
 forked from the agent's imported state (the default, :mod:`launch.forking`) against fresh interpreters
 (``PIXPRO_FORK=0``), interleaved; wall time and the CPU time of the whole process tree.
 
+And one cost inside the agent: the rendezvous names the method behind each of its state changes, torch
+with ``inspect.stack()`` (the source and module of every frame), :func:`launch.elastic.caller_name` off
+the frame; CPU per call, 20 frames deep, in a process that imported the trainer as the agent does.
+
     python benches/bench_startup.py [--reps 7] [--launch-reps 5]
 """
 
@@ -100,6 +104,30 @@ def launches(reps: int) -> dict[bool, list[tuple[float, float]]]:
         return out
 
 
+METHOD_NAMES = """
+import json, sys, time
+import launch.train
+from launch.elastic import caller_name
+from torch.distributed.elastic.rendezvous.dynamic_rendezvous import get_method_name
+def deep(n, fn):
+    return deep(n - 1, fn) if n else fn()
+out = {}
+for label, fn in (("torch", get_method_name), ("ours", caller_name)):
+    t0 = time.process_time()
+    names = {deep(20, fn) for _ in range(REPS)}
+    out[label] = (time.process_time() - t0) / REPS
+    assert names == {"deep"}, names
+print(json.dumps(out))
+"""
+
+
+def method_names(env: dict[str, str], reps: int) -> dict[str, float]:
+    """CPU seconds per rendezvous method-name lookup: torch's and :func:`launch.elastic.caller_name`."""
+    code = METHOD_NAMES.replace("REPS", str(reps))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,6 +142,10 @@ def main() -> None:
     print(f"{'process floor':48s} {'wall s':>8s} {'fastest':>8s} {'CPU s':>8s}")
     for label, wall, fastest, cpu in rows:
         print(f"{label:48s} {wall:8.3f} {fastest:8.3f} {cpu:8.3f}")
+    names = method_names(env, 20)
+    print("\nrendezvous method name, CPU per call, 20 frames deep, launch.train imported")
+    print(f"{'torch (inspect.stack)':48s} {names['torch']:8.4f}")
+    print(f"{'launch.elastic.caller_name':48s} {names['ours']:8.6f}")
     if args.launch_reps:
         runs = launches(args.launch_reps)
         print(f"\none node, two ranks, two steps: median of {args.launch_reps} launches, interleaved")
