@@ -81,8 +81,13 @@ def spec_file(home: Path) -> Path:
     return write_spec(home.parent / "tiny.json", cluster_tiny_spec(SHARED / DATA_DIR))
 
 
-def submit(home: Path, spec: Path, *args: str, env: dict[str, str] | None = None) -> tuple[str, str]:
-    proc = cli("submit", "--json", *args, str(spec), home=home, cwd=spec.parent, env=env)
+def submit(
+    home: Path, spec: Path, *args: str, env: dict[str, str] | None = None, preflight: bool = False
+) -> tuple[str, str]:
+    """``pixpro submit --json``; the preflight (seconds of CPU on the login node, and its own tests in
+    test_cli and test_preflight) only where asked: these tests are about what SLURM does to a run."""
+    flags = () if preflight else ("--no-preflight",)
+    proc = cli("submit", "--json", *flags, *args, str(spec), home=home, cwd=spec.parent, env=env)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     _jobs.append(out["job_id"])
@@ -111,8 +116,8 @@ def no_failed(seen: list[str]) -> None:
     assert "FAILED" not in seen and "UNKNOWN" not in seen, seen
 
 
-def reference(home: Path, spec_file: Path, nodes: int, gpus: int) -> dict[str, Any]:
-    run_id, job = submit(home, spec_file, "--nodes", str(nodes), "--gpus", str(gpus))
+def reference(home: Path, spec_file: Path, nodes: int, gpus: int, preflight: bool = False) -> dict[str, Any]:
+    run_id, job = submit(home, spec_file, "--nodes", str(nodes), "--gpus", str(gpus), preflight=preflight)
     row = wait_status(home, job, finished, timeout=300)
     return {
         "run_id": run_id,
@@ -124,8 +129,8 @@ def reference(home: Path, spec_file: Path, nodes: int, gpus: int) -> dict[str, A
 
 @pytest.fixture(scope="module")
 def ref4(home: Path, spec_file: Path) -> dict[str, Any]:
-    """The uninterrupted 2 nodes x 2 GPUs run (world size 4)."""
-    return reference(home, spec_file, 2, 2)
+    """The uninterrupted 2 nodes x 2 GPUs run (world size 4), submitted as a user would: preflight first."""
+    return reference(home, spec_file, 2, 2, preflight=True)
 
 
 @pytest.fixture(scope="module")

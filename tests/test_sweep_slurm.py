@@ -36,8 +36,9 @@ def test_sweep_is_one_array_and_a_requeued_member_ends_equal_to_its_own_run(
 ) -> None:
     refs = {lr: submit(home, spec_file, "--set", f"optim.base_lr={lr}") for lr in ("2.0", "4.0")}
     proc = cli(
-        "submit", "--json", "--max-parallel", "2", "--sweep", "optim.base_lr=2,4", str(spec_file),
-        "--eval", "knn", "--eval-data", str(SHARED / DATA_DIR), home=home, cwd=spec_file.parent,
+        "submit", "--json", "--no-preflight", "--max-parallel", "2", "--sweep", "optim.base_lr=2,4",
+        str(spec_file), "--eval", "knn", "--eval-data", str(SHARED / DATA_DIR),
+        home=home, cwd=spec_file.parent,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
