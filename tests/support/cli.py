@@ -82,21 +82,15 @@ def status_row(home: Path, ident: str, env: dict[str, str] | None = None) -> dic
     in this process, under the environment :func:`cli` gives the console script: a poll loop asks every
     second, and a console script costs a Python start each time (a quarter of a CPU second).
     :func:`status_json` runs the installed command itself."""
+    import pytest
+
     from cluster import hot
 
-    full_env = {"PIXPRO_HOME": str(home), **(env or {})}
-    saved = {k: os.environ.get(k) for k in full_env}
     out = io.StringIO()
-    try:
-        os.environ.update(full_env)
-        with contextlib.redirect_stdout(out):
-            hot.status(ident, as_json=True, watch=False, interval=1.0)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        for key, value in {"PIXPRO_HOME": str(home), **(env or {})}.items():
+            mp.setenv(key, value)
+        hot.status(ident, as_json=True, watch=False, interval=1.0)
     return json.loads(out.getvalue())
 
 
