@@ -1,10 +1,11 @@
 """benches/gpu_check.py in its CPU mode: every check runs, so the GPU acceptance script cannot rot.
 
-One full ``--cpu`` run (about two and a half minutes on 2 cores, most of it the "job" check's three
-two-rank launches) feeds the assertions on the record's shape and the CPU results; a ``--only`` rerun
-checks the merge, and a child killed at its budget checks the timeout path. The rest are fast: the budget
-rule, the sync rule against the trainer's source, the state diff, the process-tree kill. How long each
-check takes, and how soon after its budget a check is killed, are benches' figures (benches/RESULTS.md).
+One full ``--cpu`` run (squeezenet1_1: about a minute and a half on 2 idle cores, a third of it the "job"
+check's three two-rank launches) feeds the assertions on the record's shape and the CPU results; a
+``--only`` rerun checks the merge, and a child killed at its budget checks the timeout path. The rest are
+fast: the budget rule, the sync rule against the trainer's source, the state diff, the process-tree kill.
+How long each check takes, and how soon after its budget a check is killed, are benches' figures
+(benches/RESULTS.md).
 """
 
 from __future__ import annotations

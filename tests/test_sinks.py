@@ -15,7 +15,7 @@ from launch.records import read_metrics
 from launch.sinks import MetricSinks, TensorBoardSink, scalars
 from launch.store import CheckpointStore
 from schemas.contract import TENSORBOARD_DIR, wandb_run_id
-from tests.support.trainer import SLOW_BACKBONE, run_trainer, tiny_spec, write_spec
+from tests.support.trainer import run_trainer, tiny_spec, write_spec
 from tests.support.wandb_log import history
 
 
@@ -86,14 +86,12 @@ def test_tensorboard_and_wandb_offline_are_continuous_across_a_resume(tmp_path, 
     10: tensorboard's reader sees each step once with the final values, and both attempts log to one
     W&B run (offline). A W&B key in the environment appears in no file the run wrote."""
     wandb_cfg = {"project": "pixpro-test", "mode": "offline", "tags": ["ci"]}
-    # step 3 must be committed (not superseded) before step 5 stops the run
-    spec = write_spec(
-        tmp_path / "spec.json", tiny_spec(data_root, logging__wandb=wandb_cfg, model__backbone=SLOW_BACKBONE)
-    )
+    spec = write_spec(tmp_path / "spec.json", tiny_spec(data_root, logging__wandb=wandb_cfg))
     run = tmp_path / "run"
     key = "0123456789abcdef0123456789abcdef01234567"
     env = {"WANDB_API_KEY": key, "WANDB_SILENT": "true"}
-    res = run_trainer(spec, run, PIXPRO_STOP_AT_STEP="5", **env)
+    # step 3 must be committed (not superseded) before step 5 stops the run: a pause after each step
+    res = run_trainer(spec, run, PIXPRO_STOP_AT_STEP="5", PIXPRO_STEP_PAUSE_S="1", **env)
     assert res.returncode == EXIT_PREEMPTED, res.stderr[-3000:]
     (newest,) = (run / "checkpoints").glob("step-000000000005.*")
     shutil.rmtree(newest)  # as if the attempt died before its final commit: resume from step 3

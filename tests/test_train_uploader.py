@@ -17,7 +17,6 @@ from schemas.contract import STATUS_FILE
 from tests.conftest_s3 import s3_storage_options
 from tests.support.procs import wait_for
 from tests.support.trainer import (
-    SLOW_BACKBONE,
     Tail,
     assert_identical,
     final_state,
@@ -31,9 +30,10 @@ pytestmark = [pytest.mark.slow]
 
 
 def test_sigterm_while_an_upload_is_in_flight_commits_the_final_state(tmp_path, moto_s3, fault_proxy, s3_url):
+    """The run is paced (``PIXPRO_STEP_PAUSE_S``: a sleep after each step, no change to what it computes)
+    and the proxy slowed, so an upload of the 11 MB checkpoint takes seconds while steps go on."""
     data_root = tmp_path / "data"
-    # an upload through the slowed proxy is still in flight at the signal
-    longer = {"optim__epochs": 7, "optim__max_steps": 40, "model__backbone": SLOW_BACKBONE}
+    longer = {"optim__epochs": 7, "optim__max_steps": 40}
     golden_spec = write_spec(tmp_path / "golden.json", tiny_spec(data_root, **longer))
     assert run_trainer(golden_spec, tmp_path / "golden").returncode == 0
     golden = final_state(str(tmp_path / "golden" / "checkpoints"))
@@ -48,13 +48,13 @@ def test_sigterm_while_an_upload_is_in_flight_commits_the_final_state(tmp_path, 
             **longer,
         ),
     )
-    proc = start_trainer(spec, tmp_path / "run")
+    proc = start_trainer(spec, tmp_path / "run", PIXPRO_STEP_PAUSE_S="0.3")
     with Tail(proc) as out:
         wait_for("a first commit", lambda: out.has(" committed in ") or proc.poll() is not None, 180, 0.05)
         store = CheckpointStore(s3_url, options)
         first = store.latest()["step"]
         assert first <= 30, out.text()[-3000:]
-        fault_proxy.latency(0.003)  # the next uploads take seconds: one is in flight at the signal
+        fault_proxy.latency(0.005)  # the next uploads take seconds: one is in flight at the signal
         wait_for(
             "an upload under way",
             lambda: out.has(f"step {first + 4}/40") or proc.poll() is not None,

@@ -115,7 +115,7 @@ def sizes(cpu: bool, quick: bool) -> dict[str, Any]:
     """The sizes each check uses: the ImageNet recipe's model and per-GPU batch on a GPU, toys on CPU."""
     if cpu:
         s: dict[str, Any] = {
-            "backbone": "resnet18",
+            "backbone": "squeezenet1_1",  # the end-to-end tests' backbone: a smoke test of the script
             "crop": 64,
             "batch": 4,
             "hidden": 64,

@@ -19,10 +19,6 @@ TINY_BACKBONE = "squeezenet1_1"
 """The end-to-end tests' backbone: 0.7 M parameters and an 11 MB checkpoint (resnet18: 11 M and 135 MB),
 about 8x less CPU a step; what they test (resume, preemption, stores, the CLI) is the same for any
 backbone, and the resnet family has tests of its own (model, LARS, SyncBN, export, preflight)."""
-SLOW_BACKBONE = "resnet18"
-"""The backbone of the tests that race a run's own pace: a signal from outside must land while the run
-still trains, a commit must come before the next checkpoint supersedes it, an upload (135 MB) must still
-be in flight at a signal."""
 
 
 def tiny_spec(data_root: Path, **overrides: Any) -> dict:
@@ -107,12 +103,12 @@ def run_trainer(
     )
 
 
-def start_trainer(spec: Path, run_dir: Path) -> zygote.Child | subprocess.Popen:
+def start_trainer(spec: Path, run_dir: Path, **env: str) -> zygote.Child | subprocess.Popen:
     """One trainer process in the background, stdout and stderr merged (read it with :class:`Tail`)."""
     return zygote.popen(
         trainer_cmd(spec, run_dir),
         cwd=REPO,
-        env=trainer_env(),
+        env=trainer_env(**env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
