@@ -105,7 +105,7 @@ def launches(reps: int) -> dict[bool, list[tuple[float, float]]]:
 
 
 METHOD_NAMES = """
-import json, sys, time
+import json, time
 import launch.train
 from launch.elastic import caller_name
 from torch.distributed.elastic.rendezvous.dynamic_rendezvous import get_method_name

@@ -16,9 +16,9 @@ attempt name, a log folder) disagrees across nodes after a remote failure. Here:
 * each worker's stdout/stderr files are named by its global rank (:class:`RankLogsSpecs`), not by the
   node's local rank: the rendezvous, not the node index, decides which node holds rank 0;
 * the rendezvous names the method that records each of its state changes with ``inspect.stack()``,
-  which reads the source of every frame and scans ``sys.modules`` for each: about 0.2 s of CPU a call
-  in an agent that imported the trainer, 18 calls to a one-node round. :func:`caller_name` reads the
-  same name off the frame.
+  twice, which reads the source of every frame and scans ``sys.modules`` for each: about 0.3 s of CPU
+  a call in an agent that imported the trainer, 9 calls in a one-node round (benches/RESULTS.md).
+  :func:`caller_name` reads the same name off the frame.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from launch.preempt import EXIT_PREEMPTED
 from launch.records import read_metrics
 from launch.sinks import MetricSinks, TensorBoardSink, scalars
 from launch.store import CheckpointStore
-from schemas.contract import TENSORBOARD_DIR, wandb_run_id
+from schemas.contract import STEP_PAUSE_ENV, TENSORBOARD_DIR, wandb_run_id
 from tests.support.trainer import run_trainer, tiny_spec, write_spec
 from tests.support.wandb_log import history
 
@@ -91,7 +91,7 @@ def test_tensorboard_and_wandb_offline_are_continuous_across_a_resume(tmp_path, 
     key = "0123456789abcdef0123456789abcdef01234567"
     env = {"WANDB_API_KEY": key, "WANDB_SILENT": "true"}
     # step 3 must be committed (not superseded) before step 5 stops the run: a pause after each step
-    res = run_trainer(spec, run, PIXPRO_STOP_AT_STEP="5", PIXPRO_STEP_PAUSE_S="1", **env)
+    res = run_trainer(spec, run, PIXPRO_STOP_AT_STEP="5", **{STEP_PAUSE_ENV: "1"}, **env)
     assert res.returncode == EXIT_PREEMPTED, res.stderr[-3000:]
     (newest,) = (run / "checkpoints").glob("step-000000000005.*")
     shutil.rmtree(newest)  # as if the attempt died before its final commit: resume from step 3

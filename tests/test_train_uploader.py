@@ -13,7 +13,7 @@ import pytest
 
 from launch.preempt import EXIT_PREEMPTED, children_of
 from launch.store import CheckpointStore
-from schemas.contract import STATUS_FILE
+from schemas.contract import STATUS_FILE, STEP_PAUSE_ENV
 from tests.conftest_s3 import s3_storage_options
 from tests.support.procs import wait_for
 from tests.support.trainer import (
@@ -30,8 +30,8 @@ pytestmark = [pytest.mark.slow]
 
 
 def test_sigterm_while_an_upload_is_in_flight_commits_the_final_state(tmp_path, moto_s3, fault_proxy, s3_url):
-    """The run is paced (``PIXPRO_STEP_PAUSE_S``: a sleep after each step, no change to what it computes)
-    and the proxy slowed, so an upload of the 11 MB checkpoint takes seconds while steps go on."""
+    """The run is paced (``STEP_PAUSE_ENV``: a sleep after each step, no change to what it computes) and
+    the proxy slowed, so an upload of the 11 MB checkpoint takes seconds while steps go on."""
     data_root = tmp_path / "data"
     longer = {"optim__epochs": 7, "optim__max_steps": 40}
     golden_spec = write_spec(tmp_path / "golden.json", tiny_spec(data_root, **longer))
@@ -48,7 +48,7 @@ def test_sigterm_while_an_upload_is_in_flight_commits_the_final_state(tmp_path, 
             **longer,
         ),
     )
-    proc = start_trainer(spec, tmp_path / "run", PIXPRO_STEP_PAUSE_S="0.3")
+    proc = start_trainer(spec, tmp_path / "run", **{STEP_PAUSE_ENV: "0.3"})
     with Tail(proc) as out:
         wait_for("a first commit", lambda: out.has(" committed in ") or proc.poll() is not None, 180, 0.05)
         store = CheckpointStore(s3_url, options)
