@@ -5,7 +5,8 @@ A launch of one node with N ranks starts 1 + 2N such processes (the agent, and p
 its uploader), and so does every restart after a killed or hung rank; the end-to-end tests start
 hundreds. The rows are the floors under each (what ``python -m launch.train`` pays before it reads its
 spec), with the libraries that make them up: ``torch`` alone, ``torchvision`` on top (which imports
-``torch._dynamo`` through ``torchvision.ops``), and numba's compiled photometric steps, loaded from their
+``torch._dynamo`` through ``torchvision.ops``, and transforms v2 again), the same without it as the
+preflight imports it (:mod:`launch.light_imports`), and numba's compiled photometric steps, loaded from their
 on-disk cache. Median and fastest wall time and median CPU time (user + system) of ``--reps`` runs after
 one warm-up run.
 
@@ -43,6 +44,10 @@ ROWS = {
     "import torch": "import torch",
     "import torch, torchvision": "import torch, torchvision",
     "import torch._dynamo (without torchvision)": "import torch, torch._dynamo",
+    "import torchvision.transforms.v2": "import torchvision.transforms.v2",
+    "the same, no torch._dynamo (launch.light_imports)": (
+        "from launch.light_imports import import_torchvision; import_torchvision()"
+    ),
     "numba steps, cached (pixpro.photometric_cpu)": (
         "from pixpro import photometric_cpu; photometric_cpu.precompile()"
     ),

@@ -182,6 +182,8 @@ def submit(
         "overrides": sets or (),
         "dry_run": dry_run,
         "preflight": not no_preflight,
+        # --eval's own problems (its data) are usage errors: found before the preflight's seconds
+        "check": lambda resolved: evals.for_submit(eval_task, eval_data, resolved),
     }
     if sweep:
         if follow:

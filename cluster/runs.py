@@ -10,7 +10,7 @@ import contextlib
 import json
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -123,14 +123,18 @@ def plan_submission(
     overrides: Sequence[str] = (),
     dry_run: bool = False,
     preflight: bool = True,
+    check: Callable[[RunSpec], object] | None = None,
 ) -> Submission:
     """Every check before anything is written: spec, executor resources (local: visible CUDA devices;
-    SLURM: sinfo + ``sbatch --test-only``), then the preflight child (skipped by ``--dry-run`` and
-    ``--no-preflight``). A dry run without sbatch, or whose cluster does not answer, renders the SLURM
-    plan unchecked and says why."""
+    SLURM: sinfo + ``sbatch --test-only``), the caller's ``check`` of the resolved spec (its other
+    options), then the preflight child (skipped by ``--dry-run`` and ``--no-preflight``): a usage error
+    never waits for the preflight's seconds. A dry run without sbatch, or whose cluster does not answer,
+    renders the SLURM plan unchecked and says why."""
     spec = resolve_spec(spec_path, nodes, gpus, overrides)
     ex = choose(executor, dry_run=dry_run)
     ex.check(spec)
+    if check is not None:
+        check(spec)
     run_id = new_run_id(spec.name)
     rdir = run_dir(run_id)
     cwd = Path.cwd()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from cluster.sweep import (
     save_sweep,
     sweeps_dir,
 )
+from schemas import RunSpec
 from schemas.contract import SUBMITIT_DIR
 
 
@@ -112,8 +113,10 @@ def plan_sweep(
     overrides: Sequence[str] = (),
     dry_run: bool = False,
     preflight: bool = True,
+    check: Callable[[RunSpec], object] | None = None,
 ) -> SweepPlan:
-    """Plan every member (as ``pixpro submit`` plans one run); every member's problems at once."""
+    """Plan every member (as ``pixpro submit`` plans one run, ``check`` included); every member's
+    problems at once."""
     if max_parallel is not None and max_parallel < 1:
         raise UsageError(f"--max-parallel {max_parallel}: must be at least 1")
     members = parse_grid(sweeps)
@@ -123,9 +126,9 @@ def plan_sweep(
         kwargs: dict[str, Any] = {"nodes": nodes, "gpus": gpus, "executor": executor, "dry_run": dry_run}
         kwargs["overrides"] = [*overrides, *member_overrides(values)]
         try:
-            sub = runs.plan_submission(spec_path, preflight=preflight, **kwargs)
+            sub = runs.plan_submission(spec_path, preflight=preflight, check=check, **kwargs)
             while sub.run_id in {p.run_id for p in plans}:  # run ids of one second differ in 4 hex digits
-                sub = runs.plan_submission(spec_path, preflight=False, **kwargs)  # the preflight passed
+                sub = runs.plan_submission(spec_path, preflight=False, **kwargs)  # the checks passed
             plans.append(sub)
         except Exception as exc:
             if not is_refusal(exc):

@@ -311,6 +311,10 @@ def run(spec: Any) -> dict[str, Any]:
     """Every check, in the order a job would meet them; raises :class:`Problem` at the first failure."""
     import torch
 
+    from launch.light_imports import import_torchvision
+
+    import_torchvision()  # no torch._dynamo: nothing here compiles or steps an optimizer
+
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     times: dict[str, float] = {}
 

@@ -22,16 +22,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from typer.testing import CliRunner
 
 from cluster.attempts import ACTIVE, STATES, AttemptState, follow_exit_code, local_state, slurm_state
-from cluster.cli import app
 from cluster.local import LocalJob
 from cluster.record import RunRecord
 from cluster.slurm import HistoryLine, SlurmJob, check_partitions, gpu_count, parse_sinfo
 from schemas import SpecError, load_spec
 from schemas.contract import TENSORBOARD_DIR, wandb_run_id
-from tests.support.cli import PIXPRO, assert_one_line_error, cli, which_or_fail, write_spec
+from tests.support.cli import PIXPRO, assert_one_line_error, cli, run_cli, which_or_fail, write_spec
 from tests.support.cli import cluster_tiny_spec as tiny_spec
 from tests.support.runs import fake_runs
 
@@ -201,10 +199,10 @@ def test_fuzz_1000_malformed_specs_exit_2_one_line_per_problem(tmp_path: Path) -
         path.write_bytes(body)
         with pytest.raises(SpecError) as expected:
             load_spec(path)
-        result = CliRunner().invoke(app, ["validate", str(path)])
-        assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
-        assert result.stderr.splitlines() == [f"pixpro: {p}" for p in expected.value.problems]
-        assert "Traceback" not in result.stderr and result.stdout == ""
+        code, out, err = run_cli("validate", str(path))
+        assert code == 2, (code, out, err)
+        assert err.splitlines() == [f"pixpro: {p}" for p in expected.value.problems]
+        assert "Traceback" not in err and out == ""
         checked += 1
 
     check()

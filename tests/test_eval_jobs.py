@@ -84,9 +84,23 @@ def test_usage_errors_are_one_line_exit_2_and_queue_nothing(tmp_path: Path) -> N
         ),
         (["submit", "--executor", "local", "--eval", "knn", str(spec)], "needs labelled data"),
     ]
+    # a spec whose preflight fails (no data, none generated): --eval's usage errors come first
+    no_data = write_spec(tmp_path / "no-data.json", tiny_spec(tmp_path / "missing", data__demo=None))
+    cases.append((["submit", "--executor", "local", "--eval", "knn", str(no_data)], "needs labelled data"))
     for args, words in cases:
         line = assert_one_line_error(cli(*args, home=home, cwd=tmp_path), 2)
         assert words in line, (args, line)
+    sweep = cli(
+        "submit", "--executor", "local", "--eval", "knn", "--sweep", "seed=1,2", str(no_data), home=home
+    )
+    assert sweep.returncode == 2 and sweep.stderr.splitlines() == [
+        f"pixpro: sweep member seed={s}: an evaluation (knn) needs labelled data: --data (the spec has no "
+        "monitor.data)"
+        for s in (1, 2)
+    ], sweep.stderr
+    assert "missing" in assert_one_line_error(
+        cli("submit", "--executor", "local", str(no_data), home=home), 2
+    )
     assert not (home / "runs").exists() or not any((home / "runs").iterdir())
 
 

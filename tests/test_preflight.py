@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,38 @@ def test_child_process_cli_passes_or_fails_in_one_line(tmp_path: Path) -> None:
     assert proc.stdout.strip().splitlines() == [
         f"data.root: {tmp_path / 'none'} does not exist here (--no-preflight skips the check)"
     ]
+
+
+_NO_COMPILER_PROBE = """
+import json, sys
+from launch import preflight
+from schemas import load_spec
+result = preflight.run(load_spec(sys.argv[1]))
+during = sorted(m for m in ("torch._dynamo", "sympy") if m in sys.modules)
+import torch, torchvision
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+flipped = v2.RandomHorizontalFlip(1.0)(tv_tensors.Image(torch.arange(4.0).view(1, 2, 2)))
+pooled = torchvision.ops.roi_align(torch.ones(1, 1, 4, 4), [torch.tensor([[0.0, 0.0, 2.0, 2.0]])], 2)
+import torch._dynamo
+print(json.dumps({"ok": result["ok"], "during": during, "flipped": flipped.flatten().tolist(),
+                  "pooled": pooled.shape == (1, 1, 2, 2), "real": hasattr(torch._dynamo, "optimize")}))
+"""
+
+
+def test_a_fresh_preflight_imports_no_compiler_and_torchvision_still_works(tmp_path: Path) -> None:
+    """:mod:`launch.light_imports`: a preflight process (which neither compiles nor steps an optimizer)
+    never imports ``torch._dynamo`` or sympy; transforms v2 and roi_align work, and a later import gets
+    the real ``torch._dynamo``. A fresh interpreter: the zygote has the compiler imported already."""
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(small_spec(tmp_path)))
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_COMPILER_PROBE, str(spec)],
+        env=trainer_env(), capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"ok": True, "during": [], "flipped": [1.0, 0.0, 3.0, 2.0], "pooled": True, "real": True}
 
 
 def test_run_preflight_maps_problems_to_exit_2_and_no_preflight_skips_it(tmp_path: Path) -> None:

@@ -9,22 +9,19 @@ accepted mutations passes the preflight. Fast on purpose (seconds, no subprocess
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import jsonschema
-import typer
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cluster.cli import app
 from schemas import CROSS_FIELD_RULES, SpecError, json_schema, parse_spec
+from tests.support.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json_schema()
@@ -34,7 +31,6 @@ EXAMPLES = {
     for name in ("demo", "imagenet_r50_100ep")
 }
 SECRET_MARKERS = ("hunter2-Secret-9", "AKIAZZZZZZZZZZZZZZZZ", "tok-Secret-77")
-COMMAND = typer.main.get_command(app)
 DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 SCHEMA_CASES = 800
 """Specs generated from the exported schema per run (test_validator_agrees_with_the_exported_schema)."""
@@ -52,17 +48,6 @@ def _ecma_pattern(validator: Any, pattern: str, instance: Any, schema: Any) -> A
 
 
 REFERENCE = jsonschema.validators.extend(jsonschema.Draft202012Validator, {"pattern": _ecma_pattern})(SCHEMA)
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """``pixpro ARGS`` in-process (about 1.5 ms): exit status, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            rv = COMMAND.main(args=list(args), prog_name="pixpro", standalone_mode=False)
-        except typer.Exit as exc:
-            rv = exc.exit_code
-    return int(rv or 0), out.getvalue(), err.getvalue()
 
 
 # ------------------------------------------------------------------------- generating from the schema

@@ -10,6 +10,7 @@ import pytest
 
 from launch.preempt import children_of
 from launch.store import CheckpointStore
+from schemas.contract import STEP_PAUSE_ENV
 from tests.conftest_s3 import s3_storage_options
 from tests.support.procs import alive, wait_for
 from tests.support.trainer import (
@@ -91,11 +92,12 @@ def test_a_stall_delays_checkpoints_by_seconds_not_minutes(tmp_path, moto_s3, fa
     """The store stalls every connection for 30 s (accepted, never answered again) in the middle of a
     run: each store call abandons its stalled connection, so a checkpoint commits once the store answers
     again, the run completes and ends as a run without the stall. How soon after the stall the commit
-    comes is benches/bench_deadlines.py's figure."""
+    comes is benches/bench_deadlines.py's figure. The run is paced (``STEP_PAUSE_ENV``, a sleep after
+    each step that changes nothing it computes) to outlast the stall: a minute for 60 steps."""
     data_root = tmp_path / "data"
     longer = {
         "optim__epochs": 100,
-        "optim__max_steps": 150,
+        "optim__max_steps": 60,
         "checkpoint__every_steps": 5,
         "log_every_steps": 5,
     }
@@ -106,7 +108,7 @@ def test_a_stall_delays_checkpoints_by_seconds_not_minutes(tmp_path, moto_s3, fa
     spec = write_spec(tmp_path / "spec.json", _s3_spec(data_root, s3_url, fault_proxy.url, **longer))
     options = s3_storage_options(moto_s3.endpoint)
     observer = CheckpointStore(s3_url, options)  # straight to moto, not through the proxy
-    proc = start_trainer(spec, tmp_path / "run")
+    proc = start_trainer(spec, tmp_path / "run", **{STEP_PAUSE_ENV: "1.0"})
     with Tail(proc) as tail:
         tail.wait_for(" committed in ")
         fault_proxy.stall_for(30.0)

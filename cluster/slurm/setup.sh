@@ -112,9 +112,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# A private munged (socket under $MUNGE_DIR). A requeued job may start again after 10 s instead
-# of 120 s (cred_expire; needs a slurmctld restart).
-AuthInfo=socket=$MUNGE_SOCKET,cred_expire=10
+# A private munged (socket under $MUNGE_DIR). A requeued job may start again after 6 s instead
+# of 121 s (cred_expire + 1; 5 is SLURM's least; needs a slurmctld restart).
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=5
 SlurmctldPort=$CTLD_PORT
 StateSaveLocation=$STATE_DIR
 SlurmdSpoolDir=$SPOOL_DIR/%n

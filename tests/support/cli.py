@@ -62,6 +62,28 @@ def cli(
     )
 
 
+_COMMAND: Any = None
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """``pixpro ARGS`` through the Typer app, in-process (about 1.5 ms; typer's ``CliRunner`` rebuilds
+    the click command on every call, 36 ms): exit status, stdout, stderr."""
+    global _COMMAND
+    import typer
+
+    if _COMMAND is None:
+        from cluster.cli import app
+
+        _COMMAND = typer.main.get_command(app)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rv = _COMMAND.main(args=list(args), prog_name="pixpro", standalone_mode=False)
+        except typer.Exit as exc:
+            rv = exc.exit_code
+    return int(rv or 0), out.getvalue(), err.getvalue()
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
