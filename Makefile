@@ -6,14 +6,29 @@ SPEC ?= launch/specs/demo.json
 # Job history of the local test cluster: slurmdbd (real accounting: mariadbd + slurmdbd) or jobcomp.
 SLURM_ACCOUNTING ?= $(or $(PIXPRO_SLURM_ACCOUNTING),slurmdbd)
 
-.PHONY: venv demo test test-unit lint services slurm bench clean-services gpu-check
+.PHONY: venv lock demo test test-unit lint services slurm bench clean-services gpu-check
 
-$(VENV)/.installed: pyproject.toml
+PIP := $(PY) -m pip --disable-pip-version-check -q
+LOCK := requirements.lock
+
+# The venv from requirements.lock: every package pinned, so pip resolves nothing (resolving
+# pyproject.toml's ranges against PyPI took about 70 of 148 s, backtracking over boto3's releases) and
+# CI installs the same packages every day; pip check proves the pins satisfy pyproject.toml.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PIP) install --no-deps -r $(LOCK)
+	$(PIP) install --no-deps -e .
+	$(PIP) check
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Re-pin requirements.lock after a change to pyproject.toml's dependencies: resolve them in a scratch venv.
+lock:
+	rm -rf $(VENV)-lock && $(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	{ sed -n '1,2p' $(LOCK); $(VENV)-lock/bin/python -m pip freeze --all --exclude-editable | grep -v '^pip=='; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf $(VENV)-lock
 
 demo: venv
 	$(VENV)/bin/pixpro submit --executor local --follow $(SPEC)

@@ -7,8 +7,9 @@ Every path that only a GPU executes (NCCL, bf16/fp16 autocast with GradScaler, c
 SyncBatchNorm's fused kernels, host syncs, CUDA RNG and deterministic kernels in a resume, pinned host
 copies, the checkpoint copy from device memory, torch.compile) gets a check, and the "job" check runs the
 trainer exactly as a SLURM node does (``launch.run``, every visible GPU, stopped and resumed). Each
-check runs in its own process under its own budget, so a hung kernel, a CUDA error or a slow compile
-costs that check only: it is recorded as ``timeout``/``error`` and the run goes on. The budgets add up
+check runs in its own process under its own budget (forked from this one once it imported torch and
+the trainer, without initializing CUDA), so a hung kernel, a CUDA error or a slow compile costs that
+check only: it is recorded as ``timeout``/``error`` and the run goes on. The budgets add up
 to at most the total (``gpu_checks.plan``), 7.5 minutes on a GPU.
 
 Results: ``OUT/gpu_check.json`` (the record; ``--only`` merges into an existing one, so a failed check
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -38,6 +40,8 @@ sys.path[:0] = [p for p in (str(HERE), str(REPO)) if p not in sys.path]  # gpu_c
 from gpu_checks.plan import BY_NAME, CHECKS, GOALS, TOTAL_S, sizes  # noqa: E402
 from gpu_checks.record import RECORD, SCHEMA, TABLE, markdown, previous_record  # noqa: E402
 from gpu_checks.runner import run_all  # noqa: E402
+
+from launch import forking  # noqa: E402
 
 
 def _setup(data: Path, s: dict[str, Any]) -> float:
@@ -78,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     t_run = time.monotonic()
     mode = "cpu" if a.cpu else "gpu"
     total_s = a.total_s or TOTAL_S[mode]
-    if not a.cpu:
+    forking.spare_device_checks()  # this process's CUDA checks must not keep it from forking the checks
+    if a.cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # as in every check (gpu_checks.runner.child_env)
+    else:
         import torch
 
         if not torch.cuda.is_available():

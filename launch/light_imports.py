@@ -38,7 +38,7 @@ def import_torchvision() -> None:
 
     package = types.ModuleType("torch._dynamo")
     package.__path__ = []  # a package, so that its submodule resolves
-    package.disable = _disable  # type: ignore[attr-defined]  (torch.compiler.disable calls it)
+    package.disable = _disable  # type: ignore[attr-defined]  # torch.compiler.disable calls it
     utils = types.ModuleType("torch._dynamo.utils")
     utils.is_compile_supported = _is_compile_supported  # type: ignore[attr-defined]
     sys.modules.update(zip(_STANDS_IN, (package, utils), strict=True))

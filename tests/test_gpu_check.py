@@ -254,3 +254,41 @@ def test_diff_states_reports_each_differing_leaf():
     assert common.diff_states(a, {**a, "step": 5}) == [("state.step", math.inf)]
     assert common.diff_states(a, {**a, "rng": []}) == [("state.rng.len", math.inf)]
     assert common.count_leaves(a) == 3
+
+
+_FORKED_PAST_BUDGET = """
+import json, sys
+from pathlib import Path
+sys.path[:0] = sys.argv[3:5]
+from gpu_checks import plan, runner
+ctx_path, out = Path(sys.argv[1]), Path(sys.argv[2])
+print(json.dumps(runner.run_check(plan.BY_NAME["job"], 8.0, ctx_path, out, "cpu", fork=True)))
+"""
+
+
+def test_a_forked_check_past_its_budget_is_a_timeout_and_leaves_no_process(tmp_path):
+    """The check forked from the runner (``gpu_checks.runner``'s default where fork is safe, which a
+    pytest worker with its threads is not: a fresh interpreter runs the runner), given 8 s: its own
+    deadline comes while its launch.run job trains, and nothing it started outlives it."""
+    plan = _bench("gpu_checks.plan")
+    for sub in ("results", "logs"):
+        (tmp_path / sub).mkdir()
+    ctx = {"mode": "cpu", "quick": True, "sizes": plan.sizes(True, True), "data": str(tmp_path)}
+    ctx_path = tmp_path / "ctx.json"
+    ctx_path.write_text(json.dumps({**ctx, "work": str(tmp_path)}))
+    proc = subprocess.run(
+        [sys.executable, "-c", _FORKED_PAST_BUDGET, str(ctx_path), str(tmp_path), str(BENCHES), str(REPO)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["status"] == "timeout" and (tmp_path / "job").is_dir(), res
+    left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and str(tmp_path).encode() in _cmdline(p)]
+    assert not left, [_cmdline(p) for p in left]
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""

@@ -1,4 +1,5 @@
-"""One check in this process: ``python -m gpu_checks.child NAME CTX RESULT BUDGET`` (the runner's call).
+"""One check in this process: ``python -m gpu_checks.child NAME CTX RESULT BUDGET`` (the runner's call,
+or :func:`exit_now` of :func:`main` in a child the runner forked).
 
 The check's deadline is :data:`gpu_checks.plan.GRACE_S` inside the runner's kill, and its record is
 written whatever happens, so a check that runs out or fails keeps what it measured.
@@ -40,10 +41,13 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    code = main(sys.argv[1:])
+def exit_now(code: int) -> None:
+    """The record is written: skip the interpreter's teardown (trainers' uploader handshakes, loader
+    workers, process groups), which can take seconds and is no part of what a check measures."""
     sys.stdout.flush()
     sys.stderr.flush()
-    # The record is written: skip the interpreter's teardown (trainers' uploader handshakes, loader
-    # workers, process groups), which can take seconds and is no part of what a check measures.
     os._exit(code)
+
+
+if __name__ == "__main__":
+    exit_now(main(sys.argv[1:]))
