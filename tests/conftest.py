@@ -13,6 +13,13 @@ import pytest
 
 pytest_plugins = ["tests.conftest_s3"]
 
+# Under xdist (make test: three workers on two cores) each worker, and every process it starts,
+# computes on one thread: torch's default of one OpenMP thread per core, in three workers at once, spent
+# a third of the in-process tests' CPU spinning in OpenMP's waits (benches/RESULTS.md, the test suite).
+# Trainers take their threads from the spec either way; a value the user set is kept.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # The local test cluster (cluster/slurm/setup.sh) changes nothing outside its folder: its client
 # commands find it through SLURM_CONF, and in jobcomp mode its sacct wrapper comes first on PATH.
 # Everything the tests start (pixpro, sbatch) inherits both; jobs inherit them from sbatch.
