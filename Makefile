@@ -47,9 +47,9 @@ lint: venv
 
 # `make test` runs on three pytest-xdist workers on 2 cores, `--dist loadgroup` (tests in one xdist_group
 # share a worker: every SLURM test is in group `slurm`, tests/conftest.py): one worker runs the SLURM
-# tests against their one cluster (about 11 min) while two share the rest: 13 min 45 s on 2 cores,
-# 894 tests, commit 8d6ed36. PYTEST_PARALLEL= runs one
-# process; more cores, e.g. PYTEST_PARALLEL="-n 8 --dist loadgroup". PYTEST_ARGS adds options (e.g.
+# tests against their one cluster (9 to 12 min) while two share the rest, each worker on one OpenMP
+# thread: 11 min 32 s on 2 cores, 896 tests, commit 4371dbd (19 min 29 s in a slower hour of the same
+# shared machine; README). PYTEST_PARALLEL= runs one process; more cores, e.g. PYTEST_PARALLEL="-n 8 --dist loadgroup". PYTEST_ARGS adds options (e.g.
 # `-p randomly` to shuffle).
 PYTEST_PARALLEL ?= -n 3 --dist loadgroup
 PYTEST_ARGS ?=
