@@ -98,14 +98,15 @@ def preload() -> bool:
 
 
 def _start(
-    cmd: list[str], env: dict[str, str], log: Any, fork: bool
+    args: list[str], env: dict[str, str], log: Any, fork: bool
 ) -> subprocess.Popen | forking.ForkedProcess:
-    """The check's process, in a session of its own: forked (see the module doc) or a fresh interpreter."""
+    """``python -m gpu_checks.child ARGS`` in a session of its own: forked (see the module doc) or a
+    fresh interpreter."""
+    cmd = [sys.executable, "-m", "gpu_checks.child", *args]
     if not fork:
         return subprocess.Popen(
             cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    args = cmd[3:]  # python -m gpu_checks.child ARGS
 
     def target() -> None:
         os.chdir(REPO)
@@ -123,12 +124,11 @@ def run_check(
     result_path = out / "results" / f"{check.name}.json"
     log_path = out / "logs" / f"{check.name}.log"
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "gpu_checks.child", check.name, str(ctx_path), str(result_path)]
-    cmd.append(f"{budget:.1f}")
+    args = [check.name, str(ctx_path), str(result_path), f"{budget:.1f}"]
     start = time.monotonic()
     killed = False
     with log_path.open("w") as log:
-        proc = _start(cmd, child_env(mode), log, fork)
+        proc = _start(args, child_env(mode), log, fork)
         try:
             proc.wait(timeout=budget)
         except subprocess.TimeoutExpired:
