@@ -531,6 +531,8 @@ def eval_(
         raise errors.UsageError(f"--task {task}: must be one of {', '.join(EVAL_TOOLS)}")
     if not data:
         raise errors.UsageError("--data: labelled data to evaluate on is required (without --submit)")
+    if "://" not in data and not Path(data).exists():  # said at once, not after the tool's imports
+        raise errors.UsageError(f"--data: data folder {data} does not exist")
     args = [_source(ident), "--data", data, "--seed", str(seed)]
     args += (["--random-init"] if random_init else []) + (["--json"] if as_json else [])
     args += ["--task", task] if task != "dense" else []

@@ -249,7 +249,8 @@ def start(fork: bool = False) -> Started:
     return proc, Connection(ours.detach())
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)  # the trainer handles preemption; we stop when it says so
     parent = os.getppid()

@@ -17,6 +17,7 @@ from launch.checkpoint import Checkpointer
 from launch.store import CheckpointStore
 from schemas.contract import MANIFEST, TRAIN_FILE
 from tests.conftest_s3 import s3_storage_options
+from tests.support import zygote
 from tests.support.procs import wait_for
 
 LOG = "launch.checkpoint"
@@ -46,7 +47,7 @@ def checkpointers():
     made: list[Checkpointer] = []
 
     def make(store: CheckpointStore, **kw) -> Checkpointer:
-        ck = Checkpointer(store, 0, 1, **kw)
+        ck = Checkpointer(store, 0, 1, spare=zygote.uploader(), **kw)
         made.append(ck)
         return ck
 

@@ -62,3 +62,32 @@ def test_what_a_fork_could_not_reproduce_is_exec_d(tmp_path):
         assert isinstance(proc, subprocess.Popen) and proc.wait(timeout=120) == 2
     other = zygote.popen([sys.executable, "-c", "pass"], cwd=REPO, env=trainer_env())
     assert isinstance(other, subprocess.Popen) and other.wait(timeout=60) == 0
+
+
+def test_an_uploader_from_the_zygote_keeps_its_socket_and_commits(tmp_path, monkeypatch):
+    """:func:`zygote.uploader`: the socket reaches the forked uploader under the number in its title, and
+    a Checkpointer in this (threaded) process saves through it and reads the state back."""
+    import torch
+
+    from launch.checkpoint import Checkpointer
+    from launch.store import CheckpointStore
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as in an xdist worker: the zygote's own start
+    spare = zygote.uploader()
+    proc = spare[0]
+    assert isinstance(proc, zygote.Child) and _ppid(proc.pid) == zygote._the_zygote().proc.pid
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    title = f"{sys.executable} -m launch.uploader ".encode()
+    wait_for("the title", lambda: cmdline.read_bytes().startswith(title), 60, 0.01)
+    fd = cmdline.read_bytes().replace(b"\0", b" ").split()[-1].decode()
+    assert os.path.exists(f"/proc/{proc.pid}/fd/{fd}"), fd
+    ck = Checkpointer(CheckpointStore(str(tmp_path / "ckpt"), attempt="t"), 0, 1, spare=spare)
+    try:
+        state = {"w": torch.arange(10.0)}
+        assert ck.save(3, state, {"rng": torch.get_rng_state()}, {"step": 3}, blocking=True)
+        assert ck._proc is proc  # that uploader committed it, not a restarted one
+        step, loaded, _ = ck.load_latest()  # type: ignore[misc]
+    finally:
+        ck.close()
+    assert step == 3 and torch.equal(loaded["w"], state["w"])
+    assert proc.wait(timeout=60) == 0

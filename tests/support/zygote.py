@@ -11,8 +11,9 @@ stdio, environment, argv, command line). The child runs the module's ``main()`` 
 :func:`popen` and :func:`run` take what :mod:`subprocess` takes for the calls the tests make. A command
 that is not ``python [-u] -m launch.<module>``, or whose environment asks for fresh interpreters
 (``PIXPRO_FORK=0``: the forked-against-fresh test), is exec'd by :mod:`subprocess` as before. The parent
-learns a child's exit status from the zygote (the child is the zygote's, not ours).
-``PIXPRO_TEST_ZYGOTE=0`` turns it off.
+learns a child's exit status from the zygote (the child is the zygote's, not ours). :func:`uploader`
+forks a checkpoint uploader for a Checkpointer the test builds in its own (threaded) process, passing
+the uploader's socket along. ``PIXPRO_TEST_ZYGOTE=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -31,10 +32,13 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import IO, Any
 
 from launch.forking import ForkedProcess, fork_call
+from launch.uploader import Started
+from launch.uploader import start as start_uploader
 from schemas.contract import FORK_ENV
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,7 +87,13 @@ def _serve(sock: socket.socket) -> None:
 
 def _start(req: dict[str, Any], fds: list[int], wake: tuple[int, int]) -> int:
     module = importlib.import_module(req["module"])  # once here: later children find it imported
-    out, err = (_Fd(fd) for fd in fds)
+    out, err, *kept = (_Fd(fd) for fd in fds)
+
+    # a descriptor the child keeps (the uploader's socket): its number here replaces "{fd}" in the args
+    def placed(words: list[str]) -> list[str]:
+        return [str(kept[0].fd) if word == "{fd}" and kept else word for word in words]
+
+    args, command = placed(req["args"]), placed(req["command"])
 
     def target() -> int | None:
         for fd in wake:
@@ -93,12 +103,13 @@ def _start(req: dict[str, Any], fds: list[int], wake: tuple[int, int]) -> int:
 
     child = fork_call(
         target,
-        req["command"],
-        argv=[module.__file__, *req["args"]],
+        command,
+        argv=[module.__file__, *args],
         env=req["env"],
         stdout=out,
         stderr=err,
         new_session=req["new_session"],
+        keep_fds=[k.fd for k in kept],
     )
     return child.pid
 
@@ -342,6 +353,30 @@ def popen(
             if target in (subprocess.PIPE, subprocess.DEVNULL):
                 os.close(fd)
     return Child(zygote, pid, cmd, streams[0], streams[1])
+
+
+def uploader() -> Started:
+    """A checkpoint uploader for a :class:`launch.checkpoint.Checkpointer` made in this process (pass it
+    as ``spare``), forked from the zygote: :func:`launch.uploader.start` can fork only from a process with
+    no threads, and an xdist worker has some, so it would exec one (2-3 CPU-s of imports)."""
+    env = dict(os.environ)
+    if not _same_start(env):
+        return start_uploader()
+    ours, theirs = socket.socketpair()
+    zygote = _the_zygote()
+    req = {
+        "module": "launch.uploader",
+        "args": ["{fd}"],
+        "command": [sys.executable, "-m", "launch.uploader", "{fd}"],
+        "env": env,
+        "cwd": os.getcwd(),
+        "new_session": False,
+    }
+    try:
+        pid = zygote.start(req, [1, 2, theirs.fileno()])
+    finally:
+        theirs.close()
+    return Child(zygote, pid, req["command"], None, None), Connection(ours.detach())
 
 
 def run(
