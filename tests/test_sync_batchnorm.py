@@ -25,6 +25,8 @@ from pixpro import sync_batchnorm
 from pixpro.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from tests.support.host_syncs import HostSyncCounter
 
+pytestmark = pytest.mark.xdist_group("syncbn")  # under xdist one worker spawns the ranks, once
+
 WORLD = 2
 N, C, H, W = 8, 6, 5, 5
 ITERS = 3
