@@ -72,7 +72,8 @@ def test_an_uploader_from_the_zygote_keeps_its_socket_and_commits(tmp_path, monk
     from launch.checkpoint import Checkpointer
     from launch.store import CheckpointStore
 
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as in an xdist worker: the zygote's own start
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as in an xdist worker: the start the zygote had
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     spare = zygote.uploader()
     proc = spare[0]
     assert isinstance(proc, zygote.Child) and _ppid(proc.pid) == zygote._the_zygote().proc.pid

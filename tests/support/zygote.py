@@ -359,7 +359,9 @@ def uploader() -> Started:
     """A checkpoint uploader for a :class:`launch.checkpoint.Checkpointer` made in this process (pass it
     as ``spare``), forked from the zygote: :func:`launch.uploader.start` can fork only from a process with
     no threads, and an xdist worker has some, so it would exec one (2-3 CPU-s of imports)."""
-    env = dict(os.environ)
+    extra = os.environ.get("PYTHONPATH", "")  # what launch.uploader.start gives its fresh interpreter
+    paths = [str(REPO), *([extra] if extra not in ("", str(REPO)) else [])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     if not _same_start(env):
         return start_uploader()
     ours, theirs = socket.socketpair()
