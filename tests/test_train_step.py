@@ -15,6 +15,7 @@ from launch.nonfinite import Diverged, NonFiniteGuard
 from launch.preempt import PreemptionFlag
 from launch.train import Trainer
 from schemas import load_spec
+from tests.support import zygote
 from tests.support.host_syncs import HostSyncCounter
 from tests.support.trainer import tiny_spec, write_spec
 
@@ -30,6 +31,7 @@ def make_trainer(tmp_path: Path, data_root: Path) -> Iterator:
             tmp_path / f"run{len(made)}",
             DistEnv(0, 0, 1),
             PreemptionFlag(()),
+            spare_uploader=zygote.uploader(),
         )
         made.append(trainer)
         return trainer
