@@ -14,9 +14,16 @@ LOCK := requirements.lock
 # The venv from requirements.lock: every package pinned, so pip resolves nothing (resolving
 # pyproject.toml's ranges against PyPI took about 70 of 148 s, backtracking over boto3's releases) and
 # CI installs the same packages every day; pip check proves the pins satisfy pyproject.toml.
+# Two pips at once on disjoint packages: torch's CUDA wheels (nvidia-*, cuda-*, triton: most of the
+# bytes, few Python files) beside everything else (most of the Python files to byte-compile); one pip
+# uses one core: 97 s against 122-139 s for one pip (benches/RESULTS.md).
+CUDA_WHEELS := ^(nvidia|cuda|triton)
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --no-deps -r $(LOCK)
+	grep -E '$(CUDA_WHEELS)' $(LOCK) > $(VENV)/lock-cuda.txt || true  # none in a CPU build's lock
+	grep -vE '$(CUDA_WHEELS)' $(LOCK) > $(VENV)/lock-rest.txt
+	{ [ ! -s $(VENV)/lock-cuda.txt ] || $(PIP) install --no-deps -r $(VENV)/lock-cuda.txt; } & cuda=$$!; \
+	$(PIP) install --no-deps -r $(VENV)/lock-rest.txt; rest=$$?; wait $$cuda && [ $$rest -eq 0 ]
 	$(PIP) install --no-deps -e .
 	$(PIP) check
 	touch $@
