@@ -55,12 +55,12 @@ lint: venv
 # `make test` runs on three pytest-xdist workers on 2 cores, `--dist loadgroup` (tests in one xdist_group
 # share a worker: every SLURM test is in group `slurm`, tests/conftest.py): one worker runs the SLURM
 # tests against their one cluster (9 to 12 min) while two share the rest, each worker on one OpenMP
-# thread: 11 min 32 s on 2 cores, 896 tests, commit 4371dbd (19 min 29 s in a slower hour of the same
-# shared machine; README). PYTEST_PARALLEL= runs one process; more cores, e.g. PYTEST_PARALLEL="-n 8 --dist loadgroup". PYTEST_ARGS adds options (e.g.
+# thread: 10 min 51 s on 2 cores, 897 tests, commit 3772d38 (13 min 8 s at fffe0a0 forty minutes
+# earlier on the same shared machine; README). PYTEST_PARALLEL= runs one process; more cores, e.g. PYTEST_PARALLEL="-n 8 --dist loadgroup". PYTEST_ARGS adds options (e.g.
 # `-p randomly` to shuffle).
 PYTEST_PARALLEL ?= -n 3 --dist loadgroup
 PYTEST_ARGS ?=
-# `make test-unit` on two workers: 2:55 (819 tests, dbb1630) on 2 idle cores in a fast hour (README).
+# `make test-unit` on two workers: 3:01 (820 tests, fffe0a0) on 2 idle cores (README).
 UNIT_PARALLEL ?= -n 2
 
 # No root, no services (SLURM, moto server), about 3 minutes on 2 idle cores: the end-to-end trainer
