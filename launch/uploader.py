@@ -243,10 +243,16 @@ def start(fork: bool = False) -> Started:
     if fork and forking.enabled() and threading.active_count() == 1:
         proc = forking.fork_call(lambda: main([str(fd)]), cmd, argv=[__file__, str(fd)], keep_fds=[fd])
     else:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        proc = subprocess.Popen(cmd, pass_fds=[fd], env=env, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, pass_fds=[fd], env=fresh_env(), stdin=subprocess.DEVNULL)
     theirs.close()
     return proc, Connection(ours.detach())
+
+
+def fresh_env() -> dict[str, str]:
+    """The environment of an uploader started as a fresh interpreter: ours, the repository first on
+    ``PYTHONPATH`` (no empty entry, which would put the working directory on ``sys.path``)."""
+    ours = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *ours]))
 
 
 def main(argv: list[str] | None = None) -> int:

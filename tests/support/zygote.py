@@ -38,6 +38,7 @@ from typing import IO, Any
 
 from launch.forking import ForkedProcess, fork_call
 from launch.uploader import Started
+from launch.uploader import fresh_env as fresh_uploader_env
 from launch.uploader import start as start_uploader
 from schemas.contract import FORK_ENV
 
@@ -359,9 +360,7 @@ def uploader() -> Started:
     """A checkpoint uploader for a :class:`launch.checkpoint.Checkpointer` made in this process (pass it
     as ``spare``), forked from the zygote: :func:`launch.uploader.start` can fork only from a process with
     no threads, and an xdist worker has some, so it would exec one (2-3 CPU-s of imports)."""
-    extra = os.environ.get("PYTHONPATH", "")  # what launch.uploader.start gives its fresh interpreter
-    paths = [str(REPO), *([extra] if extra not in ("", str(REPO)) else [])]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    env = fresh_uploader_env()  # what launch.uploader.start gives a fresh interpreter
     if not _same_start(env):
         return start_uploader()
     ours, theirs = socket.socketpair()
