@@ -124,12 +124,14 @@ def plan_submission(
     dry_run: bool = False,
     preflight: bool = True,
     check: Callable[[RunSpec], object] | None = None,
+    free_folder: bool = True,
 ) -> Submission:
     """Every check before anything is written: spec, executor resources (local: visible CUDA devices;
     SLURM: sinfo + ``sbatch --test-only``), the caller's ``check`` of the resolved spec (its other
-    options), then the preflight child (skipped by ``--dry-run`` and ``--no-preflight``): a usage error
-    never waits for the preflight's seconds. A dry run without sbatch, or whose cluster does not answer,
-    renders the SLURM plan unchecked and says why."""
+    options), a checkpoint folder that holds another run (``free_folder``; a sweep moves its members
+    below a shared one later), then the preflight child (skipped by ``--dry-run`` and ``--no-preflight``):
+    a usage error never waits for the preflight's seconds. A dry run without sbatch, or whose cluster
+    does not answer, renders the SLURM plan unchecked and says why."""
     spec = resolve_spec(spec_path, nodes, gpus, overrides)
     ex = choose(executor, dry_run=dry_run)
     ex.check(spec)
@@ -140,6 +142,8 @@ def plan_submission(
     cwd = Path.cwd()
     spec = with_checkpoint_url(spec, rdir, cwd)
     plan = Submission(spec, run_id, rdir, ex.name, cwd, ex.describe(spec, rdir, check_cluster, dry_run))
+    if free_folder and not dry_run:  # checked again by create_run, just before the run is written
+        check_checkpoint_folder_free(spec)
     if preflight and not dry_run:
         plan.preflight = run_preflight(plan.spec)
     return plan
@@ -169,7 +173,9 @@ def _short(exc: BaseException) -> str:
     return one_line(f"{type(exc).__name__}: {exc}")
 
 
-def _check_checkpoint_folder_free(url: str, options: dict[str, Any]) -> None:
+def check_checkpoint_folder_free(spec: RunSpec) -> None:
+    """A usage error when ``checkpoint.url`` already holds a run (its record or a committed step)."""
+    url, options = spec.checkpoint.url or "", spec.checkpoint.storage_options
     try:
         store = open_run_store(url, options)
         taken = store.read_aux(RECORD_FILE)
@@ -185,7 +191,7 @@ def _check_checkpoint_folder_free(url: str, options: dict[str, Any]) -> None:
 
 
 def create_run(plan: Submission) -> RunRecord:
-    _check_checkpoint_folder_free(plan.spec.checkpoint.url or "", plan.spec.checkpoint.storage_options)
+    check_checkpoint_folder_free(plan.spec)
     plan.run_dir.mkdir(parents=True, exist_ok=False)
     paths = RunPaths(plan.run_dir)
     atomic_write(paths.spec, spec_json(plan.spec).encode())

@@ -116,7 +116,8 @@ def plan_sweep(
     check: Callable[[RunSpec], object] | None = None,
 ) -> SweepPlan:
     """Plan every member (as ``pixpro submit`` plans one run, ``check`` included); every member's
-    problems at once."""
+    problems at once. The members' checkpoint folders and preflights come last, when each member's own
+    folder is known: no usage error waits for N preflights."""
     if max_parallel is not None and max_parallel < 1:
         raise UsageError(f"--max-parallel {max_parallel}: must be at least 1")
     members = parse_grid(sweeps)
@@ -124,11 +125,12 @@ def plan_sweep(
     problems: list[str] = []
     for values in members:
         kwargs: dict[str, Any] = {"nodes": nodes, "gpus": gpus, "executor": executor, "dry_run": dry_run}
+        kwargs.update(preflight=False, free_folder=False)  # both below, once every member's folder is known
         kwargs["overrides"] = [*overrides, *member_overrides(values)]
         try:
-            sub = runs.plan_submission(spec_path, preflight=preflight, check=check, **kwargs)
+            sub = runs.plan_submission(spec_path, check=check, **kwargs)
             while sub.run_id in {p.run_id for p in plans}:  # run ids of one second differ in 4 hex digits
-                sub = runs.plan_submission(spec_path, preflight=False, **kwargs)  # the checks passed
+                sub = runs.plan_submission(spec_path, **kwargs)  # the checks passed
             plans.append(sub)
         except Exception as exc:
             if not is_refusal(exc):
@@ -139,7 +141,31 @@ def plan_sweep(
     if problems:
         raise UsageError(problems)
     own_checkpoint_folders(plans)
+    if not dry_run:
+        _each_member(plans, members, lambda p: runs.check_checkpoint_folder_free(p.spec))
+        if preflight:
+            _each_member(plans, members, _preflight)
     return SweepPlan(new_sweep_id(plans[0].spec.name), members, plans, max_parallel)
+
+
+def _each_member(
+    plans: list[runs.Submission], members: list[dict[str, str]], check: Callable[[runs.Submission], object]
+) -> None:
+    """``check`` of every member; every member's refusal at once."""
+    problems: list[str] = []
+    for plan, values in zip(plans, members, strict=True):
+        try:
+            check(plan)
+        except Exception as exc:
+            if not is_refusal(exc):
+                raise
+            problems += collect_problems(values, exc)
+    if problems:
+        raise UsageError(problems)
+
+
+def _preflight(plan: runs.Submission) -> None:
+    plan.preflight = runs.run_preflight(plan.spec)
 
 
 def _shared_problems(plans: list[runs.Submission], members: list[dict[str, str]]) -> list[str]:

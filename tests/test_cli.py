@@ -392,6 +392,7 @@ def test_megabyte_unknown_key_is_not_echoed(home: Path, tmp_path: Path) -> None:
     assert len(line) <= 208 and "zzzzzzzzzz" in line and "z" * 300 not in line, len(line)
 
 
+@pytest.mark.slow
 def test_validate_deep_runs_the_preflight_in_a_child(home: Path, spec_file: Path, tmp_path: Path) -> None:
     proc = cli("validate", "--deep", str(spec_file), home=home, timeout=400)
     assert proc.returncode == 0, proc.stderr
@@ -468,15 +469,23 @@ def test_check_partitions_without_a_default_or_any_partition() -> None:
     assert getattr(err.value, "code", None) == 1
 
 
-def test_checkpoint_folder_of_another_run_is_refused_and_kept(home: Path, tmp_path: Path) -> None:
+def test_checkpoint_folder_of_another_run_is_refused_and_kept(
+    home: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Refused before the preflight's seconds (a usage error never waits for them), and nothing is
+    written."""
+    from cluster import runs
+
     taken = tmp_path / "ckpt"
     taken.mkdir()
     original = b'{"run_id": "other-run-1234"}\n'
     (taken / "run.json").write_bytes(original)
     spec = tiny_spec(tmp_path / "data", checkpoint__url=str(taken))
-    proc = cli("submit", "--executor", "local", str(write_spec(tmp_path / "s.json", spec)), home=home)
-    line = assert_one_line_error(proc, 2)
-    assert "other-run-1234" in line and "pixpro resume" in line
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    monkeypatch.setattr(runs, "run_preflight", lambda *a, **k: pytest.fail("the preflight was started"))
+    code, _, err = run_cli("submit", "--executor", "local", str(write_spec(tmp_path / "s.json", spec)))
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("pixpro: "), (code, err)
+    assert "other-run-1234" in err and "pixpro resume" in err
     assert (taken / "run.json").read_bytes() == original and sorted(p.name for p in taken.iterdir()) == [
         "run.json"
     ]

@@ -12,7 +12,7 @@ import pytest
 
 from cluster.errors import UsageError
 from cluster.sweep import parse_grid
-from tests.support.cli import assert_one_line_error, cli, status_json, wait_status, write_spec
+from tests.support.cli import assert_one_line_error, cli, run_cli, status_json, wait_status, write_spec
 from tests.support.cli import cluster_tiny_spec as tiny_spec
 from tests.support.procs import wait_for
 
@@ -259,3 +259,28 @@ def test_cancelling_a_local_sweep_keeps_its_runner_from_starting_the_rest(
     wait_for("the sweep runner to finish", lambda: "every member" in runner.read_text(), 60)
     row = status_json(home, second["run_id"])
     assert (row["state"], row["reason"], row["attempts"]) == ("CANCELLED", "before it started", []), row
+
+
+def test_no_usage_error_waits_for_a_members_preflight(
+    home: Path, spec_file: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Shared resources and each member's own checkpoint folder are checked before any preflight (seconds
+    each): a refused sweep starts none."""
+    from cluster import runs
+
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    monkeypatch.setattr(runs, "run_preflight", lambda *a, **k: pytest.fail("a preflight was started"))
+    code, _, err = run_cli(
+        "submit", "--executor", "local", "--sweep", "resources.cpus_per_task=1,2", str(spec_file)
+    )
+    assert code == 2 and "resources.cpus_per_task=2: resources differ" in err, err
+    taken = tmp_path / "ckpt"
+    taken.mkdir()
+    (taken / "run.json").write_text('{"run_id": "other-run-1234"}')
+    spec = write_spec(tmp_path / "taken.json", tiny_spec(tmp_path / "data", checkpoint__url=str(taken)))
+    code, _, err = run_cli("submit", "--executor", "local", "--sweep", "seed=1", str(spec))
+    assert code == 2 and err == (
+        f"pixpro: sweep member seed=1: checkpoint.url {taken} already holds run other-run-1234: "
+        "resume it with: pixpro resume other-run-1234\n"
+    ), err
+    assert not home.exists()
