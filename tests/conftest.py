@@ -6,6 +6,8 @@ group ``slurm``: the local cluster's two nodes are shared, and some tests need b
 """
 
 import os
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -24,7 +26,29 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # commands find it through SLURM_CONF, and in jobcomp mode its sacct wrapper comes first on PATH.
 # Everything the tests start (pixpro, sbatch) inherits both; jobs inherit them from sbatch.
 SLURM_DIR = Path(os.environ.get("PIXPRO_SLURM_DIR") or "/var/lib/pixpro-slurm")
-if "SLURM_CONF" not in os.environ and (SLURM_DIR / "etc" / "slurm.conf").is_file():
+
+
+def _controller_answers(conf: Path) -> bool:
+    """The cluster's slurmctld takes a connection. Installed but stopped (the machine restarted since
+    ``make services``), every ``squeue`` would retry for 18 s before failing: the tests that do not need
+    the cluster then get the immediate failure of a machine without one, and the cluster's own tests
+    fail on their first command, as they would with SLURM_CONF set."""
+    text = conf.read_text()
+    host = re.search(r"^SlurmctldHost=([^(\s]+)(?:\(([^)\s]+)\))?", text, re.M)
+    port = re.search(r"^SlurmctldPort=(\d+)", text, re.M)
+    address = (host.group(2) or host.group(1)) if host else "127.0.0.1"
+    try:
+        socket.create_connection((address, int(port.group(1)) if port else 6817), 2).close()
+    except OSError:
+        return False
+    return True
+
+
+if (
+    "SLURM_CONF" not in os.environ
+    and (SLURM_DIR / "etc" / "slurm.conf").is_file()
+    and _controller_answers(SLURM_DIR / "etc" / "slurm.conf")
+):
     os.environ["SLURM_CONF"] = str(SLURM_DIR / "etc" / "slurm.conf")
 if (SLURM_DIR / "bin").is_dir() and str(SLURM_DIR / "bin") not in os.environ.get("PATH", "").split(":"):
     os.environ["PATH"] = f"{SLURM_DIR / 'bin'}:{os.environ.get('PATH', '')}"

@@ -154,6 +154,7 @@ def test_pixpro_fork_0_turns_it_off(monkeypatch):
     assert forking.enabled()
 
 
+@pytest.mark.slow
 def test_torchrun_forks_our_trainer_and_execs_anything_else(tmp_path):
     """launch.elastic's worker start: ``python -u -m <trainer> ARGS`` becomes a fork running the
     trainer's main in its own session and titled as the exec; any other command is exec'd."""

@@ -266,6 +266,7 @@ print(json.dumps(runner.run_check(plan.BY_NAME["job"], 8.0, ctx_path, out, "cpu"
 """
 
 
+@pytest.mark.slow
 def test_a_forked_check_past_its_budget_is_a_timeout_and_leaves_no_process(tmp_path):
     """The check forked from the runner (``gpu_checks.runner``'s default where fork is safe, which a
     pytest worker with its threads is not: a fresh interpreter runs the runner), given 8 s: its own

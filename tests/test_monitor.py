@@ -161,6 +161,7 @@ def _ranks(data: Path, out: Path, nproc: int) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_two_ranks_merge_their_neighbours_into_the_answer_of_one(tmp_path):
     """31 training images, k = 20: each rank holds 15 or 16, so neither has k of its own and the global
     top 20 must come from both. One process equals ``pixpro eval --task knn``'s functions; two gloo ranks
@@ -261,6 +262,7 @@ def test_preflight_refuses_unreadable_or_unlabelled_monitor_data_in_one_line(tmp
     assert preflight.check_monitor(later).startswith("the demo scenes")
 
 
+@pytest.mark.slow
 def test_the_preflight_child_and_the_trainer_exit_2_with_one_line(tmp_path, data_root):
     spec = tiny_spec(data_root, monitor={"data": str(tmp_path / "none"), "every_steps": 2})
     path = write_spec(tmp_path / "spec.json", spec)

@@ -152,6 +152,7 @@ def test_bad_input_is_one_line_and_nothing_is_lost(tmp_path: Path, capsys) -> No
         PackedSource(tmp_path / "packed")
 
 
+@pytest.mark.slow
 def test_index_of_1_28m_entries_is_flat_and_cheap_in_forked_workers(tmp_path: Path) -> None:
     """Load time and per-worker memory growth after touching every entry in a forked worker."""
     n = 1_281_167

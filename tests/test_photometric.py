@@ -233,6 +233,7 @@ def test_kernels_compile_uncached_where_numba_cannot_cache(monkeypatch):
     assert calls == [{"nogil": True, "cache": True}, {"nogil": True}]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("augment_on", "compiled"), [("worker", True), ("device", False)])
 def test_the_trainer_compiles_the_worker_steps_before_its_workers_fork(tmp_path, augment_on, compiled):
     """``build_data`` runs in the trainer process before the DataLoader forks its workers (every epoch):

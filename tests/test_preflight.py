@@ -157,6 +157,7 @@ def test_unreachable_object_store_is_one_line(tmp_path: Path) -> None:
     assert line.startswith("checkpoint.url: cannot write a probe object:"), line
 
 
+@pytest.mark.slow
 def test_child_process_cli_passes_or_fails_in_one_line(tmp_path: Path) -> None:
     """``python -m launch.preflight`` as the CLI runs it: a JSON line (with the time of each check) and
     exit 0, or one line and exit 2. How long it takes is the README's measured figure, not a test."""
@@ -195,6 +196,7 @@ print(json.dumps({"ok": result["ok"], "during": during, "flipped": flipped.flatt
 """
 
 
+@pytest.mark.slow
 def test_a_fresh_preflight_imports_no_compiler_and_torchvision_still_works(tmp_path: Path) -> None:
     """:mod:`launch.light_imports`: a preflight process (which neither compiles nor steps an optimizer)
     never imports ``torch._dynamo`` or sympy; transforms v2 and roi_align work, and a later import gets
@@ -210,6 +212,7 @@ def test_a_fresh_preflight_imports_no_compiler_and_torchvision_still_works(tmp_p
     assert out == {"ok": True, "during": [], "flipped": [1.0, 0.0, 3.0, 2.0], "pooled": True, "real": True}
 
 
+@pytest.mark.slow
 def test_run_preflight_maps_problems_to_exit_2_and_no_preflight_skips_it(tmp_path: Path) -> None:
     spec_path = tmp_path / "s.json"
     spec_path.write_text(json.dumps(small_spec(tmp_path, data__demo=None, data__root=str(tmp_path / "x"))))

@@ -162,6 +162,7 @@ def test_cuda_presence_mismatch_is_refused_unless_not_strict() -> None:
     assert_same(draw(), first)
 
 
+@pytest.mark.slow
 def test_lazy_s3_imports_after_seeding_leave_the_python_rng_alone() -> None:
     """aiobotocore imports httpx when installed (wandb brings it), httpx imports rich, and rich draws from
     the process-wide ``random`` at import: the trainer imports rich first, so the first S3 call after

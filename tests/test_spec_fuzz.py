@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pytest
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -306,6 +307,7 @@ def test_fuzz_mutated_examples_exit_2_one_line_per_problem(tmp_path: Path) -> No
 ACCEPTED: list[dict[str, Any]] = []
 
 
+@pytest.mark.slow
 def test_a_sample_of_accepted_mutations_passes_the_preflight(tmp_path: Path) -> None:
     """Accepted specs must also start: the preflight (model step, data samples, checkpoint probe) runs
     in-process on a few accepted demo mutations."""

@@ -19,6 +19,7 @@ from launch.checkpoint import Checkpointer
 from launch.store import CheckpointStore, StoreUnavailable
 from launch.store.backends import FileSink, failure_cause
 from tests.conftest_s3 import s3_storage_options
+from tests.support import zygote
 from tests.support.procs import wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -80,7 +81,9 @@ def test_read_only_folder_is_named_in_the_uploaders_report(tmp_path: Path) -> No
             folder.mkdir()
             folder.chmod(0o555)
             stack.callback(folder.chmod, 0o755)
-        ck = Checkpointer(CheckpointStore(str(folder / "ckpt"), attempt="t"), 0, 1, retry_for_s=5.0)
+        ck = Checkpointer(
+            CheckpointStore(str(folder / "ckpt"), attempt="t"), 0, 1, retry_for_s=5.0, spare=zygote.uploader()
+        )
         try:
             wait_for("the uploader to start", lambda: ck._ready, 120, 0.05)
             assert not ck.save(1, _state(1), {"rng": torch.get_rng_state()}, {}, blocking=True, budget_s=8)
@@ -95,7 +98,7 @@ def test_reset_mid_upload_reads_as_a_reset(tmp_path, moto_s3, fault_proxy, s3_ur
     """An S3 endpoint that resets every connection during an upload larger than one part (so the upload
     runs inside torch.save): the report names the reset, then the retry commits once it stops."""
     store = CheckpointStore(s3_url, s3_storage_options(fault_proxy.url), attempt="t")
-    ck = Checkpointer(store, 0, 1)
+    ck = Checkpointer(store, 0, 1, spare=zygote.uploader())
     try:
         fault_proxy.reset_after(64 * 1024, once=False)
         assert ck.save(1, _state(12), {"rng": torch.get_rng_state()}, {}, blocking=False)

@@ -323,6 +323,7 @@ def reference(name: str, dtype: torch.dtype | None = None) -> tuple[list[dict[st
 # ---- the tests ----
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_two_ranks_equal_one_batchnorm_over_the_whole_batch(ranks: list[dict[str, Any]], name: str) -> None:
     ref_steps, ref_buffers = reference(name)
@@ -348,6 +349,7 @@ def test_two_ranks_equal_one_batchnorm_over_the_whole_batch(ranks: list[dict[str
         assert not torch.allclose(ref_buffers["running_var"], torch.ones_like(ref_buffers["running_var"]))
 
 
+@pytest.mark.slow
 def test_bf16_autocast_channels_last(ranks: list[dict[str, Any]]) -> None:
     """bf16 in, bf16 out (as nn.BatchNorm2d under CPU autocast and torch's SyncBN on CUDA), same memory
     format; statistics in fp32: the running statistics equal fp32 BN's on the bf16-rounded input."""
@@ -370,6 +372,7 @@ def test_bf16_autocast_channels_last(ranks: list[dict[str, Any]]) -> None:
             torch.testing.assert_close(result["bf16"]["buffers"][key], value, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_no_host_sync_and_one_collective_each_way(ranks: list[dict[str, Any]]) -> None:
     for result in ranks:
         syncs = result["host_syncs"]
@@ -381,6 +384,7 @@ def test_no_host_sync_and_one_collective_each_way(ranks: list[dict[str, Any]]) -
         assert syncs["contrast"]["batchnorm2d_cumulative"] == {"aten._local_scalar_dense.default": 1}
 
 
+@pytest.mark.slow
 def test_bitwise_deterministic_and_equal_on_every_rank(ranks: list[dict[str, Any]]) -> None:
     for result in ranks:
         for name in CONFIGS:
@@ -394,6 +398,7 @@ def test_bitwise_deterministic_and_equal_on_every_rank(ranks: list[dict[str, Any
         assert all(torch.equal(b0[k], b1[k]) for k in b0), name
 
 
+@pytest.mark.slow
 def test_ddp_step_keeps_parameters_and_buffers_equal_without_broadcast(ranks: list[dict[str, Any]]) -> None:
     sync = [r["ddp"]["sync"] for r in ranks]
     plain = [r["ddp"]["plain"] for r in ranks]

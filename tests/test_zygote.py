@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from schemas.contract import FORK_ENV, STEP_PAUSE_ENV
 from tests.support import zygote
 from tests.support.procs import wait_for
@@ -18,6 +20,7 @@ def _ppid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+@pytest.mark.slow
 def test_a_launch_module_is_forked_by_the_zygote_and_exits_as_an_exec_would(tmp_path):
     missing = tmp_path / "missing.json"
     proc = zygote.popen(
@@ -54,6 +57,7 @@ def test_a_killed_child_reports_the_signal_and_its_title_is_the_command(tmp_path
     assert proc.wait(timeout=60) == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_what_a_fork_could_not_reproduce_is_exec_d(tmp_path):
     cmd = [sys.executable, "-m", "launch.run"]
     rule = {**trainer_env(), "PYTHONPATH": f"{REPO / 'tests' / 'support' / 'nccl_rule'}{os.pathsep}{REPO}"}
