@@ -125,7 +125,7 @@ def plan_sweep(
     problems: list[str] = []
     for values in members:
         kwargs: dict[str, Any] = {"nodes": nodes, "gpus": gpus, "executor": executor, "dry_run": dry_run}
-        kwargs.update(preflight=False, free_folder=False)  # both below, once every member's folder is known
+        kwargs |= {"preflight": False, "free_folder": False}  # both below, once each member's folder is known
         kwargs["overrides"] = [*overrides, *member_overrides(values)]
         try:
             sub = runs.plan_submission(spec_path, check=check, **kwargs)

@@ -45,7 +45,8 @@ DUMP_WAIT_S = 3.0  # time the ranks get to write their stacks before they are ki
 FRESH_S = 30.0  # another node's file older than this is a gone agent's: not compared against
 
 
-def _stopped(pid: int) -> bool:
+def stopped(pid: int) -> bool:
+    """Whether the kernel shows ``pid`` stopped (SIGSTOP, or a tracer's stop)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
@@ -95,7 +96,7 @@ class Watchdog:
             rec = read(os.path.join(self.dir, name))
             if rec is not None and rec.get("pid") in alive:
                 with contextlib.suppress(ValueError):
-                    out.append(RankBeat.model_validate(rec | {"stopped": _stopped(rec["pid"])}))
+                    out.append(RankBeat.model_validate(rec | {"stopped": stopped(rec["pid"])}))
         return out
 
     def other_nodes(self, now: float) -> list[NodeHeartbeat]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from launch import heartbeat
-from launch.watchdog import Watchdog, run_dir_of
+from launch.watchdog import Watchdog, run_dir_of, stopped
 from schemas.contract import NodeHeartbeat, RankBeat, RunPaths
 from tests.support.procs import wait_for
 
@@ -44,10 +44,6 @@ def dog(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Watchdog]:
     w.stop()
 
 
-def _state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
 def _write(dog: Watchdog, rank: int, pid: int, step: int, age_s: float, limit_s: float | None) -> None:
     rec = {"rank": rank, "pid": pid, "step": step, "phase": "train", "time": time.time() - age_s}
     Path(heartbeat.rank_file(dog.dir, rank)).write_text(json.dumps(rec | {"limit_s": limit_s}))
@@ -60,7 +56,7 @@ def test_the_rank_with_the_least_progress_is_hung_and_a_stopped_one_first(dog, r
     hung = dog.check(now)
     assert hung is not None and (hung.rank, hung.stopped) == (1, False)
     os.kill(ranks[0].pid, signal.SIGSTOP)  # delivered asynchronously: wait until the kernel shows it
-    wait_for("rank 0 to stop", lambda: _state(ranks[0].pid) in ("T", "t"), 30, 0.01)
+    wait_for("rank 0 to stop", lambda: stopped(ranks[0].pid), 30, 0.01)
     hung = dog.check(now)
     assert hung is not None and (hung.rank, hung.stopped) == (0, True)
     # published for the login node and the other agents
