@@ -31,13 +31,42 @@ def available() -> bool:
     return shutil.which("sbatch") is not None
 
 
-def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+@dataclass
+class Started:
+    """A SLURM command started now and waited for later: ``pixpro status`` runs ``squeue`` and ``sacct``
+    side by side (sacct's answer comes through slurmdbd and takes the longer)."""
+
+    args: list[str]
+    proc: subprocess.Popen[str] | None
+    stdin: str | None = None
+    deadline: float = 0.0
+
+    def wait(self) -> subprocess.CompletedProcess[str]:
+        """The command's output; :class:`Failure` if it is missing or silent for :data:`TIMEOUT_S`."""
+        if self.proc is None:
+            raise Failure(f"{self.args[0]} not found: is this a SLURM login node?")
+        try:
+            out, err = self.proc.communicate(self.stdin, timeout=max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired as exc:
+            self.proc.kill()
+            self.proc.communicate()
+            raise Failure(f"{self.args[0]} did not answer within {TIMEOUT_S}s: is slurmctld up?") from exc
+        return subprocess.CompletedProcess(self.args, self.proc.returncode, out, err)
+
+
+def start(args: list[str], stdin: str | None = None) -> Started:
+    pipe = subprocess.PIPE
     try:
-        return subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except FileNotFoundError as exc:
-        raise Failure(f"{args[0]} not found: is this a SLURM login node?") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise Failure(f"{args[0]} did not answer within {TIMEOUT_S}s: is slurmctld up?") from exc
+        proc = subprocess.Popen(
+            args, stdin=pipe if stdin is not None else None, stdout=pipe, stderr=pipe, text=True
+        )
+    except FileNotFoundError:
+        proc = None
+    return Started(args, proc, stdin, time.monotonic() + TIMEOUT_S)
+
+
+def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return start(args, stdin).wait()
 
 
 def _one_line(text: str) -> str:
@@ -407,32 +436,33 @@ def _add_history(job: SlurmJob, fields: list[str], submitted: dict[str, float] |
     job.history.append(rec)
 
 
-def _asked(args: list[str]) -> subprocess.CompletedProcess[str]:
-    """:func:`_run` for a status query: a command that is missing or silent is a failed answer (the runs
-    are listed, their SLURM state UNKNOWN), not a failed ``pixpro status``."""
+def _answer(started: Started) -> subprocess.CompletedProcess[str]:
+    """A status query's answer: a command that is missing or silent is a failed answer (the runs are
+    listed, their SLURM state UNKNOWN), not a failed ``pixpro status``."""
     try:
-        return _run(args)
+        return started.wait()
     except Failure as exc:
-        return subprocess.CompletedProcess(args, 1, "", str(exc))
+        return subprocess.CompletedProcess(started.args, 1, "", str(exc))
 
 
 def query(
     job_ids: list[str], submitted: dict[str, float] | None = None
 ) -> tuple[dict[str, SlurmJob], list[str]]:
-    """States of many jobs with one squeue and one sacct call; also returns warnings (one line each)."""
+    """States of many jobs with one squeue and one sacct call, run side by side; also returns warnings
+    (one line each)."""
     jobs = {j: SlurmJob(j) for j in job_ids}
     warnings: list[str] = []
     if not jobs:
         return jobs, warnings
     ids = ",".join(jobs)
+    asked = start(["squeue", *SQUEUE_ARGS, ids]), start(["sacct", *SACCT_ARGS, ids])
+    q, a = (_answer(s) for s in asked)
     failed: list[str] = []
-    q = _asked(["squeue", *SQUEUE_ARGS, ids])
     if q.returncode == 0:
         parse_squeue(q.stdout, jobs)
     elif "invalid job id" not in q.stderr.lower():  # with it, slurmctld did answer: it forgot the jobs
         warnings.append(f"squeue failed: {_one_line(q.stderr)}")
         failed.append("squeue")
-    a = _asked(["sacct", *SACCT_ARGS, ids])
     if a.returncode == 0:
         parse_sacct(a.stdout, jobs, submitted)
     else:
