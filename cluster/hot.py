@@ -88,7 +88,8 @@ def status(ident: str | None, as_json: bool, watch: bool, interval: float) -> No
 
         from cluster import render
 
-        console = Console(width=None if sys.stdout.isatty() else 200)
+        # cells are data (paths, reasons, swept values): printed as they are, never read as rich markup
+        console = Console(width=None if sys.stdout.isatty() else 200, markup=False, emoji=False)
         answer = first.result()
 
     def view(answer: tuple[list[dict[str, Any]], list[str]] | None = None) -> Any:

@@ -211,3 +211,20 @@ def test_the_hot_commands_import_no_typer(
         [sys.executable, "-c", PROBE, "--version"], capture_output=True, text=True, timeout=120, env=env
     )
     assert "typer" in proc.stderr.splitlines()[-1].split(), proc.stderr  # every other command: the app
+
+
+def test_the_status_table_prints_cells_as_they_are(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A swept value with brackets (a path such as ``/data/[red]x``) is data, not rich markup."""
+    from cluster import hot
+    from cluster.index import Index
+    from tests.support.runs import fake_run
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    rec = fake_run(home, 1)
+    rec.sweep_id, rec.sweep_values = "s1", {"data.root": "/data/[red]x[/red] :smile:"}
+    Index(home).put(rec)
+    hot.status(None, as_json=False, watch=False, interval=5.0)
+    assert '"/data/[red]x[/red] :smile:"' in capsys.readouterr().out
