@@ -55,7 +55,7 @@ lint: venv
 # `make test` runs on three pytest-xdist workers on 2 cores, `--dist loadgroup` (tests in one xdist_group
 # share a worker: every SLURM test is in group `slurm`, tests/conftest.py): one worker runs the SLURM
 # tests against their one cluster (9 to 12 min) while two share the rest, each worker on one OpenMP
-# thread: 11 min 58 s on 2 cores, 898 tests, commit a486028 (README). PYTEST_PARALLEL= runs one
+# thread: 12 min 04 s on 2 cores, 902 tests, commit 5ab23cd (README). PYTEST_PARALLEL= runs one
 # process; more cores, e.g. PYTEST_PARALLEL="-n 8 --dist loadgroup". PYTEST_ARGS adds options (e.g.
 # `-p randomly` to shuffle).
 PYTEST_PARALLEL ?= -n 3 --dist loadgroup
