@@ -40,11 +40,14 @@ class Started:
     proc: subprocess.Popen[str] | None
     stdin: str | None = None
     deadline: float = 0.0
+    unstarted: str = ""
+    """Why the command could not start (``proc`` is None)."""
 
     def wait(self) -> subprocess.CompletedProcess[str]:
-        """The command's output; :class:`Failure` if it is missing or silent for :data:`TIMEOUT_S`."""
+        """The command's output; :class:`Failure` if it could not start or is silent for
+        :data:`TIMEOUT_S`."""
         if self.proc is None:
-            raise Failure(f"{self.args[0]} not found: is this a SLURM login node?")
+            raise Failure(self.unstarted)
         try:
             out, err = self.proc.communicate(self.stdin, timeout=max(0.0, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired as exc:
@@ -61,7 +64,9 @@ def start(args: list[str], stdin: str | None = None) -> Started:
             args, stdin=pipe if stdin is not None else None, stdout=pipe, stderr=pipe, text=True
         )
     except FileNotFoundError:
-        proc = None
+        return Started(args, None, unstarted=f"{args[0]} not found: is this a SLURM login node?")
+    except OSError as exc:  # found but not runnable (permissions, a broken interpreter line...)
+        return Started(args, None, unstarted=f"{args[0]} cannot be run: {exc.strerror or exc}")
     return Started(args, proc, stdin, time.monotonic() + TIMEOUT_S)
 
 

@@ -57,3 +57,15 @@ def test_a_missing_command_is_a_failed_answer(tmp_path: Path, monkeypatch: pytes
         "sacct failed: sacct not found: is this a SLURM login node?",
     ]
     assert jobs["7"].unanswered == ("squeue", "sacct")
+
+
+def test_a_command_that_cannot_run_is_a_failed_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``squeue`` on PATH that is not executable: a one-line warning, not a traceback."""
+    _commands(tmp_path / "bin", squeue="exit 0", sacct="exit 0")
+    (tmp_path / "bin" / "squeue").chmod(0o644)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    jobs, warnings = slurm.query(["7"])
+    assert warnings == ["squeue failed: squeue cannot be run: Permission denied"]
+    assert jobs["7"].unanswered == ("squeue",)
