@@ -54,7 +54,9 @@ def test_sigterm_while_an_upload_is_in_flight_commits_the_final_state(tmp_path, 
         store = CheckpointStore(s3_url, options)
         first = store.latest()["step"]
         assert first <= 30, out.text()[-3000:]
-        fault_proxy.latency(0.005)  # the next uploads take seconds: one is in flight at the signal
+        # Every 64 KiB chunk waits 0.03 s: an upload of the 11 MB checkpoint takes 5 s or more however
+        # loaded the machine is, against the two steps between its start and the final save.
+        fault_proxy.latency(0.03)
         wait_for(
             "an upload under way",
             lambda: out.has(f"step {first + 4}/40") or proc.poll() is not None,
