@@ -71,17 +71,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The SLURM tests form one xdist group. The longest work goes first, whole modules at a time (their
-    module fixtures are set up once): the SLURM group, then the modules with a ``slow`` test, then the
-    rest. xdist hands out work in this order, so the last minutes are short tests on every worker
-    rather than one worker alone on a long test while the others are done."""
-    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
     for item in items:
         if item.get_closest_marker("cluster"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
-    items.sort(
-        key=lambda item: 0 if item.get_closest_marker("cluster") else 1 if item.module in slow_modules else 2
-    )
 
 
 @pytest.fixture(scope="module")
