@@ -123,10 +123,12 @@ def plan_sweep(
     members = parse_grid(sweeps)
     plans: list[runs.Submission] = []
     problems: list[str] = []
+    fixed: dict[str, Any] = {
+        "nodes": nodes, "gpus": gpus, "executor": executor, "dry_run": dry_run,
+        "preflight": False, "free_folder": False,  # both below, once each member's folder is known
+    }  # fmt: skip
     for values in members:
-        kwargs: dict[str, Any] = {"nodes": nodes, "gpus": gpus, "executor": executor, "dry_run": dry_run}
-        kwargs |= {"preflight": False, "free_folder": False}  # both below, once each member's folder is known
-        kwargs["overrides"] = [*overrides, *member_overrides(values)]
+        kwargs = {**fixed, "overrides": [*overrides, *member_overrides(values)]}
         try:
             sub = runs.plan_submission(spec_path, check=check, **kwargs)
             while sub.run_id in {p.run_id for p in plans}:  # run ids of one second differ in 4 hex digits
