@@ -8,6 +8,7 @@ inside the commands: ``pixpro status`` must answer in well under a second on a l
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -52,8 +53,25 @@ def guard(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def prose(doc: str | None) -> str:
+    """A command's docstring as help: each paragraph one line, for the terminal to wrap. Typer keeps a
+    docstring's line breaks (in the command list and after the first paragraph), so a paragraph would
+    break where the source wraps; click's ``\\b`` paragraphs keep theirs, and what follows ``\\f`` is
+    left out, as click leaves it out."""
+    paragraphs = inspect.cleandoc(doc or "").partition("\f")[0].split("\n\n")
+    return "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
+
+
 class _App(typer.Typer):
-    """Typer whose own usage errors are one line too (not a multi-line box), for the console script."""
+    """Typer whose own usage errors are one line too (not a multi-line box), for the console script, and
+    whose commands' help is their docstring as :func:`prose`."""
+
+    def command(self, name: str | None = None, **kwargs: Any) -> Callable[[F], F]:
+        def register(fn: F) -> F:
+            kwargs.setdefault("help", prose(fn.__doc__))
+            return typer.Typer.command(self, name, **kwargs)(fn)
+
+        return register
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         command = typer.main.get_command(self)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import typer
 
-from cluster.cli import app
+from cluster.cli import app, prose
 from cluster.entry import HOT, parse
 from tests.support.runs import fake_runs
 
@@ -228,3 +228,17 @@ def test_the_status_table_prints_cells_as_they_are(
     Index(home).put(rec)
     hot.status(None, as_json=False, watch=False, interval=5.0)
     assert '"/data/[red]x[/red] :smile:"' in capsys.readouterr().out
+
+
+def test_every_commands_help_is_prose_for_the_terminal_to_wrap() -> None:
+    """Typer keeps a docstring's line breaks, so a paragraph of ``pixpro --help`` or ``pixpro eval --help``
+    would break mid-sentence where the source wraps: each paragraph is one line, for the terminal to wrap."""
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    assert {"resume", "eval", "pack"} <= set(commands)  # the ones whose docstrings wrap
+    for name, command in commands.items():
+        paragraphs = (command.help or "").split("\n\n")
+        assert paragraphs[0] and all("\n" not in p and "  " not in p for p in paragraphs), name
+    assert (
+        prose("\n  One\n  two.\n\n  \bkeep\n  as is\n\n  Three\f\n  not shown")
+        == "One two.\n\n\bkeep\nas is\n\nThree"
+    )
