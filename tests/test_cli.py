@@ -328,7 +328,9 @@ def test_dry_run_previews_when_no_controller_answers(home: Path, spec_file: Path
     assert "sbatch --test-only" not in proc.stdout and "Traceback" not in proc.stderr
     payload = json.loads(run("submit", "--dry-run", "--json", "--executor", "slurm", str(spec_file)).stdout)
     assert payload["cluster_checked"] is False and "sinfo failed" in payload["unchecked"]
-    assert "sinfo failed" in assert_one_line_error(run("submit", "--executor", "slurm", str(spec_file)), 1)
+    line = assert_one_line_error(run("submit", "--executor", "slurm", str(spec_file)), 1)
+    assert "sinfo failed" in line  # and what to do instead:
+    assert line.endswith("(is slurmctld up? --executor local runs it on this machine)"), line
     assert not home.exists()
 
 
