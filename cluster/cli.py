@@ -358,12 +358,16 @@ def resume(
         for run_id, job_id in [] if as_json else resumed:
             typer.echo(f"resumed run {run_id} as job {job_id}")
         return
-    record, job_id, warning = runs.resume(ident, include_node or [])
+    record, queued, warning = runs.resume(ident, include_node or [])
+    if queued is None:
+        done = {"run_id": record.run_id, "job_id": None}
+        typer.echo(json.dumps(done) if as_json else f"run {record.run_id} completed: nothing to resume")
+        return
     if warning:
         _err(f"warning: {warning}")
-    _announce(record.run_id, job_id, record.executor, as_json, "resumed")
+    _announce(record.run_id, queued, record.executor, as_json, "resumed")
     if follow:
-        raise typer.Exit(_follow(record.run_id, job_id, None))
+        raise typer.Exit(_follow(record.run_id, queued, None))
 
 
 # ----------------------------------------------------------------------------------------- status

@@ -229,10 +229,12 @@ def submit(plan: Submission) -> tuple[RunRecord, str, str | None]:
 
 
 # ------------------------------------------------------------------------------------------ resume / cancel
-def resume(ident: str, include_nodes: list[str] | None = None) -> tuple[RunRecord, str, str | None]:
-    """Queue the next attempt, leaving out the nodes that failed the run twice, unless forgiven here."""
+def resume(ident: str, include_nodes: list[str] | None = None) -> tuple[RunRecord, str | None, str | None]:
+    """Queue the next attempt, leaving out the nodes that failed the run twice, unless forgiven here. A
+    completed run queues nothing (job id None): its attempt would load the last step and stop, after
+    waiting in the queue for an allocation."""
     from cluster import nodes
-    from cluster.status import attempt_states, read_all_progress
+    from cluster.status import attempt_states, read_all_progress, run_state
 
     index = Index()
     record = index.find(ident)
@@ -243,6 +245,8 @@ def resume(ident: str, include_nodes: list[str] | None = None) -> tuple[RunRecor
         raise Failure(
             f"run {record.run_id} still has attempt {job} {st.state}: wait, or pixpro cancel {job} first"
         )
+    if run_state(record, states[record.run_id]).state == "COMPLETED":
+        return record, None, None
     if include_nodes:
         nodes.include(record, include_nodes)
         write_local(record)  # recheck reads the run folder's record

@@ -276,7 +276,8 @@ def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str]]:
         except Failure as exc:
             problems += [f"run {record.run_id}: {line}" for line in exc.lines]
             continue
-        resumed.append((record.run_id, job_id))
+        if job_id is not None:
+            resumed.append((record.run_id, job_id))
     if problems and not resumed:
         raise Failure(problems)
     return resumed

@@ -683,5 +683,9 @@ def test_local_executor_follow_runs_to_completion(home: Path, spec_file: Path, t
     acc = EventAccumulator(row["tensorboard_dir"])
     acc.Reload()  # what `tensorboard --logdir` shows: every logged step once
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 21))
+    again = cli("resume", row["run_id"], "--json", home=home)  # an attempt would only load step 20
+    assert (again.returncode, json.loads(again.stdout)) == (0, {"run_id": row["run_id"], "job_id": None})
+    assert cli("resume", job, home=home).stdout == f"run {row['run_id']} completed: nothing to resume\n"
+    assert json.loads((rdir / "checkpoints" / "run.json").read_bytes())["attempts"] == [job]
     for step_dir in (rdir / "checkpoints").glob("step-*"):  # ~11 MB each; pytest keeps old tmp dirs
         shutil.rmtree(step_dir)
