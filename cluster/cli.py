@@ -476,6 +476,8 @@ def export_(
     force: Annotated[bool, typer.Option(help="Overwrite an existing output file.")] = False,
 ) -> None:
     """Export the online encoder: a torchvision state_dict or a detectron2 weights pickle."""
+    if output.exists() and not force:  # at once, not after the tool's imports (its write is create-only)
+        raise errors.UsageError(f"output {output} already exists; pass --force to overwrite it")
     args = [_source(ident), "--format", fmt, "-o", str(output)]
     _run_tool("export", args + (["--spec", str(spec)] if spec else []) + (["--force"] if force else []))
 
@@ -574,6 +576,8 @@ def viz(
     crop: Annotated[int, typer.Option(help="View size in pixels.")] = 224,
 ) -> None:
     """Draw two augmented views with cell centres and one cell's positive matches (PNG)."""
+    if not image.exists():  # at once, not after the tool's imports
+        raise errors.NotFound(f"image {image} does not exist")
     _run_tool("viz", ["pairs", str(image), "-o", str(output), "--seed", str(seed), "--crop", str(crop)])
 
 
