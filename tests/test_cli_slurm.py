@@ -362,7 +362,7 @@ def _job_field(job: str, field: str) -> str:
 def test_a_node_that_failed_a_run_twice_is_left_out_until_included(home: Path) -> None:
     """A rank SIGKILLed twice on one node (torchrun restarts it once, then the job fails): the run
     notes the node, status shows it, resume queues with --exclude and runs on the other node;
-    --include-node gives the node back."""
+    --include-node gives the node back (to an attempt after a cancel: a completed run queues none)."""
     tiny = cluster_tiny_spec(SHARED / DATA_DIR, resources__max_restarts=1)
     spec = write_spec(home.parent / "tiny-node-failures.json", tiny)
     run_id, job = submit(home, spec)
@@ -390,15 +390,10 @@ def test_a_node_that_failed_a_run_twice_is_left_out_until_included(home: Path) -
     second = json.loads(proc.stdout)["job_id"]
     _jobs.append(second)
     assert _job_field(second, "ExcNodeList") == bad
-    row = wait_status(home, second, finished, 300)
-    assert row["step"] == row["total_steps"] == 20, row
-    sacct = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-o", "NodeList", "-j", second],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert bad not in sacct.stdout and sacct.stdout.strip(), sacct.stdout
+    wait_status(home, second, lambda r: r["state"] == "RUNNING", 240)
+    assert _job_field(second, "NodeList") not in ("", "(null)", bad)
+    assert cli("cancel", run_id, home=home).returncode == 0  # unfinished: a completed run resumes no more
+    wait_status(home, second, lambda r: r["state"] == "CANCELLED", 240)
 
     proc = cli("resume", run_id, "--json", "--include-node", bad, home=home)
     assert proc.returncode == 0, proc.stderr
@@ -406,7 +401,9 @@ def test_a_node_that_failed_a_run_twice_is_left_out_until_included(home: Path) -
     _jobs.append(third)
     assert _job_field(third, "ExcNodeList") == "(null)"
     assert status_json(home, run_id)["excluded_nodes"] == []
-    wait_status(home, third, finished, 300)
+    row = wait_status(home, third, finished, 300)
+    assert row["step"] == row["total_steps"] == 20, row
+    assert json.loads(cli("resume", run_id, "--json", home=home).stdout)["job_id"] is None
 
 
 @pytest.fixture(scope="module")
