@@ -66,7 +66,7 @@ def test_pairs_default_cell_has_most_matches_and_bad_cells_are_refused(image, tm
     assert len(fig.axes) == 3
     assert main(["pairs", str(image), "-o", str(tmp_path / "x.png"), "--crop", "64", "--cell", "2", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "off the 2x2 grid" in err
+    assert err.count("\n") == 1 and err.startswith("pixpro viz: error: ") and "off the 2x2 grid" in err
     assert main(["pairs", str(tmp_path / "missing.png"), "-o", str(tmp_path / "x.png")]) == 3
     assert not (tmp_path / "x.png").exists()
 
@@ -116,7 +116,8 @@ def test_plot_errors_and_needs_no_torch(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "nope"), "-o", str(tmp_path / "a.png")]) == 3
     (tmp_path / "empty").mkdir()
     assert main(["plot", str(tmp_path / "empty"), "-o", str(tmp_path / "a.png")]) == 3
-    assert "no metrics" in capsys.readouterr().err
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": error: ")[0] for line in err] == ["pixpro plot"] * 2 and "no metrics" in err[1]
 
     _write_metrics(str(tmp_path / "store"))
     code = (

@@ -183,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot.add_argument("checkpoint_url", help="checkpoint store URL/folder or run folder")
     plot.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args(argv)
+    name = "pixpro viz" if args.command == "pairs" else "pixpro plot"  # the command the user typed
     try:
         if args.output.is_dir():
             raise PlotError(f"output {args.output} is a folder; give a .png file name")
@@ -197,10 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps = plotted.series["loss"][0]
             detail = f"{len(steps)} logged steps, {len(plotted.resumes)} resume(s)"
     except PlotError as exc:
-        print(f"pixpro viz: error: {exc}", file=sys.stderr)
+        print(f"{name}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        print(f"pixpro viz: error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        print(f"{name}: error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"wrote {args.output} ({detail})")
     return 0
