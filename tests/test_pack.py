@@ -129,6 +129,11 @@ def test_bad_input_is_one_line_and_nothing_is_lost(tmp_path: Path, capsys) -> No
     assert pack_main([str(other), str(tmp_path / "packed"), "--shard-size", "8KB"]) == 2  # another pack
     assert "already holds a different pack" in capsys.readouterr().err
     assert (tmp_path / "packed" / "manifest.json").read_bytes() == manifest
+    before = sorted(src.rglob("*"))  # shards among the images they pack: refused, nothing written
+    for inside in (src, src / "n01" / "packed", src / ".." / "src"):
+        assert pack_main([str(src), str(inside)]) == 2
+        assert "within the dataset folder" in capsys.readouterr().err
+    assert sorted(src.rglob("*")) == before
     assert pack_main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert pack_main([str(src), str(tmp_path / "y"), "--shard-size", "lots"]) == 2

@@ -215,7 +215,19 @@ def _finished(dest: Dest, plan: ShardPlan) -> dict[str, Any] | None:
 
 
 # -- the whole pack ----------------------------------------------------------------------------------
+def _within(dest: str, src: str) -> bool:
+    """DEST is SRC or a folder below it: the shards, index and manifest would land among the images."""
+
+    def norm(where: str) -> str:
+        return where.rstrip("/") if "://" in where else os.path.realpath(where)
+
+    inner, outer = norm(dest), norm(src)
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
 def pack(src: str, dest_root: str, shard_size: int, workers: int, progress: bool = True) -> dict[str, Any]:
+    if _within(dest_root, src):
+        raise PackError(f"{dest_root} is within the dataset folder {src}: give the shards one outside it")
     try:
         source = FolderSource(src)
     except SourceError as exc:
