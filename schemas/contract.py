@@ -246,6 +246,11 @@ EvalState = Literal["running", "completed", "failed"]
 EVAL_HEADLINE = {"dense": ("miou", "pixel_accuracy"), "linear": ("top1", "top5"), "knn": ("top1", "top5")}
 """The numbers of an evaluation's result that ``pixpro status`` shows, per task."""
 
+# -- what ``pixpro export`` writes ------------------------------------------------------------------
+EXPORT_FORMATS = ("torchvision", "detectron2")
+"""``pixpro export --format``: the CLI refuses another at once, the export tool (which imports torch
+first) refuses it too."""
+
 
 # -- environment variables that cross a process boundary ---------------------------------------------
 HOME_ENV = "PIXPRO_HOME"

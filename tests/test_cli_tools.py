@@ -11,7 +11,7 @@ import pytest
 from tests.support.cli import run_cli
 
 
-def test_an_existing_export_output_is_refused_before_the_tool_starts(
+def test_a_taken_export_output_or_an_unknown_format_is_refused_before_the_tool_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PIXPRO_HOME", str(tmp_path / "home"))
@@ -20,6 +20,8 @@ def test_an_existing_export_output_is_refused_before_the_tool_starts(
     code, _, err = run_cli("export", str(tmp_path / "run"), "-o", str(out))
     assert (code, err) == (2, f"pixpro: output {out} already exists; pass --force to overwrite it\n")
     assert out.read_bytes() == b"precious"
+    code, _, err = run_cli("export", str(tmp_path / "run"), "-o", str(out) + "2", "--format", "onnx")
+    assert (code, err) == (2, "pixpro: unknown format 'onnx'; use one of torchvision, detectron2\n")
 
 
 def test_a_missing_image_to_draw_is_refused_before_the_tool_starts(tmp_path: Path) -> None:

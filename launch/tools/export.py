@@ -34,8 +34,8 @@ import torchvision
 from torch import nn
 
 from launch.tools.weights import EXIT_BAD_INPUT, WeightsError, load_encoder
+from schemas.contract import EXPORT_FORMATS
 
-FORMATS = ("torchvision", "detectron2")
 D2_INPUT_HINT = (
     "detectron2 config: INPUT.FORMAT RGB, MODEL.PIXEL_MEAN [123.675, 116.28, 103.53], "
     "MODEL.PIXEL_STD [58.395, 57.12, 57.375], MODEL.RESNETS.STRIDE_IN_1X1 False"
@@ -94,8 +94,8 @@ def _write_new(path: Path, data: bytes, force: bool) -> None:
 
 def export(checkpoint: str, spec: str | None, fmt: str, output: Path, force: bool = False) -> str:
     """Write the export and return a one-line summary; raises :class:`WeightsError`."""
-    if fmt not in FORMATS:
-        raise WeightsError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if fmt not in EXPORT_FORMATS:
+        raise WeightsError(f"unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
     if output.is_dir():
         raise WeightsError(f"output {output} is a folder; give a file name")
     if output.exists() and not force:
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.tools.export", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="checkpoint store URL/folder, run folder or .pt file")
     parser.add_argument("--spec", help="the run's spec (default: spec.json beside the run)")
-    parser.add_argument("--format", dest="fmt", default="torchvision", help=" or ".join(FORMATS))
+    parser.add_argument("--format", dest="fmt", default="torchvision", help=" or ".join(EXPORT_FORMATS))
     parser.add_argument("-o", "--output", type=Path, required=True, help="file to write")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output file")
     args = parser.parse_args(argv)
