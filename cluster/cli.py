@@ -22,7 +22,7 @@ from cluster.errors import EXIT_FAILURE, EXIT_USAGE
 from cluster.exits import exit_status
 from cluster.exits import say as _err
 from cluster.hot import check_id as _check_id
-from schemas.contract import EXPORT_FORMATS, Exit
+from schemas.contract import EXPORT_FORMATS, Exit, export_refusal
 
 try:  # typer >= 0.22 vendors click
     from typer._click.exceptions import ClickException, UsageError
@@ -476,10 +476,9 @@ def export_(
     force: Annotated[bool, typer.Option(help="Overwrite an existing output file.")] = False,
 ) -> None:
     """Export the online encoder: a torchvision state_dict or a detectron2 weights pickle."""
-    if fmt not in EXPORT_FORMATS:  # at once, not after the tool's imports
-        raise errors.UsageError(f"unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    if output.exists() and not force:  # at once too (the tool's write is create-only)
-        raise errors.UsageError(f"output {output} already exists; pass --force to overwrite it")
+    refusal = export_refusal(fmt, output, force)  # at once, not after the tool's imports
+    if refusal:
+        raise errors.UsageError(refusal)
     args = [_source(ident), "--format", fmt, "-o", str(output)]
     _run_tool("export", args + (["--spec", str(spec)] if spec else []) + (["--force"] if force else []))
 

@@ -270,15 +270,12 @@ def sbatch_error(stderr: str, spec: RunSpec) -> UsageError | Failure:
     return Failure(f"sbatch failed: {_one_line(stderr) or 'no message'}")
 
 
-LOCAL_HINT = "--executor local runs it on this machine"
-"""Where no controller answers (a laptop with SLURM's client, a login node during maintenance)."""
-
-
 def preflight(spec: RunSpec, script: str, exclude: list[str] | None = None) -> str:
     """sinfo checks, then ``sbatch --test-only`` of the real script; returns sbatch's start estimate."""
     info = _run(["sinfo", "-h", "-N", "-o", "%N|%P|%G|%a"])
     if info.returncode != 0:
-        raise Failure(f"sinfo failed: {_one_line(info.stderr)} (is slurmctld up? {LOCAL_HINT})")
+        hint = "is slurmctld up? --executor local runs it on this machine"  # a laptop with SLURM's client
+        raise Failure(f"sinfo failed: {_one_line(info.stderr)} ({hint})")
     check_partitions(spec, parse_sinfo(info.stdout), exclude)
     test = _run(["sbatch", "--test-only"], stdin=script)
     if test.returncode != 0:

@@ -248,8 +248,19 @@ EVAL_HEADLINE = {"dense": ("miou", "pixel_accuracy"), "linear": ("top1", "top5")
 
 # -- what ``pixpro export`` writes ------------------------------------------------------------------
 EXPORT_FORMATS = ("torchvision", "detectron2")
-"""``pixpro export --format``: the CLI refuses another at once, the export tool (which imports torch
-first) refuses it too."""
+"""``pixpro export --format``."""
+
+
+def export_refusal(fmt: str, output: Path, force: bool) -> str | None:
+    """Why ``pixpro export`` cannot write ``output`` in ``fmt``, or None: asked by the CLI at once and by
+    the export tool, which imports torch first (its write is create-only besides)."""
+    if fmt not in EXPORT_FORMATS:
+        return f"unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}"
+    if output.is_dir():
+        return f"output {output} is a folder; give a file name"
+    if output.exists() and not force:
+        return f"output {output} already exists; pass --force to overwrite it"
+    return None
 
 
 # -- environment variables that cross a process boundary ---------------------------------------------

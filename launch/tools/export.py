@@ -34,7 +34,7 @@ import torchvision
 from torch import nn
 
 from launch.tools.weights import EXIT_BAD_INPUT, WeightsError, load_encoder
-from schemas.contract import EXPORT_FORMATS
+from schemas.contract import EXPORT_FORMATS, export_refusal
 
 D2_INPUT_HINT = (
     "detectron2 config: INPUT.FORMAT RGB, MODEL.PIXEL_MEAN [123.675, 116.28, 103.53], "
@@ -94,12 +94,9 @@ def _write_new(path: Path, data: bytes, force: bool) -> None:
 
 def export(checkpoint: str, spec: str | None, fmt: str, output: Path, force: bool = False) -> str:
     """Write the export and return a one-line summary; raises :class:`WeightsError`."""
-    if fmt not in EXPORT_FORMATS:
-        raise WeightsError(f"unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    if output.is_dir():
-        raise WeightsError(f"output {output} is a folder; give a file name")
-    if output.exists() and not force:
-        raise WeightsError(f"output {output} already exists; pass --force to overwrite it")
+    refusal = export_refusal(fmt, output, force)
+    if refusal:
+        raise WeightsError(refusal)
     encoder = load_encoder(checkpoint, spec)
     state = torchvision_state(encoder.backbone)
     if fmt == "torchvision":
