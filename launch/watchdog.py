@@ -126,8 +126,11 @@ class Watchdog:
 
     # --- acting -------------------------------------------------------------------------------------
     def dump(self, ranks: list[RankBeat]) -> None:
-        """Every local rank's stacks to its log: SIGCONT first, a stopped process runs no handler."""
+        """Every local rank's stacks to its log: SIGCONT first, a stopped process runs no handler. From
+        here on the watchdog is why these ranks end (it kills them after the dump; a woken rank may also
+        die on its own before that): none of them is recorded against the node again."""
         for r in ranks:
+            RECORDER.ignore(r.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(r.pid, signal.SIGCONT)
                 os.kill(r.pid, DUMP_SIGNAL)
@@ -172,8 +175,7 @@ class Watchdog:
 
     def _kill(self, ranks: list[RankBeat]) -> None:
         for r in ranks:
-            self._killed.add(r.pid)
-            RECORDER.ignore(r.pid)  # the hung rank is recorded as such; the others are not the node's fault
+            self._killed.add(r.pid)  # dumped first, so not recorded against the node (see dump)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(r.pid, signal.SIGKILL)
 
