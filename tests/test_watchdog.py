@@ -10,10 +10,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from launch import heartbeat
+from launch.node_failures import RECORDER
 from launch.watchdog import Watchdog, run_dir_of, stopped
 from schemas.contract import NodeHeartbeat, RankBeat, RunPaths
 from tests.support.procs import wait_for
@@ -100,3 +102,16 @@ def test_run_dir_comes_from_the_trainer_arguments() -> None:
     assert run_dir_of(["spec.json", "--run-dir", "/r/x"]) == Path("/r/x")
     assert run_dir_of(["spec.json", "--run-dir=/r/y"]) == Path("/r/y")
     assert run_dir_of([]) is None
+
+
+def test_a_dumped_rank_that_dies_before_the_kill_is_not_blamed_on_the_node(
+    dog, ranks, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Woken by the dump, a hung rank may die on its own (a crash in its dump) in the two seconds before
+    the watchdog's SIGKILL: its hang is recorded once, its death is the watchdog's doing."""
+    seen: list[tuple[int, str]] = []
+    monkeypatch.setattr(RECORDER, "record", lambda rank, cause: seen.append((rank, cause)))
+    _write(dog, 0, ranks[0].pid, step=7, age_s=40, limit_s=30)
+    dog.dump(dog.local_ranks())
+    RECORDER.failed({0: SimpleNamespace(pid=ranks[0].pid, local_rank=0, exitcode=-signal.SIGSEGV)}, {})
+    assert seen == []
