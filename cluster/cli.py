@@ -62,6 +62,18 @@ def prose(doc: str | None) -> str:
     return "\n\n".join(p if p.startswith("\b") else " ".join(p.split()) for p in paragraphs)
 
 
+def _flags_take_no_value(command: Any) -> None:
+    """Leave a flag's type out of help: Typer 0.29 prints ``--json <bool>`` (``--help <bool>`` too),
+    which reads as if the flag took a value. A blank metavar is what Typer then prints; a flag's own
+    errors name it by its option (``'--json'``), never by its metavar."""
+    help_option = command.get_help_option(command.context_class(command))
+    for param in [*command.params, help_option]:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    for sub in getattr(command, "commands", {}).values():
+        _flags_take_no_value(sub)
+
+
 class _App(typer.Typer):
     """Typer whose own usage errors are one line too (not a multi-line box), for the console script, and
     whose commands' help is their docstring as :func:`prose`."""
@@ -75,6 +87,7 @@ class _App(typer.Typer):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         command = typer.main.get_command(self)
+        _flags_take_no_value(command)
         try:
             rv = command.main(args=sys.argv[1:], prog_name="pixpro", standalone_mode=False)
         except UsageError as exc:

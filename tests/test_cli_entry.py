@@ -242,3 +242,17 @@ def test_every_commands_help_is_prose_for_the_terminal_to_wrap() -> None:
         prose("\n  One\n  two.\n\n  \bkeep\n  as is\n\n  Three\f\n  not shown")
         == "One two.\n\n\bkeep\nas is\n\nThree"
     )
+
+
+@pytest.mark.parametrize("name", ["", *typer.main.get_command(app).commands])  # type: ignore[attr-defined]
+def test_help_gives_no_type_for_a_flag(name: str, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """Typer 0.29 prints a flag as ``--json <bool>``, which reads as if it took a value: the type column
+    stays empty for a flag (``--help`` included) and names the type of an option that takes one."""
+    monkeypatch.setattr(sys, "argv", ["pixpro", *filter(None, [name]), "--help"])
+    with pytest.raises(SystemExit) as exited:
+        app()
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "--help " in out and "<bool>" not in out, name
+    if name == "status":
+        assert re.search(r"--json +JSON: a list of runs", out) and re.search(r"--interval +<float>", out)
