@@ -24,6 +24,7 @@ from launch.store import (
     CommitTimeout,
     CorruptCheckpoint,
     FileEntry,
+    StoreUnavailable,
 )
 from tests.conftest_s3 import s3_storage_options
 from tests.support.store import Target, committed_steps, payload, save
@@ -98,6 +99,60 @@ def test_write_refuses_a_committed_prefix(target: Target) -> None:
     with pytest.raises(CheckpointExists):
         store.write(5, "rank0.pt", b"again")
     save(target.store(attempt="1"), 5)  # a new attempt writes the same step into its own prefix
+
+
+def test_a_commit_retried_after_its_manifest_landed_moves_latest(target: Target) -> None:
+    """The manifest's PUT landed but its answer was lost (a deadline, a reset), so the uploader calls
+    commit() again, with a manifest that differs only in ``created``: it is this commit's own, so the
+    commit goes on and moves ``latest``. A manifest that commits something else is still refused."""
+    store = target.store()
+    save(store, 100)
+    entries = [store.write(200, f"rank{r}.pt", payload(200, r)) for r in range(2)]
+    meta = {"world_size": 2, "spec_hash": "abc"}
+    put_if = store._backend.put_if
+
+    def answer_lost(rel: str, data: bytes, token: str | None) -> bool:
+        landed = put_if(rel, data, token)
+        if rel.endswith(MANIFEST):
+            store._backend.put_if = put_if  # type: ignore[method-assign]
+            raise StoreUnavailable(f"PUT {rel}: the connection was reset")
+        return landed
+
+    store._backend.put_if = answer_lost  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable):
+        store.commit(200, entries, meta)
+    assert store.latest()["step"] == 100  # committed, not yet pointed at
+    m = store.commit(200, entries, meta)
+    assert store.latest()["step"] == 200 and store.resolve() == m
+    with pytest.raises(CheckpointExists):
+        store.commit(200, entries, {**meta, "world_size": 3})
+    assert store.resolve() == m
+
+
+def test_a_reader_looks_again_when_the_trainer_commits_and_prunes_under_it(
+    target: Target, caplog: pytest.LogCaptureFixture
+) -> None:
+    """export or eval beside a training run (``keep_last=1``): the trainer commits and prunes right after
+    the reader listed the store, so nothing the reader listed exists any more; ``latest`` has moved, so
+    it looks again and finds the new checkpoint instead of none."""
+    trainer = target.store(keep_last=1)
+    save(trainer, 100)
+    reader = target.store(attempt="reader")
+    scan = reader._backend.scan
+    moved = []
+
+    def the_trainer_commits_after_the_listing(sub: str = "") -> dict[str, int]:
+        listed = scan(sub)
+        if not sub and not moved:
+            moved.append(save(trainer, 200))
+        return listed
+
+    reader._backend.scan = the_trainer_commits_after_the_listing  # type: ignore[method-assign]
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        loaded = reader.load_latest(["rank0.pt"])
+    assert moved and committed_steps(trainer) == [200]
+    assert loaded is not None and loaded[0] == moved[0] and loaded[1] == {"rank0.pt": payload(200, 0)}
+    assert any("latest moved to step 200 while resolving" in r.getMessage() for r in caplog.records)
 
 
 def test_exception_mid_write_leaves_nothing_and_retry_succeeds(

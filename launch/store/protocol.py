@@ -40,6 +40,10 @@ _CAS_MAX_TRIES = 100
 _JITTER = random.Random()  # the CAS back-off's own generator: never the trainer's saved stream
 
 
+RESOLVE_PASSES = 3
+"""How often a reader lists the store while ``latest`` moves under it and nothing listed was valid."""
+
+
 class _HashingWriter:
     """The file object a serializer writes into: hashes as it goes and hands the sink bounded pieces
     (a memoryview slice of a large write is not a copy)."""
@@ -194,9 +198,13 @@ class CheckpointStore:
             self._redactor.check_no_secrets(body)
             if not self._backend.put_if(f"{prefix}/{MANIFEST}", body, None):
                 existing = self._backend.get(f"{prefix}/{MANIFEST}")
-                # A retried PUT whose first try landed (response lost) gets 412 on its own manifest.
-                if existing is None or existing[0] != body:
+                # A retried PUT whose first try landed (answer lost) gets 412 on its own manifest; so does
+                # a commit() called again after such a try failed, with a later ``created``: that
+                # manifest is ours, and committing goes on with it (``latest`` still has to move).
+                mine = existing is not None and _same_commit(existing[0], manifest)
+                if existing is None or not mine:
                     raise CheckpointExists(f"step {step}: {prefix}/{MANIFEST} already exists")
+                body, manifest = existing[0], Manifest.from_json(existing[0])
             moved = self._advance_latest(manifest, hashlib.sha256(body).hexdigest())
         if moved:
             try:
@@ -360,10 +368,36 @@ class CheckpointStore:
         Validation is lazy (a candidate is checked when reached) and checks that every file is present
         with its manifest size and that ``meta`` matches ``expect``; ``verify_checksums`` also downloads
         and hashes every file. Each skipped candidate costs exactly one warning line.
+
+        ``latest`` is read before the listing, so the checkpoint it names is listed; a reader beside a
+        training run (export, eval, status) can still see every checkpoint it listed pruned by the
+        trainer's next commits before it reads them. If none was valid and ``latest`` has moved since,
+        it looks again (at most :data:`RESOLVE_PASSES` times).
         """
-        with self._redactor.guard():
-            layout = scan_layout(self._backend.scan())
-            ptr, _, problem = self._read_pointer()
+        for _ in range(RESOLVE_PASSES):
+            with self._redactor.guard():
+                ptr, _, problem = self._read_pointer()
+                layout = scan_layout(self._backend.scan())
+            found = False
+            for manifest in self._candidates(ptr, problem, layout, expect, verify_checksums):
+                found = True
+                yield manifest
+            if found:
+                return
+            with self._redactor.guard():
+                now = self._read_pointer()[0]
+            if now is None or now == ptr:
+                return
+            log.info("%s: latest moved to step %d while resolving; looking again", self.url, now["step"])
+
+    def _candidates(
+        self,
+        ptr: dict[str, Any] | None,
+        problem: str | None,
+        layout: Layout,
+        expect: dict[str, Any] | None,
+        verify_checksums: bool,
+    ) -> Iterator[Manifest]:
         if layout.foreign:
             shown = ", ".join(layout.foreign[:5]) + (", …" if len(layout.foreign) > 5 else "")
             log.warning("%s: ignoring %d foreign object(s): %s", self.url, len(layout.foreign), shown)
@@ -550,3 +584,14 @@ class CheckpointStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _same_commit(body: bytes, manifest: Manifest) -> bool:
+    """Whether a stored manifest commits what ``manifest`` does: the same document but for its
+    ``created`` (compared as JSON, as both were written)."""
+    try:
+        stored = json.loads(body)
+    except ValueError:
+        return False
+    ours = json.loads(manifest.to_json())
+    return isinstance(stored, dict) and {**stored, "created": None} == {**ours, "created": None}
