@@ -41,7 +41,7 @@ import torch
 from launch import forking
 from launch.preempt import die_with_parent
 from launch.snapshot import BufferRef, TensorMeta, map_buffer, rebuild
-from launch.store import CheckpointStore, FileEntry
+from launch.store import CheckpointExists, CheckpointStore, FileEntry
 from launch.store.backends import failure_cause
 from schemas.contract import DEBUG_ENV
 
@@ -174,7 +174,7 @@ class Uploader:
             self._check()
             try:
                 return fn()
-            except Abandoned:
+            except (Abandoned, CheckpointExists):  # the store's answer, not its outage: no retry changes it
                 raise
             except Exception as exc:
                 if self.abandoning:

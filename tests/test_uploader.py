@@ -5,6 +5,7 @@ budget, and the uploader's memory."""
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from launch.checkpoint import Checkpointer
-from launch.store import CheckpointStore
+from launch.store import CheckpointExists, CheckpointStore, StoreUnavailable
+from launch.uploader import Job, Uploader
 from schemas.contract import MANIFEST, TRAIN_FILE
 from tests.conftest_s3 import s3_storage_options
 from tests.support import zygote
@@ -237,3 +239,33 @@ def test_the_uploader_streams_without_a_second_full_copy(tmp_path, moto_s3, s3_u
     assert store.latest()["step"] == 2
     entry = next(m for m in store.candidates()).entry(TRAIN_FILE)
     assert entry.size > 160 * 2**20
+
+
+def test_an_outage_is_retried_and_a_refusal_is_not(tmp_path):
+    """A store that is down is tried again until the save's window ends; a store that answered
+    ``CheckpointExists`` answered for good, so the job ends at once instead of spending that window."""
+    ours, theirs = multiprocessing.Pipe()
+    uploader = Uploader(ours, _store(str(tmp_path)), rank=0, world_size=1)
+    job = Job(7, {}, [], None, {}, deadline=time.monotonic() + 60)  # type: ignore[arg-type]
+    answers = iter([StoreUnavailable("reset"), StoreUnavailable("reset"), "committed"])
+
+    def flaky() -> str:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert uploader._retry(job, "commit step 7", flaky) == "committed"
+    calls = []
+
+    def refused() -> None:
+        calls.append(time.monotonic())
+        raise CheckpointExists("step 7: manifest.json already exists")
+
+    with pytest.raises(CheckpointExists):
+        uploader._retry(job, "commit step 7", refused)
+    assert len(calls) == 1
+    said = []
+    while theirs.poll():
+        said.append(theirs.recv()[0])
+    assert said.count("failing") == 2, said  # the two outages, not the refusal
