@@ -115,8 +115,7 @@ def main(argv: list[str]) -> int:
         if len(received) >= 3:  # asked three times: stop now, the last committed checkpoint stands
             task.forward(signal.SIGKILL)
             return
-        user = getattr(signal, f"SIG{task.signal_name}")
-        task.forward(user if signum in (signal.SIGUSR1, signal.SIGUSR2) else signal.SIGTERM)
+        task.forward(task.user_signal() if signum in (signal.SIGUSR1, signal.SIGUSR2) else signal.SIGTERM)
 
     for sig in _FORWARDED:
         signal.signal(sig, forward)

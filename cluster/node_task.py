@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import os
 import signal
@@ -97,8 +98,12 @@ class JobContext:
         )
 
 
-def _die_with_parent() -> None:
-    """preexec: the launcher gets SIGTERM (and checkpoints) if this task is killed outright."""
+def launcher_preexec(held: frozenset[int]) -> None:
+    """preexec of the launcher: it gets SIGTERM (and checkpoints) if this task is killed outright; and it
+    starts with the preemption signals ``held`` (blocked; the mask survives exec) until it has its
+    handlers, so that one arriving during its imports waits instead of killing it (the user signal's
+    default action) and failing the attempt (launch.preempt.held)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -213,7 +218,7 @@ class NodeTask:
             cwd=self.workdir,
             env=self.environment(ctx),
             start_new_session=True,  # its own process group: signalled and reaped as one
-            preexec_fn=_die_with_parent,
+            preexec_fn=functools.partial(launcher_preexec, self.preemption_signals()),
         )
         threading.Thread(target=self._reap, name="pixpro-reap", daemon=True).start()
         rc = self.wait()
@@ -269,6 +274,13 @@ class NodeTask:
             time.sleep(POLL_S)
         return self._rc
 
+    def preemption_signals(self) -> frozenset[int]:
+        """SIGTERM and the run's user signal: what the launcher and the trainers handle (launch.preempt)."""
+        return frozenset({signal.SIGTERM, self.user_signal()})
+
+    def user_signal(self) -> int:
+        return int(getattr(signal, f"SIG{self.signal_name.upper().removeprefix('SIG')}"))
+
     def forward(self, sig: int) -> None:
         """Send a signal to the launcher's whole process group (torchrun, trainers, loader workers)."""
         if self._proc is not None and self._rc is None:
@@ -289,7 +301,7 @@ class NodeTask:
         """
         from submitit.helpers import DelayedSubmission
 
-        self.forward(getattr(signal, f"SIG{self.signal_name}"))
+        self.forward(self.user_signal())
         _, budget = preemption_deadlines(self.signal_lead_s)
         rc = self.wait(timeout=budget) if self._proc is not None else None
         _say(f"preemption signal: launcher status {rc!r} after waiting up to {budget:.0f}s")

@@ -27,7 +27,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, LogsDest, Std, to_map
@@ -35,6 +35,7 @@ from torch.distributed.elastic.rendezvous import dynamic_rendezvous
 
 from launch import forking
 from launch.node_failures import RECORDER
+from launch.preempt import held
 from schemas.contract import ATTEMPT_ENV, PREEMPT_ENV, ROUND_ENV
 
 KILL_WAIT_S = 10
@@ -60,12 +61,15 @@ def caller_name(depth: int = 2) -> str:
         return "no_method_name"
 
 
-def install(fork: tuple[str, Callable[[list[str]], int]] | None = None) -> None:
+def install(fork: tuple[str, Callable[[list[str]], int]] | None = None, hold: Iterable[int] = ()) -> None:
     """Adjust torchrun's agent in this process (call before torch.distributed.run.main).
 
     ``fork``: ``(module, main)`` of a trainer this process has imported; a worker torchrun would start
     as ``python -u -m module ARGS`` is forked from here and runs ``main(ARGS)`` (:mod:`launch.forking`).
+    ``hold``: the preemption signals, held in every worker until it has its handlers
+    (:func:`launch.preempt.held`).
     """
+    hold = tuple(hold)
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
     from torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler import (
         SubprocessHandler,
@@ -95,18 +99,19 @@ def install(fork: tuple[str, Callable[[list[str]], int]] | None = None) -> None:
 
     def fork_or_popen(self: SubprocessHandler, args: tuple, env: dict[str, str]) -> Any:
         env = forking.worker_env(env)
-        if fork is None or not forking.enabled() or args[:4] != (sys.executable, "-u", "-m", fork[0]):
-            return popen(self, args, env)
-        main, argv = fork[1], list(args[4:])
-        return forking.fork_call(
-            lambda: main(argv),
-            list(args),
-            argv=[sys.modules[fork[0]].__file__ or fork[0], *argv],  # as python -m sets it
-            env=env,
-            stdout=self._stdout,
-            stderr=self._stderr,
-            new_session=True,  # as torchrun's Popen: its close() signals the worker's process group
-        )
+        with held(hold):
+            if fork is None or not forking.enabled() or args[:4] != (sys.executable, "-u", "-m", fork[0]):
+                return popen(self, args, env)
+            main, argv = fork[1], list(args[4:])
+            return forking.fork_call(
+                lambda: main(argv),
+                list(args),
+                argv=[sys.modules[fork[0]].__file__ or fork[0], *argv],  # as python -m sets it
+                env=env,
+                stdout=self._stdout,
+                stderr=self._stderr,
+                new_session=True,  # as torchrun's Popen: its close() signals the worker's process group
+            )
 
     SubprocessHandler._popen = fork_or_popen  # type: ignore[method-assign]
     dynamic_rendezvous.get_method_name = caller_name

@@ -2,7 +2,10 @@
 
 Never save inside a signal handler (it deadlocks collectives); the handler only records the request.
 SLURM's ``--signal`` reaches every process of the job step, so every process we start handles or
-ignores the preemption signals: the trainer sets a flag, DataLoader workers ignore them.
+ignores the preemption signals: the trainer sets a flag, DataLoader workers ignore them. A process
+that starts one of ours holds the signals (:func:`held`) until the child has its handlers; the child
+then takes any that came meanwhile (:func:`release`), so a preemption in an attempt's first seconds
+is not a failure.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ import contextlib
 import logging
 import os
 import signal
-import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from types import FrameType
 
 from schemas.contract import Exit
@@ -22,6 +25,11 @@ log = logging.getLogger(__name__)
 EXIT_PREEMPTED = Exit.PREEMPTED
 
 
+IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
+"""What a helper of the trainer (a DataLoader worker, an uploader) ignores: the trainer handles
+preemption and tells its helpers when to stop."""
+
+
 def preemption_signals(user_signal: str = "USR2") -> tuple[signal.Signals, ...]:
     """SIGTERM (plain preemption / requeue) and the configured user signal (``--signal`` on SLURM)."""
     user = getattr(signal, f"SIG{user_signal.upper().removeprefix('SIG')}")
@@ -29,34 +37,59 @@ def preemption_signals(user_signal: str = "USR2") -> tuple[signal.Signals, ...]:
 
 
 class PreemptionFlag:
-    """Records that a preemption signal arrived; :meth:`requested` is read at step boundaries."""
+    """Records that a preemption signal arrived, and when; :meth:`requested` is read at step boundaries.
+
+    Plain attributes, no lock: the handler runs in the main thread between two bytecodes, possibly
+    while the main thread is inside :meth:`trigger` (a ``threading.Event`` there would deadlock on its
+    own lock)."""
 
     def __init__(self, signals: Iterable[signal.Signals]) -> None:
         self.signals = tuple(signals)
-        self._event = threading.Event()
         self.received: signal.Signals | None = None
+        self.since: float | None = None
+        """``time.monotonic()`` of the first request: a final save's budget runs from here."""
 
     def install(self) -> PreemptionFlag:
+        """Handle the signals, then take those held since this process started (:func:`held`)."""
         for sig in self.signals:
             signal.signal(sig, self._handle)
+        release(self.signals)
         return self
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signal.Signals(signum)
-        self._event.set()
+        self.received = self.received or signal.Signals(signum)
+        self.since = self.since or time.monotonic()
 
     def trigger(self) -> None:
         """Request a stop as a signal would (used for scripted stops at a given step)."""
         self.received = self.received or signal.SIGUSR2
-        self._event.set()
+        self.since = self.since or time.monotonic()
 
     def requested(self) -> bool:
-        return self._event.is_set()
+        return self.since is not None
+
+
+@contextlib.contextmanager
+def held(signals: Iterable[int]) -> Iterator[None]:
+    """Block ``signals`` in this thread while a child process starts: the mask is inherited across
+    fork and exec, so a preemption signal that reaches the child before it has its handlers (a few
+    seconds of imports) waits for them instead of killing it (a user signal's default action), and
+    the child takes it with :func:`release`. Here, one that came meanwhile is taken on leaving."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def release(signals: Iterable[int]) -> None:
+    """Unblock ``signals`` once their handlers are in: one that arrived while held is delivered now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(signals))
 
 
 def ignore_preemption_signals(worker_id: int = 0) -> None:
     """DataLoader ``worker_init_fn``: workers must outlive a job-step-wide signal, not die from it."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+    for sig in IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -103,5 +136,7 @@ def forward_to_children(signals: Iterable[signal.Signals], mark_env: str | None 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signum)
 
+    signals = tuple(signals)
     for sig in signals:
         signal.signal(sig, handle)
+    release(signals)

@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     # --signals-to-handle option); SIGTERM and the user signal go to the trainers, with no 30 s SIGKILL.
     if not any(a.startswith(("--signals-to-handle", "--signals_to_handle")) for a in torchrun_args):
         torchrun_args = ["--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", *torchrun_args]
-    # Workers that torchrun starts after the signal (a restart racing the preemption) stop at once.
-    forward_to_children(preemption_signals(user_signal), mark_env=PREEMPT_ENV)
+    # Workers that torchrun starts after the signal (a restart racing the preemption) stop at once. The
+    # node task started us with these signals held: one that came during our imports is taken here.
+    preemption = preemption_signals(user_signal)
+    forward_to_children(preemption, mark_env=PREEMPT_ENV)
     fork = None
     forking.spare_device_checks()  # torchrun's device check must not poison fork (launch.forking)
     if forking.enabled():  # the trainer's imports, paid once here instead of once per rank and restart
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
         photometric_cpu.precompile()  # numba's machine code, loaded once for every rank
         fork = (TRAINER, train.main)
-    elastic.install(fork)
+    elastic.install(fork, hold=preemption)
     run_dir = run_dir_of(trainer_args)
     RECORDER.open(run_dir, os.environ.get(ATTEMPT_ENV) or "local")  # see launch.node_failures
     watchdog = Watchdog(run_dir).start()  # hung ranks: see launch.watchdog

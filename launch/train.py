@@ -296,16 +296,21 @@ class Trainer:
         """The attempt's last checkpoint, blocking: whether it committed (a preemption's: in its budget)."""
         if self.step == self.resumed_step:  # nothing new to save when stopped before the first step
             return True
-        # A preemption must commit within the signal's lead time; leave a margin for the exit.
+        # A preemption must commit within the signal's lead time, counted from the signal (a monitor
+        # evaluation or a long step may have come between); leave a margin for the exit.
         commit_s, _ = preemption_deadlines(self.spec.resources.signal_lead_s)
+        since = time.monotonic() - (self.flag.since or time.monotonic())
         heartbeat.beat(self.step, "final-flush", max(RETRY_FOR_S + HANG_GRACE_S, commit_s))
-        committed = self.save(blocking=True, budget_s=commit_s if outcome == "preempted" else None)
+        budget_s = max(0.0, commit_s - since) if outcome == "preempted" else None
+        committed = self.save(blocking=True, budget_s=budget_s)
         if outcome == "preempted" and not committed:
             log.error(
-                "preempted at step %d, but its checkpoint did not commit within %.0f s "
-                "(resources.signal_lead_s %g): the next attempt resumes from step %s",
+                "preempted at step %d, but its checkpoint did not commit within %.0f s of the signal "
+                "(%.1f s were left when the save began; resources.signal_lead_s %g): "
+                "the next attempt resumes from step %s",
                 self.step,
                 commit_s,
+                budget_s,
                 self.spec.resources.signal_lead_s,
                 self.checkpointer.last_committed or self.resumed_step or 0,
             )

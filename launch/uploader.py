@@ -39,7 +39,7 @@ from typing import IO, Any, cast
 import torch
 
 from launch import forking
-from launch.preempt import die_with_parent
+from launch.preempt import IGNORED_SIGNALS, die_with_parent, held, release
 from launch.snapshot import BufferRef, TensorMeta, map_buffer, rebuild
 from launch.store import CheckpointExists, CheckpointStore, FileEntry
 from launch.store.backends import failure_cause
@@ -243,7 +243,8 @@ def start(fork: bool = False) -> Started:
     if fork and forking.enabled() and threading.active_count() == 1:
         proc = forking.fork_call(lambda: main([str(fd)]), cmd, argv=[__file__, str(fd)], keep_fds=[fd])
     else:
-        proc = subprocess.Popen(cmd, pass_fds=[fd], env=fresh_env(), stdin=subprocess.DEVNULL)
+        with held(IGNORED_SIGNALS):  # a preemption signal during its imports must not kill it
+            proc = subprocess.Popen(cmd, pass_fds=[fd], env=fresh_env(), stdin=subprocess.DEVNULL)
     theirs.close()
     return proc, Connection(ours.detach())
 
@@ -257,8 +258,9 @@ def fresh_env() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT):
+    for sig in IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)  # the trainer handles preemption; we stop when it says so
+    release(IGNORED_SIGNALS)  # held since we started (launch.preempt.held): now they are ignored
     parent = os.getppid()
     die_with_parent(parent)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()

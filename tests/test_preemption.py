@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -13,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from cluster.node_task import launcher_preexec
 from cluster.nodes import failures as node_failures
 from launch.preempt import EXIT_PREEMPTED, children_of
+from schemas.contract import FORK_ENV
 from tests.support import zygote
 from tests.support.procs import free_port
 from tests.support.shared import run_fixtures, run_once
@@ -49,11 +52,11 @@ def uninterrupted(tmp_path_factory) -> Path:
 data_root, golden = run_fixtures("uninterrupted")  # the tests train on its dataset, compare to its state
 
 
-def _launch(spec: Path, run: Path, max_restarts: int = 0) -> zygote.Child | subprocess.Popen:
+def _launch(spec: Path, run: Path, max_restarts: int = 0, **env: str) -> zygote.Child | subprocess.Popen:
     return zygote.popen(
         trainer_cmd(spec, run, nproc=2, max_restarts=max_restarts),
         cwd=REPO,
-        env=trainer_env(),
+        env=trainer_env(**env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -129,6 +132,58 @@ def test_sigkill_of_one_rank_is_restarted_by_torchrun_from_the_last_checkpoint(t
     # The first restart connects: no rank reads a dead rank's address left by the killed round.
     assert "Connection refused" not in out, out[-3000:]
     assert_identical(golden, final_state(str(run / "checkpoints")))
+
+
+def test_a_preemption_during_the_launchers_imports_ends_the_attempt_preempted(tmp_path, data_root):
+    """SLURM's signal can come while the node's launcher still imports torch (seconds, before it has
+    its handlers): the node task starts it with the preemption signals held, so the signal waits for
+    the handlers and the attempt ends preempted (requeued), not killed by the signal (failed)."""
+    spec = write_spec(tmp_path / "spec.json", _spec(data_root))
+    held = frozenset({signal.SIGTERM, signal.SIGUSR2})
+    proc = subprocess.Popen(  # a fresh interpreter, as the node task starts it: imports and all
+        trainer_cmd(spec, tmp_path / "run", nproc=2),
+        cwd=REPO,
+        env=trainer_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=functools.partial(launcher_preexec, held),
+    )
+    time.sleep(0.3)  # well inside the imports
+    assert _mask(proc.pid) == {"SigBlk": True, "SigCgt": False}  # held, no handler yet
+    os.kill(proc.pid, signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+
+
+def test_a_preemption_during_an_execd_ranks_imports_ends_the_attempt_preempted(tmp_path, data_root):
+    """A rank started as a fresh interpreter (``PIXPRO_FORK=0``, or a GPU node where fork is unsafe)
+    imports for seconds before it has its handlers; the signal, sent to every process of the step as
+    SLURM sends it, waits for them, and the attempt ends preempted instead of failed."""
+    spec = write_spec(tmp_path / "spec.json", _spec(data_root))
+    proc = _launch(spec, tmp_path / "run", **{FORK_ENV: "0"})
+    deadline = time.monotonic() + 120
+    while not (ranks := [p for p in children_of(proc.pid) if b"launch.train" in _cmdline(p)]):
+        assert proc.poll() is None and time.monotonic() < deadline, "no rank started"
+        time.sleep(0.01)
+    for pid in [proc.pid, *ranks]:
+        os.kill(pid, signal.SIGUSR2)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+
+
+def _mask(pid: int, sig: int = signal.SIGUSR2) -> dict[str, bool]:
+    """Whether ``sig`` is blocked and whether it has a handler in process ``pid`` (/proc status)."""
+    fields = dict(line.split(":\t") for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return {key: bool(int(fields[key], 16) >> (sig - 1) & 1) for key in ("SigBlk", "SigCgt")}
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _nccl_rule_run(spec: Path, run: Path, **env: str) -> subprocess.CompletedProcess:
