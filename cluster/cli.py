@@ -611,12 +611,16 @@ def pack(
     src: Annotated[str, typer.Argument(help="Folder or URL of JPEG/PNG images (class folders or flat).")],
     dest: Annotated[str, typer.Argument(help="Folder or URL for the shards, index and manifest.")],
     shard_size: Annotated[str, typer.Option(help="Target shard size, e.g. 512MB, 1GB.")] = "512MB",
-    workers: Annotated[int | None, typer.Option(help="Processes (default: every core).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Processes (default: every core; at most 4 per core).")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Pack images into tar shards with a flat index (set data.root to DEST); a killed pack continues,
-    a finished one is verified."""
-    args = [src, dest, "--shard-size", shard_size] + (["--workers", str(workers)] if workers else [])
+    """Pack images into tar shards with a flat index (set data.root to DEST, an empty or new folder); a
+    killed pack continues, a finished one is verified."""
+    args = [src, dest, f"--shard-size={shard_size}"] + (
+        [f"--workers={workers}"] if workers is not None else []
+    )
     _run_tool("pack", args + (["--json"] if as_json else []))
 
 

@@ -136,6 +136,29 @@ def test_bad_input_is_one_line_and_nothing_is_lost(tmp_path: Path, capsys) -> No
     assert sorted(src.rglob("*")) == before
     assert pack_main([str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    webdataset = tmp_path / "wds"  # names a pack would write, not written by one: never overwritten
+    webdataset.mkdir()
+    (webdataset / "shard-000000.tar").write_bytes(b"precious")
+    (tmp_path / "foreign" / "manifest.json").parent.mkdir()
+    (tmp_path / "foreign" / "manifest.json").write_text("not ours")
+    for dest, said in (
+        (webdataset, "did not write (shard-000000.tar)"),
+        (tmp_path / "foreign", "not a pixpro"),
+    ):
+        assert pack_main([str(src), str(dest), "--shard-size", "8KB"]) == 2
+        assert said in capsys.readouterr().err
+    assert (webdataset / "shard-000000.tar").read_bytes() == b"precious"
+    assert (tmp_path / "foreign" / "manifest.json").read_text() == "not ours"
+    for args in (["--workers", "0"], ["--workers=100000"], ["--shard-size", "100"], ["--shard-size=-1GB"]):
+        assert pack_main([str(src), str(tmp_path / "z"), *args]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith("pixpro: --"), line
+    for args in (["--workers", "x"], ["--shard-size", "-1GB"]):  # what argparse itself refuses: one line
+        with pytest.raises(SystemExit) as refused:
+            pack_main([str(src), str(tmp_path / "z"), *args])
+        (line,) = capsys.readouterr().err.splitlines()
+        assert refused.value.code == 2 and line.startswith("pixpro pack: "), line
+    assert not (tmp_path / "z").exists()
     assert pack_main([str(src), str(tmp_path / "y"), "--shard-size", "lots"]) == 2
     assert parse_size("1GB") == 10**9 and parse_size("256MiB") == 256 * 2**20
 

@@ -28,7 +28,6 @@ not found.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from launch.tools.args import Parser
 from launch.tools.labelled import LabelledData, LabelledSplit, load_labelled
 from launch.tools.probe import normalize
 from launch.tools.weights import WeightsError, encoder_or_random, report
@@ -264,9 +264,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m launch.tools.classify", description=__doc__.split("\n")[0]
-    )
+    parser = Parser(prog="python -m launch.tools.classify", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", nargs="?", help="checkpoint store URL/folder, run folder or .pt file")
     parser.add_argument("--spec", help="the run's spec (default: spec.json beside the run)")
     parser.add_argument(

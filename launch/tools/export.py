@@ -19,7 +19,6 @@ exists without ``--force``), 3 checkpoint not found.
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import pickle
@@ -33,6 +32,7 @@ import torch
 import torchvision
 from torch import nn
 
+from launch.tools.args import Parser
 from launch.tools.weights import EXIT_BAD_INPUT, WeightsError, load_encoder
 from schemas.contract import EXPORT_FORMATS, export_refusal
 
@@ -122,7 +122,7 @@ def export(checkpoint: str, spec: str | None, fmt: str, output: Path, force: boo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.tools.export", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m launch.tools.export", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="checkpoint store URL/folder, run folder or .pt file")
     parser.add_argument("--spec", help="the run's spec (default: spec.json beside the run)")
     parser.add_argument("--format", dest="fmt", default="torchvision", help=" or ".join(EXPORT_FORMATS))

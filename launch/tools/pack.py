@@ -16,7 +16,6 @@ packed dataset yields exactly the training samples of the folder it came from. E
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from launch.preempt import die_with_parent
+from launch.tools.args import Parser
 from pixpro.sources import (
     PACK_FORMAT,
     PACK_INDEX,
@@ -52,6 +52,12 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "kib": 2**10, "mib": 2**20, "gib": 2**30}  # fmt: skip
 
 
+PACK_STARTED = "pack-started.json"
+"""Written first into an empty DEST, removed after the manifest: a DEST a pack began in."""
+MAX_WORKERS_PER_CORE = 4
+MIN_SHARD_SIZE = 4000
+
+
 class PackError(Exception):
     """A one-line problem with SRC or DEST (exit 2)."""
 
@@ -60,7 +66,10 @@ def parse_size(text: str) -> int:
     m = _SIZE.match(text.strip())
     if not m or m.group(2).lower() not in _UNITS:
         raise PackError(f"--shard-size {text[:40]!r}: expected a size like 512MB, 1GB or 256MiB")
-    return max(1, int(float(m.group(1)) * _UNITS[m.group(2).lower()]))
+    size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if size < MIN_SHARD_SIZE:
+        raise PackError(f"--shard-size {text[:40]!r}: give at least {MIN_SHARD_SIZE // 1000}KB")
+    return size
 
 
 # -- the destination ---------------------------------------------------------------------------------
@@ -99,6 +108,20 @@ class Dest:
             return Path(self.base, rel).read_bytes()
         except FileNotFoundError:
             return None
+
+    def names(self) -> list[str]:
+        """What DEST holds at its top level (names only)."""
+        if self.fs is not None:
+            if not self.fs.exists(self.base):
+                return []
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.base, detail=False))
+        return sorted(os.listdir(self.base))
+
+    def remove(self, rel: str) -> None:
+        if self.fs is not None:
+            self.fs.rm_file(f"{self.base}/{rel}")
+        else:
+            Path(self.base, rel).unlink(missing_ok=True)
 
     def size(self, rel: str) -> int | None:
         try:
@@ -237,7 +260,8 @@ def pack(src: str, dest_root: str, shard_size: int, workers: int, progress: bool
     listing_sha = hashlib.sha256("\n".join(names).encode()).hexdigest()
     existing = dest.get(PACK_MANIFEST)
     if existing is not None:
-        return verify(dest, json.loads(existing), listing_sha)
+        return verify(dest, _pack_manifest(dest, existing), listing_sha)
+    _claim(dest, listing_sha)
     plans = plan_shards(names, _source_sizes(source), shard_size)
     t0 = time.monotonic()
     sidecars: dict[int, dict[str, Any]] = {}
@@ -251,8 +275,11 @@ def pack(src: str, dest_root: str, shard_size: int, workers: int, progress: bool
     reused = len(sidecars)
     bar = _Bar(len(plans), reused, enabled=progress)
     ctx = mp.get_context("fork")
-    with ProcessPoolExecutor(
-        max(1, workers), mp_context=ctx, initializer=_init_worker, initargs=(source, os.getpid())
+    with ProcessPoolExecutor(  # never more processes than shards left to pack
+        max(1, min(workers, len(todo))),
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(source, os.getpid()),
     ) as pool:
         futures = {pool.submit(pack_shard, plan, dest_root): plan for plan in todo}
         for fut in as_completed(futures):
@@ -300,6 +327,7 @@ def pack(src: str, dest_root: str, shard_size: int, workers: int, progress: bool
     }
     dest.put(PACK_INDEX, index_body)
     dest.put(PACK_MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    dest.remove(PACK_STARTED)
     return {
         "action": "packed",
         "samples": len(names),
@@ -309,6 +337,35 @@ def pack(src: str, dest_root: str, shard_size: int, workers: int, progress: bool
         "seconds": round(seconds, 2),
         "images_per_s": round((sum(p.stop - p.start for p in todo)) / max(seconds, 1e-9), 1),
     }
+
+
+def _pack_manifest(dest: Dest, body: bytes) -> dict[str, Any]:
+    try:
+        manifest = json.loads(body)
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != PACK_FORMAT:
+        raise PackError(
+            f"{dest.root} holds a {PACK_MANIFEST} that is not a pixpro pack's: choose another DEST; "
+            "nothing was written"
+        )
+    return manifest
+
+
+def _claim(dest: Dest, listing_sha: str) -> None:
+    """Pack only into an empty DEST, or one that a pack began (and was killed in): files it did not
+    write (a webdataset's ``shard-000000.tar``, say) would be overwritten by name."""
+    here = dest.names()
+    if not here:
+        dest.put(
+            PACK_STARTED, json.dumps({"format": PACK_FORMAT, "source_listing_sha256": listing_sha}).encode()
+        )
+    elif PACK_STARTED not in here:
+        raise PackError(
+            f"{dest.root} holds {len(here)} file(s) that pixpro pack did not write "
+            f"({here[0]}{', ...' if len(here) > 1 else ''}): "
+            "give an empty or new folder; nothing was written"
+        )
 
 
 def verify(dest: Dest, manifest: dict[str, Any], listing_sha: str) -> dict[str, Any]:
@@ -353,7 +410,7 @@ class _Bar:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pixpro pack", description=__doc__.split("\n")[0])
+    parser = Parser(prog="pixpro pack", description=__doc__.split("\n")[0])
     parser.add_argument("src", help="folder or URL of images")
     parser.add_argument("dest", help="folder or URL for the shards")
     parser.add_argument("--shard-size", default="512MB", help="target shard size (default 512MB)")
@@ -363,8 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     try:
-        if args.workers < 1:
-            raise PackError("--workers must be at least 1")
+        most = MAX_WORKERS_PER_CORE * (os.cpu_count() or 1)
+        if not 1 <= args.workers <= most:
+            raise PackError(
+                f"--workers {args.workers}: give 1 to {most} ({MAX_WORKERS_PER_CORE} per core here)"
+            )
         summary = pack(args.src, args.dest, parse_size(args.shard_size), args.workers)
     except PackError as exc:
         print(f"pixpro: {exc}", file=sys.stderr)

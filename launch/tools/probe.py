@@ -20,7 +20,6 @@ Exit codes: 0 done, 2 bad input (data folder, spec, weights), 3 checkpoint not f
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from launch.tools.args import Parser
 from launch.tools.weights import WeightsError, encoder_or_random, report
 from pixpro.augment import IMAGENET_MEAN, IMAGENET_STD
 
@@ -291,7 +291,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.tools.probe", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m launch.tools.probe", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", nargs="?", help="checkpoint store URL/folder, run folder or .pt file")
     parser.add_argument("--spec", help="the run's spec (default: spec.json beside the run)")
     parser.add_argument("--data", required=True, type=Path, help="folder with images/ and masks/")

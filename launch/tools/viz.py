@@ -16,7 +16,6 @@ Existing output files are replaced (figures are cheap to redraw).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from launch.tools.args import Parser
 from launch.tools.plots import EXIT_BAD_INPUT, EXIT_NOT_FOUND, PlotError, plot_run
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def pairs_figure(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.tools.viz", description=__doc__.split("\n")[0])
+    parser = Parser(prog="python -m launch.tools.viz", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     pairs = sub.add_parser("pairs", help="two augmented views and their positive cell pairs")
     pairs.add_argument("image", type=Path)
