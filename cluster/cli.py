@@ -22,7 +22,8 @@ from cluster.errors import EXIT_FAILURE, EXIT_USAGE
 from cluster.exits import exit_status
 from cluster.exits import say as _err
 from cluster.hot import check_id as _check_id
-from schemas.contract import EXPORT_FORMATS, Exit, export_refusal
+from schemas.contract import EXPORT_FORMATS, Exit, export_refusal, output_refusal
+from schemas.spec.constants import MAX_SEED
 
 try:  # typer >= 0.22 vendors click
     from typer._click.exceptions import ClickException, UsageError
@@ -512,7 +513,7 @@ def eval_(
     ] = None,
     task: Annotated[str, typer.Option(help="dense (mIoU probe), linear or knn (top-1/top-5).")] = "dense",
     random_init: Annotated[bool, typer.Option(help="Score the untrained architecture instead.")] = False,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Seed of the probe or classifier.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     spec: Annotated[Path | None, typer.Option(help="The run's spec (default: spec.json of the run).")] = None,
     submit_job: Annotated[
@@ -586,13 +587,22 @@ EVAL_TOOLS = {"dense": "probe", "linear": "classify", "knn": "classify"}
 def viz(
     image: Annotated[Path, typer.Argument(help="An image to augment.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write.")],
-    seed: int = 0,
-    crop: Annotated[int, typer.Option(help="View size in pixels.")] = 224,
+    seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Augmentation seed.")] = 0,
+    crop: Annotated[int, typer.Option(help="View size in pixels (32 to 1024).")] = 224,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing output file.")] = False,
 ) -> None:
     """Draw two augmented views with cell centres and one cell's positive matches (PNG)."""
-    if not image.exists():  # at once, not after the tool's imports
-        raise errors.NotFound(f"image {image} does not exist")
-    _run_tool("viz", ["pairs", str(image), "-o", str(output), "--seed", str(seed), "--crop", str(crop)])
+    if not image.is_file():  # at once, not after the tool's imports
+        raise errors.NotFound(f"image {image} " + ("is a folder" if image.is_dir() else "does not exist"))
+    _refuse_output(output, force)
+    args = ["pairs", str(image), "-o", str(output), "--seed", str(seed), "--crop", str(crop)]
+    _run_tool("viz", args + (["--force"] if force else []))
+
+
+def _refuse_output(output: Path, force: bool) -> None:
+    refusal = output_refusal(output, force)  # at once, not after the tool's imports
+    if refusal:
+        raise errors.UsageError(refusal)
 
 
 @app.command()
@@ -600,9 +610,11 @@ def viz(
 def plot(
     ident: Annotated[str, _SOURCE],
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write.")],
+    force: Annotated[bool, typer.Option(help="Overwrite an existing output file.")] = False,
 ) -> None:
     """Plot loss, LR and EMA momentum against step, marking each preemption/resume (PNG)."""
-    _run_tool("viz", ["plot", _source(ident), "-o", str(output)])
+    _refuse_output(output, force)
+    _run_tool("viz", ["plot", _source(ident), "-o", str(output)] + (["--force"] if force else []))
 
 
 @app.command()

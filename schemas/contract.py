@@ -256,6 +256,12 @@ def export_refusal(fmt: str, output: Path, force: bool) -> str | None:
     the export tool, which imports torch first (its write is create-only besides)."""
     if fmt not in EXPORT_FORMATS:
         return f"unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}"
+    return output_refusal(output, force)
+
+
+def output_refusal(output: Path, force: bool) -> str | None:
+    """Why a tool (export, plot, viz) cannot write its ``-o`` file, or None: a folder, or a file that
+    exists and ``--force`` was not given (nothing already written is overwritten by a typo)."""
     if output.is_dir():
         return f"output {output} is a folder; give a file name"
     if output.exists() and not force:

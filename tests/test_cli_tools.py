@@ -4,10 +4,12 @@ create-only write)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
+from cluster.cli import app
 from tests.support.cli import run_cli
 
 
@@ -29,3 +31,29 @@ def test_a_missing_image_to_draw_is_refused_before_the_tool_starts(tmp_path: Pat
     code, _, err = run_cli("viz", str(image), "-o", str(out))
     assert (code, err) == (3, f"pixpro: image {image} does not exist\n")
     assert not out.exists()
+
+
+def test_a_taken_figure_output_or_an_out_of_range_value_is_refused_before_the_tool_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``plot`` and ``viz`` overwrite nothing without ``--force`` (``-o spec.json`` would have become a
+    PNG); a seed beyond the spec's range (torch's generator overflows) is a usage error, not a traceback."""
+    monkeypatch.setenv("PIXPRO_HOME", str(tmp_path / "home"))
+    image, out = tmp_path / "a.jpg", tmp_path / "spec.json"
+    image.write_bytes(b"not looked at")
+    out.write_text("precious")
+    for args in (["plot", str(tmp_path / "run")], ["viz", str(image)]):
+        code, _, err = run_cli(*args, "-o", str(out))
+        assert (code, err) == (2, f"pixpro: output {out} already exists; pass --force to overwrite it\n")
+    assert out.read_text() == "precious"
+    for args in (
+        ["viz", str(image), "-o", str(tmp_path / "v.png"), "--seed", "9" * 23],
+        ["eval", str(tmp_path / "run"), "--data", str(tmp_path), "--seed", "-1"],
+    ):
+        monkeypatch.setattr(sys, "argv", ["pixpro", *args])  # the console script's handling of usage errors
+        with pytest.raises(SystemExit) as exited:
+            app()
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.count("\n") == 1 and "'--seed'" in err, err
+    code, _, err = run_cli("viz", str(tmp_path), "-o", str(tmp_path / "v.png"))
+    assert (code, err) == (3, f"pixpro: image {tmp_path} is a folder\n")

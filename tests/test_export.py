@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,9 @@ def test_torchvision_export_loads_into_stock_torchvision_and_round_trips(run, tm
     code, stdout, err = _export(capsys, run / "checkpoints", "--spec", run / "spec.json", "-o", out)
     assert code == 0, err
     assert "without fc.bias, fc.weight" in stdout
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask  # as any new file: readable by colleagues
     state = torch.load(out, weights_only=True)
 
     stock = torchvision.models.get_model("resnet18", weights=None)

@@ -69,6 +69,13 @@ def test_pairs_default_cell_has_most_matches_and_bad_cells_are_refused(image, tm
     assert err.count("\n") == 1 and err.startswith("pixpro viz: error: ") and "off the 2x2 grid" in err
     assert main(["pairs", str(tmp_path / "missing.png"), "-o", str(tmp_path / "x.png")]) == 3
     assert not (tmp_path / "x.png").exists()
+    capsys.readouterr()
+    assert main(["pairs", str(image), "-o", str(tmp_path / "x.png"), "--crop", "100000"]) == 2
+    assert "--crop 100000: give 32 (one feature cell) to 1024 pixels" in capsys.readouterr().err
+    out = tmp_path / "x.png"
+    for force, code in (([], 0), (["--force"], 0), ([], 2)):  # drawn, again with --force, refused without
+        assert main(["pairs", str(image), "-o", str(out), "--crop", "64", *force]) == code, force
+    assert "already exists; pass --force to overwrite it" in capsys.readouterr().err
 
 
 def _write_metrics(url: str) -> None:

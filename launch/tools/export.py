@@ -82,6 +82,9 @@ def _write_new(path: Path, data: bytes, force: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would make it, not mkstemp's 0600: colleagues read it
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         if force:

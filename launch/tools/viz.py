@@ -10,8 +10,8 @@ centres lie within 0.7 bin diagonals in the original image (:func:`pixpro.geomet
 the pairs the pixel-propagation loss pulls together. ``plot`` draws loss, LR and EMA momentum from the
 metrics beside the checkpoints (see :mod:`launch.tools.plots`; no torch needed), one line per resume.
 
-Exit codes: 0 written, 2 bad input (unreadable image, cell off the grid), 3 image or run not found.
-Existing output files are replaced (figures are cheap to redraw).
+Exit codes: 0 written, 2 bad input (unreadable image, cell off the grid, an existing output file
+without ``--force``), 3 image or run not found.
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ import numpy as np
 
 from launch.tools.args import Parser
 from launch.tools.plots import EXIT_BAD_INPUT, EXIT_NOT_FOUND, PlotError, plot_run
+from schemas.contract import output_refusal
 
 if TYPE_CHECKING:
     import torch
     from matplotlib.figure import Figure
 
 STRIDE = 32  # ResNet C5: one feature-map cell per 32 input pixels
+MAX_CROP = 1024  # 32 x 32 cells: more is no figure, and 100,000 px views would take tens of GB
 PAIRS_FIGSIZE = (13.5, 4.8)
 DPI = 100  # PAIRS_FIGSIZE * DPI = 1350 x 480 pixels
 THRESHOLD = 0.7
@@ -97,8 +99,8 @@ def pairs_figure(
     from pixpro.augment import TwoViewTransform
     from pixpro.geometry import cell_geometry, positive_mask
 
-    if crop < STRIDE:
-        raise PlotError(f"--crop must be at least {STRIDE} pixels (one feature cell), got {crop}")
+    if not STRIDE <= crop <= MAX_CROP:
+        raise PlotError(f"--crop {crop}: give {STRIDE} (one feature cell) to {MAX_CROP} pixels")
     image, upscaled = load_image(image_path, crop)
     views = TwoViewTransform(crop_size=crop)(image, torch.Generator().manual_seed(seed))
     grid = crop // STRIDE
@@ -182,11 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     plot = sub.add_parser("plot", help="loss, LR and EMA momentum of a run against step")
     plot.add_argument("checkpoint_url", help="checkpoint store URL/folder or run folder")
     plot.add_argument("-o", "--output", type=Path, required=True)
+    for each in (pairs, plot):
+        each.add_argument("--force", action="store_true", help="overwrite an existing output file")
     args = parser.parse_args(argv)
     name = "pixpro viz" if args.command == "pairs" else "pixpro plot"  # the command the user typed
     try:
-        if args.output.is_dir():
-            raise PlotError(f"output {args.output} is a folder; give a .png file name")
+        refusal = output_refusal(args.output, args.force)
+        if refusal:
+            raise PlotError(refusal)
         if args.command == "pairs":
             fig, data = pairs_figure(
                 args.image, args.crop, args.seed, tuple(args.cell) if args.cell else None
