@@ -332,8 +332,9 @@ class Trainer:
             self.model,
             device_ids=[self.device.index] if cuda else None,
             process_group=self.collectives.data_group,
-            # SyncBatchNorm keeps the BN buffers equal on every rank: no re-broadcast each forward
-            broadcast_buffers=False,
+            # SyncBatchNorm keeps the BN buffers equal on every rank: no re-broadcast each forward (they
+            # are equal at init too, so DDP's one broadcast of them there changes nothing)
+            forward_sync_buffers=False,
             gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy
             find_unused_parameters=not cuda if find_unused is None else find_unused,
         )

@@ -271,7 +271,7 @@ def _rank_ddp(rank: int) -> dict[str, Any]:
         model = small_model()
         if name == "sync":
             model = convert_sync_batchnorm(model)
-        ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        ddp = nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
         g = torch.Generator().manual_seed(100 + rank)
         for _ in range(2):
