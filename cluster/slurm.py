@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cluster.errors import Failure, UsageError
+from schemas.contract import MAX_LINE, one_line
 
 if TYPE_CHECKING:
     from schemas import RunSpec
@@ -275,7 +276,8 @@ def preflight(spec: RunSpec, script: str, exclude: list[str] | None = None) -> s
     info = _run(["sinfo", "-h", "-N", "-o", "%N|%P|%G|%a"])
     if info.returncode != 0:
         hint = "is slurmctld up? --executor local runs it on this machine"  # a laptop with SLURM's client
-        raise Failure(f"sinfo failed: {_one_line(info.stderr)} ({hint})")
+        room = MAX_LINE - len(f"pixpro: sinfo failed:  ({hint})")  # sinfo's words are cut, not the hint
+        raise Failure(f"sinfo failed: {one_line(_one_line(info.stderr), room)} ({hint})")
     check_partitions(spec, parse_sinfo(info.stdout), exclude)
     test = _run(["sbatch", "--test-only"], stdin=script)
     if test.returncode != 0:

@@ -28,7 +28,7 @@ from cluster.local import LocalJob
 from cluster.record import RunRecord
 from cluster.slurm import HistoryLine, SlurmJob, check_partitions, gpu_count, parse_sinfo
 from schemas import SpecError, load_spec
-from schemas.contract import TENSORBOARD_DIR, wandb_run_id
+from schemas.contract import TENSORBOARD_DIR, one_line, wandb_run_id
 from tests.support.cli import PIXPRO, assert_one_line_error, cli, run_cli, which_or_fail, write_spec
 from tests.support.cli import cluster_tiny_spec as tiny_spec
 from tests.support.runs import fake_runs
@@ -201,7 +201,7 @@ def test_fuzz_1000_malformed_specs_exit_2_one_line_per_problem(tmp_path: Path) -
             load_spec(path)
         code, out, err = run_cli("validate", str(path))
         assert code == 2, (code, out, err)
-        assert err.splitlines() == [f"pixpro: {p}" for p in expected.value.problems]
+        assert err.splitlines() == [one_line(f"pixpro: {p}") for p in expected.value.problems]
         assert "Traceback" not in err and out == ""
         checked += 1
 

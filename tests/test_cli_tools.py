@@ -57,3 +57,17 @@ def test_a_taken_figure_output_or_an_out_of_range_value_is_refused_before_the_to
         assert exited.value.code == 2 and err.count("\n") == 1 and "'--seed'" in err, err
     code, _, err = run_cli("viz", str(tmp_path), "-o", str(tmp_path / "v.png"))
     assert (code, err) == (3, f"pixpro: image {tmp_path} is a folder\n")
+
+
+def test_an_error_line_is_at_most_200_characters_prefix_included(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cluster.exits import say
+    from launch.tools.viz import main as viz_main
+
+    far = str(tmp_path / ("y" * 100) / ("z" * 100) / ("w" * 100))
+    say(f"run {far} is not there")
+    assert viz_main(["plot", far, "-o", str(tmp_path / "c.png")]) == 3
+    lines = capsys.readouterr().err.splitlines()
+    assert [line[:12] for line in lines] == ["pixpro: run ", "pixpro plot:"]
+    assert all(len(line) <= 200 for line in lines), [len(line) for line in lines]

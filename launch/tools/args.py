@@ -14,3 +14,8 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(one_line(f"{self.prog}: {message} (see {self.prog} --help)"), file=sys.stderr)
         raise SystemExit(Exit.USAGE)
+
+
+def say(line: str) -> None:
+    """One line of at most 200 characters on stderr, the prefix (``pixpro export: error:``) included."""
+    print(one_line(line), file=sys.stderr, flush=True)

@@ -32,7 +32,7 @@ import torch
 import torchvision
 from torch import nn
 
-from launch.tools.args import Parser
+from launch.tools.args import Parser, say
 from launch.tools.weights import EXIT_BAD_INPUT, WeightsError, load_encoder
 from schemas.contract import EXPORT_FORMATS, export_refusal
 
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         print(export(args.checkpoint, args.spec, args.fmt, args.output, args.force))
     except WeightsError as exc:
-        print(f"pixpro export: error: {exc}", file=sys.stderr)
+        say(f"pixpro export: error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_BAD_INPUT

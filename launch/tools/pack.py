@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from launch.preempt import die_with_parent
-from launch.tools.args import Parser
+from launch.tools.args import Parser, say
 from pixpro.sources import (
     PACK_FORMAT,
     PACK_INDEX,
@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         summary = pack(args.src, args.dest, parse_size(args.shard_size), args.workers)
     except PackError as exc:
-        print(f"pixpro: {exc}", file=sys.stderr)
+        say(f"pixpro: {exc}")
         return EXIT_BAD_INPUT
     except OSError as exc:
         print(f"pixpro: {exc.filename or args.dest}: {exc.strerror or exc}", file=sys.stderr)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from launch.tools.args import Parser
+from launch.tools.args import Parser, say
 from launch.tools.plots import EXIT_BAD_INPUT, EXIT_NOT_FOUND, PlotError, plot_run
 from schemas.contract import output_refusal
 
@@ -203,10 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps = plotted.series["loss"][0]
             detail = f"{len(steps)} logged steps, {len(plotted.resumes)} resume(s)"
     except PlotError as exc:
-        print(f"{name}: error: {exc}", file=sys.stderr)
+        say(f"{name}: error: {exc}")
         return exc.exit_code
     except OSError as exc:
-        print(f"{name}: error: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        say(f"{name}: error: cannot write {args.output}: {exc.strerror}")
         return EXIT_BAD_INPUT
     print(f"wrote {args.output} ({detail})")
     return 0

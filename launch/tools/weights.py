@@ -20,7 +20,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,6 +31,7 @@ from torch import nn
 
 from launch.checkpoint import TRAIN_FILE
 from launch.store import CheckpointStore, StoreError
+from launch.tools.args import say
 from launch.train_state import model_weights
 from pixpro.model import build_backbone
 from schemas import RunSpec, SpecError, load_spec, spec_hash
@@ -275,7 +275,7 @@ def report(evaluate: Callable[[], Any], as_json: bool, text: Callable[[Any], str
     try:
         result = evaluate()
     except WeightsError as exc:
-        print(f"pixpro eval: error: {exc}", file=sys.stderr)
+        say(f"pixpro eval: error: {exc}")
         return exc.exit_code
     print(json.dumps(asdict(result), indent=2) if as_json else text(result))
     return 0
