@@ -543,10 +543,11 @@ def eval_(
 
     With --submit the evaluation runs as a job of the run's executor, and --after queues it to start
     when the run completed."""
+    from cluster import evals
+
     if submit_job:
         if random_init or spec is not None:
             raise errors.UsageError("--random-init and --spec do not go with --submit: it evaluates the run")
-        from cluster import evals
         from cluster.executors import executor
         from cluster.sweep import find_sweep
 
@@ -566,12 +567,9 @@ def eval_(
         return
     if after or gpus is not None or sets:
         raise errors.UsageError("--after, --gpus and --set go with --submit")
-    if task not in EVAL_TOOLS:
-        raise errors.UsageError(f"--task {task}: must be one of {', '.join(EVAL_TOOLS)}")
     if not data:
         raise errors.UsageError("--data: labelled data to evaluate on is required (without --submit)")
-    if "://" not in data and not Path(data).exists():  # said at once, not after the tool's imports
-        raise errors.UsageError(f"--data: data folder {data} does not exist")
+    evals.check_request(task, data)  # at once, not after the tool's imports
     args = [_source(ident), "--data", data, "--seed", str(seed)]
     args += (["--random-init"] if random_init else []) + (["--json"] if as_json else [])
     args += ["--task", task] if task != "dense" else []

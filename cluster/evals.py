@@ -36,18 +36,36 @@ def default_data(spec: Any) -> str | None:
     return getattr(monitor, "data", None) if monitor is not None else None
 
 
-def check_task(task: str) -> str:
+def check_task(task: str, option: str = "--task") -> str:
     if task not in TASKS:
-        raise UsageError(f"--task {task}: must be one of {', '.join(TASKS)}")
+        raise UsageError(f"{option} {task}: must be one of {', '.join(TASKS)}")
     return task
 
 
-def check_request(task: str, data: str | None) -> str:
-    """Refuse (exit 2) what no evaluation job could run; returns the data."""
-    check_task(task)
+def check_request(
+    task: str, data: str | None, spec: Any = None, options: tuple[str, str] = ("--task", "--data")
+) -> str:
+    """Refuse (exit 2) what no evaluation job could run, naming the options of the command typed
+    (``submit`` has ``--eval``/``--eval-data``); returns the data. A folder that does not exist is
+    refused now, not when the job starts after training, unless it is the run's own demo data, which
+    the run generates."""
+    check_task(task, options[0])
     if not data:
-        raise UsageError(f"an evaluation ({task}) needs labelled data: --data (the spec has no monitor.data)")
+        raise UsageError(
+            f"an evaluation ({task}) needs labelled data: {options[1]} (the spec has no monitor.data)"
+        )
+    if "://" not in data and not Path(data).exists() and not _generated_by(spec, data):
+        raise UsageError(f"{options[1]}: data folder {data} does not exist")
     return data
+
+
+def _generated_by(spec: Any, data: str) -> bool:
+    """Whether the run ``spec`` describes writes ``data`` itself: its demo scenes, generated into
+    ``data.root`` when that does not exist."""
+    section = getattr(spec, "data", None)
+    if section is None or section.demo is None:
+        return False
+    return Path(data).expanduser().resolve() == Path(section.root).expanduser().resolve()
 
 
 def check_sets(sets: Sequence[str]) -> Sequence[str]:
@@ -238,7 +256,7 @@ def submit_for_run(
     check_sets(sets)
     record = Index().find(ident)
     spec = eval_spec(record, gpus, sets)
-    data = check_request(task, data or default_data(spec))
+    data = check_request(task, data or default_data(spec), spec)
     waits = waits_for(record) if after else None
     return record, submit(record, task, data, seed=seed, after=waits, spec=spec, cwd=Path.cwd())
 
@@ -253,7 +271,7 @@ def for_submit(task: str | None, data: str | None, spec: Any) -> tuple[str, str]
     """``pixpro submit --eval TASK [--eval-data D]``, checked before anything queues: (task, data)."""
     if task is None:
         return None
-    return task, check_request(task, data or default_data(spec))
+    return task, check_request(task, data or default_data(spec), spec, ("--eval", "--eval-data"))
 
 
 def queue_after(

@@ -82,7 +82,12 @@ def test_usage_errors_are_one_line_exit_2_and_queue_nothing(tmp_path: Path) -> N
             ["submit", "--executor", "local", "--eval", "segment", str(spec)],
             "must be one of dense, linear, knn",
         ),
-        (["submit", "--executor", "local", "--eval", "knn", str(spec)], "needs labelled data"),
+        (["submit", "--executor", "local", "--eval", "knn", str(spec)], "needs labelled data: --eval-data"),
+        (
+            ["submit", "--executor", "local", "--eval", "knn", "--eval-data", "nope", str(spec)],
+            "--eval-data: data folder nope does not exist",
+        ),
+        (["submit", "--executor", "local", "--eval", "segment", str(spec)], "--eval segment: must be one of"),
     ]
     # a spec whose preflight fails (no data, none generated): --eval's usage errors come first
     no_data = write_spec(tmp_path / "no-data.json", tiny_spec(tmp_path / "missing", data__demo=None))
@@ -94,8 +99,8 @@ def test_usage_errors_are_one_line_exit_2_and_queue_nothing(tmp_path: Path) -> N
         "submit", "--executor", "local", "--eval", "knn", "--sweep", "seed=1,2", str(no_data), home=home
     )
     assert sweep.returncode == 2 and sweep.stderr.splitlines() == [
-        f"pixpro: sweep member seed={s}: an evaluation (knn) needs labelled data: --data (the spec has no "
-        "monitor.data)"
+        f"pixpro: sweep member seed={s}: an evaluation (knn) needs labelled data: --eval-data (the spec has "
+        "no monitor.data)"
         for s in (1, 2)
     ], sweep.stderr
     assert "missing" in assert_one_line_error(
@@ -146,10 +151,6 @@ def test_local_evaluations_after_the_run_and_of_its_last_checkpoint(tmp_path: Pa
     table = cli("status", run_id, home=home)
     assert "knn-1" in table.stdout and "top-1" in table.stdout and "mIoU" in table.stdout, table.stdout
 
-    missing = cli(
-        "eval", run_id, "--task", "knn", "--data", str(tmp_path / "nope"), "--submit", "--json", home=home
-    )
-    assert missing.returncode == 0, missing.stderr  # queued: the job finds out, and says so in its result
-    row = wait_status(home, run_id, lambda r: _evals_done(r, 3), 300)
-    failed = row["evals"][2]
-    assert failed["state"] == "FAILED" and "does not exist" in failed["reason"], failed
+    missing = cli("eval", run_id, "--task", "knn", "--data", str(tmp_path / "nope"), "--submit", home=home)
+    assert "--data: data folder" in assert_one_line_error(missing, 2)  # refused, not a job that fails later
+    assert len(list((home / "runs" / run_id / "evals").iterdir())) == 2
