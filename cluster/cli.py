@@ -417,11 +417,15 @@ def logs(
     from cluster import logs as logs_mod
     from cluster.errors import NotFound
     from cluster.index import Index
+    from cluster.torchrun import procs_per_node
 
     record = Index().find(_check_id(ident))
     job = ident if ident in record.attempts else record.latest_job
     if job is None:
         raise NotFound(f"run {record.run_id} has no attempts yet")
+    world = record.nodes * procs_per_node(record.gpus_per_node)
+    if rank is not None and rank >= world:
+        raise errors.UsageError(f"--rank {rank}: run {record.run_id} has ranks 0 to {world - 1}")
     if follow:
         raise typer.Exit(_follow(record.run_id, job, rank))
     found, printed = logs_mod.print_logs(logs_mod.log_files(record, job), rank, sys.stdout)

@@ -11,13 +11,17 @@ import secrets
 import time
 from pathlib import Path
 
+from cluster.errors import UsageError
 from schemas.contract import HOME_ENV
 
 DEFAULT_HOME = "~/.local/state/pixpro"
 
 
 def pixpro_home() -> Path:
-    return Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().absolute()
+    home = Path(os.environ.get(HOME_ENV) or DEFAULT_HOME).expanduser().absolute()
+    if home.exists() and not home.is_dir():
+        raise UsageError(f"{HOME_ENV} {home} is a file, not a folder for pixpro's runs")
+    return home
 
 
 def runs_dir(home: Path | None = None) -> Path:

@@ -51,6 +51,8 @@ def validate(spec: Path, sets: Sequence[str] | None, deep: bool) -> None:
 def status(ident: str | None, as_json: bool, watch: bool, interval: float) -> None:
     if not (math.isfinite(interval) and 0.5 <= interval <= 3600):
         raise errors.UsageError(f"--interval {interval}: must be a number of seconds from 0.5 to 3600")
+    if as_json and watch:
+        raise errors.UsageError("--json and --watch: --json answers once (for a script to call in a loop)")
     if ident is not None:
         check_id(ident)
     from cluster.index import Index

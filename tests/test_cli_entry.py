@@ -256,3 +256,28 @@ def test_help_gives_no_type_for_a_flag(name: str, monkeypatch: pytest.MonkeyPatc
     assert "--help " in out and "<bool>" not in out, name
     if name == "status":
         assert re.search(r"--json +JSON: a list of runs", out) and re.search(r"--interval +<float>", out)
+
+
+def test_options_that_cannot_apply_are_refused_not_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """``status --json --watch`` (the JSON was printed once, --watch ignored), ``logs --rank`` beyond
+    the run's ranks (printed nothing, exit 0) and a ``PIXPRO_HOME`` that is a file ("No runs yet")."""
+    (rec,) = fake_runs(tmp_path / "home", 1)
+    home_file = tmp_path / "file"
+    home_file.write_text("")
+    for home, args, said in (
+        (tmp_path / "home", ["status", "--json", "--watch"], "--json and --watch"),
+        (
+            tmp_path / "home",
+            ["logs", rec.run_id, "--rank", "1"],
+            f"--rank 1: run {rec.run_id} has ranks 0 to 0",
+        ),
+        (home_file, ["status"], f"PIXPRO_HOME {home_file} is a file"),
+    ):
+        monkeypatch.setenv("PIXPRO_HOME", str(home))
+        monkeypatch.setattr(sys, "argv", ["pixpro", *args])
+        with pytest.raises(SystemExit) as exited:
+            app()
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.count("\n") == 1 and said in err, (args, err)
