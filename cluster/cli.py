@@ -370,7 +370,11 @@ def resume(
         elif not resumed:
             typer.echo(f"sweep {group.sweep_id}: every member completed or is still queued or running")
         for run_id, job_id in [] if as_json else resumed:
-            typer.echo(f"resumed run {run_id} as job {job_id}")
+            typer.echo(
+                f"resumed run {run_id} as job {job_id}"
+                if job_id
+                else f"run {run_id} resumes when fewer than {group.max_parallel} members run (--max-parallel)"
+            )
         return
     record, queued, warning = runs.resume(ident, include_node or [])
     if queued is None:

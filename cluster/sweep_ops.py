@@ -252,32 +252,45 @@ def cancel_sweep(sweep: SweepRecord) -> list[tuple[str, list[str]]]:
     return [(run_id, runs.cancel(run_id)[1]) for run_id in sweep.run_ids]
 
 
-def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str]]:
+def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str | None]]:
     """Resume every member that has not completed and has no attempt queued or running; a member the
-    local sweep runner will still start is left to it (resuming it would start it twice)."""
+    local sweep runner will still start is left to it (resuming it would start it twice). Locally, at
+    most ``--max-parallel`` members run: those beyond it are resumed by a sweep runner as members end
+    (job id None). On SLURM each resumed member is a job of its own, outside the first job array's
+    ``%N``: every one is queued now."""
     from cluster.status import attempt_states, read_all_progress, run_state
-    from cluster.sweep_runner import member_lock, runner_alive
+    from cluster.sweep_runner import member_lock, runner_alive, runner_resumes, spawn_sweep_runner
 
     index = Index()
     records = [index.find(r) for r in sweep.run_ids]
     states, _ = attempt_states(records, read_all_progress(records))
-    waiting = runner_alive(sweeps_dir() / sweep.sweep_id)
-    resumed = []
+    sweep_dir = sweeps_dir() / sweep.sweep_id
+    waiting, queued = runner_alive(sweep_dir), runner_resumes(sweep_dir)
+    active = sum(any(s.active for s in states[r.run_id].values()) for r in records)
+    due = [
+        r
+        for r in records
+        if run_state(r, states[r.run_id]).state != "COMPLETED"
+        and not any(s.active for s in states[r.run_id].values())
+        and r.run_id not in queued
+        and not (waiting and not r.attempts and not r.paths.cancel_marker.exists())  # the runner starts it
+    ]
+    room = len(due) if sweep.executor != "local" else max(0, (sweep.max_parallel or len(records)) - active)
+    resumed: list[tuple[str, str | None]] = []
     problems = []
-    for record in records:
-        st = states[record.run_id]
-        if run_state(record, st).state == "COMPLETED" or any(s.active for s in st.values()):
-            continue
+    for record in due[:room]:
         try:
             with member_lock(record):
-                if not index.find(record.run_id).attempts and waiting:
-                    continue  # its turn has not come: the runner starts it
                 _, job_id, _ = runs.resume(record.run_id)
         except Failure as exc:
             problems += [f"run {record.run_id}: {line}" for line in exc.lines]
             continue
         if job_id is not None:
             resumed.append((record.run_id, job_id))
+    later = [r.run_id for r in due[room:]]
+    if later:
+        spawn_sweep_runner(sweep_dir, resume=later)
+        resumed += [(run_id, None) for run_id in later]
     if problems and not resumed:
         raise Failure(problems)
     return resumed

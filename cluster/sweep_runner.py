@@ -27,18 +27,22 @@ RUNNER_FILE = "runner.json"
 RUNNER_LOG = "runner.log"
 
 
-def spawn_sweep_runner(sweep_dir: Path) -> int:
-    """Start the runner detached (own session, output to the sweep's runner.log); returns its pid."""
+def spawn_sweep_runner(sweep_dir: Path, resume: list[str] | None = None) -> int:
+    """Start the runner detached (own session, output to the sweep's runner.log); returns its pid. With
+    ``resume``: it resumes those members (``pixpro resume SWEEP`` beyond ``--max-parallel``) instead of
+    starting first attempts."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    args = ["--resume", *resume] if resume else []
     with open(sweep_dir / RUNNER_LOG, "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "cluster.sweep_runner", str(sweep_dir)],
+            [sys.executable, "-u", "-m", "cluster.sweep_runner", str(sweep_dir), *args],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    atomic_write(sweep_dir / RUNNER_FILE, json.dumps({"pid": proc.pid}).encode())
+    runner = {"pid": proc.pid, "resume": resume or [], "started": time.time()}
+    atomic_write(sweep_dir / RUNNER_FILE, json.dumps(runner).encode())
     return proc.pid
 
 
@@ -65,6 +69,15 @@ def runner_alive(sweep_dir: Path) -> bool:
     return b"cluster.sweep_runner" in cmdline and str(sweep_dir).encode() in cmdline
 
 
+def runner_resumes(sweep_dir: Path) -> set[str]:
+    """The members a live runner will still resume (or has resumed)."""
+    if not runner_alive(sweep_dir):
+        return set()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return set(json.loads((sweep_dir / RUNNER_FILE).read_bytes()).get("resume") or [])
+    return set()
+
+
 def running(record: RunRecord) -> bool:
     """The member's latest local attempt has not ended."""
     job_id = record.latest_job
@@ -74,31 +87,63 @@ def running(record: RunRecord) -> bool:
     return job is not None and job.ended is None and job.alive
 
 
-def main(argv: list[str]) -> int:
+def _start_first(run_id: str) -> str | None:
+    """A member's first attempt, unless it was resumed or cancelled before its turn."""
     from cluster.index import Index
     from cluster.runs import save, submit_attempt
-    from cluster.sweep import SWEEP_FILE, SweepRecord
     from schemas import load_spec
 
-    sweep_dir = Path(argv[0])
+    index = Index()
+    record = index.find(run_id)  # as it is now that no cancel or resume acts on it
+    if record.attempts or record.paths.cancel_marker.exists():
+        return None
+    job_id = submit_attempt(record, load_spec(record.spec_path), index)
+    warning = save(record, index, strict=False)
+    return job_id + (f" (warning: {warning})" if warning else "")
+
+
+def _resume(run_id: str, since: float) -> str | None:
+    """A member's next attempt, unless it was cancelled after the resume was asked for, or resumed."""
+    from cluster.errors import Failure
+    from cluster.index import Index
+    from cluster.runs import resume
+
+    marker = Index().find(run_id).paths.cancel_marker
+    if marker.exists() and marker.stat().st_mtime > since:
+        return None
+    try:
+        _, job_id, warning = resume(run_id)
+    except Failure as exc:  # it has an attempt queued or running already
+        print(f"not resumed {run_id}: {exc.lines[0]}")
+        return None
+    return None if job_id is None else job_id + (f" (warning: {warning})" if warning else "")
+
+
+def main(argv: list[str]) -> int:
+    from cluster.index import Index
+    from cluster.sweep import SWEEP_FILE, SweepRecord
+
+    sweep_dir, resuming = Path(argv[0]), argv[2:] if argv[1:2] == ["--resume"] else None
     sweep = SweepRecord.from_dict(json.loads((sweep_dir / SWEEP_FILE).read_bytes()))
     slots = sweep.max_parallel or len(sweep.members)
     index = Index()
-    pending = list(sweep.run_ids)
+    since = time.time()
+    pending = list(sweep.run_ids if resuming is None else resuming)
+    started = []
     while pending:
         busy = sum(running(index.find(run_id)) for run_id in sweep.run_ids)
         while pending and busy < slots:
             run_id = pending.pop(0)
             with member_lock(index.find(run_id)):
-                record = index.find(run_id)  # as it is now that no cancel or resume acts on it
-                if record.attempts or record.paths.cancel_marker.exists():
-                    continue  # resumed or cancelled before its turn
-                job_id = submit_attempt(record, load_spec(record.spec_path), index)
-                warning = save(record, index, strict=False)
-            print(f"started {record.run_id} as {job_id}" + (f" (warning: {warning})" if warning else ""))
+                job = _start_first(run_id) if resuming is None else _resume(run_id, since)
+            if job is None:
+                continue  # resumed, cancelled or completed before its turn
+            print(f"{'started' if resuming is None else 'resumed'} {run_id} as {job}")
+            started.append(run_id)
             busy += 1
         time.sleep(POLL_S)
-    print(f"every member of {sweep.sweep_id} started (pid {os.getpid()})")
+    verb = "started" if resuming is None else "resumed"
+    print(f"{len(started)} member(s) of {sweep.sweep_id} {verb} (pid {os.getpid()})")
     return 0
 
 

@@ -12,7 +12,16 @@ import pytest
 
 from cluster.errors import UsageError
 from cluster.sweep import parse_grid
-from tests.support.cli import assert_one_line_error, cli, run_cli, status_json, wait_status, write_spec
+from schemas.contract import STEP_PAUSE_ENV
+from tests.support.cli import (
+    assert_one_line_error,
+    cli,
+    run_cli,
+    status_json,
+    status_row,
+    wait_status,
+    write_spec,
+)
 from tests.support.cli import cluster_tiny_spec as tiny_spec
 from tests.support.procs import wait_for
 
@@ -134,11 +143,11 @@ def test_dry_run_lists_each_member_with_its_resolved_values_and_writes_nothing(
     assert not home.exists()
 
 
-def one_at_a_time(home: Path, spec_file: Path, sweep: str) -> dict[str, Any]:
+def one_at_a_time(home: Path, spec_file: Path, sweep: str, **env: str) -> dict[str, Any]:
     """A local sweep with --max-parallel 1 (its runner starts the members); the submit's JSON."""
     proc = cli(
         "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", "1",
-        "--sweep", sweep, str(spec_file), home=home, env={"CUDA_VISIBLE_DEVICES": ""},
+        "--sweep", sweep, str(spec_file), home=home, env={"CUDA_VISIBLE_DEVICES": "", **env},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return dict(json.loads(proc.stdout))
@@ -149,13 +158,26 @@ def one_at_a_time(home: Path, spec_file: Path, sweep: str) -> dict[str, Any]:
 def test_local_sweep_runs_members_max_parallel_at_a_time_then_cancel_and_resume_skip_them(
     home: Path, spec_file: Path
 ) -> None:
-    out = one_at_a_time(home, spec_file, "optim.base_lr=2,4")
+    out = one_at_a_time(home, spec_file, "optim.base_lr=2,4", **{STEP_PAUSE_ENV: "0.3"})
     sweep_id, members = out["sweep_id"], out["members"]
     assert [m["sweep_values"] for m in members] == [{"optim.base_lr": 2.0}, {"optim.base_lr": 4.0}]
     assert [m["job_id"] for m in members] == [None, None]  # the sweep runner starts them
+    first_id, second_id = (m["run_id"] for m in members)
 
+    # cancelled while the first member runs (the second never starts), then resumed: one at a time still
+    wait_status(home, first_id, lambda r: (r["step"] or 0) >= 3, 300)
+    assert cli("cancel", sweep_id, home=home).returncode == 0
+    wait_status(home, first_id, lambda r: r["state"] == "CANCELLED", 120)
+    resume = cli("resume", sweep_id, "--json", home=home)
+    assert resume.returncode == 0, resume.stderr
+    resumed = json.loads(resume.stdout)
+    assert [(r["run_id"], r["job_id"] is None) for r in resumed] == [(first_id, False), (second_id, True)]
+    wait_status(home, first_id, lambda r: r["state"] == "COMPLETED", 300)
+    # the second stays cancelled until the first ended, then the sweep runner resumes it
+    wait_for("the second member's attempt", lambda: status_row(home, second_id)["attempts"], 120, 0.5)
     rows = [wait_status(home, m["run_id"], lambda r: r["state"] == "COMPLETED", 300) for m in members]
     assert [r["step"] for r in rows] == [20, 20]
+    assert [len(r["attempts"]) for r in rows] == [2, 1], rows
     listed = status_json(home, sweep_id)
     assert [(r["run_id"], r["sweep_id"], r["sweep_values"]) for r in listed] == [
         (m["run_id"], sweep_id, m["sweep_values"]) for m in members
