@@ -12,7 +12,7 @@ import pytest
 
 from cluster import evals
 from cluster.attempts import AttemptState
-from schemas.contract import EvalResult
+from schemas.contract import STEP_PAUSE_ENV, EvalResult
 from tests.support.cli import assert_one_line_error, cli, wait_status, write_spec
 from tests.support.trainer import tiny_spec
 
@@ -123,11 +123,18 @@ def test_local_evaluations_after_the_run_and_of_its_last_checkpoint(tmp_path: Pa
     spec = write_spec(tmp_path / "spec.json", tiny_spec(data))
     proc = cli(
         "submit", "--json", "--executor", "local", "--no-preflight", "--eval", "knn", "--eval-data", "data",
-        str(spec), home=home, cwd=tmp_path,
+        str(spec), home=home, cwd=tmp_path, env={STEP_PAUSE_ENV: "0.5"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     run_id, job = out["run_id"], out["job_id"]
+    waiting = ("PENDING", "Dependency")  # its local waiter runs, but it waits for the run: as afterok
+    wait_status(
+        home,
+        run_id,
+        lambda r: bool(r["evals"]) and (r["evals"][0]["state"], r["evals"][0]["reason"]) == waiting,
+        60,
+    )
     assert out["evals"] == [{"run_id": run_id, "eval_id": "knn-1", "job_id": "eval-knn-1", "after": job}]
     request = json.loads((home / "runs" / run_id / "evals" / "knn-1" / "request.json").read_bytes())
     assert request["data"] == str(data)  # relative to where the user typed it, made absolute
