@@ -77,5 +77,5 @@ def check_local_gpus(gpus: int, visible: int | None = None) -> None:
     if gpus > have:
         raise UsageError(
             f"--gpus {gpus}: this machine has {have} visible CUDA device(s) (--executor local runs here; "
-            "--gpus 0 trains on the CPU)"
+            "--gpus 0 runs on the CPU)"
         )
