@@ -421,9 +421,15 @@ def logs(
     from cluster import logs as logs_mod
     from cluster.errors import NotFound
     from cluster.index import Index
+    from cluster.sweep import find_sweep
     from cluster.torchrun import procs_per_node
 
-    record = Index().find(_check_id(ident))
+    group = find_sweep(_check_id(ident))
+    if group is not None:
+        raise errors.UsageError(
+            f"{group.sweep_id} is a sweep: give a member's run id (pixpro status {group.sweep_id} lists them)"
+        )
+    record = Index().find(ident)
     job = ident if ident in record.attempts else record.latest_job
     if job is None:
         raise NotFound(f"run {record.run_id} has no attempts yet")

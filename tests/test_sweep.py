@@ -192,6 +192,7 @@ def test_local_sweep_runs_members_max_parallel_at_a_time_then_cancel_and_resume_
 
     table = cli("status", sweep_id, home=home)
     assert table.returncode == 0 and f"sweep {sweep_id}" in table.stdout and "optim.base_lr" in table.stdout
+    assert "is a sweep: give a member's run id" in assert_one_line_error(cli("logs", sweep_id, home=home), 2)
     cancel = cli("cancel", sweep_id, home=home)
     assert cancel.returncode == 0 and cancel.stdout.count("nothing to cancel") == 2, cancel
     resume = cli("resume", sweep_id, home=home)
@@ -278,7 +279,7 @@ def test_cancelling_a_local_sweep_keeps_its_runner_from_starting_the_rest(
     assert cancel.returncode == 0 and cancel.stdout.count("cancelled run ") == 1, cancel
     wait_status(home, first["run_id"], lambda r: r["state"] == "CANCELLED", 120)
     runner = home / "sweeps" / out["sweep_id"] / "runner.log"
-    wait_for("the sweep runner to finish", lambda: "every member" in runner.read_text(), 60)
+    wait_for("the sweep runner to finish", lambda: "1 member(s) of" in runner.read_text(), 60)
     row = status_json(home, second["run_id"])
     assert (row["state"], row["reason"], row["attempts"]) == ("CANCELLED", "before it started", []), row
 
