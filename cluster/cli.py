@@ -491,6 +491,7 @@ def _source(ident: str) -> str:
     return ident
 
 
+FIGURE_HELP = "Figure to write: .png, .svg, .pdf or .jpg."
 _SOURCE = typer.Argument(metavar="RUN", help="Run id, run folder, checkpoint folder/URL or .pt file.")
 
 
@@ -501,7 +502,7 @@ def export_(
     output: Annotated[Path, typer.Option("-o", "--output", help="File to write.")],
     fmt: Annotated[str, typer.Option("--format", help=" or ".join(EXPORT_FORMATS) + ".")] = "torchvision",
     spec: Annotated[Path | None, typer.Option(help="The run's spec (default: spec.json of the run).")] = None,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing output file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
 ) -> None:
     """Export the online encoder: a torchvision state_dict or a detectron2 weights pickle."""
     refusal = export_refusal(fmt, output, force)  # at once, not after the tool's imports
@@ -598,10 +599,10 @@ EVAL_TOOLS = {"dense": "probe", "linear": "classify", "knn": "classify"}
 @guard
 def viz(
     image: Annotated[Path, typer.Argument(help="An image to augment.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help=FIGURE_HELP)],
     seed: Annotated[int, typer.Option(min=0, max=MAX_SEED, help="Augmentation seed.")] = 0,
     crop: Annotated[int, typer.Option(help="View size in pixels (32 to 1024).")] = 224,
-    force: Annotated[bool, typer.Option(help="Overwrite an existing output file.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
 ) -> None:
     """Draw two augmented views with cell centres and one cell's positive matches (PNG)."""
     if not image.is_file():  # at once, not after the tool's imports
@@ -621,8 +622,8 @@ def _refuse_output(output: Path, force: bool) -> None:
 @guard
 def plot(
     ident: Annotated[str, _SOURCE],
-    output: Annotated[Path, typer.Option("-o", "--output", help="PNG to write.")],
-    force: Annotated[bool, typer.Option(help="Overwrite an existing output file.")] = False,
+    output: Annotated[Path, typer.Option("-o", "--output", help=FIGURE_HELP)],
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
 ) -> None:
     """Plot loss, LR and EMA momentum against step, marking each preemption/resume (PNG)."""
     _refuse_output(output, force)

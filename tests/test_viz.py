@@ -75,6 +75,11 @@ def test_pairs_default_cell_has_most_matches_and_bad_cells_are_refused(image, tm
     out = tmp_path / "x.png"
     for force, code in (([], 0), (["--force"], 0), ([], 2)):  # drawn, again with --force, refused without
         assert main(["pairs", str(image), "-o", str(out), "--crop", "64", *force]) == code, force
+    for name, magic in (("x.svg", b"<?xml"), ("x.pdf", b"%PDF"), ("x.jpg", b"\xff\xd8"), ("x", b"\x89PNG")):
+        assert main(["pairs", str(image), "-o", str(tmp_path / name), "--crop", "64"]) == 0
+        assert (tmp_path / name).read_bytes().startswith(magic), name  # the format its name asks for
+    assert main(["pairs", str(image), "-o", str(tmp_path / "x.bmp"), "--crop", "64"]) == 2
+    assert not (tmp_path / "x.bmp").exists()
     assert "already exists; pass --force to overwrite it" in capsys.readouterr().err
 
 

@@ -80,10 +80,26 @@ def metrics_figure(records: Sequence[dict[str, Any]], title: str = "") -> tuple[
     return fig, data
 
 
+FIGURE_FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf", ".jpg": "jpeg", ".jpeg": "jpeg"}
+"""A figure's format, by its file name's suffix (none: PNG)."""
+
+
+def figure_format(path: str | Path) -> str:
+    """The format ``path`` asks for; a suffix no figure is written as is refused (``-o x.bmp`` got PNG
+    bytes)."""
+    suffix = Path(path).suffix.lower()
+    if not suffix:
+        return "png"
+    if suffix not in FIGURE_FORMATS:
+        raise PlotError(f"-o {Path(path).name}: write a {', '.join(FIGURE_FORMATS)} file (or no suffix: PNG)")
+    return FIGURE_FORMATS[suffix]
+
+
 def save_metrics_plot(records: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> PlotData:
-    """Draw the curves into a PNG of ``FIGSIZE * DPI`` pixels; returns the plotted data."""
+    """Draw the curves (``FIGSIZE * DPI`` pixels) in the format the file name asks for; returns the
+    plotted data."""
     fig, data = metrics_figure(records, title)
-    fig.savefig(path, format="png")
+    fig.savefig(path, format=figure_format(path))
     return data
 
 

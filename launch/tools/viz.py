@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from launch.tools.args import Parser, say
-from launch.tools.plots import EXIT_BAD_INPUT, EXIT_NOT_FOUND, PlotError, plot_run
+from launch.tools.plots import EXIT_BAD_INPUT, EXIT_NOT_FOUND, PlotError, figure_format, plot_run
 from schemas.contract import output_refusal
 
 if TYPE_CHECKING:
@@ -192,11 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         refusal = output_refusal(args.output, args.force)
         if refusal:
             raise PlotError(refusal)
+        figure_format(args.output)  # before any drawing
         if args.command == "pairs":
             fig, data = pairs_figure(
                 args.image, args.crop, args.seed, tuple(args.cell) if args.cell else None
             )
-            fig.savefig(args.output, format="png")
+            fig.savefig(args.output, format=figure_format(args.output))
             detail = f"cell {data.cell} of view 1 -> {len(data.matches)} positive cells in view 2"
         else:
             plotted = plot_run(args.checkpoint_url, args.output)
