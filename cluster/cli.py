@@ -429,7 +429,22 @@ def logs(
         raise errors.UsageError(
             f"{group.sweep_id} is a sweep: give a member's run id (pixpro status {group.sweep_id} lists them)"
         )
-    record = Index().find(ident)
+    try:
+        record = Index().find(ident)
+    except NotFound:
+        from cluster import evals
+        from cluster.executors import executor
+
+        evaluation = evals.find_job(ident)
+        if evaluation is None:
+            raise
+        if follow or rank is not None:
+            raise errors.UsageError(f"{ident} is an evaluation's job: its log is printed whole") from None
+        path = executor(evaluation[0].executor).eval_log(*evaluation)
+        if not path.is_file():
+            raise NotFound(f"no log yet for evaluation job {ident} ({path})") from None
+        sys.stdout.write(path.read_text(errors="replace"))
+        return
     job = ident if ident in record.attempts else record.latest_job
     if job is None:
         raise NotFound(f"run {record.run_id} has no attempts yet")

@@ -154,6 +154,19 @@ def requests(record: RunRecord) -> list[EvalRequest]:
     return sorted(out, key=lambda r: r.submitted)
 
 
+def find_job(job_id: str) -> tuple[RunRecord, EvalRequest] | None:
+    """The run and evaluation whose job ``job_id`` is (``pixpro logs``/``status`` of an evaluation's job
+    id): the run index knows attempts only, so every run's requests are read; asked only when no
+    attempt has that id."""
+    from cluster.index import Index
+
+    for record in Index().all():
+        for request in requests(record):
+            if request.job_id == job_id:
+                return record, request
+    return None
+
+
 def result(record: RunRecord, eval_id: str) -> EvalResult | None:
     from schemas.contract import EvalResult
 

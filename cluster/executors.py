@@ -321,8 +321,10 @@ class LocalExecutor:
 
     def submit_eval(self, record: RunRecord, spec: RunSpec, request: EvalRequest) -> str:
         """A detached runner (:mod:`cluster.eval_runner`) that waits for the run with ``--after``."""
+        from cluster.index import Index
+
         self.check(spec)
-        job_id = f"eval-{request.eval_id}"
+        job_id = "eval-" + Index().next_local_job_id().removeprefix("local-")  # unique, as local-<n>
         run_dir, workdir = Path(record.run_dir), Path(record.workdir)
         local.spawn(run_dir, job_id, workdir, "cluster.eval_runner", request.eval_id)
         return job_id

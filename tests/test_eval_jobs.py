@@ -5,6 +5,7 @@ local executor; the SLURM side (afterok, a resume re-pointing the dependency) is
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from cluster import evals
 from cluster.attempts import AttemptState
 from schemas.contract import STEP_PAUSE_ENV, EvalResult
-from tests.support.cli import assert_one_line_error, cli, wait_status, write_spec
+from tests.support.cli import assert_one_line_error, cli, status_json, wait_status, write_spec
 from tests.support.trainer import tiny_spec
 
 
@@ -135,7 +136,9 @@ def test_local_evaluations_after_the_run_and_of_its_last_checkpoint(tmp_path: Pa
         lambda r: bool(r["evals"]) and (r["evals"][0]["state"], r["evals"][0]["reason"]) == waiting,
         60,
     )
-    assert out["evals"] == [{"run_id": run_id, "eval_id": "knn-1", "job_id": "eval-knn-1", "after": job}]
+    (queued,) = out["evals"]
+    assert queued == {"run_id": run_id, "eval_id": "knn-1", "job_id": queued["job_id"], "after": job}
+    assert re.fullmatch(r"eval-\d+", queued["job_id"])  # numbered as local attempts are: unique here
     request = json.loads((home / "runs" / run_id / "evals" / "knn-1" / "request.json").read_bytes())
     assert request["data"] == str(data)  # relative to where the user typed it, made absolute
     row = wait_status(home, run_id, lambda r: _evals_done(r, 1), 400)
@@ -157,6 +160,10 @@ def test_local_evaluations_after_the_run_and_of_its_last_checkpoint(tmp_path: Pa
     assert 0 <= row["evals"][1]["miou"] <= 1 and row["evals"][1]["step"] == 10
     table = cli("status", run_id, home=home)
     assert "knn-1" in table.stdout and "top-1" in table.stdout and "mIoU" in table.stdout, table.stdout
+    # an evaluation's job id names it as an attempt's names its run: status shows the run, logs its log
+    assert status_json(home, queued["job_id"])["run_id"] == run_id
+    log = cli("logs", queued["job_id"], home=home)
+    assert log.returncode == 0 and log.stdout.strip(), log
 
     missing = cli("eval", run_id, "--task", "knn", "--data", str(tmp_path / "nope"), "--submit", home=home)
     assert "--data: data folder" in assert_one_line_error(missing, 2)  # refused, not a job that fails later
