@@ -250,7 +250,7 @@ def test_local_gpus_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch)
         check_local_gpus(8, visible=0)
     assert info.value.code == 2
     assert info.value.lines == [
-        "--gpus 8: this machine has 0 visible CUDA device(s) (--executor local runs here; --gpus 0 trains "
+        "--gpus 8: this machine has 0 visible CUDA device(s) (--executor local runs here; --gpus 0 runs "
         "on the CPU)"
     ]
 
