@@ -266,6 +266,8 @@ def output_refusal(output: Path, force: bool) -> str | None:
         return f"output {output} is a folder; give a file name"
     if output.exists() and not force:
         return f"output {output} already exists; pass --force to overwrite it"
+    if not output.absolute().parent.is_dir():  # a typo in a path is not a folder to create
+        return f"output {output}: its folder does not exist"
     return None
 
 

@@ -24,6 +24,10 @@ def test_a_taken_export_output_or_an_unknown_format_is_refused_before_the_tool_s
     assert out.read_bytes() == b"precious"
     code, _, err = run_cli("export", str(tmp_path / "run"), "-o", str(out) + "2", "--format", "onnx")
     assert (code, err) == (2, "pixpro: unknown format 'onnx'; use one of torchvision, detectron2\n")
+    typo = tmp_path / "wieghts" / "w.pt"
+    code, _, err = run_cli("export", str(tmp_path / "run"), "-o", str(typo))
+    assert (code, err) == (2, f"pixpro: output {typo}: its folder does not exist\n")
+    assert not typo.parent.exists()  # not created
 
 
 def test_a_missing_image_to_draw_is_refused_before_the_tool_starts(tmp_path: Path) -> None:

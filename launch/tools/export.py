@@ -79,7 +79,6 @@ def detectron2_checkpoint(name: str, state: dict[str, torch.Tensor]) -> dict:
 
 def _write_new(path: Path, data: bytes, force: bool) -> None:
     """Write through a temp file; without ``force`` an existing file is never replaced (link is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         umask = os.umask(0o022)
