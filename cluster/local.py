@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 
 from cluster.record import atomic_write, read_local
-from schemas.contract import Exit, RunPaths
+from schemas.contract import Exit, RunPaths, user_signal
 
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -115,7 +115,9 @@ def main(argv: list[str]) -> int:
         if len(received) >= 3:  # asked three times: stop now, the last committed checkpoint stands
             task.forward(signal.SIGKILL)
             return
-        task.forward(task.user_signal() if signum in (signal.SIGUSR1, signal.SIGUSR2) else signal.SIGTERM)
+        task.forward(
+            user_signal(task.signal_name) if signum in (signal.SIGUSR1, signal.SIGUSR2) else signal.SIGTERM
+        )
 
     for sig in _FORWARDED:
         signal.signal(sig, forward)

@@ -35,7 +35,14 @@ from cluster.torchrun import (
     rdzv_port,
     shell_join,
 )
-from schemas.contract import STATUS_FILE, Exit, RunPaths, preemption_deadlines
+from schemas.contract import (
+    STATUS_FILE,
+    Exit,
+    RunPaths,
+    preemption_deadlines,
+    preemption_signals,
+    user_signal,
+)
 
 EXIT_PREEMPTED = Exit.PREEMPTED  # launch.run: checkpoint committed, resume me
 POLL_S = 0.2
@@ -218,7 +225,7 @@ class NodeTask:
             cwd=self.workdir,
             env=self.environment(ctx),
             start_new_session=True,  # its own process group: signalled and reaped as one
-            preexec_fn=functools.partial(launcher_preexec, self.preemption_signals()),
+            preexec_fn=functools.partial(launcher_preexec, frozenset(preemption_signals(self.signal_name))),
         )
         threading.Thread(target=self._reap, name="pixpro-reap", daemon=True).start()
         rc = self.wait()
@@ -274,13 +281,6 @@ class NodeTask:
             time.sleep(POLL_S)
         return self._rc
 
-    def preemption_signals(self) -> frozenset[int]:
-        """SIGTERM and the run's user signal: what the launcher and the trainers handle (launch.preempt)."""
-        return frozenset({signal.SIGTERM, self.user_signal()})
-
-    def user_signal(self) -> int:
-        return int(getattr(signal, f"SIG{self.signal_name.upper().removeprefix('SIG')}"))
-
     def forward(self, sig: int) -> None:
         """Send a signal to the launcher's whole process group (torchrun, trainers, loader workers)."""
         if self._proc is not None and self._rc is None:
@@ -301,7 +301,7 @@ class NodeTask:
         """
         from submitit.helpers import DelayedSubmission
 
-        self.forward(self.user_signal())
+        self.forward(user_signal(self.signal_name))
         _, budget = preemption_deadlines(self.signal_lead_s)
         rc = self.wait(timeout=budget) if self._proc is not None else None
         _say(f"preemption signal: launcher status {rc!r} after waiting up to {budget:.0f}s")

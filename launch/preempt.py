@@ -30,12 +30,6 @@ IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT
 preemption and tells its helpers when to stop."""
 
 
-def preemption_signals(user_signal: str = "USR2") -> tuple[signal.Signals, ...]:
-    """SIGTERM (plain preemption / requeue) and the configured user signal (``--signal`` on SLURM)."""
-    user = getattr(signal, f"SIG{user_signal.upper().removeprefix('SIG')}")
-    return tuple(dict.fromkeys([signal.SIGTERM, user]))
-
-
 class PreemptionFlag:
     """Records that a preemption signal arrived, and when; :meth:`requested` is read at step boundaries.
 

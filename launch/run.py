@@ -19,9 +19,17 @@ from pathlib import Path
 
 from launch import elastic, forking
 from launch.node_failures import RECORDER
-from launch.preempt import EXIT_PREEMPTED, forward_to_children, preemption_signals
+from launch.preempt import EXIT_PREEMPTED, forward_to_children
 from launch.watchdog import Watchdog, run_dir_of
-from schemas.contract import ATTEMPT_ENV, EXIT_DIR_ENV, PREEMPT_ENV, SIGNAL_ENV, Exit, exit_marker
+from schemas.contract import (
+    ATTEMPT_ENV,
+    EXIT_DIR_ENV,
+    PREEMPT_ENV,
+    SIGNAL_ENV,
+    Exit,
+    exit_marker,
+    preemption_signals,
+)
 
 TRAINER = "launch.train"
 

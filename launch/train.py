@@ -40,7 +40,7 @@ from launch.checkpoint import HANG_GRACE_S, RETRY_FOR_S, Checkpointer
 from launch.collectives import Collectives, DistEnv, bind_device, collective_timeout_s
 from launch.monitor import KnnMonitor
 from launch.nonfinite import Diverged, NonFiniteGuard
-from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_signals, preemption_signals
+from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_signals
 from launch.records import MetricsLog, last_knn, read_metrics, write_status
 from launch.rng import capture_rng, restore_rng
 from launch.sinks import MetricSinks, sink_factories
@@ -58,6 +58,7 @@ from schemas.contract import (
     Exit,
     exit_marker,
     preemption_deadlines,
+    preemption_signals,
 )
 
 log = logging.getLogger("pixpro.train")

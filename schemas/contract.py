@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
+    import signal
+
     from schemas.records import EvalRequest as EvalRequest
     from schemas.records import EvalResult as EvalResult
     from schemas.records import MetricsRecord as MetricsRecord
@@ -306,6 +308,21 @@ def exit_marker(outcome: str, rank: int | str) -> str:
     """The marker file of a rank that stopped on purpose: ``preempted.<rank>`` or ``diverged.<rank>``
     (``rank="*"`` is the glob of them all)."""
     return f"{outcome}.{rank}"
+
+
+def user_signal(name: str = "USR2") -> signal.Signals:
+    """The run's user signal (``resources.signal``, ``--signal`` on SLURM), ``USR2`` or ``SIGUSR2``."""
+    import signal  # here: the login node's commands (validate, status) never need it
+
+    return signal.Signals[f"SIG{name.upper().removeprefix('SIG')}"]
+
+
+def preemption_signals(name: str = "USR2") -> tuple[signal.Signals, ...]:
+    """SIGTERM (plain preemption / requeue) and the user signal: what the launcher and the trainers
+    handle, and what whoever starts them holds until they do (``launch.preempt.held``)."""
+    import signal
+
+    return tuple(dict.fromkeys([signal.SIGTERM, user_signal(name)]))
 
 
 def preemption_deadlines(signal_lead_s: float) -> tuple[float, float]:
