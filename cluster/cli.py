@@ -420,6 +420,8 @@ def logs(
     """Print (or follow) an attempt's log."""
     from cluster import logs as logs_mod
     from cluster.errors import NotFound
+    from cluster.evals import find_run
+    from cluster.executors import executor
     from cluster.index import Index
     from cluster.sweep import find_sweep
     from cluster.torchrun import procs_per_node
@@ -429,20 +431,13 @@ def logs(
         raise errors.UsageError(
             f"{group.sweep_id} is a sweep: give a member's run id (pixpro status {group.sweep_id} lists them)"
         )
-    try:
-        record = Index().find(ident)
-    except NotFound:
-        from cluster import evals
-        from cluster.executors import executor
-
-        evaluation = evals.find_job(ident)
-        if evaluation is None:
-            raise
+    record, evaluation = find_run(Index(), ident)
+    if evaluation is not None:
         if follow or rank is not None:
-            raise errors.UsageError(f"{ident} is an evaluation's job: its log is printed whole") from None
-        path = executor(evaluation[0].executor).eval_log(*evaluation)
+            raise errors.UsageError(f"{ident} is an evaluation's job: its log is printed whole")
+        path = executor(record.executor).eval_log(record, evaluation)
         if not path.is_file():
-            raise NotFound(f"no log yet for evaluation job {ident} ({path})") from None
+            raise NotFound(f"no log yet for evaluation job {ident} ({path})")
         sys.stdout.write(path.read_text(errors="replace"))
         return
     job = ident if ident in record.attempts else record.latest_job

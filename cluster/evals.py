@@ -23,6 +23,7 @@ from launch.store.format import absolute_url
 from schemas.contract import EVAL_HEADLINE, atomic_write
 
 if TYPE_CHECKING:
+    from cluster.index import Index
     from schemas.contract import EvalRequest, EvalResult
 
 TASKS = tuple(EVAL_HEADLINE)
@@ -154,17 +155,20 @@ def requests(record: RunRecord) -> list[EvalRequest]:
     return sorted(out, key=lambda r: r.submitted)
 
 
-def find_job(job_id: str) -> tuple[RunRecord, EvalRequest] | None:
-    """The run and evaluation whose job ``job_id`` is (``pixpro logs``/``status`` of an evaluation's job
-    id): the run index knows attempts only, so every run's requests are read; asked only when no
-    attempt has that id."""
-    from cluster.index import Index
+def find_run(index: Index, ident: str) -> tuple[RunRecord, EvalRequest | None]:
+    """The run ``ident`` names (its id, an attempt's job id, an id prefix), or the run and evaluation
+    whose job it is (``pixpro logs``/``status`` of an evaluation's job id): the run index knows attempts
+    only, so every run's requests are read, and only when no run matched."""
+    from cluster.errors import NotFound
 
-    for record in Index().all():
-        for request in requests(record):
-            if request.job_id == job_id:
-                return record, request
-    return None
+    try:
+        return index.find(ident), None
+    except NotFound:
+        for record in index.all():
+            for request in requests(record):
+                if request.job_id == ident:
+                    return record, request
+        raise
 
 
 def result(record: RunRecord, eval_id: str) -> EvalResult | None:

@@ -12,7 +12,7 @@ from schemas.contract import DEBUG_ENV, Exit, one_line
 
 
 def say(line: str) -> None:
-    print(one_line(f"pixpro: {one_line(line)}"), file=sys.stderr, flush=True)  # 200 characters in all
+    print(one_line(f"pixpro: {line}"), file=sys.stderr, flush=True)  # 200 characters in all
 
 
 def exit_status(exc: BaseException) -> int | None:

@@ -48,22 +48,6 @@ def validate(spec: Path, sets: Sequence[str] | None, deep: bool) -> None:
     echo(spec_json(resolved), nl=False)
 
 
-def _run_of(index: Any, ident: str) -> str:
-    """``ident``, or the run whose evaluation job it names (the index knows attempts only)."""
-    from cluster.errors import NotFound
-
-    try:
-        index.find(ident)
-    except NotFound:
-        from cluster.evals import find_job
-
-        found = find_job(ident)
-        if found is None:
-            raise
-        return found[0].run_id
-    return ident
-
-
 def status(ident: str | None, as_json: bool, watch: bool, interval: float) -> None:
     if not (math.isfinite(interval) and 0.5 <= interval <= 3600):
         raise errors.UsageError(f"--interval {interval}: must be a number of seconds from 0.5 to 3600")
@@ -77,8 +61,10 @@ def status(ident: str | None, as_json: bool, watch: bool, interval: float) -> No
 
     index = Index()
     group = find_sweep(ident) if ident else None
-    if ident and not group:
-        ident = _run_of(index, ident)
+    if ident and not group:  # a run, or the run of an evaluation's job
+        from cluster.evals import find_run
+
+        ident = find_run(index, ident)[0].run_id
 
     def rows() -> tuple[list[dict[str, Any]], list[str]]:
         records = (

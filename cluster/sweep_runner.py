@@ -41,7 +41,7 @@ def spawn_sweep_runner(sweep_dir: Path, resume: list[str] | None = None) -> int:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    runner = {"pid": proc.pid, "resume": resume or [], "started": time.time()}
+    runner = {"pid": proc.pid, "resume": resume or []}
     atomic_write(sweep_dir / RUNNER_FILE, json.dumps(runner).encode())
     return proc.pid
 

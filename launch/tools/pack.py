@@ -261,7 +261,7 @@ def pack(src: str, dest_root: str, shard_size: int, workers: int, progress: bool
     existing = dest.get(PACK_MANIFEST)
     if existing is not None:
         return verify(dest, _pack_manifest(dest, existing), listing_sha)
-    _claim(dest, listing_sha)
+    _claim(dest)
     plans = plan_shards(names, _source_sizes(source), shard_size)
     t0 = time.monotonic()
     sidecars: dict[int, dict[str, Any]] = {}
@@ -352,14 +352,12 @@ def _pack_manifest(dest: Dest, body: bytes) -> dict[str, Any]:
     return manifest
 
 
-def _claim(dest: Dest, listing_sha: str) -> None:
+def _claim(dest: Dest) -> None:
     """Pack only into an empty DEST, or one that a pack began (and was killed in): files it did not
     write (a webdataset's ``shard-000000.tar``, say) would be overwritten by name."""
     here = dest.names()
     if not here:
-        dest.put(
-            PACK_STARTED, json.dumps({"format": PACK_FORMAT, "source_listing_sha256": listing_sha}).encode()
-        )
+        dest.put(PACK_STARTED, json.dumps({"format": PACK_FORMAT}).encode())
     elif PACK_STARTED not in here:
         raise PackError(
             f"{dest.root} holds {len(here)} file(s) that pixpro pack did not write "
