@@ -342,7 +342,10 @@ class LocalExecutor:
         def eval_job(r: RunRecord, e: EvalRequest) -> AttemptState:
             if e.job_id is None:
                 return AttemptState("UNKNOWN", "not queued")
-            return local_state(local.read_job(Path(r.run_dir), e.job_id), None, False)
+            st = local_state(local.read_job(Path(r.run_dir), e.job_id), None, False)
+            if st.state == "RUNNING" and e.after and not r.paths.eval(e.eval_id).result.exists():
+                return AttemptState("PENDING", "Dependency")  # its waiter waits for the run, as afterok
+            return st
 
         return Jobs(
             {r.run_id: [self.job(r, j) for j in r.attempts] for r in records},

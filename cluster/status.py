@@ -64,8 +64,6 @@ def eval_rows(rec: RunRecord, asked: list[tuple[EvalRequest, AttemptState]]) -> 
     out = []
     for request, job in asked:
         found = evals.result(rec, request.eval_id)
-        if rec.executor == "local" and request.after and found is None and job.state == "RUNNING":
-            job = AttemptState("PENDING", "Dependency")  # its waiter waits for the run, as afterok would
         out.append(evals.row(request, evals.state(found, job), found))
     return out
 
