@@ -82,7 +82,8 @@ def release(signals: Iterable[int]) -> None:
 
 
 def ignore_preemption_signals(worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: workers must outlive a job-step-wide signal, not die from it."""
+    """DataLoader ``worker_init_fn`` (and the uploader's start): helpers must outlive a job-step-wide
+    signal, not die from it."""
     for sig in IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 

@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from typing import IO, Any, cast
 import torch
 
 from launch import forking
-from launch.preempt import IGNORED_SIGNALS, die_with_parent, held, release
+from launch.preempt import IGNORED_SIGNALS, die_with_parent, held, ignore_preemption_signals, release
 from launch.snapshot import BufferRef, TensorMeta, map_buffer, rebuild
 from launch.store import CheckpointExists, CheckpointStore, FileEntry
 from launch.store.backends import failure_cause
@@ -258,8 +257,7 @@ def fresh_env() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    for sig in IGNORED_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)  # the trainer handles preemption; we stop when it says so
+    ignore_preemption_signals()  # the trainer handles preemption; we stop when it says so
     release(IGNORED_SIGNALS)  # held since we started (launch.preempt.held): now they are ignored
     parent = os.getppid()
     die_with_parent(parent)
