@@ -129,7 +129,7 @@ def main(argv: list[str]) -> int:
     index = Index()
     since = time.time()
     pending = list(sweep.run_ids if resuming is None else resuming)
-    started = []
+    verb, done = ("started" if resuming is None else "resumed"), 0
     while pending:
         busy = sum(running(index.find(run_id)) for run_id in sweep.run_ids)
         while pending and busy < slots:
@@ -138,12 +138,11 @@ def main(argv: list[str]) -> int:
                 job = _start_first(run_id) if resuming is None else _resume(run_id, since)
             if job is None:
                 continue  # resumed, cancelled or completed before its turn
-            print(f"{'started' if resuming is None else 'resumed'} {run_id} as {job}")
-            started.append(run_id)
+            print(f"{verb} {run_id} as {job}")
+            done += 1
             busy += 1
         time.sleep(POLL_S)
-    verb = "started" if resuming is None else "resumed"
-    print(f"{len(started)} member(s) of {sweep.sweep_id} {verb} (pid {os.getpid()})")
+    print(f"{done} member(s) of {sweep.sweep_id} {verb} (pid {os.getpid()})")
     return 0
 
 
