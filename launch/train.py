@@ -209,21 +209,23 @@ class Trainer:
         self.resume()
         model = self.distributed_model()
         self._status("running")
+        why = None
         try:
             outcome = self._steps(model)
             committed = self._final_save(outcome)
         except Diverged as exc:  # every rank decides alike: the guard's counts follow the reduced gradients
-            outcome, committed = "diverged", False
+            outcome, committed, why = "diverged", False, str(exc)
+        finally:
+            self._close_loader()
+        self.checkpointer.close()  # an upload in flight (a finite state from before) commits or ends here
+        if why is not None:  # so the line names the checkpoint a resume will find
             last = self.checkpointer.last_committed or self.resumed_step
             self.diverged = (
-                f"diverged: {exc}; stopped without saving; the last committed checkpoint is "
+                f"diverged: {why}; stopped without saving; the last committed checkpoint is "
                 f"{f'step {last}' if last else 'none'}"
             )
             if self.env.rank == 0:
                 log.error("%s", self.diverged)
-        finally:
-            self._close_loader()
-        self.checkpointer.close()
         if self.metrics is not None:
             self.metrics.flush(wait=True)
         self._status(outcome, preempt_committed=committed if outcome == "preempted" else None)
