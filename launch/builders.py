@@ -34,12 +34,11 @@ def checkpoint_url(spec: RunSpec, run_dir: Path) -> str:
     return RunPaths(run_dir).store_url(spec.checkpoint.url)
 
 
-def attempt_id(collectives: Collectives) -> str:
-    """A name unique to this launch, the same on every rank: it names the attempt's checkpoint prefixes.
+def attempt_owner(collectives: Collectives) -> str:
+    """This attempt, the same on every rank and across torchrun's restarts of its workers: the one that
+    claims the run (``CheckpointStore.claim``).
 
-    The launcher's ``PIXPRO_ATTEMPT`` (SLURM job id and restart count), else rank 0's clock and pid;
-    the rendezvous round is appended after a torchrun restart (the same on every node, unlike torchrun's
-    per-agent restart count), so restarted workers never reuse a prefix.
+    The launcher's ``PIXPRO_ATTEMPT`` (SLURM job id and restart count), else rank 0's clock and pid.
     """
     base = os.environ.get(ATTEMPT_ENV)
     if base is None and "SLURM_JOB_ID" in os.environ:
@@ -47,7 +46,14 @@ def attempt_id(collectives: Collectives) -> str:
     if base is None:
         local = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         base = collectives.broadcast_bytes(local.encode()).decode()
-    return elastic.round_suffix(base, elastic.rendezvous_round())
+    return base
+
+
+def attempt_id(owner: str) -> str:
+    """A name unique to this launch: it names the attempt's checkpoint prefixes. The rendezvous round is
+    appended to the attempt after a torchrun restart (the same on every node, unlike torchrun's per-agent
+    restart count), so restarted workers never reuse a prefix."""
+    return elastic.round_suffix(owner, elastic.rendezvous_round())
 
 
 def seed_everything(seed: int, rank: int) -> None:

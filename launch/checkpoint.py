@@ -101,6 +101,7 @@ class Checkpointer:
         self.last_commit_s: float | None = None  # hand-over to 'latest' moved, of the last commit
         self.last_commit_time: float | None = None  # wall clock of the last commit
         self.store_error: str | None = None  # the last failed try, cleared by the next success
+        self.superseded: str | None = None  # why a later attempt holds the run (launch.store.Superseded)
         self.restarts = 0
         self._cond = threading.Condition()
         self._buffers: list[SharedBuffer | None] = [None, None]
@@ -166,6 +167,8 @@ class Checkpointer:
             log.info("checkpoint uploader ready after %.1f s", time.monotonic() - self._started)
         elif msg[0] == "failing":
             self.store_error = msg[2]
+        elif msg[0] == "superseded":
+            self.superseded = msg[1]
         elif msg[0] == "done":
             _, step, committed, error, _secs = msg
             p, self._inflight = self._inflight, None

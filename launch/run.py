@@ -78,11 +78,12 @@ def main(argv: list[str] | None = None) -> int:
             watchdog.stop()
         if any(Path(exit_dir).glob(exit_marker("preempted", "*"))):
             return EXIT_PREEMPTED
-        diverged = sorted(Path(exit_dir).glob(exit_marker("diverged", "*")))
-        if diverged:  # no restart, no requeue: it would only repeat
-            reason = next((t for p in diverged if (t := p.read_text().strip())), "diverged")
-            print(f"pixpro: {reason}", file=sys.stderr)
-            return Exit.FAILURE
+        for outcome in ("diverged", "superseded"):  # no restart, no requeue: it would only repeat
+            stopped = sorted(Path(exit_dir).glob(exit_marker(outcome, "*")))
+            if stopped:
+                reason = next((t for p in stopped if (t := p.read_text().strip())), outcome)
+                print(f"pixpro: {reason}", file=sys.stderr)
+                return Exit.FAILURE
         if failure:
             print(f"pixpro: training failed ({failure}); see the rank logs above", file=sys.stderr)
         if code and watchdog.last_hang:  # the restarts are spent: the hang is why

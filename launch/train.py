@@ -28,6 +28,7 @@ from launch import heartbeat, uploader
 from launch.batches import PREFETCH, loader_collate, release
 from launch.builders import (
     attempt_id,
+    attempt_owner,
     build_data,
     build_model,
     build_optimizer,
@@ -44,7 +45,7 @@ from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_sig
 from launch.records import MetricsLog, last_knn, read_metrics, write_status
 from launch.rng import capture_rng, restore_rng
 from launch.sinks import MetricSinks, sink_factories
-from launch.store import CheckpointStore
+from launch.store import CheckpointStore, StoreError, Superseded
 from launch.store.backends import failure_cause
 from launch.train_state import Schedule, TrainState
 from pixpro.data import DatasetError
@@ -66,6 +67,7 @@ SINK_CLOSE_S = {
     "preempted": 2.0,
     "completed": 10.0,
     "diverged": 10.0,
+    "superseded": 2.0,
 }  # how long the metric mirrors get to close
 # rich draws from the process-wide `random` when first imported (rich.style's id counter). httpx imports
 # it, and aiobotocore imports httpx when installed (wandb brings it): on the first S3 call, after
@@ -85,13 +87,15 @@ class Trainer:
     ) -> None:
         self.spec, self.run_dir, self.env, self.flag = spec, run_dir, env, flag
         self.collectives = collectives or Collectives()
-        self.attempt = attempt_id(self.collectives)
+        owner = attempt_owner(self.collectives)
+        self.attempt = attempt_id(owner)
         self.store = CheckpointStore(
             checkpoint_url(spec, run_dir),
             spec.checkpoint.storage_options,
             keep_last=spec.checkpoint.keep_last,
             attempt=self.attempt,
         )
+        self._claim(owner)
         self.checkpointer = Checkpointer(self.store, env.rank, env.world_size, spare=spare_uploader)
         self.checkpointer.prefetch()  # a resume's download overlaps building the data and the model
         self.metrics = MetricsLog(self.store, self.attempt) if env.rank == 0 else None
@@ -129,6 +133,7 @@ class Trainer:
         self._skipped_read = 0  # the guard's skipped steps at the last read
         self._scaler_skipped_read = 0  # fp16: GradScaler's skipped steps at the last read (expected ones)
         self.diverged: str | None = None  # the one line that says why the run stopped
+        self.superseded: str | None = None  # why a later attempt holds the run (launch.store.Superseded)
         self._loader: DataLoader | None = None
         self.monitor = (
             KnnMonitor(
@@ -144,6 +149,27 @@ class Trainer:
             else None
         )
         self.knn: dict[str, Any] = {}  # the monitor's newest result, carried on every metrics record
+
+    def _claim(self, owner: str) -> None:
+        """Rank 0 claims the run for this attempt before anything is read or written (fencing: a stale
+        attempt still training elsewhere stops at its next checkpoint, see launch.store); every rank
+        raises :class:`Superseded` if a later attempt holds it already."""
+        refusal = ""
+        if self.env.rank == 0:
+            try:
+                self.store.claim(owner)
+            except Superseded as exc:
+                refusal = str(exc)
+            except (StoreError, OSError) as exc:  # the store may come back: train on, unfenced
+                log.warning(
+                    "could not claim the run for attempt %s (%s): commits are not fenced against "
+                    "a stale attempt",
+                    owner,
+                    failure_cause(exc),
+                )
+        refusal = self.collectives.broadcast_bytes(refusal.encode()).decode()
+        if refusal:
+            raise Superseded(refusal)
 
     # state: the step and epoch live in the TrainState that checkpoints hold -------------------------
     @property
@@ -205,14 +231,15 @@ class Trainer:
 
     # loop -----------------------------------------------------------------------------------------
     def fit(self) -> str:
-        """Train to the end, a preemption or a divergence: "completed", "preempted" or "diverged"."""
+        """Train to the end, a preemption, a divergence or a later attempt's claim: "completed",
+        "preempted", "diverged" or "superseded"."""
         self.resume()
         model = self.distributed_model()
         self._status("running")
         why = None
         try:
             outcome = self._steps(model)
-            committed = self._final_save(outcome)
+            committed = self._final_save(outcome) if outcome != "superseded" else False
         except Diverged as exc:  # every rank decides alike: the guard's counts follow the reduced gradients
             outcome, committed, why = "diverged", False, str(exc)
         finally:
@@ -226,9 +253,13 @@ class Trainer:
             )
             if self.env.rank == 0:
                 log.error("%s", self.diverged)
+        if outcome == "superseded":  # rank 0's uploader was told; its status.json is the new attempt's
+            why = self.collectives.broadcast_bytes((self.checkpointer.superseded or "").encode()).decode()
+            self.superseded = why or "a later attempt took over this run; this attempt stops"
         if self.metrics is not None:
             self.metrics.flush(wait=True)
-        self._status(outcome, preempt_committed=committed if outcome == "preempted" else None)
+        if outcome != "superseded":
+            self._status(outcome, preempt_committed=committed if outcome == "preempted" else None)
         if self.sinks is not None:  # after status.json: a slow sink must not hide how the attempt ended
             self.sinks.close(timeout_s=SINK_CLOSE_S[outcome])
         log.info("%s at step %d of %d", outcome, self.step, self.schedule.total_steps)
@@ -236,7 +267,8 @@ class Trainer:
         return outcome
 
     def _steps(self, model: torch.nn.Module) -> str:
-        """Step until done ("completed") or until every rank agreed on a preemption ("preempted")."""
+        """Step until done ("completed"), or until every rank agreed on a preemption ("preempted") or on
+        a later attempt's claim of the run, found by a commit ("superseded")."""
         spec = self.spec
         stop_at = int(os.environ.get(STOP_AT_STEP_ENV, -1))
         pause_s = float(os.environ.get(STEP_PAUSE_ENV) or 0.0)
@@ -281,9 +313,13 @@ class Trainer:
                             progress.update(self.step, loss)
                     if self.step >= self.schedule.total_steps:
                         return "completed"  # at the last step, a preemption just lets it finish
-                    preempt, due = self.collectives.any(
-                        self.flag.requested(), self._checkpoint_due(last_ckpt_time)
+                    preempt, due, superseded = self.collectives.any(
+                        self.flag.requested(),
+                        self._checkpoint_due(last_ckpt_time),
+                        self.checkpointer.superseded is not None,
                     )
+                    if superseded:
+                        return "superseded"
                     if preempt:
                         return "preempted"
                     if due:
@@ -583,19 +619,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(spec, run_dir, env, flag, collectives, device, spare)
         outcome = trainer.fit()
+        reason = trainer.diverged or trainer.superseded or ""
     except (SpecError, DatasetError) as exc:  # bad input: one line, no traceback, no barrier to hang in
         log.error("%s", exc)
         return Exit.USAGE
+    except Superseded as exc:  # a later attempt claimed the run before this one began
+        outcome, reason = "superseded", str(exc)
+    if outcome == "superseded" and env.rank == 0:
+        log.error("%s", reason)
     # A preemption signal that arrives while the interpreter shuts down would otherwise kill us with
     # its default action (Python drops its handlers at exit) and turn a finished run into a failure.
     for sig in flag.signals:
         signal.signal(sig, signal.SIG_IGN)
     collectives.close()
-    if outcome in ("preempted", "diverged"):
+    if outcome in ("preempted", "diverged", "superseded"):
         exit_dir = os.environ.get(EXIT_DIR_ENV)
         if exit_dir:  # under our torchrun wrapper: exit 0 so torchrun does not restart us (a restart would
             # only repeat a divergence); the wrapper reports the outcome (75, or 1 with the reason)
-            Path(exit_dir, exit_marker(outcome, env.rank)).write_text(trainer.diverged or "")
+            Path(exit_dir, exit_marker(outcome, env.rank)).write_text(reason)
             return Exit.OK
         return EXIT_PREEMPTED if outcome == "preempted" else Exit.FAILURE
     return Exit.OK

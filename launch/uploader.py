@@ -12,7 +12,8 @@ Messages (pickled over a socketpair, :mod:`multiprocessing.connection`):
   give the current job up instead of retrying it), ``("abandon",)`` (the final state waits: give the
   current job up at the next piece), ``("stop",)``.
   uploader -> trainer: ``("ready",)``, ``("alive",)`` (at most once a second while working), ``("failing",
-  step, error)`` after a failed try, ``("done", step, committed, error, seconds)``.
+  step, error)`` after a failed try, ``("superseded", error)`` (a later attempt holds the run: the
+  trainer stops), ``("done", step, committed, error, seconds)``.
 It ignores the preemption signals (the trainer decides), exits when its parent dies (checked each
 second), draws nothing from the trainer's RNG (a separate process), and never imports the trainer.
 
@@ -40,7 +41,7 @@ import torch
 from launch import forking
 from launch.preempt import IGNORED_SIGNALS, die_with_parent, held, ignore_preemption_signals, release
 from launch.snapshot import BufferRef, TensorMeta, map_buffer, rebuild
-from launch.store import CheckpointExists, CheckpointStore, FileEntry
+from launch.store import CheckpointExists, CheckpointStore, FileEntry, Superseded
 from launch.store.backends import failure_cause
 from schemas.contract import DEBUG_ENV
 
@@ -112,6 +113,9 @@ class Uploader:
             self.conn.send(("done", job.step, self.rank == 0, None, time.monotonic() - t0))
         except Abandoned:
             self.conn.send(("done", job.step, False, "abandoned for a newer state", time.monotonic() - t0))
+        except Superseded as exc:  # the trainer logs it and stops
+            self.conn.send(("superseded", str(exc)))
+            self.conn.send(("done", job.step, False, str(exc), time.monotonic() - t0))
         except Exception as exc:
             log.debug("step %d failed", job.step, exc_info=exc)
             self.conn.send(("done", job.step, False, failure_cause(exc), time.monotonic() - t0))
@@ -173,7 +177,7 @@ class Uploader:
             self._check()
             try:
                 return fn()
-            except (Abandoned, CheckpointExists):  # the store's answer, not its outage: no retry changes it
+            except (Abandoned, CheckpointExists, Superseded):  # the store's answer, not its outage
                 raise
             except Exception as exc:
                 if self.abandoning:

@@ -206,7 +206,9 @@ MANIFEST = "manifest.json"
 STATUS_FILE = "status.json"
 METRICS_DIR = "metrics"
 TRAIN_FILE = "train.pt"
-AUX_TOP = frozenset({METRICS_DIR, STATUS_FILE, RECORD_FILE, "aux"})
+CLAIMS_DIR = "claims"
+"""``claims/<attempt>.json``: the generation each attempt claimed (``CheckpointStore.claim``)."""
+AUX_TOP = frozenset({METRICS_DIR, STATUS_FILE, RECORD_FILE, CLAIMS_DIR, "aux"})
 """Top-level store objects beside the checkpoints: never part of one, never pruned, never foreign."""
 
 
@@ -305,8 +307,8 @@ their own imported state (:mod:`launch.forking`)."""
 
 # -- preemption --------------------------------------------------------------------------------------
 def exit_marker(outcome: str, rank: int | str) -> str:
-    """The marker file of a rank that stopped on purpose: ``preempted.<rank>`` or ``diverged.<rank>``
-    (``rank="*"`` is the glob of them all)."""
+    """The marker file of a rank that stopped on purpose: ``preempted.<rank>``, ``diverged.<rank>`` or
+    ``superseded.<rank>`` (``rank="*"`` is the glob of them all)."""
     return f"{outcome}.{rank}"
 
 

@@ -8,6 +8,7 @@ one thread per rank). Without a running cluster they fail and say how to start i
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -35,6 +36,7 @@ from tests.support.cli import (
     write_spec,
 )
 from tests.support.procs import wait_for
+from tests.support.store import committed_pointer, local_pointer
 from tests.support.trainer import assert_identical, final_state
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -95,13 +97,8 @@ def submit(
 
 
 def local_latest(ckpt: Path) -> Callable[[], dict[str, Any] | None]:
-    def read() -> dict[str, Any] | None:
-        try:
-            return json.loads((ckpt / "latest").read_bytes())
-        except (OSError, ValueError):
-            return None
-
-    return read
+    """The pointer to the newest committed checkpoint, read as a person would (None before the first)."""
+    return functools.partial(local_pointer, ckpt)
 
 
 def run_dir(home: Path, run_id: str) -> Path:
@@ -446,7 +443,7 @@ def test_s3_checkpoints_through_requeue_cancel_resume(home: Path, moto: str, ref
 
     def latest() -> dict[str, Any] | None:
         try:
-            return json.loads(read("latest"))
+            return committed_pointer(read("latest"))
         except (FileNotFoundError, ValueError):
             return None
 

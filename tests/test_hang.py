@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import pytest
 
 from cluster.nodes import failures as node_failures
 from schemas.contract import STEP_PAUSE_ENV
+from tests.support.store import local_pointer
 from tests.support.trainer import assert_identical, final_state, write_spec
 from tests.test_preemption import (  # noqa: F401  (fixtures: the uninterrupted run and its dataset)
     _Agents,
@@ -37,7 +39,7 @@ def _hang_line(agents: _Agents, pid: int) -> re.Match[str] | None:
 
 
 def _stop_after_a_commit(agents: _Agents, run: Path, agent: int) -> tuple[int, float]:
-    committed = (run / "checkpoints" / "latest").exists
+    committed = functools.partial(local_pointer, run / "checkpoints")
     _wait_until("a committed step", lambda: _current_step(run) >= 5 and committed(), agents, 180)
     pid = agents.trainer(agent)
     os.kill(pid, signal.SIGSTOP)

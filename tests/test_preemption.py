@@ -21,6 +21,7 @@ from schemas.contract import FORK_ENV
 from tests.support import zygote
 from tests.support.procs import free_port
 from tests.support.shared import run_fixtures, run_once
+from tests.support.store import local_pointer
 from tests.support.trainer import (
     REPO,
     assert_identical,
@@ -308,7 +309,7 @@ def test_sigkill_on_either_node_restarts_every_node_in_one_round_and_ends_exact(
     agents = _Agents(spec, run, "job7.0", max_restarts=3)
     recoveries = []
     kill_at = rng.randint(4, 8)  # after the first commit (every 3 steps): the restart resumes from it
-    committed = (run / "checkpoints" / "latest").exists
+    committed = functools.partial(local_pointer, run / "checkpoints")
     for n, agent in enumerate((1, 0)):  # a rank on the second node, then one on the first
         _wait_until(f"step {kill_at}", lambda s=kill_at: _current_step(run) >= s and committed(), agents, 180)
         os.kill(agents.trainer(agent), signal.SIGKILL)

@@ -25,6 +25,7 @@ from launch.store import (
     CorruptCheckpoint,
     FileEntry,
     StoreUnavailable,
+    Superseded,
 )
 from tests.conftest_s3 import s3_storage_options
 from tests.support.store import Target, committed_steps, payload, save
@@ -303,6 +304,72 @@ def test_fencing_stale_attempt_cannot_roll_back(target: Target, caplog: pytest.L
     assert new.resolve() == newer
     save(stale, 800)  # the same step from two attempts: the first keeps latest
     assert target.latest()["prefix"] == newer.prefix
+
+
+def test_a_later_claim_stops_a_stale_attempt_ahead_of_it(target: Target) -> None:
+    """A stale attempt still training (its node lost SLURM, not the store) is ahead of the requeued one
+    that resumed from step 100: its next commit is refused before any manifest, ``latest`` and the new
+    attempt's checkpoints stay, and it cannot claim the run back (a restart of its workers)."""
+    stale = target.store(attempt="41.0", keep_last=1)
+    assert stale.claim("41.0") == 1
+    save(stale, 100)
+    stale_files = [stale.write(140, f"rank{r}.pt", payload(140, r)) for r in range(2)]
+    new = target.store(attempt="41.1", keep_last=1)
+    assert new.claim("41.1") == 2
+    assert target.latest()["step"] == 100  # the claim keeps the checkpoint latest names
+    with pytest.raises(
+        Superseded, match=r"attempt 41\.1 took over this run \(claim 2\) from this attempt 41\.0"
+    ):
+        stale.commit(140, stale_files, {"world_size": 2})
+    assert committed_steps(target.store()) == [100]  # no manifest of the stale step
+    newer = save(new, 110)
+    assert target.latest()["prefix"] == newer.prefix and target.latest()["generation"] == 2
+    with pytest.raises(
+        Superseded, match=r"attempt 41\.1 took over this run \(claim 2\) after this attempt 41\.0"
+    ):
+        target.store(attempt="41.0.r1").claim("41.0")
+    assert target.store(attempt="41.1.r1").claim("41.1") == 2  # the live attempt's restart keeps its claim
+    save(new, 120)
+    assert committed_steps(target.store()) == [120]  # keep_last 1: the new attempt prunes as before
+
+
+def test_a_claim_on_a_run_without_checkpoints_names_none(target: Target) -> None:
+    """The first attempt claims before its first checkpoint: readers still see no checkpoint, and a
+    store that claims nothing (export, eval, status) commits without resetting the claim."""
+    first = target.store(attempt="7.0")
+    assert first.claim("7.0") == 1
+    assert first.latest() is None and first.resolve() is None and first.latest_manifest() is None
+    assert list(first.candidates()) == []
+    assert json.loads(target.read("latest"))["generation"] == 1
+    unclaimed = target.store(attempt="tool")
+    save(unclaimed, 5)
+    pointer = target.latest()
+    assert (pointer["step"], pointer["generation"], pointer["owner"]) == (5, 1, "7.0")
+    assert first.resolve().step == 5
+    save(first, 6)
+    assert target.store(attempt="7.1").claim("7.1") == 2
+
+
+def test_two_attempts_claiming_at_once_get_their_own_generations(target: Target) -> None:
+    """Claims race by compare-and-swap: each gets its own generation, and only the last may commit."""
+    claimed: dict[str, int] = {}
+    stores = {f"{k}.0": target.store(attempt=f"{k}.0") for k in range(4)}
+    threads = [
+        threading.Thread(target=lambda o=o, s=s: claimed.update({o: s.claim(o)})) for o, s in stores.items()
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed.values()) == [1, 2, 3, 4]
+    holder = max(claimed, key=claimed.__getitem__)
+    assert json.loads(target.read("latest"))["owner"] == holder
+    for owner, store in stores.items():
+        if owner == holder:
+            assert save(store, 10).step == 10
+        else:
+            with pytest.raises(Superseded):
+                save(store, 20)
 
 
 def test_cas_race_threads(target: Target) -> None:

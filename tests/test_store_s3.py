@@ -113,17 +113,17 @@ def test_conditional_writes_are_real(s3_url: str, moto_s3: MotoS3) -> None:
 
 
 class _Interleaved:
-    """Wraps a backend so that another writer commits right after this one read ``latest``."""
+    """Wraps a backend so that another writer commits after this one read ``latest`` to move it, before
+    its conditional write."""
 
     def __init__(self, inner: Any, meddle: Any) -> None:
         self.inner, self.meddle, self.kind = inner, meddle, inner.kind
 
-    def get(self, rel: str) -> Any:
-        got = self.inner.get(rel)
+    def put_if(self, rel: str, data: bytes, token: Any) -> bool:
         if rel == "latest" and self.meddle is not None:
             meddle, self.meddle = self.meddle, None
             meddle()
-        return got
+        return self.inner.put_if(rel, data, token)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

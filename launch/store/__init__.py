@@ -8,7 +8,8 @@ Layout under the store URL::
 
     step-000000001234.<attempt>/rank0.pt      data files, whole objects (streamed: multipart), size verified
     step-000000001234.<attempt>/manifest.json the commit marker: written LAST, create-only
-    latest                                    {"step", "prefix", "manifest_sha256", ...}, moved by CAS
+    latest                                    {"step", "prefix", "manifest_sha256", "generation", ...}, CAS
+    claims/<attempt>.json                     the generation each attempt claimed
     status.json, run.json, metrics/, aux/     auxiliary objects (put_aux): never foreign, never pruned
 
 * Every checkpoint gets a never-reused prefix: the attempt id is always part of it, so a stale attempt
@@ -18,8 +19,14 @@ Layout under the store URL::
 * ``commit`` waits until every rank's file is present with the right size, writes the manifest with
   ``If-None-Match: *`` and then moves ``latest`` by compare-and-swap (``If-Match: <etag>`` on S3, a temp
   file + ``os.replace`` under an fcntl lock on local disk), retrying on 412. ``latest`` only ever moves
-  to a higher step (fencing), so an older attempt that is still running cannot roll it back. Old
+  to a higher step, so an older attempt that is still running cannot roll it back. Old
   checkpoints are pruned only after that, never the one ``latest`` names.
+* Fencing: each attempt ``claim``s the run at its start, writing the next generation into ``latest``;
+  a commit by an attempt whose generation is below the pointer's raises :class:`Superseded` instead of
+  moving it (and pruning). A stale attempt (its node lost SLURM but not the store, so it trained on
+  after the job was requeued) thus stops at its next checkpoint instead of leading ``latest`` and
+  pruning the live attempt's checkpoints; a restart of its workers cannot claim again (its claim is
+  on record under ``claims/``).
 * ``resolve``/``candidates`` trust ``latest`` only if its manifest validates (every file present, right
   size), else walk the other manifests newest first; every skipped candidate is one warning line.
   ``read`` verifies size and sha256 and raises :class:`CorruptCheckpoint`; ``load_latest`` falls back
@@ -39,6 +46,7 @@ from launch.store.format import (
     Manifest,
     StoreError,
     StoreUnavailable,
+    Superseded,
 )
 from launch.store.protocol import CheckpointStore
 from schemas.contract import AUX_TOP, LATEST, MANIFEST
@@ -55,4 +63,5 @@ __all__ = [
     "Manifest",
     "StoreError",
     "StoreUnavailable",
+    "Superseded",
 ]

@@ -39,6 +39,11 @@ class CheckpointExists(StoreError):
     """The checkpoint prefix is already committed; attempt ids must be unique per launch."""
 
 
+class Superseded(StoreError):
+    """A later attempt has claimed the run (:meth:`CheckpointStore.claim`): this attempt is a stale one
+    (its node lost SLURM but not the store) and must stop instead of moving ``latest``."""
+
+
 class StoreUnavailable(StoreError, OSError):
     """The store could not be reached (connection refused/reset, stall) even after retries."""
 

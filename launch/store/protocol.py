@@ -25,6 +25,7 @@ from launch.store.format import (
     Layout,
     Manifest,
     StoreError,
+    Superseded,
     one_line,
     scan_layout,
     short,
@@ -32,7 +33,7 @@ from launch.store.format import (
     step_order,
 )
 from launch.store.secrets import Redactor, collect_secrets, split_url
-from schemas.contract import AUX_TOP, LATEST, MANIFEST, MAX_LINE
+from schemas.contract import AUX_TOP, CLAIMS_DIR, LATEST, MANIFEST, MAX_LINE
 
 log = logging.getLogger("launch.store")
 
@@ -86,6 +87,7 @@ class CheckpointStore:
         attempt: str = "0",
         *,
         timeout_s: float = 20.0,
+        claimed: tuple[str, int] | None = None,
     ) -> None:
         if keep_last < 1:
             raise ValueError("keep_last must be >= 1")
@@ -93,12 +95,15 @@ class CheckpointStore:
             raise ValueError(f"attempt {attempt!r} must match {ATTEMPT_RE.pattern}")
         self.keep_last = keep_last
         self.attempt = attempt
+        self.claimed = claimed
+        """(owner, generation) of :meth:`claim`: commits are fenced by it; None: not fenced."""
         self._config = {
             "url": url,
             "storage_options": storage_options,
             "keep_last": keep_last,
             "attempt": attempt,
             "timeout_s": timeout_s,
+            "claimed": claimed,
         }
         options = dict(storage_options or {})
         protocol, path, userinfo, self.url = split_url(url)
@@ -128,6 +133,50 @@ class CheckpointStore:
 
     def __repr__(self) -> str:
         return f"CheckpointStore({self.url!r}, backend={self._backend.kind}, attempt={self.attempt!r})"
+
+    # -- fencing ---------------------------------------------------------------------------------
+
+    def claim(self, owner: str) -> int:
+        """Make ``owner`` (an attempt: a SLURM job and its restart count) the run's newest attempt and
+        fence this store's commits by it; its generation.
+
+        The generation goes into ``latest`` by compare-and-swap (a pointer naming no checkpoint where
+        the run has none yet), and a record of it under ``claims/`` *before*: an owner that claimed once
+        (its torchrun restarting workers) keeps its generation, and one that a later owner has passed
+        raises :class:`Superseded`, so a stale attempt can never claim its way back ahead.
+        """
+        if not ATTEMPT_RE.match(owner):
+            raise ValueError(f"owner {owner!r} must match {ATTEMPT_RE.pattern}")
+        record = f"{CLAIMS_DIR}/{owner}.json"
+        fresh = False  # a record written by this call: a lost race is not a supersession
+        with self._redactor.guard():
+            for _ in range(_CAS_MAX_TRIES):
+                ptr, token, _problem = self._read_pointer()
+                have, holder = (ptr["generation"], ptr.get("owner")) if ptr else (0, None)
+                if holder == owner:
+                    generation = have
+                    break
+                if not fresh:
+                    mine = _claimed_generation(self._backend.get(record))
+                    if mine is not None and mine <= have:
+                        raise Superseded(
+                            f"attempt {holder} took over this run (claim {have}) after this attempt "
+                            f"{owner} (claim {mine}); this attempt stops"
+                        )
+                generation, fresh = have + 1, True
+                self._backend.put(record, _claim_body(owner, generation))
+                base = ptr or {"format": POINTER_FORMAT, "step": None, "prefix": None}
+                body = _pointer_body({**base, "generation": generation, "owner": owner})
+                if self._backend.put_if(LATEST, body, token):
+                    break
+                self.cas_conflicts += 1
+                time.sleep(_JITTER.uniform(0.005, 0.05))
+            else:
+                raise StoreError(f"could not claim the run for {owner} after {_CAS_MAX_TRIES} conflicts")
+        self.claimed = (owner, generation)
+        self._config["claimed"] = self.claimed
+        log.info("%s: attempt %s holds the run (claim %d)", self.url, owner, generation)
+        return generation
 
     # -- writing ---------------------------------------------------------------------------------
 
@@ -193,6 +242,7 @@ class CheckpointStore:
         self._redactor.check_meta(meta)
         with self._redactor.guard():
             self._wait_for_files(step, prefix, entries, wait_s)
+            self._fence(self._read_pointer()[0])  # a stale attempt leaves no manifest either
             manifest = Manifest(step, prefix, self.attempt, time.time(), tuple(entries), dict(meta))
             body = manifest.to_json()
             self._redactor.check_no_secrets(body)
@@ -256,7 +306,14 @@ class CheckpointStore:
         body, token = got
         try:
             ptr = json.loads(body)
-            if ptr.get("format") != POINTER_FORMAT or not isinstance(ptr.get("step"), int):
+            if ptr.get("format") != POINTER_FORMAT:
+                raise ValueError("unexpected format")
+            ptr.setdefault("generation", 0)  # written before claims existed
+            if not (isinstance(ptr["generation"], int) and ptr["generation"] >= 0):
+                raise ValueError("bad generation")
+            if ptr.get("prefix") is None and ptr.get("step") is None:
+                return ptr, token, None  # a claim on a run with no checkpoint yet
+            if not isinstance(ptr.get("step"), int):
                 raise ValueError("unexpected format")
             if step_of(str(ptr.get("prefix"))) != ptr["step"]:
                 raise ValueError("step and prefix disagree")
@@ -264,24 +321,28 @@ class CheckpointStore:
             return None, token, f"'{LATEST}' is unreadable ({one_line(str(e), 80)}); ignoring it"
         return ptr, token, None
 
-    def _advance_latest(self, manifest: Manifest, manifest_sha: str) -> bool:
-        body = (
-            json.dumps(
-                {
-                    "format": POINTER_FORMAT,
-                    "step": manifest.step,
-                    "prefix": manifest.prefix,
-                    "attempt": manifest.attempt,
-                    "manifest_sha256": manifest_sha,
-                    "updated": time.time(),
-                },
-                sort_keys=True,
+    def _fence(self, ptr: dict[str, Any] | None) -> None:
+        """Raise :class:`Superseded` if a later attempt has claimed the run since this store's claim."""
+        if ptr is not None and self.claimed is not None and ptr["generation"] > self.claimed[1]:
+            raise Superseded(
+                f"attempt {ptr.get('owner')} took over this run (claim {ptr['generation']}) from this "
+                f"attempt {self.claimed[0]} (claim {self.claimed[1]}); this attempt stops"
             )
-            + "\n"
-        ).encode()
+
+    def _advance_latest(self, manifest: Manifest, manifest_sha: str) -> bool:
+        new = {
+            "format": POINTER_FORMAT,
+            "step": manifest.step,
+            "prefix": manifest.prefix,
+            "attempt": manifest.attempt,
+            "manifest_sha256": manifest_sha,
+        }
         for _ in range(_CAS_MAX_TRIES):
             ptr, token, _problem = self._read_pointer()
-            if ptr is not None:
+            self._fence(ptr)
+            owner, generation = self.claimed or ((ptr or {}).get("owner"), (ptr or {}).get("generation", 0))
+            body = _pointer_body({**new, "generation": generation, "owner": owner})
+            if ptr is not None and ptr["prefix"] is not None:
                 if ptr["prefix"] == manifest.prefix:
                     return True  # our own earlier try landed
                 if ptr["step"] >= manifest.step:
@@ -331,9 +392,10 @@ class CheckpointStore:
     # -- reading ---------------------------------------------------------------------------------
 
     def latest(self) -> dict[str, Any] | None:
-        """The ``latest`` pointer as stored (step, prefix, attempt, updated), or None."""
+        """The ``latest`` pointer as stored (step, prefix, attempt, updated), or None: no checkpoint."""
         with self._redactor.guard():
-            return self._read_pointer()[0]
+            ptr = self._read_pointer()[0]
+        return ptr if ptr is not None and ptr["prefix"] is not None else None
 
     def latest_manifest(self) -> Manifest | None:
         """The manifest ``latest`` names, without a listing and without warnings; None on any doubt.
@@ -344,7 +406,7 @@ class CheckpointStore:
         try:
             with self._redactor.guard():
                 ptr = self._read_pointer()[0]
-                got = self._backend.get(f"{ptr['prefix']}/{MANIFEST}") if ptr else None
+                got = self._backend.get(f"{ptr['prefix']}/{MANIFEST}") if ptr and ptr["prefix"] else None
         except Exception:
             return None
         if ptr is None or got is None or ptr.get("manifest_sha256") != hashlib.sha256(got[0]).hexdigest():
@@ -386,7 +448,7 @@ class CheckpointStore:
                 return
             with self._redactor.guard():
                 now = self._read_pointer()[0]
-            if now is None or now == ptr:
+            if now is None or now == ptr or now["prefix"] is None:
                 return
             log.info("%s: latest moved to step %d while resolving; looking again", self.url, now["step"])
 
@@ -403,7 +465,9 @@ class CheckpointStore:
             log.warning("%s: ignoring %d foreign object(s): %s", self.url, len(layout.foreign), shown)
         if problem:
             log.warning("%s: %s", self.url, problem)
-        order: list[tuple[str, dict[str, Any] | None]] = [(ptr["prefix"], ptr)] if ptr else []
+        order: list[tuple[str, dict[str, Any] | None]] = []
+        if ptr is not None and ptr["prefix"] is not None:
+            order.append((ptr["prefix"], ptr))
         order += [(p, None) for p in sorted(layout.prefixes, key=step_order, reverse=True)]
         seen: set[str] = set()
         for prefix, via in order:
@@ -584,6 +648,23 @@ class CheckpointStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _pointer_body(pointer: dict[str, Any]) -> bytes:
+    return (json.dumps({**pointer, "updated": time.time()}, sort_keys=True) + "\n").encode()
+
+
+def _claim_body(owner: str, generation: int) -> bytes:
+    return (json.dumps({"owner": owner, "generation": generation, "time": time.time()}) + "\n").encode()
+
+
+def _claimed_generation(got: tuple[bytes, Any] | None) -> int | None:
+    """The generation a claim record holds; None for no record (or an unreadable one: claim anew)."""
+    try:
+        generation = json.loads(got[0])["generation"] if got else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return generation if isinstance(generation, int) else None
 
 
 def _same_commit(body: bytes, manifest: Manifest) -> bool:

@@ -28,6 +28,21 @@ def committed_steps(store: CheckpointStore) -> list[int]:
     return sorted({step_of(p) for p, files in layout.prefixes.items() if MANIFEST in files})
 
 
+def committed_pointer(body: bytes) -> dict[str, Any] | None:
+    """A raw ``latest`` object's pointer if it names a checkpoint (not only an attempt's claim)."""
+    pointer = json.loads(body)
+    return pointer if pointer.get("prefix") is not None else None
+
+
+def local_pointer(ckpt: Path) -> dict[str, Any] | None:
+    """The pointer of a local store's ``latest`` if it names a checkpoint; None before the first commit
+    (or while it is being replaced)."""
+    try:
+        return committed_pointer((ckpt / "latest").read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass
 class Target:
     """A fresh, empty store location and a raw handle on it, to tamper with objects behind the store."""

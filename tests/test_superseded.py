@@ -1,0 +1,74 @@
+"""A stale attempt (its node lost SLURM but not the store, so it trains on after the job was requeued)
+stops at its next checkpoint once a later attempt has claimed the run, and cannot start again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from launch.store import CheckpointStore
+from schemas.contract import ATTEMPT_ENV, STATUS_FILE, STEP_PAUSE_ENV
+from tests.support import zygote
+from tests.support.trainer import REPO, Tail, tiny_spec, trainer_cmd, trainer_env, write_spec
+
+pytestmark = [pytest.mark.slow]
+
+
+def test_a_stale_attempt_stops_at_its_next_checkpoint_and_cannot_start_again(tmp_path, data_root):
+    spec = write_spec(
+        tmp_path / "spec.json",
+        tiny_spec(
+            data_root,
+            optim__epochs=8,
+            optim__max_steps=40,
+            checkpoint__every_steps=2,
+            resources__max_restarts=1,
+        ),
+    )
+    run = tmp_path / "run"
+    url = str(run / "checkpoints")
+    stale = zygote.popen(
+        trainer_cmd(spec, run, nproc=1, max_restarts=1),
+        cwd=REPO,
+        env=trainer_env(**{ATTEMPT_ENV: "50.0", STEP_PAUSE_ENV: "0.2"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    with Tail(stale) as tail:
+        tail.wait_for("checkpoint step 2 committed")
+        live = CheckpointStore(url, attempt="50.1")
+        assert live.claim("50.1") == 2  # the requeued attempt, started elsewhere
+        ours = b'{"state": "running", "attempt": "50.1"}\n'
+        live.put_aux(STATUS_FILE, ours)
+        assert stale.wait(timeout=300) == 1, tail.text()[-3000:]
+        tail.thread.join(timeout=30)
+        out = tail.text()
+    last = [line for line in out.splitlines() if line.startswith("pixpro: ")]
+    assert last == [
+        "pixpro: attempt 50.1 took over this run (claim 2) from this attempt 50.0 (claim 1); "
+        "this attempt stops"
+    ], out[-3000:]
+    assert "Traceback" not in out and "restart" not in out.lower(), out[-3000:]
+    assert live.read_aux(STATUS_FILE) == ours  # the live attempt's status is left alone
+    pointer = json.loads((run / "checkpoints" / "latest").read_text())
+    assert (pointer["owner"], pointer["generation"]) == ("50.1", 2)
+
+    again = zygote.run(  # the stale job's attempt started once more: refused before it reads anything
+        trainer_cmd(spec, run, nproc=1, max_restarts=1),
+        cwd=REPO,
+        env=trainer_env(**{ATTEMPT_ENV: "50.0"}),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    out = again.stdout + again.stderr
+    assert again.returncode == 1, out[-3000:]
+    last = [line for line in again.stderr.splitlines() if line.startswith("pixpro: ")]
+    assert last == [
+        "pixpro: attempt 50.1 took over this run (claim 2) after this attempt 50.0 (claim 1); "
+        "this attempt stops"
+    ], out[-3000:]
+    assert live.read_aux(STATUS_FILE) == ours
