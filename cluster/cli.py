@@ -457,8 +457,13 @@ def logs(
 
 @app.command()
 @guard
-def cancel(ident: Annotated[str, typer.Argument(metavar="ID", help="Run id or job id.")]) -> None:
-    """Stop every queued or running attempt of the run and mark it cancelled (resume later if you like)."""
+def cancel(
+    ident: Annotated[
+        str, typer.Argument(metavar="ID", help="Run id, or the job id of an attempt or evaluation.")
+    ],
+) -> None:
+    """Stop every queued or running attempt of the run and mark it cancelled (resume later if you like);
+    an evaluation's job id stops that evaluation only."""
     from cluster import runs
     from cluster.sweep import find_sweep
 
@@ -472,6 +477,18 @@ def cancel(ident: Annotated[str, typer.Argument(metavar="ID", help="Run id or jo
                 if jobs
                 else f"run {run_id}: nothing to cancel"
             )
+        return
+    from cluster import evals
+    from cluster.index import Index
+
+    record, request = evals.find_run(Index(), ident)
+    if request is not None:  # an evaluation's job id
+        cancelled = evals.cancel(record, request)
+        typer.echo(
+            f"cancelled eval {request.eval_id} of run {record.run_id}: job {request.job_id}"
+            if cancelled
+            else f"eval {request.eval_id} of run {record.run_id} has nothing to cancel"
+        )
         return
     record, jobs, warning = runs.cancel(ident)
     if warning:

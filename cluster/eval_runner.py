@@ -3,8 +3,9 @@ directory (relative data paths in its spec resolve there).
 
 On SLURM, :class:`EvalTask` is the callable submitit pickles; a failed evaluation raises, so the job
 ends FAILED. On the local executor ``python -m cluster.eval_runner RUN_DIR JOB_ID EVAL_ID`` runs
-detached (:func:`cluster.local.spawn`): with ``--after`` it first waits for the run's latest attempt
-and evaluates only a run that completed, as SLURM's ``afterok`` would.
+detached (:func:`cluster.local.spawn`): with ``--after`` it first waits until the run's latest attempt
+completed, as SLURM's ``afterok`` re-pointed by ``pixpro resume`` would: an attempt cancelled, failed
+or preempted leaves it waiting for the next one (``pixpro cancel`` of its job ends it).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from types import FrameType
 from cluster.attempts import local_state
 from cluster.local import LocalJob, read_job, write_job
 from cluster.record import read_local
-from schemas.contract import EvalRequest, EvalResult, Exit, RunPaths, atomic_write
+from schemas.contract import EvalRequest, Exit, RunPaths
 
 POLL_S = 2.0
 
@@ -45,25 +46,15 @@ class EvalTask:
             raise EvalFailed(f"eval {self.eval_id} of {self.run_dir} exited {rc}")
 
 
-def wait_for_run(run_dir: Path) -> str | None:
-    """Wait while the run's latest attempt is queued or running; None once it completed, else why the
-    evaluation will not run (one line)."""
-    paths = RunPaths(run_dir)
+def wait_for_run(run_dir: Path) -> None:
+    """Return once the run's latest attempt completed (none yet: a sweep member the local sweep runner
+    has not started)."""
     while True:
         record = read_local(run_dir)
-        if not record.attempts:  # a sweep member the local sweep runner has not started yet
-            if paths.cancel_marker.exists():
-                return "the run was cancelled before it started"
-            time.sleep(POLL_S)
-            continue
-        job = record.attempts[-1]
-        st = local_state(read_job(run_dir, job), None, job in record.cancelled)
-        if st.active:
-            time.sleep(POLL_S)
-            continue
-        if st.state == "COMPLETED":
-            return None
-        return f"the run's attempt {job} ended {st.label()} before the run completed"
+        job = record.latest_job
+        if job is not None and local_state(read_job(run_dir, job), None, False).state == "COMPLETED":
+            return
+        time.sleep(POLL_S)
 
 
 def main(argv: list[str]) -> int:
@@ -85,15 +76,10 @@ def main(argv: list[str]) -> int:
     write_job(run_dir, job)
     rc: int = Exit.FAILURE
     try:
-        why = wait_for_run(run_dir) if request.after is not None else None
-        if why is not None:
-            now = time.time()
-            failed = EvalResult(state="failed", started=now, ended=now, error=f"not evaluated: {why}")
-            atomic_write(paths.result, failed.model_dump_json(indent=2).encode())
-            print(f"pixpro eval {eval_id}: not evaluated: {why}", flush=True)
-        else:
-            child.append(subprocess.Popen(task.command(), cwd=task.workdir))
-            rc = child[0].wait()
+        if request.after is not None:
+            wait_for_run(run_dir)
+        child.append(subprocess.Popen(task.command(), cwd=task.workdir))
+        rc = child[0].wait()
     finally:
         job.ended, job.exit_code = time.time(), rc
         write_job(run_dir, job)

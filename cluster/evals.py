@@ -185,8 +185,8 @@ def state(found: EvalResult | None, job: AttemptState) -> AttemptState:
     (``PENDING (Dependency)`` while it waits for the run)."""
     if found is not None and found.state == "completed":
         return AttemptState("COMPLETED")
-    if found is not None and found.state == "failed":
-        return AttemptState("FAILED", found.error or "")
+    if found is not None and found.state == "failed":  # a cancelled job may fail as it stops
+        return AttemptState("CANCELLED" if job.state == "CANCELLED" else "FAILED", found.error or "")
     if found is not None and not job.active:  # started, then its job ended without a result
         return AttemptState(job.state if job.state == "CANCELLED" else "FAILED", "ended without a result")
     if found is None and job.state == "COMPLETED":
@@ -238,6 +238,21 @@ def repoint(record: RunRecord, job_id: str) -> list[str]:
         write_request(record, request)
         moved.append(request.eval_id)
     return moved
+
+
+def cancel(record: RunRecord, request: EvalRequest) -> bool:
+    """``pixpro cancel`` of an evaluation's job: stop it if it is queued, waiting or running (marked, so a
+    local one reads CANCELLED); whether there was anything to stop."""
+    from cluster.executors import executor
+    from cluster.status import ask_executors
+
+    jobs = dict((r.eval_id, st) for r, st in ask_executors([record]).evals.get(record.run_id, []))
+    st = jobs.get(request.eval_id)
+    if request.job_id is None or st is None or not st.active:
+        return False
+    atomic_write(record.paths.eval(request.eval_id).cancel_marker, f"{time.time()}\n".encode())
+    executor(request.executor).job(record, request.job_id).cancel()
+    return True
 
 
 def summary(record: RunRecord, request: EvalRequest) -> str:

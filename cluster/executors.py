@@ -342,9 +342,15 @@ class LocalExecutor:
         def eval_job(r: RunRecord, e: EvalRequest) -> AttemptState:
             if e.job_id is None:
                 return AttemptState("UNKNOWN", "not queued")
-            st = local_state(local.read_job(Path(r.run_dir), e.job_id), None, False)
-            if st.state == "RUNNING" and e.after and not r.paths.eval(e.eval_id).result.exists():
-                return AttemptState("PENDING", "Dependency")  # its waiter waits for the run, as afterok
+            paths = r.paths.eval(e.eval_id)
+            st = local_state(local.read_job(Path(r.run_dir), e.job_id), None, paths.cancel_marker.exists())
+            if st.state == "RUNNING" and e.after and not paths.result.exists():  # it waits, as afterok
+                run = r.latest_job
+                ended = (
+                    run is not None
+                    and not local_state(local.read_job(Path(r.run_dir), run), None, False).active
+                )
+                return AttemptState("PENDING", "DependencyNeverSatisfied" if ended else "Dependency")
             return st
 
         return Jobs(

@@ -36,6 +36,7 @@ from cluster.torchrun import (
     shell_join,
 )
 from schemas.contract import (
+    PREEMPT_WINDOW_ENV,
     STATUS_FILE,
     Exit,
     RunPaths,
@@ -171,6 +172,7 @@ class NodeTask:
         self._proc: subprocess.Popen[bytes] | None = None
         self._rc: int | None = None
         self._ctx: JobContext | None = None
+        self._window: int | None = None  # seconds from a preemption's signal to SIGKILL, where known
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._CONFIG}
@@ -199,7 +201,25 @@ class NodeTask:
         return self.launch(ctx).argv
 
     def environment(self, ctx: JobContext) -> dict[str, str]:
-        return {**os.environ, **self.launch(ctx).env}
+        window = {PREEMPT_WINDOW_ENV: str(self._window)} if self._window is not None else {}
+        return {**os.environ, **self.launch(ctx).env, **window}
+
+    def _read_window(self) -> None:
+        """SLURM kills a preempted job its partition's GraceTime + KillWait after the signal, whatever
+        ``resources.signal_lead_s`` says: the trainers' final save and :meth:`checkpoint` budget for it."""
+        from cluster import slurm
+
+        found = slurm.preemption_window(os.environ.get("SLURM_JOB_PARTITION"))
+        if found is None:
+            _say("preemption window unknown (scontrol did not say): budgets from resources.signal_lead_s")
+            return
+        grace, kill_wait = found
+        self._window = grace + kill_wait
+        if self._window < self.signal_lead_s:
+            _say(
+                f"a preemption is killed {self._window} s after its signal (GraceTime {grace} s + KillWait "
+                f"{kill_wait} s), sooner than resources.signal_lead_s {self.signal_lead_s}: budgets from it"
+            )
 
     # --- running -------------------------------------------------------------------------------
     def __call__(self) -> int:
@@ -218,6 +238,8 @@ class NodeTask:
         """Start the launcher and wait; 0 and 75 are returned, anything else raises TrainerFailed."""
         self._ctx = ctx
         self._check_port(ctx)
+        if ctx.slurm:
+            self._read_window()
         cmd = self.command(ctx)
         _say(f"attempt {ctx.attempt} node {ctx.node}/{ctx.nnodes}: {shell_join(cmd)}")
         self._proc = subprocess.Popen(
@@ -302,7 +324,7 @@ class NodeTask:
         from submitit.helpers import DelayedSubmission
 
         self.forward(user_signal(self.signal_name))
-        _, budget = preemption_deadlines(self.signal_lead_s)
+        _, budget = preemption_deadlines(self.signal_lead_s, self._window)
         rc = self.wait(timeout=budget) if self._proc is not None else None
         _say(f"preemption signal: launcher status {rc!r} after waiting up to {budget:.0f}s")
         late = rc not in (None, EXIT_PREEMPTED) and self._ctx and self.trainer_completed(self._ctx)

@@ -6,6 +6,7 @@ Imports neither torch nor submitit at module level (``pixpro status`` uses the q
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -283,6 +284,23 @@ def preflight(spec: RunSpec, script: str, exclude: list[str] | None = None) -> s
     if test.returncode != 0:
         raise sbatch_error(test.stderr + test.stdout, spec)
     return _one_line(test.stderr + test.stdout)
+
+
+def preemption_window(partition: str | None, timeout_s: float = 10.0) -> tuple[int, int] | None:
+    """(GraceTime of ``partition``, KillWait): SLURM kills a preempted job GraceTime + KillWait seconds
+    after its first signal (SIGTERM, or the user signal with ``preempt_send_user_signal``), whatever the
+    job's ``--signal`` lead; None where ``scontrol`` does not say (within ``timeout_s``)."""
+    config = start(["scontrol", "show", "config"])
+    part = start(["scontrol", "-o", "show", "partition", partition]) if partition else None
+    for started in (config, part):
+        if started is not None:
+            started.deadline = time.monotonic() + timeout_s
+    try:
+        kill = re.search(r"^KillWait\s*=\s*(\d+) sec", config.wait().stdout, re.M)
+        grace = re.search(r"\bGraceTime=(\d+)\b", part.wait().stdout) if part else None
+    except Failure:
+        return None
+    return (int(grace[1]) if grace else 0, int(kill[1])) if kill else None
 
 
 # ------------------------------------------------------------------------------------- submit

@@ -60,6 +60,7 @@ from schemas.contract import (
     exit_marker,
     preemption_deadlines,
     preemption_signals,
+    preemption_window,
 )
 
 log = logging.getLogger("pixpro.train")
@@ -335,9 +336,10 @@ class Trainer:
         """The attempt's last checkpoint, blocking: whether it committed (a preemption's: in its budget)."""
         if self.step == self.resumed_step:  # nothing new to save when stopped before the first step
             return True
-        # A preemption must commit within the signal's lead time, counted from the signal (a monitor
-        # evaluation or a long step may have come between); leave a margin for the exit.
-        commit_s, _ = preemption_deadlines(self.spec.resources.signal_lead_s)
+        # A preemption must commit before SLURM's SIGKILL, counted from the signal (a monitor evaluation
+        # or a long step may have come between); leave a margin for the exit.
+        lead, window = self.spec.resources.signal_lead_s, preemption_window()
+        commit_s, _ = preemption_deadlines(lead, window)
         since = time.monotonic() - (self.flag.since or time.monotonic())
         heartbeat.beat(self.step, "final-flush", max(RETRY_FOR_S + HANG_GRACE_S, commit_s))
         budget_s = max(0.0, commit_s - since) if outcome == "preempted" else None
@@ -345,12 +347,13 @@ class Trainer:
         if outcome == "preempted" and not committed:
             log.error(
                 "preempted at step %d, but its checkpoint did not commit within %.0f s of the signal "
-                "(%.1f s were left when the save began; resources.signal_lead_s %g): "
+                "(%.1f s were left when the save began; resources.signal_lead_s %g%s): "
                 "the next attempt resumes from step %s",
                 self.step,
                 commit_s,
                 budget_s,
-                self.spec.resources.signal_lead_s,
+                lead,
+                "" if window is None else f", preemption window {window:g} s",
                 self.checkpointer.last_committed or self.resumed_step or 0,
             )
         return committed
@@ -612,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         flag.trigger()
     run_dir = args.run_dir or Path("runs") / spec.name
     # env:// on the store of this rendezvous round (see launch.elastic: no stale keys to read)
-    commit_s, _ = preemption_deadlines(spec.resources.signal_lead_s)
+    commit_s, _ = preemption_deadlines(spec.resources.signal_lead_s, preemption_window())
     heartbeat.install(env.rank, hang_timeout_s(spec))
     timeout_s = collective_timeout_s(RETRY_FOR_S + HANG_GRACE_S, commit_s, hang_timeout_s(spec))
     collectives = Collectives.start(env, device, timeout_s)

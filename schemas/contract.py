@@ -172,6 +172,11 @@ class EvalPaths:
         return self.folder / "result.json"
 
     @property
+    def cancel_marker(self) -> Path:
+        """Written by ``pixpro cancel`` of the evaluation's job (a local job's state reads it)."""
+        return self.folder / CANCEL_MARKER
+
+    @property
     def log(self) -> Path:
         """The local executor's log of the job (SLURM's are in :attr:`submitit`)."""
         return self.folder / "eval.log"
@@ -300,6 +305,10 @@ STOP_AT_STEP_ENV = "PIXPRO_STOP_AT_STEP"
 STEP_PAUSE_ENV = "PIXPRO_STEP_PAUSE_S"
 """Test hook: the trainer sleeps this many seconds after each step, so a tiny run lasts long enough to be
 signalled, requeued or cancelled from outside mid-run without burning CPU on a bigger model."""
+PREEMPT_WINDOW_ENV = "PIXPRO_PREEMPT_WINDOW_S"
+"""Seconds from a preemption's first signal to SLURM's SIGKILL on the job's partition (its GraceTime
+plus KillWait, read by the node task from ``scontrol``): a final save's budget where it is shorter than
+``resources.signal_lead_s``."""
 FORK_ENV = "PIXPRO_FORK"
 """``0``: the launcher and the trainer start ranks and uploaders as fresh interpreters, not by fork from
 their own imported state (:mod:`launch.forking`)."""
@@ -327,14 +336,26 @@ def preemption_signals(name: str = "USR2") -> tuple[signal.Signals, ...]:
     return tuple(dict.fromkeys([signal.SIGTERM, user_signal(name)]))
 
 
-def preemption_deadlines(signal_lead_s: float) -> tuple[float, float]:
-    """(commit_s, wait_s) after SLURM's warning signal, both inside the lead time.
+def preemption_deadlines(signal_lead_s: float, window_s: float | None = None) -> tuple[float, float]:
+    """(commit_s, wait_s) after SLURM's warning signal, both inside the time SLURM leaves before its
+    SIGKILL: the lead time before the time limit, or a preemption's window where it is shorter
+    (``window_s``: the partition's GraceTime + KillWait, whatever the lead; slurm.schedmd.com/preempt.html).
 
     The trainers give their final checkpoint ``commit_s`` to land; the node task waits ``wait_s`` for them
     to exit before it asks for the requeue, leaving a margin before SLURM kills the step.
     """
-    wait = signal_lead_s - min(10.0, 0.1 * signal_lead_s)
-    return 0.75 * signal_lead_s, wait
+    lead = signal_lead_s if window_s is None else min(signal_lead_s, window_s)
+    wait = lead - min(10.0, 0.1 * lead)
+    return 0.75 * lead, wait
+
+
+def preemption_window() -> float | None:
+    """This job's preemption window (:data:`PREEMPT_WINDOW_ENV`), None where the node task set none."""
+    value = os.environ.get(PREEMPT_WINDOW_ENV)
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
 
 
 # -- heartbeats: hang detection ----------------------------------------------------------------------

@@ -223,6 +223,9 @@ def test_preemption_by_high_partition_requeues_same_job_and_ends_equal(
     )
     assert "COMPLETED" in high_state.stdout, high_state.stdout
     assert_identical(ref4["state"], final_state(str(ckpt)), "preempted 2x2 run")
+    # the partition kills a preempted job GraceTime + KillWait after its signal: the budgets took that
+    log = (run_dir(home, run_id) / "submitit" / f"{job}_0_log.out").read_text()
+    assert "a preemption is killed 25 s after its signal (GraceTime 20 s + KillWait 5 s)" in log, log[-3000:]
 
 
 @pytest.mark.timeout(600)

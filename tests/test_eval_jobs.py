@@ -41,6 +41,11 @@ def _result(state: str, error: str | None = None) -> EvalResult:
             ("COMPLETED", ""),
         ),  # forgotten
         (_result("failed", "no checkpoint"), AttemptState("FAILED", "exit 3"), ("FAILED", "no checkpoint")),
+        (
+            _result("failed", "terminated"),
+            AttemptState("CANCELLED"),
+            ("CANCELLED", "terminated"),
+        ),  # pixpro cancel
     ],
 )
 def test_an_evaluation_is_in_the_state_its_result_or_else_its_job_says(
@@ -112,19 +117,24 @@ def test_usage_errors_are_one_line_exit_2_and_queue_nothing(tmp_path: Path) -> N
 
 def _evals_done(row: dict[str, Any], n: int) -> bool:
     found = row.get("evals") or []
-    return len(found) == n and all(e["state"] in ("COMPLETED", "FAILED") for e in found)
+    return len(found) == n and all(e["state"] in ("COMPLETED", "FAILED", "CANCELLED") for e in found)
+
+
+def _eval_states(row: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [(e["eval_id"], e["state"], e["reason"]) for e in row.get("evals") or []]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_local_evaluations_after_the_run_and_of_its_last_checkpoint(tmp_path: Path) -> None:
-    """``submit --eval knn`` waits for the run, evaluates its final checkpoint and status shows it; an
-    evaluation of a completed run starts at once; ``--after`` of a run that cannot complete is refused."""
+    """``submit --eval knn`` waits for the run, through a cancel and a resume of it as SLURM's afterok
+    re-pointed by the resume, evaluates its final checkpoint and status shows it; ``pixpro cancel`` of an
+    evaluation's job ends that one only; an evaluation of a completed run starts at once."""
     home, data = tmp_path / "home", tmp_path / "data"
     spec = write_spec(tmp_path / "spec.json", tiny_spec(data))
     proc = cli(
         "submit", "--json", "--executor", "local", "--no-preflight", "--eval", "knn", "--eval-data", "data",
-        str(spec), home=home, cwd=tmp_path, env={STEP_PAUSE_ENV: "0.5"},
+        str(spec), home=home, cwd=tmp_path, env={STEP_PAUSE_ENV: "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -141,23 +151,39 @@ def test_local_evaluations_after_the_run_and_of_its_last_checkpoint(tmp_path: Pa
     assert re.fullmatch(r"eval-\d+", queued["job_id"])  # numbered as local attempts are: unique here
     request = json.loads((home / "runs" / run_id / "evals" / "knn-1" / "request.json").read_bytes())
     assert request["data"] == str(data)  # relative to where the user typed it, made absolute
-    row = wait_status(home, run_id, lambda r: _evals_done(r, 1), 400)
+    also = cli(
+        "eval", run_id, "--task", "dense", "--data", str(data), "--submit", "--after", "--json", home=home
+    )
+    assert also.returncode == 0, also.stderr
+    dense_job = json.loads(also.stdout)["job_id"]
+    assert cli("cancel", run_id, home=home).returncode == 0  # mid-run: both wait for a resume, as on SLURM
+    never = ("PENDING", "DependencyNeverSatisfied")
+    wait_status(home, run_id, lambda r: [e[1:] for e in _eval_states(r)] == [never, never], 120)
+    stopped = cli("cancel", dense_job, home=home)
+    assert stopped.stdout.strip() == f"cancelled eval dense-1 of run {run_id}: job {dense_job}", stopped
+    wait_status(home, run_id, lambda r: _eval_states(r)[1][1] == "CANCELLED", 60)
+    again = cli("cancel", dense_job, home=home)
+    assert again.stdout.strip() == f"eval dense-1 of run {run_id} has nothing to cancel", again
+    assert cli("resume", run_id, home=home).returncode == 0
+    row = wait_status(home, run_id, lambda r: _evals_done(r, 2), 400)
     assert row["state"] == "COMPLETED", row
-    (knn,) = row["evals"]
+    knn, cancelled = row["evals"]
     assert knn["state"] == "COMPLETED" and knn["step"] == row["total_steps"] == 10, knn
     assert 0 <= knn["top1"] <= knn["top5"] <= 1
+    assert cancelled["state"] == "CANCELLED" and cancelled["step"] is None, cancelled
 
     dense = cli(
         "eval", run_id, "--task", "dense", "--data", str(data), "--submit", "--after", "--json", home=home
     )
     assert dense.returncode == 0, dense.stderr
     assert json.loads(dense.stdout)["after"] is None  # the run completed already: nothing to wait for
-    row = wait_status(home, run_id, lambda r: _evals_done(r, 2), 300)
+    row = wait_status(home, run_id, lambda r: _evals_done(r, 3), 300)
     assert [(e["eval_id"], e["state"]) for e in row["evals"]] == [
         ("knn-1", "COMPLETED"),
-        ("dense-1", "COMPLETED"),
+        ("dense-1", "CANCELLED"),
+        ("dense-2", "COMPLETED"),
     ]
-    assert 0 <= row["evals"][1]["miou"] <= 1 and row["evals"][1]["step"] == 10
+    assert 0 <= row["evals"][2]["miou"] <= 1 and row["evals"][2]["step"] == 10
     table = cli("status", run_id, home=home)
     assert "knn-1" in table.stdout and "top-1" in table.stdout and "mIoU" in table.stdout, table.stdout
     # an evaluation's job id names it as an attempt's names its run: status shows the run, logs its log
@@ -167,4 +193,4 @@ def test_local_evaluations_after_the_run_and_of_its_last_checkpoint(tmp_path: Pa
 
     missing = cli("eval", run_id, "--task", "knn", "--data", str(tmp_path / "nope"), "--submit", home=home)
     assert "--data: data folder" in assert_one_line_error(missing, 2)  # refused, not a job that fails later
-    assert len(list((home / "runs" / run_id / "evals").iterdir())) == 2
+    assert len(list((home / "runs" / run_id / "evals").iterdir())) == 3

@@ -38,12 +38,18 @@ def test_eval_after_waits_for_the_run_follows_its_resume_and_reports_in_status(
     _jobs.append(eval_job)
     assert request["after"] == first and request["eval_id"] == "knn-1", request
     assert _dependency(eval_job).startswith(f"afterok:{first}"), _dependency(eval_job)
+    spare = cli("eval", run_id, "--task", "knn", "--data", data, "--submit", "--after", "--json", home=home)
+    spare_job = json.loads(spare.stdout)["job_id"]
+    _jobs.append(spare_job)
 
     # a cancelled run never satisfies afterok: the evaluation waits, and status says why
     assert cli("cancel", run_id, home=home).returncode == 0
     row = wait_status(home, run_id, lambda r: r["state"] == "CANCELLED", 120)
-    (ev,) = row["evals"]
+    ev = row["evals"][0]
     assert ev["state"] == "PENDING" and ev["reason"].startswith("Dependency"), ev
+    stopped = cli("cancel", spare_job, home=home)  # one evaluation, by its job id
+    assert stopped.stdout.strip() == f"cancelled eval knn-2 of run {run_id}: job {spare_job}", stopped
+    wait_status(home, run_id, lambda r: r["evals"][1]["state"] == "CANCELLED", 60)
     refused = cli("eval", run_id, "--task", "knn", "--data", data, "--submit", "--after", home=home)
     assert "will not complete by itself" in assert_one_line_error(refused, 2)
 
@@ -57,7 +63,8 @@ def test_eval_after_waits_for_the_run_follows_its_resume_and_reports_in_status(
         return r["state"] == "COMPLETED" and r["evals"][0]["state"] in ("COMPLETED", "FAILED")
 
     row = wait_status(home, run_id, evaluated, 600)
-    (ev,) = row["evals"]
+    ev = row["evals"][0]
+    assert row["evals"][1]["state"] == "CANCELLED", row["evals"]
     assert ev["state"] == "COMPLETED" and ev["after"] == second, ev
     assert ev["step"] == row["total_steps"] and 0 <= ev["top1"] <= ev["top5"] <= 1, ev
     log = home / "runs" / run_id / "evals" / "knn-1" / "submitit" / f"{eval_job}_0_log.out"

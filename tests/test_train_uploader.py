@@ -14,7 +14,7 @@ import pytest
 
 from launch.preempt import EXIT_PREEMPTED, children_of
 from launch.store import CheckpointStore
-from schemas.contract import STATUS_FILE, STEP_PAUSE_ENV, STOP_AT_STEP_ENV
+from schemas.contract import PREEMPT_WINDOW_ENV, STATUS_FILE, STEP_PAUSE_ENV, STOP_AT_STEP_ENV
 from tests.conftest_s3 import s3_storage_options
 from tests.support.procs import wait_for
 from tests.support.trainer import (
@@ -82,19 +82,22 @@ def test_sigterm_while_an_upload_is_in_flight_commits_the_final_state(tmp_path, 
     assert_identical(golden, final_state(s3_url, options))
 
 
-def test_a_preemption_that_cannot_commit_in_time_says_so(tmp_path):
-    """The uploader hangs (SIGSTOP): the final save gives up commit_s (0.75 x the lead) after the
-    request, not after the save began (a 2 s step came between), one error line says which step was
-    lost, and status.json records it."""
+@pytest.mark.parametrize(("lead", "window"), [(10, None), (60, 10)], ids=["lead", "partition-window"])
+def test_a_preemption_that_cannot_commit_in_time_says_so(tmp_path, lead, window):
+    """The uploader hangs (SIGSTOP): the final save gives up commit_s (0.75 x the lead, or x the
+    partition's preemption window where that is shorter: SLURM kills a preempted job then, whatever the
+    lead) after the request, not after the save began (a 2 s step came between), one error line says
+    which step was lost, and status.json records it."""
     spec = write_spec(
         tmp_path / "spec.json",
         tiny_spec(
-            tmp_path / "data", resources__signal_lead_s=10, **{"optim__epochs": 7, "optim__max_steps": 40}
+            tmp_path / "data", resources__signal_lead_s=lead, **{"optim__epochs": 7, "optim__max_steps": 40}
         ),
     )
     run = tmp_path / "run"
     # the request at step 6, as a signal would make it; then 2 s pass before the step boundary
-    proc = start_trainer(spec, run, **{STOP_AT_STEP_ENV: "6", STEP_PAUSE_ENV: "2"})
+    env = {STOP_AT_STEP_ENV: "6", STEP_PAUSE_ENV: "2"}
+    proc = start_trainer(spec, run, **env, **({PREEMPT_WINDOW_ENV: str(window)} if window else {}))
     with Tail(proc) as out:
         wait_for("a first commit", lambda: out.has(" committed in ") or proc.poll() is not None, 180, 0.05)
         assert proc.poll() is None and not out.has("step 6/40"), out.text()[-3000:]
@@ -106,6 +109,9 @@ def test_a_preemption_that_cannot_commit_in_time_says_so(tmp_path):
         (line,) = [x for x in log.splitlines() if "but its checkpoint did not commit within 8 s" in x]
         left = float(re.search(r"\(([0-9.]+) s were left when the save began", line)[1])  # type: ignore[index]
         assert 0 <= left <= 7.5 - 2, line
+        assert (
+            f"resources.signal_lead_s {lead}" + (f", preemption window {window} s" if window else ")") in line
+        )
         store = CheckpointStore(str(run / "checkpoints"))
         committed = store.latest()["step"]
         assert f"the next attempt resumes from step {committed}" in line
