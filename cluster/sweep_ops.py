@@ -6,6 +6,7 @@ with one line per problem (each naming the member's values).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -252,12 +253,39 @@ def cancel_sweep(sweep: SweepRecord) -> list[tuple[str, list[str]]]:
     return [(run_id, runs.cancel(run_id)[1]) for run_id in sweep.run_ids]
 
 
+def _resume_as_array(
+    sweep_dir: Path, due: list[RunRecord], index: Index, throttle: int
+) -> list[tuple[str, str | None]]:
+    """The next attempts of ``due`` as one SLURM job array of at most ``throttle`` tasks at once, checked
+    against the cluster once (the members' resources are the sweep's)."""
+    from cluster import evals
+    from schemas import load_spec
+
+    spec = load_spec(due[0].spec_path)
+    ex = executor("slurm")
+    ex.recheck(spec, Path(due[0].run_dir))
+    for record in due:
+        record.paths.cancel_marker.unlink(missing_ok=True)
+    job_ids = ex.submit_sweep(due, spec, index, sweep_dir, throttle)
+    now = time.time()
+    resumed: list[tuple[str, str | None]] = []
+    for record, job_id in zip(due, job_ids, strict=True):
+        assert job_id is not None  # SLURM queues every task of the array now
+        record.attempts.append(job_id)
+        record.submitted[job_id] = now
+        runs.save(record, index, strict=False)  # queued already: never fail from here
+        with contextlib.suppress(Failure):  # queued: an evaluation left waiting shows in pixpro status
+            evals.repoint(record, job_id)
+        resumed.append((record.run_id, job_id))
+    return resumed
+
+
 def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str | None]]:
     """Resume every member that has not completed and has no attempt queued or running; a member the
     local sweep runner will still start is left to it (resuming it would start it twice). Locally, at
     most ``--max-parallel`` members run: those beyond it are resumed by a sweep runner as members end
-    (job id None). On SLURM each resumed member is a job of its own, outside the first job array's
-    ``%N``: every one is queued now."""
+    (job id None). On SLURM the members resumed together are one new job array whose ``%N`` is what
+    ``--max-parallel`` leaves beside the members still queued or running."""
     from cluster.status import attempt_states, read_all_progress, run_state
     from cluster.sweep_runner import member_lock, runner_alive, runner_resumes, spawn_sweep_runner
 
@@ -276,6 +304,9 @@ def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str | None]]:
         and not (waiting and not r.attempts and not r.paths.cancel_marker.exists())  # the runner starts it
     ]
     room = len(due) if sweep.executor != "local" else max(0, (sweep.max_parallel or len(records)) - active)
+    if sweep.executor == "slurm" and len(due) > 1:
+        throttle = max(1, (sweep.max_parallel or len(due)) - active)
+        return _resume_as_array(sweep_dir, due, index, throttle)
     resumed: list[tuple[str, str | None]] = []
     problems = []
     for record in due[:room]:

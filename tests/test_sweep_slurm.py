@@ -1,5 +1,6 @@
-"""A sweep on the test cluster: one job array whose members are full runs; a member requeued mid-run
-ends exactly as its own uninterrupted run."""
+"""A sweep on the test cluster: one job array whose members are full runs; cancelled and resumed, its
+members' next attempts are one array under the same ``--max-parallel``; a member requeued mid-run ends
+exactly as its own uninterrupted run."""
 
 from __future__ import annotations
 
@@ -54,15 +55,29 @@ def test_sweep_is_one_array_and_a_requeued_member_ends_equal_to_its_own_run(
     ckpt = run_dir(home, first["run_id"]) / "checkpoints"
     latest = local_latest(ckpt)
     wait_for("a first committed checkpoint", lambda: (latest() or {}).get("step", 0) >= 2, 240)
-    subprocess.run(["scontrol", "requeue", first["job_id"]], check=True, timeout=30)
+    # cancelled and resumed: the members' next attempts are one new array, still at most 2 at once
+    assert cli("cancel", out["sweep_id"], home=home).returncode == 0
+    for m in members:
+        wait_status(home, m["run_id"], lambda r: r["state"] == "CANCELLED", 120)
+    again = cli("resume", "--json", out["sweep_id"], home=home)
+    assert again.returncode == 0, again.stderr
+    resumed = json.loads(again.stdout)
+    second = resumed[0]["job_id"].partition("_")[0]
+    _jobs.append(second)
+    assert resumed == [{"run_id": m["run_id"], "job_id": f"{second}_{i}"} for i, m in enumerate(members)]
+    shown = subprocess.run(["scontrol", "show", "job", second], capture_output=True, text=True, timeout=30)
+    assert "ArrayTaskThrottle=2" in shown.stdout, shown.stdout
+    restarted = f"{second}_0"
+    wait_for("the resumed attempt's commit", lambda: (latest() or {}).get("attempt") == f"{restarted}.0", 240)
+    subprocess.run(["scontrol", "requeue", restarted], check=True, timeout=30)
     seen: list[str] = []
     wait_status(home, first["run_id"], lambda r: r["state"] == "REQUEUED", 60, seen, interval=0.5)
     rows = [wait_status(home, m["run_id"], finished, 400, seen if m is first else None) for m in members]
     no_failed(seen)
-    assert rows[0]["attempts"][0]["job_id"] == first["job_id"] and len(rows[0]["attempts"]) == 1, rows[0]
-    assert "REQUEUED" in rows[0]["attempts"][0]["history"], rows[0]
-    assert json.loads((ckpt / "latest").read_bytes())["attempt"] == f"{first['job_id']}.1"
-    assert (run_dir(home, first["run_id"]) / "submitit" / f"{first['job_id']}_0_log.out").exists()
+    assert [a["job_id"] for a in rows[0]["attempts"]] == [first["job_id"], restarted], rows[0]
+    assert "REQUEUED" in rows[0]["attempts"][1]["history"], rows[0]
+    assert json.loads((ckpt / "latest").read_bytes())["attempt"] == f"{restarted}.1"
+    assert (run_dir(home, first["run_id"]) / "submitit" / f"{restarted}_0_log.out").exists()
 
     def evaluated(r: dict) -> bool:
         return r["evals"][0]["state"] in ("COMPLETED", "FAILED")
