@@ -10,11 +10,13 @@ or preempted leaves it waiting for the next one (``pixpro cancel`` of its job en
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -57,6 +59,21 @@ def wait_for_run(run_dir: Path) -> None:
         time.sleep(POLL_S)
 
 
+@contextlib.contextmanager
+def held_signal(sig: int) -> Iterator[None]:
+    """``sig`` blocked in this thread for the block; one that came meanwhile is taken on leaving."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _unblock_sigterm() -> None:
+    """In the child: the mask is inherited, and the evaluation must take SIGTERM (a cancel)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+
+
 def main(argv: list[str]) -> int:
     run_dir, job_id, eval_id = Path(argv[0]), argv[1], argv[2]
     paths = RunPaths(run_dir).eval(eval_id)
@@ -78,7 +95,8 @@ def main(argv: list[str]) -> int:
     try:
         if request.after is not None:
             wait_for_run(run_dir)
-        child.append(subprocess.Popen(task.command(), cwd=task.workdir))
+        with held_signal(signal.SIGTERM):  # a cancel now waits until the child is there to be stopped
+            child.append(subprocess.Popen(task.command(), cwd=task.workdir, preexec_fn=_unblock_sigterm))
         rc = child[0].wait()
     finally:
         job.ended, job.exit_code = time.time(), rc

@@ -282,6 +282,15 @@ class LocalJobHandle:
         return 0.0
 
 
+def _run_ended_unfinished(record: RunRecord) -> bool:
+    """The run's latest attempt ended otherwise than completed (or it was cancelled before its first):
+    an evaluation after it waits for a ``pixpro resume``, as SLURM's afterok would."""
+    if record.latest_job is None:
+        return record.paths.cancel_marker.exists()
+    st = local_state(local.read_job(Path(record.run_dir), record.latest_job), None, False)
+    return not st.active and st.state != "COMPLETED"
+
+
 def _left_out(run_dir: Path) -> list[str]:
     """The nodes an existing run leaves out (a new run's folder does not exist yet)."""
     return nodes.excluded(read_local(run_dir)) if RunPaths(run_dir).record.exists() else []
@@ -349,12 +358,8 @@ class LocalExecutor:
             paths = r.paths.eval(e.eval_id)
             st = local_state(local.read_job(Path(r.run_dir), e.job_id), None, paths.cancel_marker.exists())
             if st.state == "RUNNING" and e.after and not paths.result.exists():  # it waits, as afterok
-                run = r.latest_job
-                ended = (
-                    run is not None
-                    and not local_state(local.read_job(Path(r.run_dir), run), None, False).active
-                )
-                return AttemptState("PENDING", "DependencyNeverSatisfied" if ended else "Dependency")
+                never = _run_ended_unfinished(r)
+                return AttemptState("PENDING", "DependencyNeverSatisfied" if never else "Dependency")
             return st
 
         return Jobs(

@@ -38,8 +38,10 @@ from cluster.torchrun import (
 from schemas.contract import (
     PREEMPT_WINDOW_ENV,
     STATUS_FILE,
+    TIME_LIMIT_AT_ENV,
     Exit,
     RunPaths,
+    applicable_window,
     preemption_deadlines,
     preemption_signals,
     user_signal,
@@ -173,6 +175,7 @@ class NodeTask:
         self._rc: int | None = None
         self._ctx: JobContext | None = None
         self._window: int | None = None  # seconds from a preemption's signal to SIGKILL, where known
+        self._ends_at: float | None = None  # the job's end time: its time limit's signal comes lead before
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._CONFIG}
@@ -201,24 +204,32 @@ class NodeTask:
         return self.launch(ctx).argv
 
     def environment(self, ctx: JobContext) -> dict[str, str]:
-        window = {PREEMPT_WINDOW_ENV: str(self._window)} if self._window is not None else {}
-        return {**os.environ, **self.launch(ctx).env, **window}
+        env = {**os.environ, **self.launch(ctx).env}
+        if self._window is not None:
+            env[PREEMPT_WINDOW_ENV] = str(self._window)
+        if self._ends_at is not None:
+            env[TIME_LIMIT_AT_ENV] = f"{self._ends_at:.0f}"
+        return env
 
-    def _read_window(self) -> None:
+    def _read_kill_times(self, ctx: JobContext) -> None:
         """SLURM kills a preempted job its partition's GraceTime + KillWait after the signal, whatever
-        ``resources.signal_lead_s`` says: the trainers' final save and :meth:`checkpoint` budget for it."""
+        ``resources.signal_lead_s`` says: a preemption's final save and :meth:`checkpoint` budget for it
+        (the time limit's signal, lead before the job's end, keeps the lead)."""
         from cluster import slurm
 
-        found = slurm.preemption_window(os.environ.get("SLURM_JOB_PARTITION"))
+        found = slurm.kill_times(os.environ.get("SLURM_JOB_PARTITION"), os.environ.get("SLURM_JOB_ID"))
         if found is None:
-            _say("preemption window unknown (scontrol did not say): budgets from resources.signal_lead_s")
+            _say("when SLURM kills a preempted job is unknown (scontrol did not say): budgets from the lead")
             return
-        grace, kill_wait = found
-        self._window = grace + kill_wait
+        self._ends_at = found.ends_at
+        if not found.preemptible:
+            return
+        self._window = found.window_s
         if self._window < self.signal_lead_s:
             _say(
-                f"a preemption is killed {self._window} s after its signal (GraceTime {grace} s + KillWait "
-                f"{kill_wait} s), sooner than resources.signal_lead_s {self.signal_lead_s}: budgets from it"
+                f"a preemption is killed {self._window} s after its signal (GraceTime {found.grace_s} s + "
+                f"KillWait {found.kill_wait_s} s), sooner than resources.signal_lead_s "
+                f"{self.signal_lead_s}: a preemption's budgets come from it (attempt {ctx.attempt})"
             )
 
     # --- running -------------------------------------------------------------------------------
@@ -239,7 +250,7 @@ class NodeTask:
         self._ctx = ctx
         self._check_port(ctx)
         if ctx.slurm:
-            self._read_window()
+            self._read_kill_times(ctx)
         cmd = self.command(ctx)
         _say(f"attempt {ctx.attempt} node {ctx.node}/{ctx.nnodes}: {shell_join(cmd)}")
         self._proc = subprocess.Popen(
@@ -324,7 +335,8 @@ class NodeTask:
         from submitit.helpers import DelayedSubmission
 
         self.forward(user_signal(self.signal_name))
-        _, budget = preemption_deadlines(self.signal_lead_s, self._window)
+        window = applicable_window(self._window, self._ends_at, self.signal_lead_s, time.time())
+        _, budget = preemption_deadlines(self.signal_lead_s, window)
         rc = self.wait(timeout=budget) if self._proc is not None else None
         _say(f"preemption signal: launcher status {rc!r} after waiting up to {budget:.0f}s")
         late = rc not in (None, EXIT_PREEMPTED) and self._ctx and self.trainer_completed(self._ctx)

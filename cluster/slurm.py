@@ -6,6 +6,7 @@ Imports neither torch nor submitit at module level (``pixpro status`` uses the q
 
 from __future__ import annotations
 
+import datetime
 import re
 import shlex
 import shutil
@@ -286,21 +287,61 @@ def preflight(spec: RunSpec, script: str, exclude: list[str] | None = None) -> s
     return _one_line(test.stderr + test.stdout)
 
 
-def preemption_window(partition: str | None, timeout_s: float = 10.0) -> tuple[int, int] | None:
-    """(GraceTime of ``partition``, KillWait): SLURM kills a preempted job GraceTime + KillWait seconds
-    after its first signal (SIGTERM, or the user signal with ``preempt_send_user_signal``), whatever the
-    job's ``--signal`` lead; None where ``scontrol`` does not say (within ``timeout_s``)."""
-    config = start(["scontrol", "show", "config"])
-    part = start(["scontrol", "-o", "show", "partition", partition]) if partition else None
-    for started in (config, part):
-        if started is not None:
-            started.deadline = time.monotonic() + timeout_s
+@dataclass(frozen=True)
+class KillTimes:
+    """When SLURM kills a job after its signal: a preempted one GraceTime + KillWait after its first
+    signal (SIGTERM, or the user signal with ``preempt_send_user_signal``) whatever its ``--signal``
+    lead (slurm.schedmd.com/preempt.html); one at its time limit KillWait after its end time."""
+
+    grace_s: int
+    """The partition's GraceTime."""
+    kill_wait_s: int
+    preemptible: bool
+    """The partition's PreemptMode is not OFF."""
+    ends_at: float | None
+    """The job's EndTime (epoch seconds), None where it has none (no time limit) or is not known."""
+
+    @property
+    def window_s(self) -> int:
+        return self.grace_s + self.kill_wait_s
+
+
+def kill_times(partition: str | None, job_id: str | None, timeout_s: float = 10.0) -> KillTimes | None:
+    """What ``scontrol`` says of the cluster's KillWait, ``partition`` and job ``job_id`` (three questions
+    asked side by side, each given ``timeout_s``); None where it does not say KillWait."""
+    asked = [
+        start(["scontrol", "show", "config"]),
+        start(["scontrol", "-o", "show", "partition", partition]) if partition else None,
+        start(["scontrol", "-o", "show", "job", job_id]) if job_id else None,
+    ]
+    texts: list[str] = []
     try:
-        kill = re.search(r"^KillWait\s*=\s*(\d+) sec", config.wait().stdout, re.M)
-        grace = re.search(r"\bGraceTime=(\d+)\b", part.wait().stdout) if part else None
+        for started in asked:
+            if started is not None:
+                started.deadline = time.monotonic() + timeout_s
+                texts.append(started.wait().stdout)
+            else:
+                texts.append("")
     except Failure:
         return None
-    return (int(grace[1]) if grace else 0, int(kill[1])) if kill else None
+    finally:
+        for started in asked:  # one that failed leaves the others unasked: never left running
+            if started is not None and started.proc is not None and started.proc.poll() is None:
+                started.proc.kill()
+                started.proc.communicate()
+    config, part, job = texts
+    kill = re.search(r"^KillWait\s*=\s*(\d+) sec", config, re.M)
+    if kill is None:
+        return None
+    grace = re.search(r"\bGraceTime=(\d+)\b", part)
+    mode = re.search(r"\bPreemptMode=(\S+)", part)
+    end = re.search(r"\bEndTime=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\b", job)
+    return KillTimes(
+        grace_s=int(grace[1]) if grace else 0,
+        kill_wait_s=int(kill[1]),
+        preemptible=mode is None or mode[1].upper() != "OFF",
+        ends_at=datetime.datetime.strptime(end[1], "%Y-%m-%dT%H:%M:%S").timestamp() if end else None,
+    )
 
 
 # ------------------------------------------------------------------------------------- submit

@@ -154,23 +154,23 @@ class Trainer:
     def _claim(self, owner: str) -> None:
         """Rank 0 claims the run for this attempt before anything is read or written (fencing: a stale
         attempt still training elsewhere stops at its next checkpoint, see launch.store); every rank
-        raises :class:`Superseded` if a later attempt holds it already."""
-        refusal = ""
+        raises :class:`Superseded` if a later attempt holds it already, :class:`StoreError` if the store
+        did not answer (as the resume that follows would fail: an attempt never trains unfenced)."""
+        refusal, failure = "", ""
         if self.env.rank == 0:
             try:
                 self.store.claim(owner)
             except Superseded as exc:
                 refusal = str(exc)
-            except (StoreError, OSError) as exc:  # the store may come back: train on, unfenced
-                log.warning(
-                    "could not claim the run for attempt %s (%s): commits are not fenced against "
-                    "a stale attempt",
-                    owner,
-                    failure_cause(exc),
-                )
-        refusal = self.collectives.broadcast_bytes(refusal.encode()).decode()
+            except (StoreError, OSError) as exc:
+                failure = f"could not claim the run for attempt {owner}: {failure_cause(exc)}"
+        refusal, failure = (
+            self.collectives.broadcast_bytes(f"{refusal}\0{failure}".encode()).decode().split("\0")
+        )
         if refusal:
             raise Superseded(refusal)
+        if failure:
+            raise StoreError(failure)
 
     # state: the step and epoch live in the TrainState that checkpoints hold -------------------------
     @property
@@ -241,6 +241,9 @@ class Trainer:
         try:
             outcome = self._steps(model)
             committed = self._final_save(outcome) if outcome != "superseded" else False
+            # a later claim found by the final save: the attempt neither completed nor may requeue
+            if outcome != "superseded" and self.collectives.any(self.checkpointer.superseded is not None)[0]:
+                outcome, committed = "superseded", False
         except Diverged as exc:  # every rank decides alike: the guard's counts follow the reduced gradients
             outcome, committed, why = "diverged", False, str(exc)
         finally:
@@ -338,9 +341,10 @@ class Trainer:
             return True
         # A preemption must commit before SLURM's SIGKILL, counted from the signal (a monitor evaluation
         # or a long step may have come between); leave a margin for the exit.
-        lead, window = self.spec.resources.signal_lead_s, preemption_window()
-        commit_s, _ = preemption_deadlines(lead, window)
         since = time.monotonic() - (self.flag.since or time.monotonic())
+        lead = self.spec.resources.signal_lead_s
+        window = preemption_window(lead, time.time() - since) if outcome == "preempted" else None
+        commit_s, _ = preemption_deadlines(lead, window)
         heartbeat.beat(self.step, "final-flush", max(RETRY_FOR_S + HANG_GRACE_S, commit_s))
         budget_s = max(0.0, commit_s - since) if outcome == "preempted" else None
         committed = self.save(blocking=True, budget_s=budget_s)
@@ -615,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
         flag.trigger()
     run_dir = args.run_dir or Path("runs") / spec.name
     # env:// on the store of this rendezvous round (see launch.elastic: no stale keys to read)
-    commit_s, _ = preemption_deadlines(spec.resources.signal_lead_s, preemption_window())
+    commit_s, _ = preemption_deadlines(spec.resources.signal_lead_s)  # the longest: a time limit's
     heartbeat.install(env.rank, hang_timeout_s(spec))
     timeout_s = collective_timeout_s(RETRY_FOR_S + HANG_GRACE_S, commit_s, hang_timeout_s(spec))
     collectives = Collectives.start(env, device, timeout_s)
@@ -628,6 +632,9 @@ def main(argv: list[str] | None = None) -> int:
         return Exit.USAGE
     except Superseded as exc:  # a later attempt claimed the run before this one began
         outcome, reason = "superseded", str(exc)
+    except StoreError as exc:  # the store did not answer (retried within each call): one line, torchrun
+        log.error("%s", exc)  # restarts the workers where resources.max_restarts allows
+        return Exit.FAILURE
     if outcome == "superseded" and env.rank == 0:
         log.error("%s", reason)
     # A preemption signal that arrives while the interpreter shuts down would otherwise kill us with

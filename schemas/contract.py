@@ -307,8 +307,12 @@ STEP_PAUSE_ENV = "PIXPRO_STEP_PAUSE_S"
 signalled, requeued or cancelled from outside mid-run without burning CPU on a bigger model."""
 PREEMPT_WINDOW_ENV = "PIXPRO_PREEMPT_WINDOW_S"
 """Seconds from a preemption's first signal to SLURM's SIGKILL on the job's partition (its GraceTime
-plus KillWait, read by the node task from ``scontrol``): a final save's budget where it is shorter than
-``resources.signal_lead_s``."""
+plus KillWait, read by the node task from ``scontrol``; unset where the partition is never preempted):
+a preemption's budget where it is shorter than ``resources.signal_lead_s``."""
+TIME_LIMIT_AT_ENV = "PIXPRO_TIME_LIMIT_AT"
+"""The job's end time (epoch seconds; SLURM's EndTime when the attempt started, read by the node task):
+a signal that arrives within the lead of it is the time limit's, which the lead bounds, not a
+preemption's."""
 FORK_ENV = "PIXPRO_FORK"
 """``0``: the launcher and the trainer start ranks and uploaders as fresh interpreters, not by fork from
 their own imported state (:mod:`launch.forking`)."""
@@ -349,13 +353,32 @@ def preemption_deadlines(signal_lead_s: float, window_s: float | None = None) ->
     return 0.75 * lead, wait
 
 
-def preemption_window() -> float | None:
-    """This job's preemption window (:data:`PREEMPT_WINDOW_ENV`), None where the node task set none."""
-    value = os.environ.get(PREEMPT_WINDOW_ENV)
-    try:
-        return float(value) if value else None
-    except ValueError:
+TIME_LIMIT_SLACK_S = 90.0
+"""SLURM sends ``--signal`` up to a minute before the lead it was asked for (its event resolution)."""
+
+
+def applicable_window(
+    window_s: float | None, ends_at: float | None, signal_lead_s: float, signal_at: float
+) -> float | None:
+    """The preemption window that bounds a signal that arrived at ``signal_at`` (epoch): none for the
+    time limit's own signal (within the lead of the job's end), else ``window_s``."""
+    if window_s is None or (
+        ends_at is not None and ends_at - signal_at <= signal_lead_s + TIME_LIMIT_SLACK_S
+    ):
         return None
+    return window_s
+
+
+def preemption_window(signal_lead_s: float, signal_at: float) -> float | None:
+    """:func:`applicable_window` from what the node task set in this process's environment."""
+
+    def number(name: str) -> float | None:
+        try:
+            return float(os.environ[name]) if os.environ.get(name) else None
+        except ValueError:
+            return None
+
+    return applicable_window(number(PREEMPT_WINDOW_ENV), number(TIME_LIMIT_AT_ENV), signal_lead_s, signal_at)
 
 
 # -- heartbeats: hang detection ----------------------------------------------------------------------

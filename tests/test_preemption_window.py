@@ -1,9 +1,11 @@
 """SLURM kills a preempted job its partition's GraceTime + KillWait after the signal, whatever the job's
-``--signal`` lead: the node task reads that window from ``scontrol`` and every preemption budget is
-taken within it (the trainers' final save: tests/test_train_uploader.py)."""
+``--signal`` lead, and a job at its time limit KillWait after its end: the node task reads both from
+``scontrol``, and a preemption's budgets are taken within the window, a time limit's within the lead
+(the trainers' final save: tests/test_train_uploader.py)."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cluster import slurm
-from schemas.contract import preemption_deadlines
+from schemas.contract import applicable_window, preemption_deadlines
 
 SETUP = Path(__file__).resolve().parents[1] / "cluster" / "slurm" / "setup.sh"
 
@@ -26,11 +28,20 @@ def _scontrol(folder: Path, body: str) -> None:
 
 def test_the_budgets_take_the_shorter_of_the_lead_and_the_window() -> None:
     assert preemption_deadlines(120) == (90.0, 110.0)
-    assert preemption_deadlines(120, 300) == (90.0, 110.0)  # a long grace: the time limit's lead decides
+    assert preemption_deadlines(120, 300) == (90.0, 110.0)  # a long grace: the lead decides
     assert preemption_deadlines(120, 40) == (30.0, 36.0)  # GraceTime 10 + KillWait 30
 
 
-def test_the_window_is_the_partitions_grace_time_plus_kill_wait(
+def test_the_time_limits_own_signal_keeps_the_lead() -> None:
+    now = 1_000_000.0
+    assert applicable_window(40, now + 120, 120, now) is None  # lead before the end: the time limit's
+    assert applicable_window(40, now + 170, 120, now) is None  # SLURM may send it up to a minute early
+    assert applicable_window(40, now + 3600, 120, now) == 40  # an hour before the end: a preemption
+    assert applicable_window(40, None, 120, now) == 40  # no time limit: only a preemption signals
+    assert applicable_window(None, now + 3600, 120, now) is None  # a partition never preempted
+
+
+def test_kill_times_read_the_partition_the_config_and_the_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _scontrol(
@@ -38,27 +49,45 @@ def test_the_window_is_the_partitions_grace_time_plus_kill_wait(
         'case "$*" in\n'
         '  "show config") printf "KillWait                = 30 sec\\nMessageTimeout          = 10 sec\\n";;\n'
         '  "-o show partition gpu") echo "PartitionName=gpu PreemptMode=REQUEUE GraceTime=90 Hidden=NO";;\n'
-        '  *) echo "Partition $4 not found" >&2; exit 1;;\n'
+        '  "-o show partition prio") echo "PartitionName=prio PreemptMode=OFF GraceTime=0 Hidden=NO";;\n'
+        '  "-o show job 7") echo "JobId=7 TimeLimit=01:00:00 EndTime=2026-12-07T10:30:00 Deadline=N/A";;\n'
+        '  "-o show job 8") echo "JobId=8 TimeLimit=UNLIMITED EndTime=Unknown Deadline=N/A";;\n'
+        '  *) echo "$* not found" >&2; exit 1;;\n'
         "esac",
     )
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    assert slurm.preemption_window("gpu") == (90, 30)
-    assert slurm.preemption_window("nope") == (0, 30)  # no grace known: KillWait alone
-    assert slurm.preemption_window(None) == (0, 30)
+    end = datetime.datetime(2026, 12, 7, 10, 30).timestamp()
+    assert slurm.kill_times("gpu", "7") == slurm.KillTimes(90, 30, True, end)
+    assert slurm.kill_times("gpu", "7").window_s == 120  # type: ignore[union-attr]
+    assert slurm.kill_times("prio", "8") == slurm.KillTimes(0, 30, False, None)
+    assert slurm.kill_times("nope", None) == slurm.KillTimes(0, 30, True, None)  # unknown: KillWait alone
 
 
-def test_a_silent_scontrol_leaves_the_window_unknown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_silent_scontrol_leaves_them_unknown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _scontrol(tmp_path / "bin", "exec sleep 300")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     t0 = time.monotonic()
-    assert slurm.preemption_window("gpu", timeout_s=0.5) is None
+    assert slurm.kill_times("gpu", "7", timeout_s=0.5) is None
     assert time.monotonic() - t0 < 60  # given up, not waited out: a deadline with a generous cap
+    assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_our_sleep(p, tmp_path)]
+
+
+def _is_our_sleep(proc: Path, tmp_path: Path) -> bool:
+    """A stand-in scontrol still running: every one asked must be killed, not only the first."""
+    try:
+        return (
+            (proc / "cmdline").read_bytes().startswith(b"sleep\0300")
+            and proc.stat().st_uid == os.getuid()
+            and (int((proc / "stat").read_text().split()[3]) == os.getpid())
+        )
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 @pytest.mark.cluster
-def test_the_test_clusters_window_is_what_its_setup_configures() -> None:
+def test_the_test_clusters_kill_times_are_what_its_setup_configures() -> None:
     text = SETUP.read_text()
     grace = int(re.search(r"^PartitionName=cpu .*GraceTime=(\d+)", text, re.M)[1])  # type: ignore[index]
     kill_wait = int(re.search(r"^KillWait=(\d+)", text, re.M)[1])  # type: ignore[index]
-    assert slurm.preemption_window("cpu") == (grace, kill_wait)
-    assert slurm.preemption_window("high") == (0, kill_wait)
+    assert slurm.kill_times("cpu", None) == slurm.KillTimes(grace, kill_wait, True, None)
+    assert slurm.kill_times("high", None) == slurm.KillTimes(0, kill_wait, False, None)  # never preempted

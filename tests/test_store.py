@@ -314,9 +314,11 @@ def test_a_later_claim_stops_a_stale_attempt_ahead_of_it(target: Target) -> None
     assert stale.claim("41.0") == 1
     save(stale, 100)
     stale_files = [stale.write(140, f"rank{r}.pt", payload(140, r)) for r in range(2)]
+    committed_at = target.latest()["updated"]
     new = target.store(attempt="41.1", keep_last=1)
     assert new.claim("41.1") == 2
-    assert target.latest()["step"] == 100  # the claim keeps the checkpoint latest names
+    # the claim keeps the checkpoint latest names, and its time (pixpro status: the checkpoint's age)
+    assert (target.latest()["step"], target.latest()["updated"]) == (100, committed_at)
     with pytest.raises(
         Superseded, match=r"attempt 41\.1 took over this run \(claim 2\) from this attempt 41\.0"
     ):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,18 @@ from tests.support import zygote
 from tests.support.trainer import REPO, Tail, tiny_spec, trainer_cmd, trainer_env, write_spec
 
 pytestmark = [pytest.mark.slow]
+
+
+def _start(spec: Path, run: Path, attempt: str, pause_s: float) -> subprocess.Popen:
+    """One rank under our torchrun wrapper as SLURM's attempt ``attempt``, output merged (read with Tail)."""
+    return zygote.popen(
+        trainer_cmd(spec, run, nproc=1, max_restarts=1),
+        cwd=REPO,
+        env=trainer_env(**{ATTEMPT_ENV: attempt, STEP_PAUSE_ENV: str(pause_s)}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_a_stale_attempt_stops_at_its_next_checkpoint_and_cannot_start_again(tmp_path, data_root):
@@ -29,14 +42,7 @@ def test_a_stale_attempt_stops_at_its_next_checkpoint_and_cannot_start_again(tmp
     )
     run = tmp_path / "run"
     url = str(run / "checkpoints")
-    stale = zygote.popen(
-        trainer_cmd(spec, run, nproc=1, max_restarts=1),
-        cwd=REPO,
-        env=trainer_env(**{ATTEMPT_ENV: "50.0", STEP_PAUSE_ENV: "0.2"}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    stale = _start(spec, run, "50.0", pause_s=0.2)
     with Tail(stale) as tail:
         tail.wait_for("checkpoint step 2 committed")
         live = CheckpointStore(url, attempt="50.1")
@@ -72,3 +78,35 @@ def test_a_stale_attempt_stops_at_its_next_checkpoint_and_cannot_start_again(tmp
         "this attempt stops"
     ], out[-3000:]
     assert live.read_aux(STATUS_FILE) == ours
+
+
+def test_a_stale_attempt_that_finds_the_claim_in_its_final_save_neither_completes_nor_requeues(
+    tmp_path, data_root
+):
+    """No checkpoint before the end: the claim is found by the last save, after the last step. The
+    attempt must not report completed (nor preempted: its node task would requeue the live job)."""
+    spec = write_spec(
+        tmp_path / "spec.json",
+        tiny_spec(
+            data_root, checkpoint__every_steps=None, checkpoint__every_minutes=60, resources__max_restarts=1
+        ),
+    )
+    run = tmp_path / "run"
+    stale = _start(spec, run, "60.0", pause_s=0.5)
+    with Tail(stale) as tail:
+        tail.wait_for("step 1/10")  # claimed, and its status.json says running
+        live = CheckpointStore(str(run / "checkpoints"), attempt="60.1")
+        assert live.claim("60.1") == 2
+        ours = b'{"state": "running", "attempt": "60.1"}\n'
+        live.put_aux(STATUS_FILE, ours)
+        assert stale.wait(timeout=300) == 1, tail.text()[-3000:]
+        tail.thread.join(timeout=30)
+        out = tail.text()
+    assert "superseded at step 10 of 10" in out and "completed at step" not in out, out[-3000:]
+    last = [line for line in out.splitlines() if line.startswith("pixpro: ")]
+    took_over = (
+        "attempt 60.1 took over this run (claim 2) from this attempt 60.0 (claim 1); this attempt stops"
+    )
+    assert last == [f"pixpro: {took_over}"], out[-3000:]
+    assert live.read_aux(STATUS_FILE) == ours
+    assert live.latest() is None  # nothing committed: the claim stands alone

@@ -14,7 +14,13 @@ import pytest
 
 from launch.preempt import EXIT_PREEMPTED, children_of
 from launch.store import CheckpointStore
-from schemas.contract import PREEMPT_WINDOW_ENV, STATUS_FILE, STEP_PAUSE_ENV, STOP_AT_STEP_ENV
+from schemas.contract import (
+    PREEMPT_WINDOW_ENV,
+    STATUS_FILE,
+    STEP_PAUSE_ENV,
+    STOP_AT_STEP_ENV,
+    TIME_LIMIT_AT_ENV,
+)
 from tests.conftest_s3 import s3_storage_options
 from tests.support.procs import wait_for
 from tests.support.trainer import (
@@ -82,12 +88,17 @@ def test_sigterm_while_an_upload_is_in_flight_commits_the_final_state(tmp_path, 
     assert_identical(golden, final_state(s3_url, options))
 
 
-@pytest.mark.parametrize(("lead", "window"), [(10, None), (60, 10)], ids=["lead", "partition-window"])
-def test_a_preemption_that_cannot_commit_in_time_says_so(tmp_path, lead, window):
+@pytest.mark.parametrize(
+    ("lead", "window", "ends_in"),
+    [(10, None, None), (60, 10, None), (10, 4, 60)],
+    ids=["lead", "partition-window", "time-limit"],
+)
+def test_a_preemption_that_cannot_commit_in_time_says_so(tmp_path, lead, window, ends_in):
     """The uploader hangs (SIGSTOP): the final save gives up commit_s (0.75 x the lead, or x the
     partition's preemption window where that is shorter: SLURM kills a preempted job then, whatever the
-    lead) after the request, not after the save began (a 2 s step came between), one error line says
-    which step was lost, and status.json records it."""
+    lead; but not the time limit's own signal, lead before the job's end) after the request, not after the
+    save began (a 2 s step came between), one error line says which step was lost, and status.json
+    records it."""
     spec = write_spec(
         tmp_path / "spec.json",
         tiny_spec(
@@ -97,7 +108,11 @@ def test_a_preemption_that_cannot_commit_in_time_says_so(tmp_path, lead, window)
     run = tmp_path / "run"
     # the request at step 6, as a signal would make it; then 2 s pass before the step boundary
     env = {STOP_AT_STEP_ENV: "6", STEP_PAUSE_ENV: "2"}
-    proc = start_trainer(spec, run, **env, **({PREEMPT_WINDOW_ENV: str(window)} if window else {}))
+    if window:
+        env[PREEMPT_WINDOW_ENV] = str(window)
+    if ends_in:  # the signal comes within the lead (+ SLURM's minute) of the job's end: the time limit's
+        env[TIME_LIMIT_AT_ENV] = str(int(time.time() + ends_in))
+    proc = start_trainer(spec, run, **env)
     with Tail(proc) as out:
         wait_for("a first commit", lambda: out.has(" committed in ") or proc.poll() is not None, 180, 0.05)
         assert proc.poll() is None and not out.has("step 6/40"), out.text()[-3000:]
@@ -109,8 +124,10 @@ def test_a_preemption_that_cannot_commit_in_time_says_so(tmp_path, lead, window)
         (line,) = [x for x in log.splitlines() if "but its checkpoint did not commit within 8 s" in x]
         left = float(re.search(r"\(([0-9.]+) s were left when the save began", line)[1])  # type: ignore[index]
         assert 0 <= left <= 7.5 - 2, line
+        applies = window and not ends_in
         assert (
-            f"resources.signal_lead_s {lead}" + (f", preemption window {window} s" if window else ")") in line
+            f"resources.signal_lead_s {lead}" + (f", preemption window {window} s" if applies else ")")
+            in line
         )
         store = CheckpointStore(str(run / "checkpoints"))
         committed = store.latest()["step"]

@@ -166,7 +166,9 @@ class CheckpointStore:
                 generation, fresh = have + 1, True
                 self._backend.put(record, _claim_body(owner, generation))
                 base = ptr or {"format": POINTER_FORMAT, "step": None, "prefix": None}
-                body = _pointer_body({**base, "generation": generation, "owner": owner})
+                # ``updated`` stays the commit's: pixpro status reads it as the checkpoint's time
+                claimed = {**base, "generation": generation, "owner": owner}
+                body = _pointer_body({"updated": time.time(), **claimed})
                 if self._backend.put_if(LATEST, body, token):
                     break
                 self.cas_conflicts += 1
@@ -341,7 +343,7 @@ class CheckpointStore:
             ptr, token, _problem = self._read_pointer()
             self._fence(ptr)
             owner, generation = self.claimed or ((ptr or {}).get("owner"), (ptr or {}).get("generation", 0))
-            body = _pointer_body({**new, "generation": generation, "owner": owner})
+            body = _pointer_body({**new, "generation": generation, "owner": owner, "updated": time.time()})
             if ptr is not None and ptr["prefix"] is not None:
                 if ptr["prefix"] == manifest.prefix:
                     return True  # our own earlier try landed
@@ -651,7 +653,7 @@ class CheckpointStore:
 
 
 def _pointer_body(pointer: dict[str, Any]) -> bytes:
-    return (json.dumps({**pointer, "updated": time.time()}, sort_keys=True) + "\n").encode()
+    return (json.dumps(pointer, sort_keys=True) + "\n").encode()
 
 
 def _claim_body(owner: str, generation: int) -> bytes:
