@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -63,12 +62,11 @@ def test_kill_times_read_the_partition_the_config_and_the_job(
     assert slurm.kill_times("nope", None) == slurm.KillTimes(0, 30, True, None)  # unknown: KillWait alone
 
 
+@pytest.mark.timeout(120)  # waited out, the three silent commands would take 300 s
 def test_a_silent_scontrol_leaves_them_unknown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _scontrol(tmp_path / "bin", "exec sleep 300")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    t0 = time.monotonic()
     assert slurm.kill_times("gpu", "7", timeout_s=0.5) is None
-    assert time.monotonic() - t0 < 60  # given up, not waited out: a deadline with a generous cap
     assert not [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_our_sleep(p, tmp_path)]
 
 
