@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,53 @@ def step_of(prefix: str) -> int:
 
 def step_order(prefix: str) -> tuple[int, str]:
     return step_of(prefix), prefix
+
+
+# -- the latest pointer and the attempts' claims ------------------------------------------------------
+def parse_pointer(body: bytes) -> dict[str, Any]:
+    """``latest`` as stored: a checkpoint's step and prefix, or a claim alone (both None: a run without
+    checkpoints yet), with the claim's ``generation`` (0 where written before claims); ValueError else."""
+    try:
+        ptr = json.loads(body)
+        if ptr.get("format") != POINTER_FORMAT:
+            raise ValueError("unexpected format")
+    except AttributeError as e:
+        raise ValueError(str(e)) from None
+    ptr.setdefault("generation", 0)
+    if not (isinstance(ptr["generation"], int) and ptr["generation"] >= 0):
+        raise ValueError("bad generation")
+    if ptr.get("prefix") is None and ptr.get("step") is None:
+        return ptr
+    if not isinstance(ptr.get("step"), int):
+        raise ValueError("unexpected format")
+    if step_of(str(ptr.get("prefix"))) != ptr["step"]:
+        raise ValueError("step and prefix disagree")
+    return ptr
+
+
+def pointer_body(pointer: dict[str, Any]) -> bytes:
+    return (json.dumps(pointer, sort_keys=True) + "\n").encode()
+
+
+def claim_body(owner: str, generation: int) -> bytes:
+    return (json.dumps({"owner": owner, "generation": generation, "time": time.time()}) + "\n").encode()
+
+
+def claimed_generation(got: tuple[bytes, Any] | None) -> int | None:
+    """The generation a claim record holds; None for no record (or an unreadable one: claim anew)."""
+    try:
+        generation = json.loads(got[0])["generation"] if got else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return generation if isinstance(generation, int) else None
+
+
+def same_commit(body: bytes, manifest: Manifest) -> bool:
+    """Whether a stored manifest commits what ``manifest`` does: the same document but for its
+    ``created`` (compared as JSON, as both were written)."""
+    try:
+        stored = json.loads(body)
+    except ValueError:
+        return False
+    ours = json.loads(manifest.to_json())
+    return isinstance(stored, dict) and {**stored, "created": None} == {**ours, "created": None}

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 import time
@@ -26,7 +25,12 @@ from launch.store.format import (
     Manifest,
     StoreError,
     Superseded,
+    claim_body,
+    claimed_generation,
     one_line,
+    parse_pointer,
+    pointer_body,
+    same_commit,
     scan_layout,
     short,
     step_of,
@@ -157,18 +161,18 @@ class CheckpointStore:
                     generation = have
                     break
                 if not fresh:
-                    mine = _claimed_generation(self._backend.get(record))
+                    mine = claimed_generation(self._backend.get(record))
                     if mine is not None and mine <= have:
                         raise Superseded(
                             f"attempt {holder} took over this run (claim {have}) after this attempt "
                             f"{owner} (claim {mine}); this attempt stops"
                         )
                 generation, fresh = have + 1, True
-                self._backend.put(record, _claim_body(owner, generation))
+                self._backend.put(record, claim_body(owner, generation))
                 base = ptr or {"format": POINTER_FORMAT, "step": None, "prefix": None}
                 # ``updated`` stays the commit's: pixpro status reads it as the checkpoint's time
                 claimed = {**base, "generation": generation, "owner": owner}
-                body = _pointer_body({"updated": time.time(), **claimed})
+                body = pointer_body({"updated": time.time(), **claimed})
                 if self._backend.put_if(LATEST, body, token):
                     break
                 self.cas_conflicts += 1
@@ -253,7 +257,7 @@ class CheckpointStore:
                 # A retried PUT whose first try landed (answer lost) gets 412 on its own manifest; so does
                 # a commit() called again after such a try failed, with a later ``created``: that
                 # manifest is ours, and committing goes on with it (``latest`` still has to move).
-                mine = existing is not None and _same_commit(existing[0], manifest)
+                mine = existing is not None and same_commit(existing[0], manifest)
                 if existing is None or not mine:
                     raise CheckpointExists(f"step {step}: {prefix}/{MANIFEST} already exists")
                 body, manifest = existing[0], Manifest.from_json(existing[0])
@@ -307,21 +311,9 @@ class CheckpointStore:
             return None, None, None
         body, token = got
         try:
-            ptr = json.loads(body)
-            if ptr.get("format") != POINTER_FORMAT:
-                raise ValueError("unexpected format")
-            ptr.setdefault("generation", 0)  # written before claims existed
-            if not (isinstance(ptr["generation"], int) and ptr["generation"] >= 0):
-                raise ValueError("bad generation")
-            if ptr.get("prefix") is None and ptr.get("step") is None:
-                return ptr, token, None  # a claim on a run with no checkpoint yet
-            if not isinstance(ptr.get("step"), int):
-                raise ValueError("unexpected format")
-            if step_of(str(ptr.get("prefix"))) != ptr["step"]:
-                raise ValueError("step and prefix disagree")
-        except (ValueError, AttributeError) as e:
+            return parse_pointer(body), token, None
+        except ValueError as e:
             return None, token, f"'{LATEST}' is unreadable ({one_line(str(e), 80)}); ignoring it"
-        return ptr, token, None
 
     def _fence(self, ptr: dict[str, Any] | None) -> None:
         """Raise :class:`Superseded` if a later attempt has claimed the run since this store's claim."""
@@ -343,7 +335,7 @@ class CheckpointStore:
             ptr, token, _problem = self._read_pointer()
             self._fence(ptr)
             owner, generation = self.claimed or ((ptr or {}).get("owner"), (ptr or {}).get("generation", 0))
-            body = _pointer_body({**new, "generation": generation, "owner": owner, "updated": time.time()})
+            body = pointer_body({**new, "generation": generation, "owner": owner, "updated": time.time()})
             if ptr is not None and ptr["prefix"] is not None:
                 if ptr["prefix"] == manifest.prefix:
                     return True  # our own earlier try landed
@@ -650,31 +642,3 @@ class CheckpointStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _pointer_body(pointer: dict[str, Any]) -> bytes:
-    return (json.dumps(pointer, sort_keys=True) + "\n").encode()
-
-
-def _claim_body(owner: str, generation: int) -> bytes:
-    return (json.dumps({"owner": owner, "generation": generation, "time": time.time()}) + "\n").encode()
-
-
-def _claimed_generation(got: tuple[bytes, Any] | None) -> int | None:
-    """The generation a claim record holds; None for no record (or an unreadable one: claim anew)."""
-    try:
-        generation = json.loads(got[0])["generation"] if got else None
-    except (ValueError, KeyError, TypeError):
-        return None
-    return generation if isinstance(generation, int) else None
-
-
-def _same_commit(body: bytes, manifest: Manifest) -> bool:
-    """Whether a stored manifest commits what ``manifest`` does: the same document but for its
-    ``created`` (compared as JSON, as both were written)."""
-    try:
-        stored = json.loads(body)
-    except ValueError:
-        return False
-    ours = json.loads(manifest.to_json())
-    return isinstance(stored, dict) and {**stored, "created": None} == {**ours, "created": None}
