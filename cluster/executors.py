@@ -202,17 +202,16 @@ class SlurmExecutor:
     ) -> list[str | None]:
         """One job array in the sweep's submitit folder; each member's submitit folder links to it, so its
         logs are where a single run's are (``<array>_<index>_<node>_log.out``). Also the next attempts of
-        members that ``pixpro resume SWEEP-ID`` queues together: a node that failed any of them twice is
-        left out for all (an array has one node list)."""
+        members that ``pixpro resume SWEEP-ID`` queues together, which leave out the same nodes (an
+        array has one node list)."""
         from cluster.node_task import NodeTask
 
         folder = sweep_dir / SUBMITIT_DIR
         folder.mkdir(parents=True, exist_ok=True)
         for record in records:
-            if not record.paths.submitit.is_symlink():
+            if not (record.paths.submitit.is_symlink() or record.paths.submitit.exists()):
                 record.paths.submitit.symlink_to(folder, target_is_directory=True)
-        left_out = sorted({n for r in records for n in nodes.excluded(r)})
-        params = slurm.executor_parameters(spec, slurm.node_cpus(spec), left_out)
+        params = slurm.executor_parameters(spec, slurm.node_cpus(spec), nodes.excluded(records[0]))
         tasks = [NodeTask.for_run(r) for r in records]
         return list(slurm.submit_array(tasks, params, folder, spec, max_parallel))
 

@@ -7,6 +7,7 @@ Imports neither torch nor submitit at module level (``pixpro status`` uses the q
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import shlex
 import shutil
@@ -60,11 +61,11 @@ class Started:
         return subprocess.CompletedProcess(self.args, self.proc.returncode, out, err)
 
 
-def start(args: list[str], stdin: str | None = None) -> Started:
+def start(args: list[str], stdin: str | None = None, env: dict[str, str] | None = None) -> Started:
     pipe = subprocess.PIPE
     try:
         proc = subprocess.Popen(
-            args, stdin=pipe if stdin is not None else None, stdout=pipe, stderr=pipe, text=True
+            args, stdin=pipe if stdin is not None else None, stdout=pipe, stderr=pipe, text=True, env=env
         )
     except FileNotFoundError:
         return Started(args, None, unstarted=f"{args[0]} not found: is this a SLURM login node?")
@@ -309,16 +310,18 @@ class KillTimes:
 def kill_times(partition: str | None, job_id: str | None, timeout_s: float = 10.0) -> KillTimes | None:
     """What ``scontrol`` says of the cluster's KillWait, ``partition`` and job ``job_id`` (three questions
     asked side by side, each given ``timeout_s``); None where it does not say KillWait."""
+    env = {**os.environ, "SLURM_TIME_FORMAT": "standard"}  # whatever the user's own setting: ISO times
     asked = [
-        start(["scontrol", "show", "config"]),
-        start(["scontrol", "-o", "show", "partition", partition]) if partition else None,
-        start(["scontrol", "-o", "show", "job", job_id]) if job_id else None,
+        start(["scontrol", "show", "config"], env=env),
+        start(["scontrol", "-o", "show", "partition", partition], env=env) if partition else None,
+        start(["scontrol", "-o", "show", "job", job_id], env=env) if job_id else None,
     ]
+    deadline = time.monotonic() + timeout_s
     texts: list[str] = []
     try:
         for started in asked:
             if started is not None:
-                started.deadline = time.monotonic() + timeout_s
+                started.deadline = deadline
                 texts.append(started.wait().stdout)
             else:
                 texts.append("")
@@ -329,7 +332,9 @@ def kill_times(partition: str | None, job_id: str | None, timeout_s: float = 10.
             if started is not None and started.proc is not None and started.proc.poll() is None:
                 started.proc.kill()
                 started.proc.communicate()
-    config, part, job = texts
+    config, part, jobs = texts
+    # an array's last task shares its number with the array: every task's record is listed, one a line
+    job = next((line for line in jobs.splitlines() if line.startswith(f"JobId={job_id} ")), "")
     kill = re.search(r"^KillWait\s*=\s*(\d+) sec", config, re.M)
     if kill is None:
         return None

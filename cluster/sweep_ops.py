@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster import runs
+from cluster import nodes, runs
 from cluster.errors import Failure, UsageError
 from cluster.executors import executor
 from cluster.index import Index
@@ -253,11 +253,18 @@ def cancel_sweep(sweep: SweepRecord) -> list[tuple[str, list[str]]]:
     return [(run_id, runs.cancel(run_id)[1]) for run_id in sweep.run_ids]
 
 
+def array_throttle(max_parallel: int | None, active: int, due: int) -> int:
+    """The ``%N`` of the array that resumes ``due`` members while ``active`` others are queued or
+    running: what ``--max-parallel`` leaves (at least one), all of them where it sets no bound."""
+    return min(due, max(1, max_parallel - active)) if max_parallel else due
+
+
 def _resume_as_array(
-    sweep_dir: Path, due: list[RunRecord], index: Index, throttle: int
+    sweep: SweepRecord, due: list[RunRecord], index: Index, throttle: int
 ) -> list[tuple[str, str | None]]:
     """The next attempts of ``due`` as one SLURM job array of at most ``throttle`` tasks at once, checked
-    against the cluster once (the members' resources are the sweep's)."""
+    against the cluster once (the members' resources and left-out nodes are the same); the sweep's
+    record names the new array."""
     from cluster import evals
     from schemas import load_spec
 
@@ -266,7 +273,9 @@ def _resume_as_array(
     ex.recheck(spec, Path(due[0].run_dir))
     for record in due:
         record.paths.cancel_marker.unlink(missing_ok=True)
-    job_ids = ex.submit_sweep(due, spec, index, sweep_dir, throttle)
+    job_ids = ex.submit_sweep(due, spec, index, sweeps_dir() / sweep.sweep_id, throttle)
+    sweep.array_job = str(job_ids[0]).partition("_")[0]
+    save_sweep(sweep)
     now = time.time()
     resumed: list[tuple[str, str | None]] = []
     for record, job_id in zip(due, job_ids, strict=True):
@@ -285,7 +294,8 @@ def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str | None]]:
     local sweep runner will still start is left to it (resuming it would start it twice). Locally, at
     most ``--max-parallel`` members run: those beyond it are resumed by a sweep runner as members end
     (job id None). On SLURM the members resumed together are one new job array whose ``%N`` is what
-    ``--max-parallel`` leaves beside the members still queued or running."""
+    ``--max-parallel`` leaves beside the members still queued or running (at least one; it stays so
+    when those end), where the members leave out the same nodes; else each is a job of its own."""
     from cluster.status import attempt_states, read_all_progress, run_state
     from cluster.sweep_runner import member_lock, runner_alive, runner_resumes, spawn_sweep_runner
 
@@ -304,9 +314,8 @@ def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str | None]]:
         and not (waiting and not r.attempts and not r.paths.cancel_marker.exists())  # the runner starts it
     ]
     room = len(due) if sweep.executor != "local" else max(0, (sweep.max_parallel or len(records)) - active)
-    if sweep.executor == "slurm" and len(due) > 1:
-        throttle = max(1, (sweep.max_parallel or len(due)) - active)
-        return _resume_as_array(sweep_dir, due, index, throttle)
+    if sweep.executor == "slurm" and len(due) > 1 and len({tuple(nodes.excluded(r)) for r in due}) == 1:
+        return _resume_as_array(sweep, due, index, array_throttle(sweep.max_parallel, active, len(due)))
     resumed: list[tuple[str, str | None]] = []
     problems = []
     for record in due[:room]:

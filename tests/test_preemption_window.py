@@ -49,14 +49,19 @@ def test_kill_times_read_the_partition_the_config_and_the_job(
         '  "show config") printf "KillWait                = 30 sec\\nMessageTimeout          = 10 sec\\n";;\n'
         '  "-o show partition gpu") echo "PartitionName=gpu PreemptMode=REQUEUE GraceTime=90 Hidden=NO";;\n'
         '  "-o show partition prio") echo "PartitionName=prio PreemptMode=OFF GraceTime=0 Hidden=NO";;\n'
-        '  "-o show job 7") echo "JobId=7 TimeLimit=01:00:00 EndTime=2026-12-07T10:30:00 Deadline=N/A";;\n'
+        '  "-o show job 7") [ "$SLURM_TIME_FORMAT" = standard ] && end=2026-12-07T10:30:00 || end=10:30:00\n'
+        '     echo "JobId=7 TimeLimit=01:00:00 EndTime=$end Deadline=N/A";;\n'
         '  "-o show job 8") echo "JobId=8 TimeLimit=UNLIMITED EndTime=Unknown Deadline=N/A";;\n'
+        '  "-o show job 9") echo "JobId=11 ArrayJobId=9 ArrayTaskId=0 EndTime=2026-12-07T09:00:00"\n'
+        '     echo "JobId=9 ArrayJobId=9 ArrayTaskId=2 EndTime=2026-12-07T10:30:00";;\n'
         '  *) echo "$* not found" >&2; exit 1;;\n'
         "esac",
     )
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_TIME_FORMAT", "relative")  # the user's own: scontrol is asked for ISO times
     end = datetime.datetime(2026, 12, 7, 10, 30).timestamp()
     assert slurm.kill_times("gpu", "7") == slurm.KillTimes(90, 30, True, end)
+    assert slurm.kill_times("gpu", "9") == slurm.KillTimes(90, 30, True, end)  # an array's last task
     assert slurm.kill_times("gpu", "7").window_s == 120  # type: ignore[union-attr]
     assert slurm.kill_times("prio", "8") == slurm.KillTimes(0, 30, False, None)
     assert slurm.kill_times("nope", None) == slurm.KillTimes(0, 30, True, None)  # unknown: KillWait alone

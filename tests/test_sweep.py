@@ -12,6 +12,7 @@ import pytest
 
 from cluster.errors import UsageError
 from cluster.sweep import parse_grid
+from cluster.sweep_ops import array_throttle
 from schemas.contract import STEP_PAUSE_ENV
 from tests.support.cli import (
     assert_one_line_error,
@@ -46,6 +47,18 @@ def test_grid_is_every_combination_first_option_slowest() -> None:
     for bad in (["optim.base_lr"], ["=1,2"], ["optim.base_lr=1,,2"], ["a=1", "a=2"], ["a=1,1"], []):
         with pytest.raises(UsageError):
             parse_grid(bad)
+
+
+@pytest.mark.parametrize(
+    ("max_parallel", "active", "due", "throttle"),
+    [(None, 0, 3, 3), (None, 2, 3, 3), (2, 0, 3, 2), (4, 1, 3, 3), (4, 3, 5, 1), (2, 2, 3, 1), (8, 0, 2, 2)],
+)
+def test_a_resumed_arrays_bound_is_what_max_parallel_leaves(
+    max_parallel: int | None, active: int, due: int, throttle: int
+) -> None:
+    """Resumed on SLURM, the members are one array: no bound without --max-parallel, else what the
+    members still queued or running leave of it (at least one, to make progress)."""
+    assert array_throttle(max_parallel, active, due) == throttle
 
 
 def test_bad_sweep_options_exit_2_and_write_nothing(home: Path, spec_file: Path) -> None:
