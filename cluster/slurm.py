@@ -295,10 +295,12 @@ class KillTimes:
     lead (slurm.schedmd.com/preempt.html); one at its time limit KillWait after its end time."""
 
     grace_s: int
-    """The partition's GraceTime."""
+    """The GraceTime of what preempts: the partition's (``preempt/partition_prio``), or the job's QOS's
+    (``preempt/qos``, from ``sacctmgr``)."""
     kill_wait_s: int
     preemptible: bool
-    """The partition's PreemptMode is not OFF."""
+    """The job can be preempted (a PreemptType, the partition's PreemptMode not OFF) and that GraceTime
+    is known: only then does a preemption's window bound its budgets."""
     ends_at: float | None
     """The job's EndTime (epoch seconds), None where it has none (no time limit) or is not known."""
 
@@ -338,15 +340,37 @@ def kill_times(partition: str | None, job_id: str | None, timeout_s: float = 10.
     kill = re.search(r"^KillWait\s*=\s*(\d+) sec", config, re.M)
     if kill is None:
         return None
-    grace = re.search(r"\bGraceTime=(\d+)\b", part)
+    kind = re.search(r"^PreemptType\s*=\s*preempt/(\S+)", config, re.M)
     mode = re.search(r"\bPreemptMode=(\S+)", part)
     end = re.search(r"\bEndTime=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\b", job)
+    grace: int | None = None
+    if kind is not None and kind[1] == "qos":
+        qos = re.search(r"\bQOS=(\S+)", job)
+        grace = _qos_grace(qos[1], deadline) if qos else None
+    elif kind is not None and kind[1] != "none":
+        found = re.search(r"\bGraceTime=(\d+)\b", part)
+        grace = int(found[1]) if found else 0
     return KillTimes(
-        grace_s=int(grace[1]) if grace else 0,
+        grace_s=grace or 0,
         kill_wait_s=int(kill[1]),
-        preemptible=mode is None or mode[1].upper() != "OFF",
+        preemptible=grace is not None and (mode is None or mode[1].upper() != "OFF"),
         ends_at=datetime.datetime.strptime(end[1], "%Y-%m-%dT%H:%M:%S").timestamp() if end else None,
     )
+
+
+def _qos_grace(qos: str, deadline: float) -> int | None:
+    """The QOS's GraceTime in seconds (``[D-]HH:MM:SS`` from ``sacctmgr``), None where it does not say."""
+    started = start(["sacctmgr", "-n", "-P", "show", "qos", qos, "format=GraceTime"])
+    started.deadline = deadline
+    try:
+        text = started.wait().stdout.strip()
+    except Failure:
+        return None
+    found = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text)
+    if found is None:
+        return None
+    days, hours, minutes, seconds = (int(g or 0) for g in found.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
 # ------------------------------------------------------------------------------------- submit

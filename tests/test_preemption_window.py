@@ -46,11 +46,12 @@ def test_kill_times_read_the_partition_the_config_and_the_job(
     _scontrol(
         tmp_path / "bin",
         'case "$*" in\n'
-        '  "show config") printf "KillWait                = 30 sec\\nMessageTimeout          = 10 sec\\n";;\n'
+        '  "show config") echo "KillWait = 30 sec"\n'
+        '     echo "PreemptType = preempt/${PREEMPT_TYPE:-partition_prio}";;\n'
         '  "-o show partition gpu") echo "PartitionName=gpu PreemptMode=REQUEUE GraceTime=90 Hidden=NO";;\n'
         '  "-o show partition prio") echo "PartitionName=prio PreemptMode=OFF GraceTime=0 Hidden=NO";;\n'
         '  "-o show job 7") [ "$SLURM_TIME_FORMAT" = standard ] && end=2026-12-07T10:30:00 || end=10:30:00\n'
-        '     echo "JobId=7 TimeLimit=01:00:00 EndTime=$end Deadline=N/A";;\n'
+        '     echo "JobId=7 QOS=long TimeLimit=01:00:00 EndTime=$end Deadline=N/A";;\n'
         '  "-o show job 8") echo "JobId=8 TimeLimit=UNLIMITED EndTime=Unknown Deadline=N/A";;\n'
         '  "-o show job 9") echo "JobId=11 ArrayJobId=9 ArrayTaskId=0 EndTime=2026-12-07T09:00:00"\n'
         '     echo "JobId=9 ArrayJobId=9 ArrayTaskId=2 EndTime=2026-12-07T10:30:00";;\n'
@@ -65,6 +66,13 @@ def test_kill_times_read_the_partition_the_config_and_the_job(
     assert slurm.kill_times("gpu", "7").window_s == 120  # type: ignore[union-attr]
     assert slurm.kill_times("prio", "8") == slurm.KillTimes(0, 30, False, None)
     assert slurm.kill_times("nope", None) == slurm.KillTimes(0, 30, True, None)  # unknown: KillWait alone
+    monkeypatch.setenv("PREEMPT_TYPE", "none")  # nothing is ever preempted: no window
+    assert slurm.kill_times("gpu", "7") == slurm.KillTimes(0, 30, False, end)
+    monkeypatch.setenv("PREEMPT_TYPE", "qos")  # the job's QOS says when, as sacctmgr knows it
+    (tmp_path / "bin" / "sacctmgr").write_text('#!/bin/sh\n[ "$5" = long ] && echo 1-00:05:00 || exit 1\n')
+    (tmp_path / "bin" / "sacctmgr").chmod(0o755)
+    assert slurm.kill_times("gpu", "7") == slurm.KillTimes(86_700, 30, True, end)
+    assert slurm.kill_times("gpu", "8") == slurm.KillTimes(0, 30, False, None)  # no QOS known: the lead
 
 
 @pytest.mark.timeout(120)  # waited out, the three silent commands would take 300 s
