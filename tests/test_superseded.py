@@ -110,3 +110,20 @@ def test_a_stale_attempt_that_finds_the_claim_in_its_final_save_neither_complete
     assert last == [f"pixpro: {took_over}"], out[-3000:]
     assert live.read_aux(STATUS_FILE) == ours
     assert live.latest() is None  # nothing committed: the claim stands alone
+
+
+def test_an_attempt_that_cannot_claim_the_run_stops_at_once_in_one_line(tmp_path, data_root):
+    """A store that refuses the claim (here ``claims`` is a file, so no record can go below it) fails
+    the attempt before it trains: it would otherwise train unfenced."""
+    spec = write_spec(tmp_path / "spec.json", tiny_spec(data_root))
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "claims").write_text("not a folder\n")
+    proc = zygote.run(
+        trainer_cmd(spec, run), cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "could not claim the run for attempt" in proc.stderr and "Traceback" not in proc.stderr, (
+        proc.stderr
+    )
+    assert "step 1/" not in proc.stderr  # it did not train
