@@ -147,7 +147,8 @@ class CheckpointStore:
         The generation goes into ``latest`` by compare-and-swap (a pointer naming no checkpoint where
         the run has none yet), and a record of it under ``claims/`` *before*: an owner that claimed once
         (its torchrun restarting workers) keeps its generation, and one that a later owner has passed
-        raises :class:`Superseded`, so a stale attempt can never claim its way back ahead.
+        raises :class:`Superseded`, so a stale attempt can never claim its way back ahead. Where
+        ``latest`` is missing or garbled, the newest record stands in for it.
         """
         if not ATTEMPT_RE.match(owner):
             raise ValueError(f"owner {owner!r} must match {ATTEMPT_RE.pattern}")
@@ -160,14 +161,15 @@ class CheckpointStore:
                 if holder == owner:
                     generation = have
                     break
-                if not fresh:
-                    mine = claimed_generation(self._backend.get(record))
-                    if mine is not None and mine <= have:
-                        raise Superseded(
-                            f"attempt {holder} took over this run (claim {have}) after this attempt "
-                            f"{owner} (claim {mine}); this attempt stops"
-                        )
-                generation, fresh = have + 1, True
+                if ptr is None:  # a new run, or its latest deleted or garbled: the records go on rising
+                    have, holder = self._newest_other_claim(owner)
+                mine = None if fresh else claimed_generation(self._backend.get(record))
+                if mine is not None and mine <= have:
+                    raise Superseded(
+                        f"attempt {holder} took over this run (claim {have}) after this attempt "
+                        f"{owner} (claim {mine}); this attempt stops"
+                    )
+                generation, fresh = max(have, mine or 0) + 1, True
                 self._backend.put(record, claim_body(owner, generation))
                 base = ptr or {"format": POINTER_FORMAT, "step": None, "prefix": None}
                 # ``updated`` stays the commit's: pixpro status reads it as the checkpoint's time
@@ -183,6 +185,16 @@ class CheckpointStore:
         self._config["claimed"] = self.claimed
         log.info("%s: attempt %s holds the run (claim %d)", self.url, owner, generation)
         return generation
+
+    def _newest_other_claim(self, owner: str) -> tuple[int, str | None]:
+        """(generation, owner) of the newest claim on record by another owner than ``owner``; (0, None)."""
+        newest: tuple[int, str | None] = (0, None)
+        for key in self._backend.scan(CLAIMS_DIR):
+            name = key.rpartition("/")[2].removesuffix(".json")
+            generation = claimed_generation(self._backend.get(key)) if name != owner else None
+            if generation is not None and generation > newest[0]:
+                newest = (generation, name)
+        return newest
 
     # -- writing ---------------------------------------------------------------------------------
 
