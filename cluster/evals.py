@@ -246,8 +246,8 @@ def cancel(record: RunRecord, request: EvalRequest) -> bool:
     from cluster.executors import executor
     from cluster.status import ask_executors
 
-    jobs = dict((r.eval_id, st) for r, st in ask_executors([record]).evals.get(record.run_id, []))
-    st = jobs.get(request.eval_id)
+    found = ask_executors([record]).evals.get(record.run_id, [])
+    st = next((st for r, st in found if r.eval_id == request.eval_id), None)
     if request.job_id is None or st is None or not st.active:
         return False
     atomic_write(record.paths.eval(request.eval_id).cancel_marker, f"{time.time()}\n".encode())

@@ -210,9 +210,24 @@ def rollback(record: RunRecord, index: Index) -> None:
 def submit_attempt(record: RunRecord, spec: RunSpec, index: Index) -> str:
     """Queue one more attempt of the run; returns its job id."""
     job_id = executor(record.executor).submit(record, spec, index).job_id
-    record.attempts.append(job_id)
-    record.submitted[job_id] = time.time()
+    add_attempt(record, job_id, time.time())
     return job_id
+
+
+def add_attempt(record: RunRecord, job_id: str, submitted: float) -> None:
+    record.attempts.append(job_id)
+    record.submitted[job_id] = submitted
+
+
+def resumed(record: RunRecord, job_id: str, index: Index) -> str | None:
+    """After a resume queued ``job_id``: the record saved, and the evaluations waiting on the run moved
+    onto it; a warning, never a failure (the attempt is queued already)."""
+    warning = save(record, index, strict=False)
+    try:
+        evals.repoint(record, job_id)
+    except Failure as exc:  # an evaluation left waiting is a warning
+        warning = f"an evaluation still waits on the earlier attempt: {exc.lines[0]}"
+    return warning
 
 
 def submit(plan: Submission) -> tuple[RunRecord, str, str | None]:
@@ -254,12 +269,7 @@ def resume(ident: str, include_nodes: list[str] | None = None) -> tuple[RunRecor
     executor(record.executor).recheck(spec, Path(record.run_dir))
     record.paths.cancel_marker.unlink(missing_ok=True)
     job_id = submit_attempt(record, spec, index)
-    warning = save(record, index, strict=False)
-    try:
-        evals.repoint(record, job_id)
-    except Failure as exc:  # the attempt is queued: an evaluation left waiting is a warning
-        warning = f"an evaluation still waits on the earlier attempt: {exc.lines[0]}"
-    return record, job_id, warning
+    return record, job_id, resumed(record, job_id, index)
 
 
 def cancel(ident: str) -> tuple[RunRecord, list[str], str | None]:

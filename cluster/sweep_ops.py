@@ -6,7 +6,6 @@ with one line per problem (each naming the member's values).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -229,8 +228,7 @@ def submit_sweep(plan: SweepPlan) -> tuple[SweepRecord, list[RunRecord], list[st
     warnings = []
     for record, job_id in zip(records, job_ids, strict=True):
         if job_id is not None:
-            record.attempts.append(job_id)
-            record.submitted[job_id] = time.time()
+            runs.add_attempt(record, job_id, time.time())
             warning = runs.save(record, index, strict=False)
             warnings += [warning] if warning else []
     sweep.array_job = job_ids[0].split("_")[0] if job_ids[0] and "_" in job_ids[0] else None
@@ -265,7 +263,6 @@ def _resume_as_array(
     """The next attempts of ``due`` as one SLURM job array of at most ``throttle`` tasks at once, checked
     against the cluster once (the members' resources and left-out nodes are the same); the sweep's
     record names the new array."""
-    from cluster import evals
     from schemas import load_spec
 
     spec = load_spec(due[0].spec_path)
@@ -277,16 +274,11 @@ def _resume_as_array(
     sweep.array_job = str(job_ids[0]).partition("_")[0]
     save_sweep(sweep)
     now = time.time()
-    resumed: list[tuple[str, str | None]] = []
     for record, job_id in zip(due, job_ids, strict=True):
         assert job_id is not None  # SLURM queues every task of the array now
-        record.attempts.append(job_id)
-        record.submitted[job_id] = now
-        runs.save(record, index, strict=False)  # queued already: never fail from here
-        with contextlib.suppress(Failure):  # queued: an evaluation left waiting shows in pixpro status
-            evals.repoint(record, job_id)
-        resumed.append((record.run_id, job_id))
-    return resumed
+        runs.add_attempt(record, job_id, now)
+        runs.resumed(record, job_id, index)  # as a sweep's resume of one member: warnings unsaid
+    return [(record.run_id, job_id) for record, job_id in zip(due, job_ids, strict=True)]
 
 
 def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str | None]]:

@@ -12,7 +12,7 @@ import pytest
 from launch.store import CheckpointStore
 from schemas.contract import ATTEMPT_ENV, STATUS_FILE, STEP_PAUSE_ENV
 from tests.support import zygote
-from tests.support.trainer import REPO, Tail, tiny_spec, trainer_cmd, trainer_env, write_spec
+from tests.support.trainer import REPO, Tail, run_trainer, tiny_spec, trainer_cmd, trainer_env, write_spec
 
 pytestmark = [pytest.mark.slow]
 
@@ -62,14 +62,8 @@ def test_a_stale_attempt_stops_at_its_next_checkpoint_and_cannot_start_again(tmp
     pointer = json.loads((run / "checkpoints" / "latest").read_text())
     assert (pointer["owner"], pointer["generation"]) == ("50.1", 2)
 
-    again = zygote.run(  # the stale job's attempt started once more: refused before it reads anything
-        trainer_cmd(spec, run, nproc=1, max_restarts=1),
-        cwd=REPO,
-        env=trainer_env(**{ATTEMPT_ENV: "50.0"}),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # the stale job's attempt started once more: refused before it reads anything
+    again = run_trainer(spec, run, max_restarts=1, **{ATTEMPT_ENV: "50.0"})
     out = again.stdout + again.stderr
     assert again.returncode == 1, out[-3000:]
     last = [line for line in again.stderr.splitlines() if line.startswith("pixpro: ")]
@@ -119,9 +113,7 @@ def test_an_attempt_that_cannot_claim_the_run_stops_at_once_in_one_line(tmp_path
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "claims").write_text("not a folder\n")
-    proc = zygote.run(
-        trainer_cmd(spec, run), cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=300
-    )
+    proc = run_trainer(spec, run)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "could not claim the run for attempt" in proc.stderr and "Traceback" not in proc.stderr, (
         proc.stderr

@@ -90,11 +90,11 @@ def trainer_cmd(spec: Path, run_dir: Path, nproc: int = 1, max_restarts: int = 0
 
 
 def run_trainer(
-    spec: Path, run_dir: Path, nproc: int = 1, timeout: float = 300, **env: str
+    spec: Path, run_dir: Path, nproc: int = 1, timeout: float = 300, max_restarts: int = 0, **env: str
 ) -> subprocess.CompletedProcess:
     """Run the trainer to the end (see :func:`trainer_cmd`), output captured."""
     return zygote.run(
-        trainer_cmd(spec, run_dir, nproc),
+        trainer_cmd(spec, run_dir, nproc, max_restarts),
         cwd=REPO,
         env=trainer_env(**env),
         capture_output=True,
