@@ -400,8 +400,7 @@ class CheckpointStore:
     def latest(self) -> dict[str, Any] | None:
         """The ``latest`` pointer as stored (step, prefix, attempt, updated), or None: no checkpoint."""
         with self._redactor.guard():
-            ptr = self._read_pointer()[0]
-        return ptr if ptr is not None and ptr["prefix"] is not None else None
+            return _named(self._read_pointer()[0])
 
     def latest_manifest(self) -> Manifest | None:
         """The manifest ``latest`` names, without a listing and without warnings; None on any doubt.
@@ -411,8 +410,8 @@ class CheckpointStore:
         """
         try:
             with self._redactor.guard():
-                ptr = self._read_pointer()[0]
-                got = self._backend.get(f"{ptr['prefix']}/{MANIFEST}") if ptr and ptr["prefix"] else None
+                ptr = _named(self._read_pointer()[0])
+                got = self._backend.get(f"{ptr['prefix']}/{MANIFEST}") if ptr else None
         except Exception:
             return None
         if ptr is None or got is None or ptr.get("manifest_sha256") != hashlib.sha256(got[0]).hexdigest():
@@ -444,7 +443,8 @@ class CheckpointStore:
         """
         for _ in range(RESOLVE_PASSES):
             with self._redactor.guard():
-                ptr, _, problem = self._read_pointer()
+                raw, _, problem = self._read_pointer()
+                ptr = _named(raw)
                 layout = scan_layout(self._backend.scan())
             found = False
             for manifest in self._candidates(ptr, problem, layout, expect, verify_checksums):
@@ -453,8 +453,8 @@ class CheckpointStore:
             if found:
                 return
             with self._redactor.guard():
-                now = self._read_pointer()[0]
-            if now is None or now == ptr or now["prefix"] is None:
+                now = _named(self._read_pointer()[0])
+            if now is None or now == ptr:
                 return
             log.info("%s: latest moved to step %d while resolving; looking again", self.url, now["step"])
 
@@ -471,9 +471,7 @@ class CheckpointStore:
             log.warning("%s: ignoring %d foreign object(s): %s", self.url, len(layout.foreign), shown)
         if problem:
             log.warning("%s: %s", self.url, problem)
-        order: list[tuple[str, dict[str, Any] | None]] = []
-        if ptr is not None and ptr["prefix"] is not None:
-            order.append((ptr["prefix"], ptr))
+        order: list[tuple[str, dict[str, Any] | None]] = [(ptr["prefix"], ptr)] if ptr else []
         order += [(p, None) for p in sorted(layout.prefixes, key=step_order, reverse=True)]
         seen: set[str] = set()
         for prefix, via in order:
@@ -654,3 +652,8 @@ class CheckpointStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _named(ptr: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The pointer if it names a checkpoint: readers ignore an attempt's claim on a run without one."""
+    return ptr if ptr is not None and ptr["prefix"] is not None else None
