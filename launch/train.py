@@ -249,8 +249,11 @@ class Trainer:
         finally:
             self._close_loader()
         self.checkpointer.close()  # an upload in flight (a finite state from before) commits or ends here
-        if why is not None:  # so the line names the checkpoint a resume will find
-            last = self.checkpointer.last_committed or self.resumed_step
+        if why is not None:  # the store's own answer: an upload that commits as it is closed reports none
+            try:
+                last = (self.store.latest() or {}).get("step")
+            except (StoreError, OSError):
+                last = self.checkpointer.last_committed or self.resumed_step
             self.diverged = (
                 f"diverged: {why}; stopped without saving; the last committed checkpoint is "
                 f"{f'step {last}' if last else 'none'}"
