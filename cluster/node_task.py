@@ -38,6 +38,7 @@ from cluster.torchrun import (
 from schemas.contract import (
     PREEMPT_WINDOW_ENV,
     STATUS_FILE,
+    TERM_WINDOW_ENV,
     TIME_LIMIT_AT_ENV,
     Exit,
     RunPaths,
@@ -176,6 +177,7 @@ class NodeTask:
         self._ctx: JobContext | None = None
         self._window: int | None = None  # seconds from a preemption's signal to SIGKILL, where known
         self._ends_at: float | None = None  # the job's end time: its time limit's signal comes lead before
+        self._term_window: int | None = None  # seconds from a SIGTERM to SIGKILL, where known
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self._CONFIG}
@@ -209,12 +211,15 @@ class NodeTask:
             env[PREEMPT_WINDOW_ENV] = str(self._window)
         if self._ends_at is not None:
             env[TIME_LIMIT_AT_ENV] = f"{self._ends_at:.0f}"
+        if self._term_window is not None:
+            env[TERM_WINDOW_ENV] = str(self._term_window)
         return env
 
     def _read_kill_times(self, ctx: JobContext) -> None:
         """SLURM kills a preempted job its partition's GraceTime + KillWait after the signal, whatever
         ``resources.signal_lead_s`` says: a preemption's final save and :meth:`checkpoint` budget for it
-        (the time limit's signal, lead before the job's end, keeps the lead)."""
+        (the time limit's signal, lead before the job's end, keeps the lead); a SIGTERM, KillWait after
+        ``scancel`` and ``scontrol requeue``, budgets for that."""
         from cluster import slurm
 
         found = slurm.kill_times(os.environ.get("SLURM_JOB_PARTITION"), os.environ.get("SLURM_JOB_ID"))
@@ -222,6 +227,7 @@ class NodeTask:
             _say("when SLURM kills a preempted job is unknown (scontrol did not say): budgets from the lead")
             return
         self._ends_at = found.ends_at
+        self._term_window = found.term_window_s
         if not found.preemptible:
             return
         self._window = found.window_s

@@ -303,10 +303,20 @@ class KillTimes:
     is known: only then does a preemption's window bound its budgets."""
     ends_at: float | None
     """The job's EndTime (epoch seconds), None where it has none (no time limit) or is not known."""
+    user_signal_first: bool = False
+    """``SlurmctldParameters=preempt_send_user_signal``: a preemption starts with the user signal, so a
+    SIGTERM is never one's first signal."""
 
     @property
     def window_s(self) -> int:
         return self.grace_s + self.kill_wait_s
+
+    @property
+    def term_window_s(self) -> int:
+        """From a SIGTERM to the SIGKILL: KillWait after ``scancel``, ``scontrol requeue`` or the time
+        limit's end; a preemption's window where a preemption starts with SIGTERM (the shorter one
+        cannot be told apart there, and a preemption is the signal a checkpoint is for)."""
+        return self.window_s if self.preemptible and not self.user_signal_first else self.kill_wait_s
 
 
 def kill_times(partition: str | None, job_id: str | None, timeout_s: float = 10.0) -> KillTimes | None:
@@ -343,6 +353,7 @@ def kill_times(partition: str | None, job_id: str | None, timeout_s: float = 10.
     kind = re.search(r"^PreemptType\s*=\s*preempt/(\S+)", config, re.M)
     mode = re.search(r"\bPreemptMode=(\S+)", part)
     end = re.search(r"\bEndTime=(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\b", job)
+    user_first = re.search(r"^SlurmctldParameters\s*=.*\bpreempt_send_user_signal\b", config, re.M)
     grace: int | None = None
     if kind is not None and kind[1] == "qos":
         qos = re.search(r"\bQOS=(\S+)", job)
@@ -355,6 +366,7 @@ def kill_times(partition: str | None, job_id: str | None, timeout_s: float = 10.
         kill_wait_s=int(kill[1]),
         preemptible=grace is not None and (mode is None or mode[1].upper() != "OFF"),
         ends_at=datetime.datetime.strptime(end[1], "%Y-%m-%dT%H:%M:%S").timestamp() if end else None,
+        user_signal_first=user_first is not None,
     )
 
 

@@ -346,7 +346,8 @@ class Trainer:
         # or a long step may have come between); leave a margin for the exit.
         since = time.monotonic() - (self.flag.since or time.monotonic())
         lead = self.spec.resources.signal_lead_s
-        window = preemption_window(lead, time.time() - since) if outcome == "preempted" else None
+        sigterm = self.flag.received == signal.SIGTERM
+        window = preemption_window(lead, time.time() - since, sigterm) if outcome == "preempted" else None
         commit_s, _ = preemption_deadlines(lead, window)
         heartbeat.beat(self.step, "final-flush", max(RETRY_FOR_S + HANG_GRACE_S, commit_s))
         budget_s = max(0.0, commit_s - since) if outcome == "preempted" else None
@@ -360,7 +361,7 @@ class Trainer:
                 commit_s,
                 budget_s,
                 lead,
-                "" if window is None else f", preemption window {window:g} s",
+                "" if window is None else f", {'SIGTERM' if sigterm else 'preemption'} window {window:g} s",
                 self.checkpointer.last_committed or self.resumed_step or 0,
             )
         return committed

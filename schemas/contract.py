@@ -309,6 +309,10 @@ PREEMPT_WINDOW_ENV = "PIXPRO_PREEMPT_WINDOW_S"
 """Seconds from a preemption's first signal to SLURM's SIGKILL on the job's partition (its GraceTime
 plus KillWait, read by the node task from ``scontrol``; unset where the partition is never preempted):
 a preemption's budget where it is shorter than ``resources.signal_lead_s``."""
+TERM_WINDOW_ENV = "PIXPRO_TERM_WINDOW_S"
+"""Seconds from a SIGTERM to SLURM's SIGKILL (KillWait, or a preemption's window where a preemption
+starts with SIGTERM; read by the node task from ``scontrol``): a SIGTERM's budget where it is shorter
+than ``resources.signal_lead_s``."""
 TIME_LIMIT_AT_ENV = "PIXPRO_TIME_LIMIT_AT"
 """The job's end time (epoch seconds; SLURM's EndTime when the attempt started, read by the node task):
 a signal that arrives within the lead of it is the time limit's, which the lead bounds, not a
@@ -369,8 +373,9 @@ def applicable_window(
     return window_s
 
 
-def preemption_window(signal_lead_s: float, signal_at: float) -> float | None:
-    """:func:`applicable_window` from what the node task set in this process's environment."""
+def preemption_window(signal_lead_s: float, signal_at: float, sigterm: bool = False) -> float | None:
+    """The window that bounds a stop asked at ``signal_at`` (epoch), from what the node task set in this
+    process's environment: a SIGTERM's own (:data:`TERM_WINDOW_ENV`), else :func:`applicable_window`."""
 
     def number(name: str) -> float | None:
         try:
@@ -378,6 +383,8 @@ def preemption_window(signal_lead_s: float, signal_at: float) -> float | None:
         except ValueError:
             return None
 
+    if sigterm:
+        return number(TERM_WINDOW_ENV)
     return applicable_window(number(PREEMPT_WINDOW_ENV), number(TIME_LIMIT_AT_ENV), signal_lead_s, signal_at)
 
 

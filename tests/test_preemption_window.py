@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from cluster import slurm
-from schemas.contract import applicable_window, preemption_deadlines
+from schemas.contract import (
+    PREEMPT_WINDOW_ENV,
+    TERM_WINDOW_ENV,
+    TIME_LIMIT_AT_ENV,
+    applicable_window,
+    preemption_deadlines,
+    preemption_window,
+)
 
 SETUP = Path(__file__).resolve().parents[1] / "cluster" / "slurm" / "setup.sh"
 
@@ -40,6 +47,19 @@ def test_the_time_limits_own_signal_keeps_the_lead() -> None:
     assert applicable_window(None, now + 3600, 120, now) is None  # a partition never preempted
 
 
+def test_a_sigterm_is_bounded_by_its_own_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``scancel`` and ``scontrol requeue`` kill KillWait after their SIGTERM, sooner than a preemption's
+    window or the time limit's lead: a SIGTERM reads its own window, whenever it comes."""
+    now = 1_000_000.0
+    monkeypatch.setenv(PREEMPT_WINDOW_ENV, "40")
+    monkeypatch.setenv(TIME_LIMIT_AT_ENV, str(now + 120))
+    assert preemption_window(120, now) is None  # the user signal, lead before the end: the time limit's
+    assert preemption_window(120, now, sigterm=True) is None  # a SIGTERM with its window unknown: the lead
+    monkeypatch.setenv(TERM_WINDOW_ENV, "5")
+    assert preemption_window(120, now, sigterm=True) == 5
+    assert preemption_window(120, now - 3600) == 40 and preemption_window(120, now - 3600, True) == 5
+
+
 def test_kill_times_read_the_partition_the_config_and_the_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -47,7 +67,8 @@ def test_kill_times_read_the_partition_the_config_and_the_job(
         tmp_path / "bin",
         'case "$*" in\n'
         '  "show config") echo "KillWait = 30 sec"\n'
-        '     echo "PreemptType = preempt/${PREEMPT_TYPE:-partition_prio}";;\n'
+        '     echo "PreemptType = preempt/${PREEMPT_TYPE:-partition_prio}"\n'
+        '     [ -n "$CTLD_PARAMS" ] && echo "SlurmctldParameters = $CTLD_PARAMS";;\n'
         '  "-o show partition gpu") echo "PartitionName=gpu PreemptMode=REQUEUE GraceTime=90 Hidden=NO";;\n'
         '  "-o show partition prio") echo "PartitionName=prio PreemptMode=OFF GraceTime=0 Hidden=NO";;\n'
         '  "-o show job 7") [ "$SLURM_TIME_FORMAT" = standard ] && end=2026-12-07T10:30:00 || end=10:30:00\n'
@@ -64,7 +85,14 @@ def test_kill_times_read_the_partition_the_config_and_the_job(
     assert slurm.kill_times("gpu", "7") == slurm.KillTimes(90, 30, True, end)
     assert slurm.kill_times("gpu", "9") == slurm.KillTimes(90, 30, True, end)  # an array's last task
     assert slurm.kill_times("gpu", "7").window_s == 120  # type: ignore[union-attr]
+    # a preemption starts with SIGTERM: a SIGTERM may be one (scancel's, KillWait, cannot be told apart)
+    assert slurm.kill_times("gpu", "7").term_window_s == 120  # type: ignore[union-attr]
     assert slurm.kill_times("prio", "8") == slurm.KillTimes(0, 30, False, None)
+    assert slurm.kill_times("prio", "8").term_window_s == 30  # type: ignore[union-attr]  # never preempted
+    monkeypatch.setenv("CTLD_PARAMS", "enable_configless,preempt_send_user_signal")
+    assert slurm.kill_times("gpu", "7") == slurm.KillTimes(90, 30, True, end, user_signal_first=True)
+    assert slurm.kill_times("gpu", "7").term_window_s == 30  # type: ignore[union-attr]  # never a preemption's
+    monkeypatch.delenv("CTLD_PARAMS")
     assert slurm.kill_times("nope", None) == slurm.KillTimes(0, 30, True, None)  # unknown: KillWait alone
     monkeypatch.setenv("PREEMPT_TYPE", "none")  # nothing is ever preempted: no window
     assert slurm.kill_times("gpu", "7") == slurm.KillTimes(0, 30, False, end)
@@ -100,5 +128,7 @@ def test_the_test_clusters_kill_times_are_what_its_setup_configures() -> None:
     text = SETUP.read_text()
     grace = int(re.search(r"^PartitionName=cpu .*GraceTime=(\d+)", text, re.M)[1])  # type: ignore[index]
     kill_wait = int(re.search(r"^KillWait=(\d+)", text, re.M)[1])  # type: ignore[index]
-    assert slurm.kill_times("cpu", None) == slurm.KillTimes(grace, kill_wait, True, None)
-    assert slurm.kill_times("high", None) == slurm.KillTimes(0, kill_wait, False, None)  # never preempted
+    user_first = re.search(r"^SlurmctldParameters=.*\bpreempt_send_user_signal\b", text, re.M) is not None
+    assert slurm.kill_times("cpu", None) == slurm.KillTimes(grace, kill_wait, True, None, user_first)
+    assert slurm.kill_times("high", None) == slurm.KillTimes(0, kill_wait, False, None, user_first)
+    assert slurm.kill_times("cpu", None).term_window_s == kill_wait  # type: ignore[union-attr]

@@ -19,6 +19,7 @@ from schemas.contract import (
     STATUS_FILE,
     STEP_PAUSE_ENV,
     STOP_AT_STEP_ENV,
+    TERM_WINDOW_ENV,
     TIME_LIMIT_AT_ENV,
 )
 from tests.conftest_s3 import s3_storage_options
@@ -89,16 +90,16 @@ def test_sigterm_while_an_upload_is_in_flight_commits_the_final_state(tmp_path, 
 
 
 @pytest.mark.parametrize(
-    ("lead", "window", "ends_in"),
-    [(10, None, None), (60, 10, None), (10, 4, 60)],
-    ids=["lead", "partition-window", "time-limit"],
+    ("lead", "window", "ends_in", "term"),
+    [(10, None, None, None), (60, 10, None, None), (10, 4, 60, None), (60, 40, None, 10)],
+    ids=["lead", "partition-window", "time-limit", "sigterm"],
 )
-def test_a_preemption_that_cannot_commit_in_time_says_so(tmp_path, lead, window, ends_in):
+def test_a_preemption_that_cannot_commit_in_time_says_so(tmp_path, lead, window, ends_in, term):
     """The uploader hangs (SIGSTOP): the final save gives up commit_s (0.75 x the lead, or x the
     partition's preemption window where that is shorter: SLURM kills a preempted job then, whatever the
-    lead; but not the time limit's own signal, lead before the job's end) after the request, not after the
-    save began (a 2 s step came between), one error line says which step was lost, and status.json
-    records it."""
+    lead; but not the time limit's own signal, lead before the job's end; a SIGTERM's own window, KillWait
+    after ``scancel``) after the request, not after the save began (a 2 s step came between), one error
+    line says which step was lost, and status.json records it."""
     spec = write_spec(
         tmp_path / "spec.json",
         tiny_spec(
@@ -107,7 +108,9 @@ def test_a_preemption_that_cannot_commit_in_time_says_so(tmp_path, lead, window,
     )
     run = tmp_path / "run"
     # the request at step 6, as a signal would make it; then 2 s pass before the step boundary
-    env = {STOP_AT_STEP_ENV: "6", STEP_PAUSE_ENV: "2"}
+    env = {STOP_AT_STEP_ENV: "6", STEP_PAUSE_ENV: "2"} if term is None else {STEP_PAUSE_ENV: "2"}
+    if term:  # the request is a real SIGTERM, sent once the uploader hangs
+        env[TERM_WINDOW_ENV] = str(term)
     if window:
         env[PREEMPT_WINDOW_ENV] = str(window)
     if ends_in:  # the signal comes within the lead (+ SLURM's minute) of the job's end: the time limit's
@@ -118,17 +121,17 @@ def test_a_preemption_that_cannot_commit_in_time_says_so(tmp_path, lead, window,
         assert proc.poll() is None and not out.has("step 6/40"), out.text()[-3000:]
         (uploader,) = children_of(proc.pid)  # num_workers 0: the uploader is the trainer's only child
         os.kill(uploader, signal.SIGSTOP)
+        if term:
+            proc.send_signal(signal.SIGTERM)
         # gives up at commit_s = 7.5 s after the request, then exits (benches/bench_deadlines.py)
         proc.wait(timeout=120)
         log = out.text()
         (line,) = [x for x in log.splitlines() if "but its checkpoint did not commit within 8 s" in x]
         left = float(re.search(r"\(([0-9.]+) s were left when the save began", line)[1])  # type: ignore[index]
-        assert 0 <= left <= 7.5 - 2, line
+        assert 0 <= left <= (7.5 if term else 7.5 - 2), line  # a SIGTERM may come within the last step
         applies = window and not ends_in
-        assert (
-            f"resources.signal_lead_s {lead}" + (f", preemption window {window} s" if applies else ")")
-            in line
-        )
+        said = f", SIGTERM window {term} s" if term else f", preemption window {window} s" if applies else ")"
+        assert f"resources.signal_lead_s {lead}{said}" in line, line
         store = CheckpointStore(str(run / "checkpoints"))
         committed = store.latest()["step"]
         assert f"the next attempt resumes from step {committed}" in line
