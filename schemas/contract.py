@@ -365,9 +365,11 @@ def applicable_window(
     window_s: float | None, ends_at: float | None, signal_lead_s: float, signal_at: float
 ) -> float | None:
     """The preemption window that bounds a signal that arrived at ``signal_at`` (epoch): none for the
-    time limit's own signal (within the lead of the job's end), else ``window_s``."""
+    time limit's own signal (within the lead of the job's end), else ``window_s``. A signal well after
+    that end is a preemption: the time limit was raised (``scontrol update``) since the end was read."""
     if window_s is None or (
-        ends_at is not None and ends_at - signal_at <= signal_lead_s + TIME_LIMIT_SLACK_S
+        ends_at is not None
+        and -TIME_LIMIT_SLACK_S <= ends_at - signal_at <= signal_lead_s + TIME_LIMIT_SLACK_S
     ):
         return None
     return window_s

@@ -43,6 +43,8 @@ def test_the_time_limits_own_signal_keeps_the_lead() -> None:
     assert applicable_window(40, now + 120, 120, now) is None  # lead before the end: the time limit's
     assert applicable_window(40, now + 170, 120, now) is None  # SLURM may send it up to a minute early
     assert applicable_window(40, now + 3600, 120, now) == 40  # an hour before the end: a preemption
+    # the end read at the attempt's start passed long ago: the time limit was raised, this is a preemption
+    assert applicable_window(40, now - 600, 120, now) == 40
     assert applicable_window(40, None, 120, now) == 40  # no time limit: only a preemption signals
     assert applicable_window(None, now + 3600, 120, now) is None  # a partition never preempted
 
