@@ -64,7 +64,15 @@ def seed_everything(seed: int, rank: int) -> None:
 
 # --- builders (the method in a builder, a loader and a main, as in moco) ---------------------------
 def build_model(spec: RunSpec) -> PixPro:
-    torch.manual_seed(spec.seed)  # identical initial weights on every rank and every attempt
+    """Identical initial weights on every rank and every attempt, drawn (on the CPU) from ``spec.seed``
+    apart from the global streams: those stay each rank's own (:func:`seed_everything`), which a
+    backbone's stochastic depth draws its masks from."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(spec.seed)
+        return _pixpro(spec)
+
+
+def _pixpro(spec: RunSpec) -> PixPro:
     m, loss = spec.model, spec.loss
     return PixPro(
         backbone=m.backbone,

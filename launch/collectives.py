@@ -149,6 +149,15 @@ class Collectives:
         dist.all_gather(out, tensor.contiguous(), group=self.data_group)
         return out
 
+    def every_rank(self, flag: torch.Tensor) -> torch.Tensor:
+        """A device bool that holds on every rank (MIN over the data group), queued on the device's
+        stream without a host sync; ``flag`` itself without a process group."""
+        if not self.active:
+            return flag
+        t = flag.to(torch.int32)  # NCCL reduces no bool
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.data_group)
+        return t.bool()
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier(group=self.control)

@@ -8,7 +8,7 @@ the state it may touch (online and EMA parameters, optimizer buffers, module buf
 the step and selected back with ``torch.where`` after the optimizer (the only select that a NaN cannot
 leak through). On a ResNet-50 PixPro that is ~0.4 GB copied and selected per step, under a millisecond
 on an H100 against a step of ~100 ms. The decision uses the gradients after DDP's all-reduce, identical on
-every rank, so every rank skips the same steps.
+every rank, so every rank skips the same steps (fp16 decides on the loss, agreed over the ranks).
 
 The count of consecutive skipped steps stays on the device; the trainer reads it with the loss (every
 ``log_every_steps`` and before each checkpoint) and stops the run as diverged at
@@ -17,7 +17,7 @@ The count of consecutive skipped steps stays on the device; the trainer reads it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -66,16 +66,25 @@ class NonFiniteGuard:
             torch._foreach_copy_(self._saved, self._tensors)
 
     @torch.no_grad()
-    def finish(self, loss: torch.Tensor, grads_checked: bool = True) -> torch.Tensor:
+    def finish(
+        self,
+        loss: torch.Tensor,
+        grads_checked: bool = True,
+        every_rank: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """After the optimizer: undo the step unless its gradients and the state it made are finite;
         returns the device flag ``ok``. A non-finite loss makes non-finite gradients;
         ``grads_checked=False`` (fp16, whose GradScaler skips steps with inf gradients itself, as
-        expected) looks at the ``loss`` instead, and counts GradScaler's skips apart."""
+        expected) looks at the ``loss`` instead, and counts GradScaler's skips apart. The loss is this
+        rank's own: ``every_rank`` (a device all-reduce, MIN) makes one rank's non-finite loss every
+        rank's verdict, or that rank alone would undo its EMA and BN statistics and drift from the rest."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads_checked and grads:  # reduced over the ranks by DDP: the same verdict on every rank
             ok = all_finite(grads)
         else:
             ok = torch.isfinite(loss.detach()).all()
+            if every_rank is not None:
+                ok = every_rank(ok)
             if grads:  # inf gradients: GradScaler did not step (and lowers its scale)
                 self.scaler_skipped.add_((~all_finite(grads)).to(self.scaler_skipped.dtype))
         state = self._state()  # once per step: the hot path

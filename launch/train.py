@@ -244,7 +244,9 @@ class Trainer:
             # a later claim found by the final save: the attempt neither completed nor may requeue
             if outcome != "superseded" and self.collectives.any(self.checkpointer.superseded is not None)[0]:
                 outcome, committed = "superseded", False
-        except Diverged as exc:  # every rank decides alike: the guard's counts follow the reduced gradients
+        except (
+            Diverged
+        ) as exc:  # every rank decides alike: the guard follows the reduced gradients (fp16: losses)
             outcome, committed, why = "diverged", False, str(exc)
         finally:
             self._close_loader()
@@ -444,8 +446,11 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         # fp16: GradScaler already skipped a step with inf gradients (expected, counted apart); the
-        # guard then watches the loss alone
-        ok = self.guard.finish(out["loss"], grads_checked=not self.scaler.is_enabled())
+        # guard then watches the loss, every rank's
+        fp16 = self.scaler.is_enabled()
+        ok = self.guard.finish(
+            out["loss"], grads_checked=not fp16, every_rank=self.collectives.every_rank if fp16 else None
+        )
         values = torch.stack([out["loss"].detach().float(), out["positives"].float()])
         self._step_values = torch.where(ok, values, self._step_values)
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch.builders import build_model, seed_everything
 from launch.collectives import DistEnv
 from launch.nonfinite import Diverged, NonFiniteGuard
 from launch.preempt import PreemptionFlag
 from launch.train import Trainer
-from schemas import load_spec
+from schemas import load_spec, parse_spec
 from tests.support import zygote
 from tests.support.host_syncs import HostSyncCounter
 from tests.support.trainer import tiny_spec, write_spec
@@ -157,3 +158,17 @@ def test_gradscaler_skips_are_counted_apart_and_are_not_divergence():
     assert not any(torch.equal(a, b) for a, b in zip(weights[1], weights[2], strict=True))  # trained
     assert scaler.get_scale() == 2.0**27
     assert guard.counters().tolist() == [0, 0, 1]
+
+
+def test_the_initial_weights_come_from_the_spec_seed_and_each_ranks_stream_stays_its_own():
+    """Every rank builds the same weights whatever its global stream holds, and building them leaves that
+    stream (seeded per rank: a stochastic-depth backbone's masks) where it was."""
+    spec = parse_spec(tiny_spec(Path("data")))
+    weights = []
+    for rank in (0, 1):
+        seed_everything(spec.seed, rank)
+        expected = torch.rand(3)
+        seed_everything(spec.seed, rank)
+        weights.append(build_model(spec).state_dict())
+        assert torch.equal(torch.rand(3), expected)  # the rank's own stream, untouched
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
