@@ -19,6 +19,14 @@ made no progress for longer than its limit (``resources.hang_timeout_s``, or a p
    agents do the same with their killed workers (and :mod:`launch.elastic` kills what is left of a
    broken group at once). With no restarts left, the agent fails and :mod:`launch.run` repeats the
    line.
+
+The run folder is on a shared filesystem, and a stalled one (what stalls the ranks, often) blocks a
+write rather than failing it. So the folder's side, publishing this node's file, reading the others'
+and recording failures, runs in a thread of its own (:meth:`Watchdog.share`); the decisions and the
+kills use node-local files and what that thread last read. An agent that cannot read the folder for
+:data:`FRESH_S` decides on its own ranks alone; one that reads it, while another node's agent it saw has
+gone silent, waits twice the limit before it acts on its own (the silent node's ranks may be the hung
+ones).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from launch.heartbeat import DIR_ENV, DUMP_SIGNAL, read
@@ -70,21 +79,34 @@ class Watchdog:
         self.last_hang: str | None = None
         self._seen: set[str] = set()
         self._killed: set[int] = set()
-        self._published = 0.0
+        # shared with the folder's thread, under the lock: what to publish and what it last read
+        self._lock = threading.Lock()
+        self._local: list[RankBeat] = []
+        self._hang: str | None = None
+        self._records: list[tuple[int, str]] = []
+        self._others: list[NodeHeartbeat] = []
+        self._shared_at = time.time()  # when the folder last answered
+        self._heard: set[str] = set()  # other nodes whose file this agent saw fresh
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="pixpro-watchdog", daemon=True)
+        self._sharer = threading.Thread(target=self._share_loop, name="pixpro-watchdog-share", daemon=True)
 
     def start(self) -> Watchdog:
         self._thread.start()
+        self._sharer.start()
         return self
 
     def stop(self) -> None:
+        """Stop both threads; the folder's thread records what is pending and removes this node's file,
+        given 10 s (a stalled folder keeps it, not the agent)."""
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=10)
-        if self.run_dir is not None:
-            with contextlib.suppress(OSError):
-                RunPaths(self.run_dir).heartbeat(self.node).unlink()
+        self._wake.set()
+        for thread in (self._thread, self._sharer):
+            if thread.is_alive():
+                thread.join(timeout=10)
+        if not self._sharer.is_alive() and self._sharer.ident is None:  # never started: leave here
+            self._leave()
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # --- reading ------------------------------------------------------------------------------------
@@ -99,7 +121,8 @@ class Watchdog:
                     out.append(RankBeat.model_validate(rec | {"stopped": stopped(rec["pid"])}))
         return out
 
-    def other_nodes(self, now: float) -> list[NodeHeartbeat]:
+    def read_others(self) -> list[NodeHeartbeat]:
+        """The other nodes' files in the run folder (may block: the folder's thread only)."""
         if self.run_dir is None:
             return []
         out = []
@@ -107,19 +130,46 @@ class Watchdog:
             if path.stem == self.node:
                 continue
             with contextlib.suppress(OSError, ValueError):
-                beat = NodeHeartbeat.model_validate_json(path.read_bytes())
-                if now - beat.updated < FRESH_S:
-                    out.append(beat)
+                out.append(NodeHeartbeat.model_validate_json(path.read_bytes()))
         return out
 
+    def share(self) -> None:
+        """The run folder's side, in its own thread: record the failures found, publish this node's ranks
+        (and hang line), read the other nodes' files."""
+        with self._lock:
+            local, hang, records, self._records = self._local, self._hang, self._records, []
+        for rank, cause in records:
+            RECORDER.record(rank, cause)
+        self.publish(local, hang)
+        others = self.read_others()
+        with self._lock:
+            self._others, self._shared_at = others, time.time()
+
+    def _leave(self) -> None:
+        with self._lock:
+            records, self._records = self._records, []
+        for rank, cause in records:
+            RECORDER.record(rank, cause)
+        if self.run_dir is not None:
+            with contextlib.suppress(OSError):
+                RunPaths(self.run_dir).heartbeat(self.node).unlink()
+
+    def _share_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(PUBLISH_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            self._guarded(self.share)
+        self._guarded(self._leave)
+
     def publish(self, ranks: list[RankBeat], hang: str | None = None) -> None:
-        self._published = time.time()
         if self.run_dir is None:
             return
         path = RunPaths(self.run_dir).heartbeat(self.node)
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            beat = NodeHeartbeat(node=self.node, updated=self._published, ranks=ranks, hang=hang)
+            beat = NodeHeartbeat(node=self.node, updated=time.time(), ranks=ranks, hang=hang)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(beat.model_dump_json())
             os.replace(tmp, path)
@@ -136,13 +186,17 @@ class Watchdog:
                 os.kill(r.pid, DUMP_SIGNAL)
 
     def check(self, now: float) -> RankBeat | None:
-        """The hung rank this agent must act on now, if any."""
+        """The hung rank this agent must act on now, if any: from node-local files and what the folder's
+        thread last read, never from the run folder itself."""
         local = self.local_ranks()
         stale = [r for r in local if r.limit_s is not None and now - r.time > r.limit_s]
-        if now - self._published < PUBLISH_S and not stale:
-            return None
-        self.publish(local)
-        others = self.other_nodes(now)
+        with self._lock:
+            self._local = local
+            known, shared_at = self._others, self._shared_at
+        if stale:
+            self._wake.set()  # publish the stale ranks now, not at the next PUBLISH_S
+        others = [n for n in known if now - n.updated < FRESH_S]
+        self._heard.update(n.node for n in others)
         for node in others:
             if node.hang and node.hang not in self._seen:
                 self._seen.add(node.hang)
@@ -150,9 +204,11 @@ class Watchdog:
                 return None
         if not stale:
             return None
+        cut_off = now - shared_at > FRESH_S  # this node cannot read the folder: its own ranks decide
+        silent = not cut_off and any(n.node in self._heard for n in known if n not in others)
         everyone = local + [r for node in others for r in node.ranks]
         culprit = min(everyone, key=lambda r: (not r.stopped, r.step, r.time))
-        if culprit in local:
+        if culprit in local and not silent:
             return culprit
         overdue = [r for r in stale if now - r.time > 2 * (r.limit_s or 0)]
         return min(overdue, key=lambda r: (not r.stopped, r.step, r.time)) if overdue else None
@@ -191,23 +247,31 @@ class Watchdog:
         print(line, file=sys.stderr, flush=True)
         self.last_hang = line
         self._seen.add(line)
-        RECORDER.record(
-            hung.rank, f"hang: no progress for {now - hung.time:.0f} s in {hung.phase} at step {hung.step}"
-        )
+        cause = f"hang: no progress for {now - hung.time:.0f} s in {hung.phase} at step {hung.step}"
+        with self._lock:  # the folder's thread records and publishes them (the others' agents join)
+            self._records.append((hung.rank, cause))
+            self._local, self._hang = local, line
+        self._wake.set()
         self.dump(local)
-        self.publish(local, hang=line)
         time.sleep(DUMP_WAIT_S)
         self._kill(local)
 
     def _loop(self) -> None:
         while not self._stop.wait(POLL_S):
-            try:
-                now = time.time()
-                hung = self.check(now)
-                if hung is not None:
-                    self.act(hung, now)
-            except Exception as exc:  # the watchdog must never take the agent down
-                print(f"pixpro: watchdog error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            self._guarded(self._tick)
+
+    def _tick(self) -> None:
+        now = time.time()
+        hung = self.check(now)
+        if hung is not None:
+            self.act(hung, now)
+
+    @staticmethod
+    def _guarded(work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception as exc:  # the watchdog must never take the agent down
+            print(f"pixpro: watchdog error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
 
 def run_dir_of(trainer_args: list[str]) -> Path | None:

@@ -61,7 +61,7 @@ def test_the_rank_with_the_least_progress_is_hung_and_a_stopped_one_first(dog, r
     wait_for("rank 0 to stop", lambda: stopped(ranks[0].pid), 30, 0.01)
     hung = dog.check(now)
     assert hung is not None and (hung.rank, hung.stopped) == (0, True)
-    # published for the login node and the other agents
+    dog.share()  # published for the login node and the other agents
     beat = NodeHeartbeat.model_validate_json(RunPaths(dog.run_dir).heartbeat("here").read_bytes())
     assert sorted(r.rank for r in beat.ranks) == [0, 1]
 
@@ -80,6 +80,7 @@ def test_only_the_hung_ranks_agent_acts_until_twice_the_limit(dog, ranks) -> Non
     other = RankBeat(rank=1, pid=99999, step=6, phase="train", time=now - 45, limit_s=30, stopped=True)
     path = RunPaths(dog.run_dir).heartbeat("there")
     path.write_text(NodeHeartbeat(node="there", updated=now, ranks=[other]).model_dump_json())
+    dog.share()
     assert dog.check(now) is None  # the stopped rank is on "there": its agent acts
     _write(dog, 0, ranks[0].pid, step=7, age_s=61, limit_s=30)
     hung = dog.check(now)
@@ -93,6 +94,7 @@ def test_a_hang_found_elsewhere_dumps_and_stops_this_nodes_workers_of_that_round
     line = "pixpro: hang: rank 3 on node there ..."
     path = RunPaths(dog.run_dir).heartbeat("there")
     path.write_text(NodeHeartbeat(node="there", updated=now, ranks=[], hang=line).model_dump_json())
+    dog.share()
     assert dog.check(now) is None
     assert ranks[0].wait(timeout=30) == -signal.SIGKILL  # dumped (ignored here), then killed
     assert ranks[1].poll() is None and dog.last_hang == line
@@ -115,3 +117,35 @@ def test_a_dumped_rank_that_dies_before_the_kill_is_not_blamed_on_the_node(
     dog.dump(dog.local_ranks())
     RECORDER.failed({0: SimpleNamespace(pid=ranks[0].pid, local_rank=0, exitcode=-signal.SIGSEGV)}, {})
     assert seen == []
+
+
+def test_a_run_folder_that_blocks_does_not_keep_the_hung_rank_alive(dog, ranks) -> None:
+    """A write into the shared run folder blocks (a stalled parallel filesystem; here a FIFO where the
+    node's file is written): the folder's thread waits in it, the decisions and the kill go on."""
+    fifo = RunPaths(dog.run_dir).heartbeat("here").with_suffix(f".tmp{os.getpid()}")
+    os.mkfifo(fifo)
+    _write(dog, 0, ranks[0].pid, step=7, age_s=40, limit_s=30)
+    dog.start()
+    try:
+        assert ranks[0].wait(timeout=60) == -signal.SIGKILL  # dumped (ignored here), then killed
+        assert dog._sharer.is_alive() and "hang: rank 0" in (dog.last_hang or "")
+    finally:
+        with open(fifo, "rb"):  # let the blocked write end, so the thread can stop
+            pass
+
+
+def test_a_node_gone_silent_is_given_twice_the_limit_before_this_node_acts(dog, ranks) -> None:
+    """Another node's agent stopped writing its file (its run folder stalled, or it died): its ranks may
+    be the hung ones, so this node acts on its own only at twice the limit."""
+    now = time.time()
+    path = RunPaths(dog.run_dir).heartbeat("there")
+    path.write_text(NodeHeartbeat(node="there", updated=now, ranks=[]).model_dump_json())
+    dog.share()
+    assert dog.check(now) is None  # heard from "there"
+    path.write_text(NodeHeartbeat(node="there", updated=now - 40, ranks=[]).model_dump_json())
+    dog.share()
+    _write(dog, 0, ranks[0].pid, step=7, age_s=45, limit_s=30)
+    assert dog.check(now) is None
+    _write(dog, 0, ranks[0].pid, step=7, age_s=61, limit_s=30)
+    hung = dog.check(now)
+    assert hung is not None and hung.rank == 0
