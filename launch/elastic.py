@@ -36,7 +36,7 @@ from torch.distributed.elastic.rendezvous import dynamic_rendezvous
 from launch import forking
 from launch.node_failures import RECORDER
 from launch.preempt import held
-from schemas.contract import ATTEMPT_ENV, PREEMPT_ENV, ROUND_ENV
+from schemas.contract import AGENT_PID_ENV, ATTEMPT_ENV, PREEMPT_ENV, ROUND_ENV
 
 KILL_WAIT_S = 10
 _UNNAMED = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # a launch without PIXPRO_ATTEMPT
@@ -98,7 +98,7 @@ def install(fork: tuple[str, Callable[[list[str]], int]] | None = None, hold: It
     popen = SubprocessHandler._popen
 
     def fork_or_popen(self: SubprocessHandler, args: tuple, env: dict[str, str]) -> Any:
-        env = forking.worker_env(env)
+        env = forking.worker_env(env) | {AGENT_PID_ENV: str(os.getpid())}
         with held(hold):
             if fork is None or not forking.enabled() or args[:4] != (sys.executable, "-u", "-m", fork[0]):
                 return popen(self, args, env)

@@ -41,7 +41,7 @@ from launch.checkpoint import HANG_GRACE_S, RETRY_FOR_S, Checkpointer
 from launch.collectives import Collectives, DistEnv, bind_device, collective_timeout_s
 from launch.monitor import KnnMonitor
 from launch.nonfinite import Diverged, NonFiniteGuard
-from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, ignore_preemption_signals
+from launch.preempt import EXIT_PREEMPTED, PreemptionFlag, die_with_parent, ignore_preemption_signals
 from launch.records import MetricsLog, last_knn, read_metrics, write_status
 from launch.rng import capture_rng, restore_rng
 from launch.sinks import MetricSinks, sink_factories
@@ -52,6 +52,7 @@ from pixpro.data import DatasetError
 from pixpro.sync_batchnorm import convert_sync_batchnorm
 from schemas import RunSpec, SpecError, hang_timeout_s, load_spec, spec_hash
 from schemas.contract import (
+    AGENT_PID_ENV,
     EXIT_DIR_ENV,
     PREEMPT_ENV,
     STEP_PAUSE_ENV,
@@ -606,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", type=Path, help="run spec (JSON or YAML)")
     parser.add_argument("--run-dir", type=Path, default=None, help="local run folder (default runs/<name>)")
     args = parser.parse_args(argv)
+    if os.environ.get(AGENT_PID_ENV):  # a rank dies with its agent: never an orphan that trains on
+        die_with_parent(int(os.environ[AGENT_PID_ENV]))
     # first, while this process has no threads: forked from here, the uploader costs no start-up of its
     # own (launch.forking); else a fresh interpreter imports torch while this one builds the run
     spare = uploader.start(fork=True)
