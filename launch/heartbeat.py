@@ -31,24 +31,25 @@ def rank_file(directory: str, rank: int) -> str:
 
 
 class Heartbeat:
-    """This rank's heartbeat file; armed (``limit_s`` set) from the first step after the attempt's first."""
+    """This rank's heartbeat file: the hang timeout from the first step after the attempt's first, the
+    start-up timeout before it."""
 
-    def __init__(self, directory: str, rank: int, timeout_s: float) -> None:
-        self.rank, self.timeout_s = rank, timeout_s
+    def __init__(self, directory: str, rank: int, timeout_s: float, startup_s: float) -> None:
+        self.rank, self.timeout_s, self.startup_s = rank, timeout_s, startup_s
         self.fd = os.open(rank_file(directory, rank), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.first_step: int | None = None
 
     def beat(self, step: int, phase: str, limit_s: float | None = None) -> None:
         """``limit_s``: this phase's own deadline (the final flush), to which the hang timeout is added;
-        else the hang timeout once the attempt's first step is done (compile, cold cache and the
-        checkpoint load come before it, unarmed)."""
+        else the hang timeout once the attempt's first step is done, the start-up timeout before (the
+        checkpoint load, a cold cache and the first step's compile come then)."""
         if phase == "train" and self.first_step is None:
             self.first_step = step
         armed = self.first_step is not None and step > self.first_step
         if limit_s is not None:  # a phase with its own deadline: that, and the hang timeout past it
-            limit: float | None = limit_s + self.timeout_s
+            limit: float = limit_s + self.timeout_s
         else:
-            limit = self.timeout_s if armed else None
+            limit = self.timeout_s if armed else self.startup_s
         rec = {"rank": self.rank, "pid": os.getpid(), "step": step, "phase": phase, "time": time.time()}
         line = json.dumps(rec | {"limit_s": limit}).encode()[: RECORD_BYTES - 1]
         os.pwrite(self.fd, line.ljust(RECORD_BYTES - 1) + b"\n", 0)
@@ -57,13 +58,13 @@ class Heartbeat:
 _current: Heartbeat | None = None
 
 
-def install(rank: int, timeout_s: float) -> None:
-    """Register the stack dump and open this rank's heartbeat file (phase ``starting``, not armed)."""
+def install(rank: int, timeout_s: float, startup_s: float) -> None:
+    """Register the stack dump and open this rank's heartbeat file (phase ``starting``)."""
     global _current
     faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
     directory = os.environ.get(DIR_ENV)
     if directory and os.path.isdir(directory):
-        _current = Heartbeat(directory, rank, timeout_s)
+        _current = Heartbeat(directory, rank, timeout_s, startup_s)
         _current.beat(0, "starting")
 
 

@@ -113,6 +113,7 @@ class Trainer:
         self.memory_format = torch.channels_last if (fast and spec.channels_last) else torch.contiguous_format
 
         seed_everything(spec.seed, env.rank)  # a fresh start is reproducible; a resume restores the RNG
+        heartbeat.beat(0, "data")  # start-up phases: a stall in one is named in the watchdog's line
         self.dataset, self.sampler = build_data(spec, env, self.collectives)
         self.model = build_model(spec).to(self.device).to(memory_format=self.memory_format)
         if env.world_size > 1:  # the same synchronized BN on gloo (CPU) as on NCCL (GPU)
@@ -195,6 +196,7 @@ class Trainer:
         self.state.epoch = value
 
     def resume(self) -> None:
+        heartbeat.beat(0, "resume")
         found = self.checkpointer.load_latest(self.collectives)
         if found is None:
             log.info("no committed checkpoint under %s: starting at step 0", self.store.url)
@@ -632,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir or Path("runs") / spec.name
     # env:// on the store of this rendezvous round (see launch.elastic: no stale keys to read)
     commit_s, _ = preemption_deadlines(spec.resources.signal_lead_s)  # the longest: a time limit's
-    heartbeat.install(env.rank, hang_timeout_s(spec))
+    heartbeat.install(env.rank, hang_timeout_s(spec), spec.resources.startup_timeout_s)
     timeout_s = collective_timeout_s(RETRY_FOR_S + HANG_GRACE_S, commit_s, hang_timeout_s(spec))
     collectives = Collectives.start(env, device, timeout_s)
     try:

@@ -404,8 +404,8 @@ def stalled_for(beats: list[NodeHeartbeat], now: float) -> tuple[float, float] |
     """``(age_s, limit_s)`` when the run's newest heartbeat is older than its limit, else None.
 
     The newest rank beat over the live agents' files decides (one live rank is progress). A new
-    attempt's agents write their files at once and its ranks' beats are unarmed until their first
-    step, so an earlier attempt's files never make a starting attempt look stalled."""
+    attempt's agents write their files at once and its ranks beat as they start, so an earlier
+    attempt's files never make a starting attempt look stalled."""
     if not beats:
         return None
     newest_file = max(b.updated for b in beats)

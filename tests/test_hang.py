@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from cluster.nodes import failures as node_failures
-from schemas.contract import STEP_PAUSE_ENV
+from launch.preempt import EXIT_PREEMPTED
+from schemas.contract import STEP_PAUSE_ENV, STOP_AT_STEP_ENV
 from tests.support.store import local_pointer
-from tests.support.trainer import assert_identical, final_state, write_spec
+from tests.support.trainer import assert_identical, final_state, run_trainer, write_spec
 from tests.test_preemption import (  # noqa: F401  (fixtures: the uninterrupted run and its dataset)
     _Agents,
     _current_step,
@@ -87,3 +88,25 @@ def test_a_hang_with_no_restarts_left_fails_with_the_line(tmp_path, data_root): 
     assert codes[1] != 0 and codes[0] != 0, agents.output()[-4000:]
     assert _hang_line(agents, pid) is not None, agents.output()[-4000:]
     assert "pixpro: training failed after a hang: pixpro: hang: rank" in agents.output()
+
+
+def test_a_checkpoint_read_that_blocks_at_start_up_ends_at_the_start_up_timeout(tmp_path, data_root):  # noqa: F811
+    """Every rank blocks outside any collective before its first step (the checkpoint's file on a stalled
+    filesystem; here a FIFO nobody writes): the watchdog ends the attempt at
+    ``resources.startup_timeout_s`` with its line and stacks, where it used to wait out the time limit."""
+    spec = write_spec(tmp_path / "spec.json", _spec(data_root, resources__startup_timeout_s=60))
+    run = tmp_path / "run"
+    first = run_trainer(spec, run, timeout=300, **{STOP_AT_STEP_ENV: "3"})
+    assert first.returncode == EXIT_PREEMPTED, first.stderr[-3000:]
+    pointer = local_pointer(run / "checkpoints")
+    assert pointer is not None
+    train_pt = run / "checkpoints" / pointer["prefix"] / "train.pt"
+    train_pt.unlink()
+    os.mkfifo(train_pt)
+    res = run_trainer(spec, run, nproc=2, timeout=300)
+    assert res.returncode != 0, res.stderr[-3000:]
+    line = re.search(
+        r"pixpro: hang: rank \d on node \S+ \(pid \d+\) made no progress since [^\n]*", res.stderr
+    )
+    assert line and "limit 60 s; last resume at step 0" in line[0], res.stderr[-3000:]
+    assert "in load_latest" in res.stderr, res.stderr[-3000:]  # the ranks' stacks say where they wait

@@ -66,6 +66,7 @@ def test_defaults_are_the_official_100_epoch_recipe() -> None:
     assert (r.partition, r.account, r.qos, r.constraint) == (None, None, None, None)
     assert (r.signal, r.signal_lead_s, r.max_restarts, r.extra_sbatch) == ("USR2", 120, 0, {})
     assert r.hang_timeout_s is None and hang_timeout_s(spec) == 300
+    assert r.startup_timeout_s == 1800
 
 
 def test_spatial_transform_defaults_follow_torchvision() -> None:
@@ -191,6 +192,7 @@ BAD_VALUES = [
     ("resources.signal_lead_s", 86400, "resources.signal_lead_s"),
     ("resources.max_restarts", -1, "resources.max_restarts"),
     ("resources.hang_timeout_s", 29, "resources.hang_timeout_s"),
+    ("resources.startup_timeout_s", 59, "resources.startup_timeout_s"),
     ("resources.hang_timeout_s", 0, "resources.hang_timeout_s"),
     ("resources.hang_timeout_s", "soon", "resources.hang_timeout_s"),
     ("resources.extra_sbatch", {"--mem-per-cpu": "4G"}, "resources.extra_sbatch['--mem-per-cpu']"),

@@ -95,9 +95,18 @@ class ResourceSpec(SpecModel):
         le=7 * 24 * 3600,
         description="A rank that makes no progress (no step, no checkpoint phase) for this many seconds "
         "is hung: its node's agent dumps every rank's stack and restarts the group from the last "
-        "checkpoint. None = 300 s (600 s for data on an object store). Armed after the first step of "
-        "each attempt (compile, cold cache and checkpoint load do not count); the final flush has its "
-        "own deadline. Collectives time out after this plus the final flush.",
+        "checkpoint. None = 300 s (600 s for data on an object store). From the first step of each "
+        "attempt on (before it: startup_timeout_s); the final flush has its own deadline. Collectives "
+        "time out after this plus the final flush.",
+    )
+    startup_timeout_s: int = Field(
+        1800,
+        ge=60,
+        le=7 * 24 * 3600,
+        description="Before its attempt's first step is done (claiming the run, loading the checkpoint, "
+        "listing the data, the monitor's set-up, the first step's compile), a rank that makes no progress "
+        "for this many seconds is hung, as after it with hang_timeout_s: a filesystem or object store "
+        "that stalls every rank at start-up ends in a restart, not in the job's whole time limit.",
     )
     extra_sbatch: dict[SbatchKey, SbatchValue] = Field(
         default_factory=dict,

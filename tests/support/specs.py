@@ -109,6 +109,7 @@ FULL: dict[str, Any] = {
         "signal_lead_s": 90,
         "max_restarts": 1,
         "hang_timeout_s": 120,
+        "startup_timeout_s": 900,
         "extra_sbatch": {"exclusive": "", "gres": "nvme:1"},
     },
 }
