@@ -5,8 +5,10 @@ Blamed on the node: a rank killed by a signal nobody in pixpro sent (SIGKILL fro
 SIGBUS, SIGABRT), a rank the hang watchdog found stuck, and a rank whose log ends in a CUDA error
 (a fault of the GPU or its driver, not an out-of-memory). Not blamed: preemption and cancel signals,
 the watchdog's own kills of the healthy ranks, and Python exceptions (the run's fault, or the echo of
-another node's failure in a collective). The records go to the run folder
-(:data:`schemas.contract.NODE_FAILURES_DIR`), which the login node reads (:mod:`cluster.nodes`).
+another node's failure in a collective), SIGABRT from NCCL's own watchdog included (a collective that
+timed out or whose peer went away: the waiting ranks abort, the failed one is elsewhere). The records
+go to the run folder (:data:`schemas.contract.NODE_FAILURES_DIR`), which the login node reads
+(:mod:`cluster.nodes`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ GPU_FAULT = re.compile(
     r"CUDA error: (?!out of memory)[^\n]*|unhandled cuda error[^\n]*|uncorrectable ECC error[^\n]*"
     r"|CUBLAS_STATUS_(?:EXECUTION_FAILED|INTERNAL_ERROR)|CUDNN_STATUS_(?:EXECUTION_FAILED|INTERNAL_ERROR)"
 )
+NCCL_ECHO = re.compile(
+    r"To avoid data inconsistency, we are taking the entire process down"
+    r"|Watchdog caught collective operation timeout|ncclRemoteError"
+)
+"""What ProcessGroupNCCL's watchdog writes before it aborts a rank (torch's libtorch_cuda): a collective
+that timed out, or a peer that went away. The rank waited on another; its SIGABRT is not its node's."""
 LOG_TAIL = 64 * 1024  # bytes of a rank's stderr read for the CUDA error that ended it
 
 
@@ -38,17 +46,20 @@ def node_name() -> str:
     return os.environ.get(SLURM_NODE_NAME) or socket.gethostname()
 
 
-def gpu_fault(stderr_path: str | None) -> str | None:
-    """The CUDA error line at the end of a rank's stderr, if one ended it."""
+def _tail(stderr_path: str | None) -> str:
     if not stderr_path:
-        return None
+        return ""
     try:
         with open(stderr_path, "rb") as f:
             f.seek(max(0, os.path.getsize(stderr_path) - LOG_TAIL))
-            tail = f.read().decode(errors="replace")
+            return f.read().decode(errors="replace")
     except OSError:
-        return None
-    found = GPU_FAULT.findall(tail)
+        return ""
+
+
+def gpu_fault(stderr_path: str | None) -> str | None:
+    """The CUDA error line at the end of a rank's stderr, if one ended it."""
+    found = GPU_FAULT.findall(_tail(stderr_path))
     return one_line(found[-1], MAX_LINE) if found else None
 
 
@@ -59,6 +70,8 @@ def cause_of(exitcode: int, stderr_path: str | None) -> str | None:
             sig = signal.Signals(-exitcode)
         except ValueError:
             return f"killed by signal {-exitcode}"
+        if sig == signal.SIGABRT and NCCL_ECHO.search(_tail(stderr_path)):
+            return None
         return None if sig in NOT_THE_NODE else f"killed by {sig.name}"
     if exitcode > 0:
         fault = gpu_fault(stderr_path)

@@ -28,12 +28,29 @@ CUDA_TAIL = (
 )
 
 
+NCCL_TIMEOUT = (
+    "[rank3]:[E1207 10:12:01.004] [PG ID 0 PG GUID 0(default_pg) Rank 3] Watchdog caught collective "
+    "operation timeout: WorkNCCL(SeqNum=812, OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=910000) "
+    "ran for 910004 milliseconds before timing out.\n"
+    "[rank3]:[E1207 10:12:01.009] [PG ID 0 PG GUID 0(default_pg) Rank 3] To avoid data inconsistency, we "
+    "are taking the entire process down.\n"
+)
+NCCL_REMOTE = (
+    "torch.distributed.DistBackendError: NCCL error in: ProcessGroupNCCL.cpp:2021, remote process exited or "
+    "there was a network error, NCCL version 2.27.5\nncclRemoteError: A call failed possibly due to a "
+    "network error or a remote process exiting prematurely.\n"
+)
+
+
 @pytest.mark.parametrize(
     ("exitcode", "log", "cause"),
     [
         (-signal.SIGKILL, "", "killed by SIGKILL"),
         (-signal.SIGSEGV, "", "killed by SIGSEGV"),
         (-signal.SIGABRT, "", "killed by SIGABRT"),
+        # NCCL's watchdog aborts the ranks that waited on a collective (torch's own words): not this node
+        (-signal.SIGABRT, NCCL_TIMEOUT, None),
+        (-signal.SIGABRT, NCCL_REMOTE, None),
         (-signal.SIGTERM, "", None),  # preemption, scancel
         (-signal.SIGUSR2, "", None),  # the run's preemption signal before its handler was set
         (1, CUDA_TAIL, "exited with status 1 after CUDA error: an illegal memory access was encountered"),
