@@ -177,6 +177,11 @@ def _new_gloo_group(timeout: timedelta) -> ProcessGroup:
     return group
 
 
+WATCHDOG_MARGIN_S = 30.0
+"""From a rank past its heartbeat's limit to the watchdog's kill: a 1 s poll, a 3 s wait for the stacks,
+and room for an agent that reads its files slowly."""
+
+
 def collective_timeout_s(final_flush_s: float, commit_s: float, hang_timeout_s: float) -> float:
     """How long a collective may wait: the longest wait the code allows one rank while the others already
     sit in a collective, plus the hang watchdog's timeout (``resources.hang_timeout_s``).
@@ -186,6 +191,8 @@ def collective_timeout_s(final_flush_s: float, commit_s: float, hang_timeout_s: 
     gives that phase the same budget plus its timeout, so it restarts a hung group before any
     collective times out, and a collective still never waits forever. torch's defaults do not fit:
     NCCL's 10 min is shorter than the final flush (an S3 outage at the end would abort the other
-    ranks), gloo's 30 min hides a hung rank for half an hour.
+    ranks), gloo's 30 min hides a hung rank for half an hour. :data:`WATCHDOG_MARGIN_S` on top: the
+    watchdog acts once a rank is past its limit (its poll, its stack dump's wait, its kill), which the
+    collective's own timeout must not win.
     """
-    return max(final_flush_s, commit_s) + hang_timeout_s
+    return max(final_flush_s, commit_s) + hang_timeout_s + WATCHDOG_MARGIN_S
