@@ -75,6 +75,8 @@ class _Pending:
 
 RETRY_FOR_S = 600.0  # how long a save without a budget is retried before it is given up
 HANG_GRACE_S = 10.0  # past a save's deadline, how long a busy uploader gets before it counts as hung
+FINAL_FLUSH_S = RETRY_FOR_S + HANG_GRACE_S
+"""The longest a blocking save without a budget waits by default (:attr:`Checkpointer.final_flush_s`)."""
 
 
 class Checkpointer:

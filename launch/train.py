@@ -37,7 +37,7 @@ from launch.builders import (
     device_views,
     seed_everything,
 )
-from launch.checkpoint import HANG_GRACE_S, RETRY_FOR_S, Checkpointer
+from launch.checkpoint import FINAL_FLUSH_S, Checkpointer
 from launch.collectives import Collectives, DistEnv, bind_device, collective_timeout_s
 from launch.monitor import KnnMonitor
 from launch.nonfinite import Diverged, NonFiniteGuard
@@ -354,7 +354,7 @@ class Trainer:
         sigterm = self.flag.received == signal.SIGTERM
         window = preemption_window(lead, time.time() - since, sigterm) if outcome == "preempted" else None
         commit_s, _ = preemption_deadlines(lead, window)
-        heartbeat.beat(self.step, "final-flush", max(RETRY_FOR_S + HANG_GRACE_S, commit_s))
+        heartbeat.beat(self.step, "final-flush", max(self.checkpointer.final_flush_s, commit_s))
         budget_s = max(0.0, commit_s - since) if outcome == "preempted" else None
         committed = self.save(blocking=True, budget_s=budget_s)
         if outcome == "preempted" and not committed:
@@ -635,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     # env:// on the store of this rendezvous round (see launch.elastic: no stale keys to read)
     commit_s, _ = preemption_deadlines(spec.resources.signal_lead_s)  # the longest: a time limit's
     heartbeat.install(env.rank, hang_timeout_s(spec), spec.resources.startup_timeout_s)
-    timeout_s = collective_timeout_s(RETRY_FOR_S + HANG_GRACE_S, commit_s, hang_timeout_s(spec))
+    timeout_s = collective_timeout_s(FINAL_FLUSH_S, commit_s, hang_timeout_s(spec))
     collectives = Collectives.start(env, device, timeout_s)
     try:
         trainer = Trainer(spec, run_dir, env, flag, collectives, device, spare)
