@@ -54,6 +54,18 @@ DUMP_WAIT_S = 3.0  # time the ranks get to write their stacks before they are ki
 FRESH_S = 30.0  # another node's file older than this is a gone agent's: not compared against
 
 
+BEAT_PREFIX = "pixpro-beat-"  # + the agent's pid: a SIGKILLed agent's folder is known as such
+
+
+def _remove_gone_agents_folders() -> None:
+    """The heartbeat folders that agents killed outright left in the temporary folder (stop() never ran)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{BEAT_PREFIX}*-*"):
+        pid = path.name[len(BEAT_PREFIX) :].split("-", 1)[0]
+        with contextlib.suppress(OSError, ValueError):
+            if path.stat().st_uid == os.getuid() and not Path(f"/proc/{int(pid)}").exists():
+                shutil.rmtree(path, ignore_errors=True)
+
+
 def stopped(pid: int) -> bool:
     """Whether the kernel shows ``pid`` stopped (SIGSTOP, or a tracer's stop)."""
     try:
@@ -74,7 +86,8 @@ class Watchdog:
         self.run_dir = run_dir
         self.host = socket.gethostname()
         self.node = node or f"{self.host}-{os.getpid()}"
-        self.dir = tempfile.mkdtemp(prefix="pixpro-beat-")
+        _remove_gone_agents_folders()
+        self.dir = tempfile.mkdtemp(prefix=f"{BEAT_PREFIX}{os.getpid()}-")
         os.environ[DIR_ENV] = self.dir  # workers inherit os.environ
         self.last_hang: str | None = None
         self._seen: set[str] = set()

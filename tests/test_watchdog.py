@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from launch import heartbeat
 from launch.node_failures import RECORDER
-from launch.watchdog import Watchdog, run_dir_of, stopped
+from launch.watchdog import BEAT_PREFIX, Watchdog, run_dir_of, stopped
 from schemas.contract import NodeHeartbeat, RankBeat, RunPaths
 from tests.support.procs import wait_for
 
@@ -149,3 +150,18 @@ def test_a_node_gone_silent_is_given_twice_the_limit_before_this_node_acts(dog, 
     _write(dog, 0, ranks[0].pid, step=7, age_s=61, limit_s=30)
     hung = dog.check(now)
     assert hung is not None and hung.rank == 0
+
+
+def test_a_killed_agents_heartbeat_folder_is_removed_by_the_next_one(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv(heartbeat.DIR_ENV, raising=False)
+    dead = tmp_path / f"{BEAT_PREFIX}999999999-abc"  # above any pid_max: no such process
+    alive = tmp_path / f"{BEAT_PREFIX}{os.getpid()}-def"  # this process: an agent still running
+    for path in (dead, alive):
+        path.mkdir()
+        (path / "rank0.beat").write_text("{}")
+    dog = Watchdog(tmp_path / "run", node="here")
+    try:
+        assert not dead.exists() and alive.exists() and Path(dog.dir).parent == tmp_path
+    finally:
+        dog.stop()
