@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,14 +86,17 @@ def open_run_store(url: str, storage_options: dict[str, Any] | None = None) -> C
     return CheckpointStore(url, storage_options, timeout_s=READ_TIMEOUT_S)
 
 
-def newest_metrics(store: CheckpointStore) -> dict[str, Any] | None:
-    """The most recent record: the last line of the newest chunk of each attempt, newest by time."""
+def newest_metrics(store: CheckpointStore, owner: str | None = None) -> dict[str, Any] | None:
+    """The most recent record: the last line of the newest chunk of each attempt, newest by time. The
+    attempt that holds the run (``owner``, of the newest claim) wins where it has written one: a stale
+    attempt that trains on elsewhere until its next checkpoint stops it is not the run's progress."""
     newest: dict[str, str] = {}  # attempt -> its newest chunk ("<attempt>.<chunk>.jsonl" sorts by chunk)
     for rel in store.list_aux(METRICS_DIR):
         attempt = rel.removeprefix(f"{METRICS_DIR}/").rsplit(".", 2)[0]
         newest[attempt] = max(newest.get(attempt, ""), rel)
+    held = [rel for attempt, rel in newest.items() if owner and re.sub(r"\.r\d+$", "", attempt) == owner]
     best: dict[str, Any] | None = None
-    for rel in newest.values():
+    for rel in held or newest.values():
         lines = (store.read_aux(rel) or b"").decode(errors="replace").splitlines()
         rec = _json(lines[-1].encode()) if lines else None
         if isinstance(rec, dict) and (best is None or (rec.get("time") or 0) >= (best.get("time") or 0)):
@@ -106,7 +110,7 @@ def read_progress(store: CheckpointStore) -> Progress:
         pointer = store.latest() or {}
         return Progress(
             trainer=trainer if isinstance(trainer, dict) else None,
-            metrics=newest_metrics(store),
+            metrics=newest_metrics(store, pointer.get("owner")),
             checkpoint_step=pointer.get("step"),
             checkpoint_time=pointer.get("updated"),
         )

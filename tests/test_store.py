@@ -11,12 +11,14 @@ import logging
 import multiprocessing as mp
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from cluster.progress import read_progress
 from launch.store import (
     MANIFEST,
     CheckpointExists,
@@ -27,6 +29,7 @@ from launch.store import (
     StoreUnavailable,
     Superseded,
 )
+from schemas.contract import METRICS_DIR
 from tests.conftest_s3 import s3_storage_options
 from tests.support.store import Target, committed_steps, payload, save
 
@@ -333,6 +336,28 @@ def test_a_later_claim_stops_a_stale_attempt_ahead_of_it(target: Target) -> None
     assert target.store(attempt="41.1.r1").claim("41.1") == 2  # the live attempt's restart keeps its claim
     save(new, 120)
     assert committed_steps(target.store()) == [120]  # keep_last 1: the new attempt prunes as before
+
+
+def test_status_shows_the_progress_of_the_attempt_that_holds_the_run(target: Target) -> None:
+    """Until its next checkpoint stops it, a stale attempt still writes metrics, newer than the live
+    attempt's: ``pixpro status`` shows the live one's (its restarts' too), the stale one's only where the
+    live one has written none."""
+    stale = target.store(attempt="41.0")
+    assert stale.claim("41.0") == 1
+    save(stale, 100)
+    new = target.store(attempt="41.1")
+    assert new.claim("41.1") == 2
+    now = time.time()
+
+    def record(attempt: str, step: int, age_s: float) -> None:
+        line = json.dumps({"step": step, "time": now - age_s}) + "\n"
+        new.put_aux(f"{METRICS_DIR}/{attempt}.000000.jsonl", line.encode())
+
+    record("41.0", 180, 1)
+    assert read_progress(target.store()).metrics["step"] == 180  # the live attempt has said nothing yet
+    record("41.1.r1", 104, 5)
+    record("41.1", 102, 20)
+    assert read_progress(target.store()).metrics["step"] == 104
 
 
 def test_a_claim_on_a_run_without_checkpoints_names_none(target: Target) -> None:
