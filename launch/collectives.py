@@ -182,12 +182,16 @@ WATCHDOG_MARGIN_S = 30.0
 and room for an agent that reads its files slowly."""
 
 
-def collective_timeout_s(final_flush_s: float, commit_s: float, hang_timeout_s: float) -> float:
+def collective_timeout_s(
+    final_flush_s: float, commit_s: float, hang_timeout_s: float, startup_s: float = 0.0
+) -> float:
     """How long a collective may wait: the longest wait the code allows one rank while the others already
     sit in a collective, plus the hang watchdog's timeout (``resources.hang_timeout_s``).
 
     The longest wait is rank 0's final flush (the checkpointer's whole retry window, ``final_flush_s``,
-    or ``commit_s`` of a preemption) before the closing barrier; the watchdog (:mod:`launch.watchdog`)
+    or ``commit_s`` of a preemption) before the closing barrier, or a start-up phase of another rank
+    (``resources.startup_timeout_s``: listing the data, loading the checkpoint, the first step's compile,
+    while the others wait in the first collective); the watchdog (:mod:`launch.watchdog`)
     gives that phase the same budget plus its timeout, so it restarts a hung group before any
     collective times out, and a collective still never waits forever. torch's defaults do not fit:
     NCCL's 10 min is shorter than the final flush (an S3 outage at the end would abort the other
@@ -195,4 +199,4 @@ def collective_timeout_s(final_flush_s: float, commit_s: float, hang_timeout_s: 
     watchdog acts once a rank is past its limit (its poll, its stack dump's wait, its kill), which the
     collective's own timeout must not win.
     """
-    return max(final_flush_s, commit_s) + hang_timeout_s + WATCHDOG_MARGIN_S
+    return max(final_flush_s, commit_s, startup_s) + hang_timeout_s + WATCHDOG_MARGIN_S

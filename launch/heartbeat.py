@@ -49,7 +49,7 @@ class Heartbeat:
         if limit_s is not None:  # a phase with its own deadline: that, and the hang timeout past it
             limit: float = limit_s + self.timeout_s
         else:
-            limit = self.timeout_s if armed else self.startup_s
+            limit = self.timeout_s if armed else max(self.startup_s, self.timeout_s)
         rec = {"rank": self.rank, "pid": os.getpid(), "step": step, "phase": phase, "time": time.time()}
         line = json.dumps(rec | {"limit_s": limit}).encode()[: RECORD_BYTES - 1]
         os.pwrite(self.fd, line.ljust(RECORD_BYTES - 1) + b"\n", 0)

@@ -59,7 +59,11 @@ def _tail(stderr_path: str | None) -> str:
 
 def gpu_fault(stderr_path: str | None) -> str | None:
     """The CUDA error line at the end of a rank's stderr, if one ended it."""
-    found = GPU_FAULT.findall(_tail(stderr_path))
+    return _gpu_fault_in(_tail(stderr_path))
+
+
+def _gpu_fault_in(tail: str) -> str | None:
+    found = GPU_FAULT.findall(tail)
     return one_line(found[-1], MAX_LINE) if found else None
 
 
@@ -70,8 +74,13 @@ def cause_of(exitcode: int, stderr_path: str | None) -> str | None:
             sig = signal.Signals(-exitcode)
         except ValueError:
             return f"killed by signal {-exitcode}"
-        if sig == signal.SIGABRT and NCCL_ECHO.search(_tail(stderr_path)):
-            return None
+        if sig == signal.SIGABRT:  # NCCL's watchdog aborts on a GPU fault too: that one is the node's
+            tail = _tail(stderr_path)
+            fault = _gpu_fault_in(tail)
+            if fault:
+                return f"killed by SIGABRT after {fault}"
+            if NCCL_ECHO.search(tail):
+                return None
         return None if sig in NOT_THE_NODE else f"killed by {sig.name}"
     if exitcode > 0:
         fault = gpu_fault(stderr_path)

@@ -135,6 +135,7 @@ class Trainer:
         self._last_positives = 0.0
         self._skipped_read = 0  # the guard's skipped steps at the last read
         self._scaler_skipped_read = 0  # fp16: GradScaler's skipped steps at the last read (expected ones)
+        self._stop_sigterm = False  # the agreed stop came with a SIGTERM on some rank: its window applies
         self.diverged: str | None = None  # the one line that says why the run stopped
         self.superseded: str | None = None  # why a later attempt holds the run (launch.store.Superseded)
         self._loader: DataLoader | None = None
@@ -325,14 +326,17 @@ class Trainer:
                             progress.update(self.step, loss)
                     if self.step >= self.schedule.total_steps:
                         return "completed"  # at the last step, a preemption just lets it finish
-                    preempt, due, superseded = self.collectives.any(
+                    preempt, due, superseded, sigterm = self.collectives.any(
                         self.flag.requested(),
                         self._checkpoint_due(last_ckpt_time),
                         self.checkpointer.superseded is not None,
+                        self.flag.received == signal.SIGTERM,
                     )
                     if superseded:
                         return "superseded"
                     if preempt:
+                        # every rank budgets alike: one whose own signal has not come yet too
+                        self._stop_sigterm = sigterm
                         return "preempted"
                     if due:
                         heartbeat.beat(self.step, "checkpoint")
@@ -351,7 +355,7 @@ class Trainer:
         # or a long step may have come between); leave a margin for the exit.
         since = time.monotonic() - (self.flag.since or time.monotonic())
         lead = self.spec.resources.signal_lead_s
-        sigterm = self.flag.received == signal.SIGTERM
+        sigterm = self._stop_sigterm
         window = preemption_window(lead, time.time() - since, sigterm) if outcome == "preempted" else None
         commit_s, _ = preemption_deadlines(lead, window)
         heartbeat.beat(self.step, "final-flush", max(self.checkpointer.final_flush_s, commit_s))
@@ -634,8 +638,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir or Path("runs") / spec.name
     # env:// on the store of this rendezvous round (see launch.elastic: no stale keys to read)
     commit_s, _ = preemption_deadlines(spec.resources.signal_lead_s)  # the longest: a time limit's
-    heartbeat.install(env.rank, hang_timeout_s(spec), spec.resources.startup_timeout_s)
-    timeout_s = collective_timeout_s(FINAL_FLUSH_S, commit_s, hang_timeout_s(spec))
+    startup_s = spec.resources.startup_timeout_s
+    heartbeat.install(env.rank, hang_timeout_s(spec), startup_s)
+    timeout_s = collective_timeout_s(FINAL_FLUSH_S, commit_s, hang_timeout_s(spec), startup_s)
     collectives = Collectives.start(env, device, timeout_s)
     try:
         trainer = Trainer(spec, run_dir, env, flag, collectives, device, spare)

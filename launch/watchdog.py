@@ -95,7 +95,8 @@ class Watchdog:
         # shared with the folder's thread, under the lock: what to publish and what it last read
         self._lock = threading.Lock()
         self._local: list[RankBeat] = []
-        self._hang: str | None = None
+        self._hang: tuple[str, float] | None = None  # the line this agent published, and when it acted
+        self._cut_off = False  # the last check could not read the run folder
         self._records: list[tuple[int, str]] = []
         self._others: list[NodeHeartbeat] = []
         self._shared_at = time.time()  # when the folder last answered
@@ -176,13 +177,14 @@ class Watchdog:
             self._guarded(self.share)
         self._guarded(self._leave)
 
-    def publish(self, ranks: list[RankBeat], hang: str | None = None) -> None:
+    def publish(self, ranks: list[RankBeat], hang: tuple[str, float] | None = None) -> None:
         if self.run_dir is None:
             return
         path = RunPaths(self.run_dir).heartbeat(self.node)
         with contextlib.suppress(OSError):
             path.parent.mkdir(parents=True, exist_ok=True)
-            beat = NodeHeartbeat(node=self.node, updated=time.time(), ranks=ranks, hang=hang)
+            line, at = hang or (None, None)
+            beat = NodeHeartbeat(node=self.node, updated=time.time(), ranks=ranks, hang=line, hang_at=at)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(beat.model_dump_json())
             os.replace(tmp, path)
@@ -210,14 +212,14 @@ class Watchdog:
             self._wake.set()  # publish the stale ranks now, not at the next PUBLISH_S
         others = [n for n in known if now - n.updated < FRESH_S]
         self._heard.update(n.node for n in others)
-        for node in others:
-            if node.hang and node.hang not in self._seen:
+        for node in others:  # a hang that old was joined or restarted long ago: its round is gone
+            if node.hang and node.hang not in self._seen and now - (node.hang_at or 0) < FRESH_S:
                 self._seen.add(node.hang)
                 self.join_restart(node, local)
                 return None
         if not stale:
             return None
-        cut_off = now - shared_at > FRESH_S  # this node cannot read the folder: its own ranks decide
+        cut_off = self._cut_off = now - shared_at > FRESH_S  # cannot read the folder: its own ranks decide
         silent = not cut_off and any(n.node in self._heard for n in known if n not in others)
         everyone = local + [r for node in others for r in node.ranks]
         culprit = min(everyone, key=lambda r: (not r.stopped, r.step, r.time))
@@ -240,7 +242,7 @@ class Watchdog:
         self.last_hang = node.hang  # with no restarts left, this node fails for the same reason
         self.dump(local)
         time.sleep(DUMP_WAIT_S)
-        self._kill([r for r in local if r.time <= node.updated])
+        self._kill([r for r in local if r.time <= (node.hang_at or node.updated)])
 
     def _kill(self, ranks: list[RankBeat]) -> None:
         for r in ranks:
@@ -262,8 +264,11 @@ class Watchdog:
         self._seen.add(line)
         cause = f"hang: no progress for {now - hung.time:.0f} s in {hung.phase} at step {hung.step}"
         with self._lock:  # the folder's thread records and publishes them (the others' agents join)
-            self._records.append((hung.rank, cause))
-            self._local, self._hang = local, line
+            # cut off from the folder, every node finds its own ranks stalled (the filesystem they share,
+            # more likely than this node): the restart, but no node's fault on record
+            if not self._cut_off:
+                self._records.append((hung.rank, cause))
+            self._local, self._hang = local, (line, now)
         self._wake.set()
         self.dump(local)
         time.sleep(DUMP_WAIT_S)

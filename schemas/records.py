@@ -79,6 +79,7 @@ class NodeHeartbeat(_Record):
     updated: float
     ranks: list[RankBeat]
     hang: str | None = None  # the watchdog's line, once it found a hung rank on this node
+    hang_at: float | None = None  # when it acted: agents join a hang that recent, and stop ranks older
 
 
 # -- node failures -----------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ NCCL_REMOTE = (
         # NCCL's watchdog aborts the ranks that waited on a collective (torch's own words): not this node
         (-signal.SIGABRT, NCCL_TIMEOUT, None),
         (-signal.SIGABRT, NCCL_REMOTE, None),
+        # a GPU fault NCCL's watchdog saw first, then aborted on: the node's
+        (-signal.SIGABRT, CUDA_TAIL + NCCL_TIMEOUT, "killed by SIGABRT after CUDA error: an illegal memory"),
         (-signal.SIGTERM, "", None),  # preemption, scancel
         (-signal.SIGUSR2, "", None),  # the run's preemption signal before its handler was set
         (1, CUDA_TAIL, "exited with status 1 after CUDA error: an illegal memory access was encountered"),

@@ -8,12 +8,17 @@ import json
 import os
 import re
 import signal
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
+from launch import heartbeat
 from launch.preempt import EXIT_PREEMPTED, children_of
 from launch.store import CheckpointStore
+from launch.watchdog import BEAT_PREFIX
 from schemas.contract import (
     PREEMPT_WINDOW_ENV,
     STATUS_FILE,
@@ -25,12 +30,15 @@ from schemas.contract import (
 from tests.conftest_s3 import s3_storage_options
 from tests.support.procs import wait_for
 from tests.support.trainer import (
+    REPO,
     Tail,
     assert_identical,
     final_state,
     run_trainer,
     start_trainer,
     tiny_spec,
+    trainer_cmd,
+    trainer_env,
     write_spec,
 )
 
@@ -138,3 +146,41 @@ def test_a_preemption_that_cannot_commit_in_time_says_so(tmp_path, lead, window,
         status = json.loads(store.read_aux(STATUS_FILE))
         assert status["state"] == "preempted" and status["preempt_committed"] is False
         assert status["step"] > committed
+
+
+def test_a_sigterm_that_reached_one_rank_sets_every_ranks_budget(tmp_path):
+    """SLURM's signal reaches the ranks with some skew, and the ranks agree on the stop before every one
+    has its own: the agreement carries the SIGTERM, so rank 0, which commits and was never signalled,
+    budgets the SIGTERM's window (10 s: 7.5 s) and not the preemption's (40 s: 30 s)."""
+    spec = write_spec(
+        tmp_path / "spec.json",
+        tiny_spec(tmp_path / "data", resources__signal_lead_s=60, optim__epochs=20, optim__max_steps=40),
+    )
+    env = {STEP_PAUSE_ENV: "2", TERM_WINDOW_ENV: "10", PREEMPT_WINDOW_ENV: "40"}
+    proc = subprocess.Popen(
+        trainer_cmd(spec, tmp_path / "run", nproc=2),
+        cwd=REPO,
+        env=trainer_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    with Tail(proc) as out:
+        wait_for("a first commit", lambda: out.has(" committed in ") or proc.poll() is not None, 180, 0.05)
+        ranks = {_rank_of(pid, proc.pid): pid for pid in children_of(proc.pid)}
+        assert sorted(ranks) == [0, 1], out.text()[-3000:]
+        (uploader,) = children_of(ranks[0])  # num_workers 0: the uploader is the rank's only child
+        os.kill(uploader, signal.SIGSTOP)
+        os.kill(ranks[1], signal.SIGTERM)
+        assert proc.wait(timeout=120) == EXIT_PREEMPTED, out.text()[-3000:]
+        lines = [x for x in out.text().splitlines() if "but its checkpoint did not commit within" in x]
+        assert lines and all("within 8 s" in x and "SIGTERM window 10 s" in x for x in lines), lines
+
+
+def _rank_of(pid: int, agent: int) -> int:
+    """A rank's number, from its agent's heartbeat folder (a forked rank's /proc environ is the agent's)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{BEAT_PREFIX}{agent}-*/rank*.beat"):
+        if (heartbeat.read(str(path)) or {}).get("pid") == pid:
+            return int(path.stem.removeprefix("rank"))
+    raise AssertionError(f"pid {pid} has no heartbeat under agent {agent}")

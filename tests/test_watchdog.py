@@ -1,5 +1,5 @@
 """The hang watchdog's decisions, with ``sleep`` processes as ranks and hand-written heartbeats: which
-rank is the hung one, who acts, what is killed. No torch, no torchrun."""
+rank is the hung one, who acts, what is killed; its limits against the collectives' timeout. No torchrun."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from types import SimpleNamespace
 import pytest
 
 from launch import heartbeat
+from launch.checkpoint import FINAL_FLUSH_S
+from launch.collectives import collective_timeout_s
 from launch.node_failures import RECORDER
-from launch.watchdog import BEAT_PREFIX, Watchdog, run_dir_of, stopped
+from launch.watchdog import BEAT_PREFIX, DUMP_WAIT_S, POLL_S, Watchdog, run_dir_of, stopped
 from schemas.contract import NodeHeartbeat, RankBeat, RunPaths
 from tests.support.procs import wait_for
 
@@ -94,7 +96,9 @@ def test_a_hang_found_elsewhere_dumps_and_stops_this_nodes_workers_of_that_round
     _write(dog, 1, ranks[1].pid, step=0, age_s=-5, limit_s=None)  # a newer round's worker
     line = "pixpro: hang: rank 3 on node there ..."
     path = RunPaths(dog.run_dir).heartbeat("there")
-    path.write_text(NodeHeartbeat(node="there", updated=now, ranks=[], hang=line).model_dump_json())
+    path.write_text(
+        NodeHeartbeat(node="there", updated=now, ranks=[], hang=line, hang_at=now).model_dump_json()
+    )
     dog.share()
     assert dog.check(now) is None
     assert ranks[0].wait(timeout=30) == -signal.SIGKILL  # dumped (ignored here), then killed
@@ -165,3 +169,56 @@ def test_a_killed_agents_heartbeat_folder_is_removed_by_the_next_one(tmp_path, m
         assert not dead.exists() and alive.exists() and Path(dog.dir).parent == tmp_path
     finally:
         dog.stop()
+
+
+def test_a_hang_published_long_ago_is_not_joined_again(dog, ranks) -> None:
+    """The line stays in its agent's file; an agent that reads it only now (its folder was stalled) must
+    not stop the healthy ranks of the round that restarted since."""
+    now = time.time()
+    _write(dog, 0, ranks[0].pid, step=0, age_s=100, limit_s=1800)  # a new round, starting
+    line = "pixpro: hang: rank 3 on node there ..."
+    path = RunPaths(dog.run_dir).heartbeat("there")
+    beat = NodeHeartbeat(node="there", updated=now, ranks=[], hang=line, hang_at=now - 120)
+    path.write_text(beat.model_dump_json())
+    dog.share()
+    assert dog.check(now) is None and dog.last_hang is None and ranks[0].poll() is None
+
+
+@pytest.mark.parametrize("cut_off", [False, True], ids=["reads-the-folder", "cut-off"])
+def test_a_hang_found_cut_off_from_the_folder_is_not_blamed_on_the_node(
+    dog, ranks, monkeypatch: pytest.MonkeyPatch, cut_off: bool
+) -> None:
+    """Cut off from the shared folder, every node finds its own ranks stalled: each restarts, none is
+    recorded as the node's fault (a filesystem stall would otherwise leave every node of the run out)."""
+    seen: list[tuple[int, str]] = []
+    monkeypatch.setattr(RECORDER, "record", lambda rank, cause: seen.append((rank, cause)))
+    monkeypatch.setattr("launch.watchdog.DUMP_WAIT_S", 0.0)
+    now = time.time()
+    if cut_off:
+        dog._shared_at = now - 60
+    _write(dog, 0, ranks[0].pid, step=7, age_s=40, limit_s=30)
+    hung = dog.check(now)
+    assert hung is not None
+    dog.act(hung, now)
+    assert ranks[0].wait(timeout=30) == -signal.SIGKILL
+    dog.share()
+    assert [rank for rank, _ in seen] == ([] if cut_off else [0])
+
+
+@pytest.mark.parametrize(("hang", "startup"), [(300, 1800), (600, 60), (3600, 1800)])
+def test_every_collective_outlasts_every_heartbeat_limit(tmp_path: Path, hang: int, startup: int) -> None:
+    """The watchdog acts (poll, stacks, kill) before any collective times out: a limit reached by a rank
+    in start-up, between steps or in its final flush leaves the collectives waiting on it time."""
+    beat = heartbeat.Heartbeat(str(tmp_path), 0, hang, startup)
+    limits = []
+    for step, phase, own in (
+        (0, "resume", None),
+        (1, "train", None),
+        (2, "train", None),
+        (2, "final-flush", FINAL_FLUSH_S),
+    ):
+        beat.beat(step, phase, own)
+        limits.append((heartbeat.read(heartbeat.rank_file(str(tmp_path), 0)) or {})["limit_s"])
+    assert limits[:3] == [max(startup, hang), max(startup, hang), hang]
+    timeout = collective_timeout_s(FINAL_FLUSH_S, 45, hang, startup)
+    assert all(timeout >= limit + POLL_S + DUMP_WAIT_S + 1 for limit in limits), (timeout, limits)

@@ -106,7 +106,8 @@ class ResourceSpec(SpecModel):
         description="Before its attempt's first step is done (claiming the run, loading the checkpoint, "
         "listing the data, the monitor's set-up, the first step's compile), a rank that makes no progress "
         "for this many seconds is hung, as after it with hang_timeout_s: a filesystem or object store "
-        "that stalls every rank at start-up ends in a restart, not in the job's whole time limit.",
+        "that stalls every rank at start-up ends in a restart, not in the job's whole time limit. "
+        "Never less than hang_timeout_s; collectives wait this long for a rank that starts.",
     )
     extra_sbatch: dict[SbatchKey, SbatchValue] = Field(
         default_factory=dict,
