@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 from launch.preempt import children_of
 from schemas.contract import FORK_ENV, STEP_PAUSE_ENV
 from tests.support.procs import wait_for
-from tests.support.trainer import REPO, Tail, tiny_spec, trainer_cmd, trainer_env, write_spec
+from tests.support.trainer import Tail, start_ranks, tiny_spec, write_spec
 
 pytestmark = [pytest.mark.slow]
 
@@ -33,15 +32,7 @@ def test_ranks_and_their_uploaders_die_with_a_killed_launcher(
     tmp_path: Path, data_root: Path, fork: str
 ) -> None:
     spec = write_spec(tmp_path / "spec.json", tiny_spec(data_root, optim__max_steps=200, optim__epochs=40))
-    proc = subprocess.Popen(
-        trainer_cmd(spec, tmp_path / "run", nproc=2),
-        cwd=REPO,
-        env=trainer_env(**{STEP_PAUSE_ENV: "0.5", FORK_ENV: fork}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # as the node task starts it
-    )
+    proc = start_ranks(spec, tmp_path / "run", **{STEP_PAUSE_ENV: "0.5", FORK_ENV: fork})
     with Tail(proc) as out:
         wait_for("a first step", lambda: out.has("step 2/") or proc.poll() is not None, 180, 0.1)
         ranks = children_of(proc.pid)

@@ -27,6 +27,7 @@ from tests.support.trainer import (
     assert_identical,
     final_state,
     run_trainer,
+    start_ranks,
     tiny_spec,
     trainer_cmd,
     trainer_env,
@@ -54,15 +55,7 @@ data_root, golden = run_fixtures("uninterrupted")  # the tests train on its data
 
 
 def _launch(spec: Path, run: Path, max_restarts: int = 0, **env: str) -> zygote.Child | subprocess.Popen:
-    return zygote.popen(
-        trainer_cmd(spec, run, nproc=2, max_restarts=max_restarts),
-        cwd=REPO,
-        env=trainer_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    return start_ranks(spec, run, max_restarts=max_restarts, **env)
 
 
 def _current_step(run: Path) -> int:

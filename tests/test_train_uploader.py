@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,15 +29,13 @@ from schemas.contract import (
 from tests.conftest_s3 import s3_storage_options
 from tests.support.procs import wait_for
 from tests.support.trainer import (
-    REPO,
     Tail,
     assert_identical,
     final_state,
     run_trainer,
+    start_ranks,
     start_trainer,
     tiny_spec,
-    trainer_cmd,
-    trainer_env,
     write_spec,
 )
 
@@ -157,15 +154,7 @@ def test_a_sigterm_that_reached_one_rank_sets_every_ranks_budget(tmp_path):
         tiny_spec(tmp_path / "data", resources__signal_lead_s=60, optim__epochs=20, optim__max_steps=40),
     )
     env = {STEP_PAUSE_ENV: "2", TERM_WINDOW_ENV: "10", PREEMPT_WINDOW_ENV: "40"}
-    proc = subprocess.Popen(
-        trainer_cmd(spec, tmp_path / "run", nproc=2),
-        cwd=REPO,
-        env=trainer_env(**env),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_ranks(spec, tmp_path / "run", **env)
     with Tail(proc) as out:
         wait_for("a first commit", lambda: out.has(" committed in ") or proc.poll() is not None, 180, 0.05)
         ranks = {_rank_of(pid, proc.pid): pid for pid in children_of(proc.pid)}

@@ -115,6 +115,22 @@ def start_trainer(spec: Path, run_dir: Path, **env: str) -> zygote.Child | subpr
     )
 
 
+def start_ranks(
+    spec: Path, run_dir: Path, nproc: int = 2, max_restarts: int = 0, **env: str
+) -> zygote.Child | subprocess.Popen:
+    """``nproc`` ranks under our torchrun wrapper in the background, in a session of their own (as the
+    node task starts it), stdout and stderr merged (read it with :class:`Tail`)."""
+    return zygote.popen(
+        trainer_cmd(spec, run_dir, nproc=nproc, max_restarts=max_restarts),
+        cwd=REPO,
+        env=trainer_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
 class Tail:
     """Collects a subprocess's output lines on a thread, so the test can wait for a given log line."""
 
