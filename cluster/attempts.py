@@ -74,6 +74,8 @@ def slurm_state(job: SlurmJob, trainer: dict | None, cancelled: bool, recent: bo
     q = (job.queue_state or "").upper()
     if not q and job.current is not None:  # squeue failed or forgot the job; sacct has a run not ended
         q = job.current.state.upper()
+    if q == "COMPLETING" and job.current is None and runs:
+        runs, history = runs[:-1], history[:-1]  # the accounting has the run completing now as ended
     if q and q not in TERMINAL:
         earlier = sum(1 for r in runs if r.start is not None)
         if q in _QUEUED:

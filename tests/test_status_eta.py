@@ -53,3 +53,19 @@ def test_the_table_shows_the_eta_or_the_expected_start() -> None:
     start = time.mktime(time.strptime("2026-12-06T03:15:00", "%Y-%m-%dT%H:%M:%S"))
     assert render.eta({"eta_s": None, "expected_start": start}) == "starts 12-06 03:15"
     assert render.eta({"eta_s": None, "expected_start": None}) == "-"
+
+
+def test_a_completing_first_run_is_no_restart() -> None:
+    """While a job completes, the accounting already lists its run as ended: that run is not an earlier
+    one (a first attempt being cancelled read ``completing, restart 1``)."""
+
+    def run(state: str) -> slurm.HistoryLine:
+        return slurm.HistoryLine(state, 0, 0, start=time.time() - 60, end=time.time())
+
+    first = slurm.SlurmJob("51", queue_state="COMPLETING", history=[run("CANCELLED")])
+    assert slurm_state(first, None, cancelled=True, recent=True).reason == "completing"
+    assert slurm_state(first, None, cancelled=True, recent=True).requeues == 0
+    again = slurm.SlurmJob("52", queue_state="COMPLETING", history=[run("REQUEUED"), run("CANCELLED")])
+    assert slurm_state(again, None, cancelled=True, recent=True).reason == "completing, restart 1"
+    running = slurm.SlurmJob("53", queue_state="RUNNING", history=[run("REQUEUED")])
+    assert slurm_state(running, None, cancelled=False, recent=True).reason == "restart 1"
