@@ -508,14 +508,27 @@ def _run_tool(module: str, args: list[str]) -> None:
 
 
 def _source(ident: str) -> str:
-    """A run id names its run folder (checkpoints and spec.json inside); anything else passes as given."""
+    """A run id (an attempt's job id, a unique id prefix) names its run folder (checkpoints and spec.json
+    inside); a path or URL passes as given. A sweep's id or an evaluation's job id is refused in one line,
+    as is an id nothing has (not "checkpoint store ID does not exist")."""
     from cluster.home import run_dir
 
-    if "/" not in ident and not ident.endswith(".pt"):
-        rdir = run_dir(ident)
-        if rdir.is_dir():
-            return str(rdir)
-    return ident
+    if "/" in ident or ident.endswith(".pt") or Path(ident).exists():
+        return ident
+    if run_dir(ident).is_dir():
+        return str(run_dir(ident))
+    from cluster import evals
+    from cluster.index import Index
+    from cluster.sweep import find_sweep
+
+    if find_sweep(_check_id(ident)) is not None:
+        raise errors.UsageError(f"{ident} is a sweep: give a member's run id (pixpro status {ident})")
+    record, request = evals.find_run(Index(), ident)
+    if request is not None:
+        raise errors.UsageError(
+            f"{ident} is the job of evaluation {request.eval_id} of run {record.run_id}: give the run id"
+        )
+    return record.run_dir
 
 
 FIGURE_HELP = "Figure to write: .png, .svg, .pdf or .jpg."

@@ -1,0 +1,30 @@
+"""``plot``, ``export`` and ``eval`` take a run as ``status`` does (run id, an attempt's job id, a unique
+prefix); a sweep's id, an evaluation's job id or an id nothing has is refused in one line that says so,
+not as "checkpoint store ID does not exist"."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from schemas.contract import EvalRequest
+from tests.support.cli import assert_one_line_error, cli
+from tests.support.runs import fake_runs
+
+
+def test_the_tools_resolve_ids_as_status_does(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    (record,) = fake_runs(home, 1)
+    job = record.attempts[0]
+    request = EvalRequest(eval_id="knn-1", task="knn", data="/d", executor="slurm", submitted=time.time())
+    folder = record.paths.eval("knn-1")
+    folder.request.parent.mkdir(parents=True)
+    folder.request.write_text(request.model_copy(update={"job_id": "4242"}).model_dump_json())
+
+    line = assert_one_line_error(cli("plot", "nope-123", "-o", "x.png", home=home, cwd=tmp_path), 3)
+    assert "no run or job 'nope-123'" in line, line
+    line = assert_one_line_error(cli("export", "4242", "-o", "x.pt", home=home, cwd=tmp_path), 2)
+    assert f"4242 is the job of evaluation knn-1 of run {record.run_id}: give the run id" in line, line
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.pt").exists()
+    found = cli("plot", job, "-o", "x.png", home=home, cwd=tmp_path)  # an attempt's job id: its run
+    assert found.returncode == 0 and "wrote x.png" in found.stdout, found.stderr
