@@ -7,12 +7,17 @@ here: the spec refuses them and storage access takes them from the environment.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cluster.errors import Failure
 from schemas.contract import CANCEL_MARKER, RECORD_FILE, SPEC_FILE, RunPaths, atomic_write
 
 __all__ = ["CANCEL_MARKER", "RECORD_FILE", "SPEC_FILE", "RunPaths", "RunRecord", "atomic_write"]
@@ -80,3 +85,39 @@ def write_local(record: RunRecord) -> None:
 
 def read_local(run_dir: Path) -> RunRecord:
     return RunRecord.from_json(RunPaths(run_dir).record.read_bytes())
+
+
+LOCK_WAIT_S = 120.0
+_held = threading.local()  # the run locks this thread holds: taking one again is a no-op
+
+
+@contextlib.contextmanager
+def run_lock(record: RunRecord, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Exclusive, across processes, while an attempt of the run is chosen and queued or cancelled: two
+    ``pixpro resume`` at once would each queue one and the record keep only the last. Re-entrant in
+    one thread (a sweep's resume holds it around :func:`cluster.runs.resume`, which takes it too)."""
+    path = record.paths.start_lock
+    held: set[Path] = _held.__dict__.setdefault("paths", set())
+    if path in held:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise Failure(
+                        f"run {record.run_id} is being resumed or cancelled by another pixpro ({path} held "
+                        f"for {wait_s:.0f} s); try again"
+                    ) from None
+                time.sleep(0.05)
+        held.add(path)
+        try:
+            yield
+        finally:
+            held.discard(path)
+            fcntl.flock(f, fcntl.LOCK_UN)

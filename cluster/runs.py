@@ -23,7 +23,7 @@ from cluster.home import new_run_id, run_dir
 from cluster.index import Index
 from cluster.preflight import run_preflight
 from cluster.progress import open_run_store
-from cluster.record import RECORD_FILE, RunRecord, atomic_write, write_local
+from cluster.record import RECORD_FILE, RunRecord, atomic_write, run_lock, write_local
 from cluster.specs import resolve_spec, spec_json
 from cluster.torchrun import NodeCommand, Placement, node_command
 from launch.store.format import absolute_url
@@ -252,24 +252,25 @@ def resume(ident: str, include_nodes: list[str] | None = None) -> tuple[RunRecor
     from cluster.status import attempt_states, read_all_progress, run_state
 
     index = Index()
-    record = index.find(ident)
-    states, _ = attempt_states([record], read_all_progress([record]))
-    active = [(j, s) for j, s in states[record.run_id].items() if s.active]
-    if active:
-        job, st = active[-1]
-        raise Failure(
-            f"run {record.run_id} still has attempt {job} {st.state}: wait, or pixpro cancel {job} first"
-        )
-    if run_state(record, states[record.run_id]).state == "COMPLETED":
-        return record, None, None
-    if include_nodes:
-        nodes.include(record, include_nodes)
-        write_local(record)  # recheck reads the run folder's record
-    spec = load_spec(record.spec_path)
-    executor(record.executor).recheck(spec, Path(record.run_dir))
-    record.paths.cancel_marker.unlink(missing_ok=True)
-    job_id = submit_attempt(record, spec, index)
-    return record, job_id, resumed(record, job_id, index)
+    with run_lock(index.find(ident)):
+        record = index.find(ident)  # as it is now that no other resume or cancel acts on it
+        states, _ = attempt_states([record], read_all_progress([record]))
+        active = [(j, s) for j, s in states[record.run_id].items() if s.active]
+        if active:
+            job, st = active[-1]
+            raise Failure(
+                f"run {record.run_id} still has attempt {job} {st.state}: wait, or pixpro cancel {job} first"
+            )
+        if run_state(record, states[record.run_id]).state == "COMPLETED":
+            return record, None, None
+        if include_nodes:
+            nodes.include(record, include_nodes)
+            write_local(record)  # recheck reads the run folder's record
+        spec = load_spec(record.spec_path)
+        executor(record.executor).recheck(spec, Path(record.run_dir))
+        record.paths.cancel_marker.unlink(missing_ok=True)
+        job_id = submit_attempt(record, spec, index)
+        return record, job_id, resumed(record, job_id, index)
 
 
 def cancel(ident: str) -> tuple[RunRecord, list[str], str | None]:
@@ -277,16 +278,18 @@ def cancel(ident: str) -> tuple[RunRecord, list[str], str | None]:
     from cluster.status import attempt_states, read_all_progress
 
     index = Index()
-    record = index.find(ident)
-    states, _ = attempt_states([record], read_all_progress([record]))
-    active = [j for j, s in states[record.run_id].items() if s.active]
-    latest = record.latest_job
-    if not active and (latest is None or states[record.run_id][latest].state in ("COMPLETED", "CANCELLED")):
-        return record, [], None
-    atomic_write(record.paths.cancel_marker, f"{time.time()}\n".encode())
-    ex = executor(record.executor)
-    for job_id in active:
-        ex.job(record, job_id).cancel()
-    marked = active or ([latest] if latest else [])
-    record.cancelled = sorted(set(record.cancelled) | set(marked))
-    return record, marked, save(record, index, strict=False)
+    with run_lock(index.find(ident)):
+        record = index.find(ident)  # as it is now that no resume acts on it
+        states, _ = attempt_states([record], read_all_progress([record]))
+        active = [j for j, s in states[record.run_id].items() if s.active]
+        latest = record.latest_job
+        ended = ("COMPLETED", "CANCELLED")
+        if not active and (latest is None or states[record.run_id][latest].state in ended):
+            return record, [], None
+        atomic_write(record.paths.cancel_marker, f"{time.time()}\n".encode())
+        ex = executor(record.executor)
+        for job_id in active:
+            ex.job(record, job_id).cancel()
+        marked = active or ([latest] if latest else [])
+        record.cancelled = sorted(set(record.cancelled) | set(marked))
+        return record, marked, save(record, index, strict=False)

@@ -6,6 +6,7 @@ with one line per problem (each naming the member's values).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -240,12 +241,11 @@ def cancel_sweep(sweep: SweepRecord) -> list[tuple[str, list[str]]]:
     """Cancel every member. Members not started yet are marked first, under their start lock, so the
     local sweep runner leaves them; one it started before has its attempt and is cancelled with the
     others."""
-    from cluster.record import atomic_write
-    from cluster.sweep_runner import member_lock
+    from cluster.record import atomic_write, run_lock
 
     index = Index()
     for run_id in sweep.run_ids:
-        with member_lock(index.find(run_id)):
+        with run_lock(index.find(run_id)):
             if not index.find(run_id).attempts:
                 atomic_write(index.find(run_id).paths.cancel_marker, f"{time.time()}\n".encode())
     return [(run_id, runs.cancel(run_id)[1]) for run_id in sweep.run_ids]
@@ -281,6 +281,30 @@ def _resume_as_array(
     return [(record.run_id, job_id) for record, job_id in zip(due, job_ids, strict=True)]
 
 
+def _queue_resumes(sweep_dir: Path, later: list[RunRecord]) -> None:
+    """Members a sweep runner resumes as slots free up: queued now, so their cancel markers go now (as
+    :func:`runs.resume` removes a run's when it queues its attempt), each under the run's lock; ``pixpro
+    status`` shows one that never started PENDING (waits for a slot of its sweep) from here on, not
+    CANCELLED (before it started) until the runner gets to it. A cancel from now on writes a new marker,
+    which the runner heeds. A runner that does not start leaves them cancelled, as they were."""
+    from cluster.record import atomic_write, run_lock
+    from cluster.sweep_runner import spawn_sweep_runner
+
+    cleared: list[tuple[RunRecord, bytes]] = []
+    for record in later:
+        marker = record.paths.cancel_marker
+        with run_lock(record), contextlib.suppress(FileNotFoundError):
+            cleared.append((record, marker.read_bytes()))
+            marker.unlink()
+    try:
+        spawn_sweep_runner(sweep_dir, resume=[r.run_id for r in later])
+    except BaseException:
+        for record, text in cleared:
+            with run_lock(record):
+                atomic_write(record.paths.cancel_marker, text)
+        raise
+
+
 def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str | None]]:
     """Resume every member that has not completed and has no attempt queued or running; a member the
     local sweep runner will still start is left to it (resuming it would start it twice). Locally, at
@@ -289,7 +313,7 @@ def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str | None]]:
     ``--max-parallel`` leaves beside the members still queued or running (at least one; it stays so
     when those end), where the members leave out the same nodes; else each is a job of its own."""
     from cluster.status import attempt_states, read_all_progress, run_state
-    from cluster.sweep_runner import member_lock, runner_alive, runner_resumes, spawn_sweep_runner
+    from cluster.sweep_runner import runner_alive, runner_resumes
 
     index = Index()
     records = [index.find(r) for r in sweep.run_ids]
@@ -312,17 +336,16 @@ def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str | None]]:
     problems = []
     for record in due[:room]:
         try:
-            with member_lock(record):
-                _, job_id, _ = runs.resume(record.run_id)
+            _, job_id, _ = runs.resume(record.run_id)  # under the run's lock
         except Failure as exc:
             problems += [f"run {record.run_id}: {line}" for line in exc.lines]
             continue
         if job_id is not None:
             resumed.append((record.run_id, job_id))
-    later = [r.run_id for r in due[room:]]
+    later = due[room:]
     if later:
-        spawn_sweep_runner(sweep_dir, resume=later)
-        resumed += [(run_id, None) for run_id in later]
+        _queue_resumes(sweep_dir, later)
+        resumed += [(r.run_id, None) for r in later]
     if problems and not resumed:
         raise Failure(problems)
     return resumed

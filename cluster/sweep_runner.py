@@ -3,24 +3,22 @@
 SLURM bounds a job array's running tasks itself (``--array=...%N``); on this machine a sweep with
 ``--max-parallel`` below its size gets this runner, which starts each member's first attempt (as
 ``pixpro submit`` would) once fewer than N members run, in order. A member cancelled or resumed
-before its turn is left out; the member's start lock (:func:`member_lock`) keeps the runner and a
+before its turn is left out; the member's start lock (:func:`cluster.record.run_lock`) keeps the runner and a
 ``pixpro cancel``/``resume`` of the member from acting at the same moment.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from cluster import local
-from cluster.record import RunRecord, atomic_write
+from cluster.record import RunRecord, atomic_write, run_lock
 
 POLL_S = 0.5
 RUNNER_FILE = "runner.json"
@@ -44,19 +42,6 @@ def spawn_sweep_runner(sweep_dir: Path, resume: list[str] | None = None) -> int:
     runner = {"pid": proc.pid, "resume": resume or []}
     atomic_write(sweep_dir / RUNNER_FILE, json.dumps(runner).encode())
     return proc.pid
-
-
-@contextlib.contextmanager
-def member_lock(record: RunRecord) -> Iterator[None]:
-    """Exclusive, across processes, for deciding whether a sweep member starts."""
-    path = record.paths.start_lock
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def runner_alive(sweep_dir: Path) -> bool:
@@ -134,7 +119,7 @@ def main(argv: list[str]) -> int:
         busy = sum(running(index.find(run_id)) for run_id in sweep.run_ids)
         while pending and busy < slots:
             run_id = pending.pop(0)
-            with member_lock(index.find(run_id)):
+            with run_lock(index.find(run_id)):
                 job = _start_first(run_id) if resuming is None else _resume(run_id, since)
             if job is None:
                 continue  # resumed, cancelled or completed before its turn

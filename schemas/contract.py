@@ -143,12 +143,17 @@ class RunPaths:
 
     @property
     def start_lock(self) -> Path:
-        """Held while a sweep member's first attempt is started, cancelled before it starts or resumed:
-        the local sweep runner and ``pixpro cancel``/``resume`` never act on a member at once."""
+        """Held while an attempt of the run is chosen and queued or cancelled (a resume, a cancel, a sweep
+        member's first attempt): two pixpro processes never act on a run at once."""
         return self.run_dir / ".start.lock"
 
     def eval(self, eval_id: str) -> EvalPaths:
         return EvalPaths(self.evals / eval_id)
+
+
+LATEST_ATTEMPT = "latest"
+"""``EvalRequest.after`` of an evaluation that waits for whichever attempt of its run is the latest (a
+local sweep member's, queued before the sweep runner started it: it has no job to name yet)."""
 
 
 class EvalPaths:
