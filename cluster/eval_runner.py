@@ -22,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 
 from cluster.attempts import local_state
+from cluster.evals import waits_on
 from cluster.local import LocalJob, read_job, write_job
 from cluster.record import read_local
 from schemas.contract import EvalRequest, Exit, RunPaths
@@ -93,7 +94,7 @@ def main(argv: list[str]) -> int:
     write_job(run_dir, job)
     rc: int = Exit.FAILURE
     try:
-        if request.after is not None:
+        if waits_on(request) is not None:  # a job of the run or its latest attempt: the latest, as afterok
             wait_for_run(run_dir)
         with held_signal(signal.SIGTERM):  # a cancel now waits until the child is there to be stopped
             child.append(subprocess.Popen(task.command(), cwd=task.workdir, preexec_fn=_unblock_sigterm))

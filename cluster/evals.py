@@ -20,7 +20,7 @@ from cluster.attempts import AttemptState
 from cluster.errors import Failure, UsageError
 from cluster.record import RunRecord
 from launch.store.format import absolute_url
-from schemas.contract import EVAL_HEADLINE, atomic_write
+from schemas.contract import EVAL_HEADLINE, LATEST_ATTEMPT, atomic_write
 
 if TYPE_CHECKING:
     from cluster.index import Index
@@ -29,6 +29,22 @@ if TYPE_CHECKING:
 TASKS = tuple(EVAL_HEADLINE)
 RESOURCE_KEYS = "resources."
 """``--set`` of an evaluation job may change its resources only (partition, time limit, account ...)."""
+
+
+def waits_on(request: EvalRequest) -> str | None:
+    """What the evaluation waits for before it starts: a job of its run, :data:`LATEST_ATTEMPT`, or None
+    (it evaluates the latest checkpoint at once). Every reader of ``request.after`` asks this: requests
+    written before the marker held ``""`` for it."""
+    if request.after is None:
+        return None
+    return request.after or LATEST_ATTEMPT
+
+
+def after_job(request: EvalRequest) -> str | None:
+    """The job the evaluation waits for by its id (SLURM's ``afterok``), None where it waits for none or
+    for the run's latest attempt, whichever that is."""
+    job = waits_on(request)
+    return None if job == LATEST_ATTEMPT else job
 
 
 def default_data(spec: Any) -> str | None:
@@ -204,7 +220,7 @@ def row(request: EvalRequest, st: AttemptState, found: EvalResult | None) -> dic
         "task": request.task,
         "data": request.data,
         "job_id": request.job_id,
-        "after": request.after,
+        "after": waits_on(request),
         "state": st.state,
         "reason": st.reason,
         "step": found.step if found is not None else None,
@@ -231,7 +247,7 @@ def repoint(record: RunRecord, job_id: str) -> list[str]:
 
     moved = []
     for request, job in ask_executors([record]).evals.get(record.run_id, []):
-        if not request.after or request.after == job_id or job.state != "PENDING":
+        if waits_on(request) in (None, job_id) or job.state != "PENDING":
             continue
         executor(request.executor).eval_waits_on(request, job_id)
         request.after = job_id
@@ -256,14 +272,16 @@ def cancel(record: RunRecord, request: EvalRequest) -> bool:
 
 
 def summary(record: RunRecord, request: EvalRequest) -> str:
-    after = f", after job {request.after}" if request.after else ""
+    job = after_job(request)
+    after = f", after job {job}" if job else ", after the run's latest attempt" if waits_on(request) else ""
     where = f"job {request.job_id} ({request.executor}{after})"
     return f"submitted eval {request.eval_id} of run {record.run_id} as {where}"
 
 
 def waits_for(record: RunRecord) -> str | None:
-    """What ``--after`` waits on: the run's latest job (``""`` for a local sweep member not started yet),
-    None for a run that completed already; a run that will not complete by itself is refused."""
+    """What ``--after`` waits on: the run's latest job (:data:`LATEST_ATTEMPT` for a local sweep member
+    not started yet), None for a run that completed already; a run that will not complete by itself is
+    refused."""
     from cluster.status import attempt_states, read_all_progress, run_state
 
     states, _ = attempt_states([record], read_all_progress([record]))
@@ -271,7 +289,7 @@ def waits_for(record: RunRecord) -> str | None:
     if st.state == "COMPLETED":
         return None
     if st.active:
-        return record.latest_job or ""
+        return record.latest_job or LATEST_ATTEMPT
     raise UsageError(
         f"--after: run {record.run_id} is {st.state} and will not complete by itself: "
         f"pixpro resume {record.run_id} first, or evaluate its last checkpoint without --after"
@@ -295,7 +313,7 @@ def submit_for_run(
 
 def submit_after_run(record: RunRecord, task: str, data: str) -> EvalRequest:
     """``pixpro submit --eval TASK``: an evaluation of a run just queued, after its run's job."""
-    spec, after = eval_spec(record, None, ()), record.latest_job or ""
+    spec, after = eval_spec(record, None, ()), record.latest_job or LATEST_ATTEMPT
     return submit(record, task, data, seed=0, after=after, spec=spec, cwd=Path.cwd())
 
 
@@ -326,7 +344,7 @@ def queue_after(
                 "run_id": record.run_id,
                 "eval_id": request.eval_id,
                 "job_id": request.job_id,
-                "after": request.after,
+                "after": after_job(request) or "",  # "": the run's latest attempt, whichever it is
             }
         )
     return queued, warnings

@@ -221,8 +221,9 @@ class SlurmExecutor:
 
         params = slurm.executor_parameters(spec, slurm.node_cpus(spec), nodes.excluded(record))
         params["job_name"] = f"{spec.name}-eval-{request.task}"
-        if request.after:
-            params["additional_parameters"]["dependency"] = f"afterok:{request.after}"
+        after = evals.after_job(request)
+        if after:
+            params["additional_parameters"]["dependency"] = f"afterok:{after}"
         task = EvalTask(record.run_dir, request.eval_id, record.workdir)
         return slurm.submit(task, params, record.paths.eval(request.eval_id).submitit, spec)
 
@@ -356,7 +357,7 @@ class LocalExecutor:
                 return AttemptState("UNKNOWN", "not queued")
             paths = r.paths.eval(e.eval_id)
             st = local_state(local.read_job(Path(r.run_dir), e.job_id), None, paths.cancel_marker.exists())
-            if st.state == "RUNNING" and e.after and not paths.result.exists():  # it waits, as afterok
+            if st.state == "RUNNING" and evals.waits_on(e) and not paths.result.exists():  # as afterok
                 never = _run_ended_unfinished(r)
                 return AttemptState("PENDING", "DependencyNeverSatisfied" if never else "Dependency")
             return st

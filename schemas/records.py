@@ -102,7 +102,8 @@ class EvalRequest(_Record):
     seed: int = 0
     executor: str
     submitted: float
-    after: str | None = None  # the run's job it waits for (SLURM afterok); None: the latest checkpoint now
+    after: str | None = None  # the run's job it waits for (SLURM afterok), "latest" for the run's latest
+    # attempt whichever it is (a local sweep member not started yet); None: the latest checkpoint now
     job_id: str | None = None  # set once the executor took it
     resources: dict[str, int | str | None] = {}
 

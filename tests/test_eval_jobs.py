@@ -194,3 +194,62 @@ def test_local_evaluations_after_the_run_and_of_its_last_checkpoint(tmp_path: Pa
     missing = cli("eval", run_id, "--task", "knn", "--data", str(tmp_path / "nope"), "--submit", home=home)
     assert "--data: data folder" in assert_one_line_error(missing, 2)  # refused, not a job that fails later
     assert len(list((home / "runs" / run_id / "evals").iterdir())) == 3
+
+
+@pytest.mark.parametrize(
+    ("after", "waits_on", "after_job"),
+    [
+        (None, None, None),  # the latest checkpoint now
+        ("local-3", "local-3", "local-3"),
+        (evals.LATEST_ATTEMPT, evals.LATEST_ATTEMPT, None),  # a local sweep member not started yet
+        ("", evals.LATEST_ATTEMPT, None),  # as requests written before the marker say it
+    ],
+)
+def test_what_an_evaluation_waits_on_is_read_one_way(
+    after: str | None, waits_on: str | None, after_job: str | None
+) -> None:
+    from schemas.contract import EvalRequest
+
+    request = EvalRequest(
+        eval_id="knn-1", task="knn", data="/d", executor="local", submitted=1.0, after=after
+    )
+    assert (evals.waits_on(request), evals.after_job(request)) == (waits_on, after_job)
+
+
+def test_an_evaluation_of_a_sweep_member_not_started_yet_waits_as_a_dependency(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``submit --sweep ... --max-parallel 1 --eval knn`` on the local executor: a member the sweep runner
+    has not started has no job to wait for; its evaluation's waiter runs, and status says it waits for
+    the run (``PENDING (Dependency)``), as it does once the member has a job, not ``RUNNING``."""
+    from cluster import local, sweep_runner
+    from tests.support.cli import run_cli, status_row
+
+    home = tmp_path / "home"
+    spec = write_spec(tmp_path / "spec.json", tiny_spec(tmp_path / "data"))
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep_runner, "spawn_sweep_runner", lambda *a, **k: 0)  # no member starts
+    rc, out, err = run_cli(
+        "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", "1",
+        "--sweep", "optim.base_lr=2,4", "--eval", "knn", "--eval-data", "data", str(spec),
+    )  # fmt: skip
+    assert rc == 0, err
+    submitted = json.loads(out)
+    members = [m["run_id"] for m in submitted["members"]]
+    try:
+        assert [e["after"] for e in submitted["evals"]] == ["", ""]  # "when the run completed"
+        for run_id in members:
+            request = json.loads((home / "runs" / run_id / "evals" / "knn-1" / "request.json").read_bytes())
+            assert request["after"] == evals.LATEST_ATTEMPT, request
+            row = status_row(home, run_id)
+            assert (row["state"], row["reason"]) == ("PENDING", "waits for a slot of its sweep"), row
+            assert [(e["state"], e["reason"], e["after"]) for e in row["evals"]] == [
+                ("PENDING", "Dependency", evals.LATEST_ATTEMPT)
+            ], row["evals"]
+    finally:
+        for run_id, ev in zip(members, submitted["evals"], strict=True):
+            job = local.read_job(home / "runs" / run_id, ev["job_id"])
+            if job is not None:
+                local.stop(job)

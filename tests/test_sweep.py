@@ -185,8 +185,10 @@ def test_local_sweep_runs_members_max_parallel_at_a_time_then_cancel_and_resume_
     assert resume.returncode == 0, resume.stderr
     resumed = json.loads(resume.stdout)
     assert [(r["run_id"], r["job_id"] is None) for r in resumed] == [(first_id, False), (second_id, True)]
+    # the second waits for the first's slot from now on, then the sweep runner resumes it
+    row = status_row(home, second_id)
+    assert (row["state"], row["reason"]) == ("PENDING", "waits for a slot of its sweep"), row
     wait_status(home, first_id, lambda r: r["state"] == "COMPLETED", 300)
-    # the second stays cancelled until the first ended, then the sweep runner resumes it
     wait_for("the second member's attempt", lambda: status_row(home, second_id)["attempts"], 120, 0.5)
     rows = [wait_status(home, m["run_id"], lambda r: r["state"] == "COMPLETED", 300) for m in members]
     assert [r["step"] for r in rows] == [20, 20]
@@ -320,3 +322,55 @@ def test_no_usage_error_waits_for_a_members_preflight(
         "resume it with: pixpro resume other-run-1234\n"
     ), err
     assert not home.exists()
+
+
+def test_a_member_resumed_after_its_turn_shows_pending_for_a_slot_at_once(
+    home: Path, spec_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pixpro resume SWEEP`` beyond ``--max-parallel`` on the local executor: a member cancelled before
+    it started is queued for the sweep runner, and status shows it ``PENDING (waits for a slot of its
+    sweep)`` from then on, not ``CANCELLED (before it started)`` until the runner resumes it. A cancel
+    after the resume marks it again; a runner that could not be started leaves it cancelled."""
+    from cluster import runs, sweep_runner
+    from cluster.sweep import find_sweep
+    from cluster.sweep_ops import resume_sweep
+
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    runners: list[list[str] | None] = []
+    monkeypatch.setattr(sweep_runner, "spawn_sweep_runner", lambda d, resume=None: runners.append(resume))
+    rc, out, err = run_cli(
+        "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", "1",
+        "--sweep", "optim.base_lr=2,4", str(spec_file),
+    )  # fmt: skip
+    assert rc == 0, err
+    sweep_id = json.loads(out)["sweep_id"]
+    first, second = (m["run_id"] for m in json.loads(out)["members"])
+    assert run_cli("cancel", sweep_id)[0] == 0  # before the (absent) runner started either
+    before = ("CANCELLED", "before it started")
+    assert [(r["state"], r["reason"]) for r in (status_row(home, first), status_row(home, second))] == [
+        before,
+        before,
+    ]
+    # the first takes the one slot now (its attempt is not what this test is about: none starts)
+    monkeypatch.setattr(runs, "resume", lambda run_id: (None, f"local-of-{run_id}", None))
+    rc, out, err = run_cli("resume", sweep_id)
+    assert rc == 0 and f"run {second} resumes when fewer than 1 members run" in out, (out, err)
+    assert runners[-1] == [second]
+    row = status_row(home, second)
+    assert (row["state"], row["reason"], row["attempts"]) == ("PENDING", "waits for a slot of its sweep", [])
+
+    assert run_cli("cancel", sweep_id)[0] == 0  # the runner finds the new mark and leaves it
+    row = status_row(home, second)
+    assert (row["state"], row["reason"]) == before
+
+    def no_runner(sweep_dir: Path, resume: list[str] | None = None) -> int:
+        raise OSError("no runner")
+
+    monkeypatch.setattr(sweep_runner, "spawn_sweep_runner", no_runner)
+    sweep = find_sweep(sweep_id)
+    assert sweep is not None
+    with pytest.raises(OSError, match="no runner"):
+        resume_sweep(sweep)
+    row = status_row(home, second)
+    assert (row["state"], row["reason"]) == before
