@@ -495,6 +495,8 @@ def cancel(
         _err(f"warning: {warning}")
     if jobs:
         typer.echo(f"cancelled run {record.run_id}: job(s) {', '.join(jobs)}")
+    elif not record.attempts and record.paths.cancel_marker.exists():  # a sweep member waiting for a slot
+        typer.echo(f"cancelled run {record.run_id} before it started")
     else:
         typer.echo(f"run {record.run_id} has nothing to cancel")
 

@@ -283,10 +283,14 @@ def cancel(ident: str) -> tuple[RunRecord, list[str], str | None]:
         states, _ = attempt_states([record], read_all_progress([record]))
         active = [j for j, s in states[record.run_id].items() if s.active]
         latest = record.latest_job
-        ended = ("COMPLETED", "CANCELLED")
-        if not active and (latest is None or states[record.run_id][latest].state in ended):
+        last = states[record.run_id][latest].state if latest is not None else None
+        if not active and last == "COMPLETED":
             return record, [], None
+        # also where no job is left to stop: a local sweep's runner that would still start or resume the
+        # run heeds the marker (one written after it was asked to)
         atomic_write(record.paths.cancel_marker, f"{time.time()}\n".encode())
+        if not active and last in (None, "CANCELLED"):
+            return record, [], None
         ex = executor(record.executor)
         for job_id in active:
             ex.job(record, job_id).cancel()

@@ -374,3 +374,26 @@ def test_a_member_resumed_after_its_turn_shows_pending_for_a_slot_at_once(
         resume_sweep(sweep)
     row = status_row(home, second)
     assert (row["state"], row["reason"]) == before
+
+
+def test_a_member_waiting_for_its_first_slot_can_be_cancelled_alone(
+    home: Path, spec_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pixpro cancel MEMBER`` of a local sweep member the runner has not started yet: it says so, and
+    the runner leaves it (it used to say "nothing to cancel" and start it anyway)."""
+    from cluster import sweep_runner
+
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(sweep_runner, "spawn_sweep_runner", lambda d, resume=None: 0)
+    rc, out, err = run_cli(
+        "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", "1",
+        "--sweep", "optim.base_lr=2,4", str(spec_file),
+    )  # fmt: skip
+    assert rc == 0, err
+    second = json.loads(out)["members"][1]["run_id"]
+    rc, out, err = run_cli("cancel", second)
+    assert (rc, out) == (0, f"cancelled run {second} before it started\n"), err
+    row = status_row(home, second)
+    assert (row["state"], row["reason"]) == ("CANCELLED", "before it started")
+    assert sweep_runner._start_first(second) is None  # its turn comes: left out
