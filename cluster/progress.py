@@ -63,6 +63,11 @@ class Progress:
     def metric(self, key: str) -> Any:
         return (self.metrics or {}).get(key)
 
+    def now(self, key: str) -> Any:
+        """``key`` as of :attr:`step`: from the newest record that has it (status.json, written when an
+        attempt ends, holds LR and EMA momentum at its step; the last metrics record may be older)."""
+        return _first(*self.newest_first(), key=key)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -135,8 +135,8 @@ def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
                 "trainer_state": (p.trainer or {}).get("state"),
                 "checkpoint_step": p.checkpoint_step,
                 "checkpoint_age_s": None if p.checkpoint_time is None else round(now - p.checkpoint_time, 1),
-                "lr": p.metric("lr"),
-                "ema_momentum": p.metric("ema_momentum"),
+                "lr": p.now("lr"),  # at "step"
+                "ema_momentum": p.now("ema_momentum"),
                 "img_per_s": p.metric("img_per_s"),
                 "loss": p.metric("loss"),
                 "data_skips": p.metric("data_skips"),

@@ -554,6 +554,9 @@ class Trainer:
                 data_skips=self.data_skips,
                 preempt_committed=preempt_committed,
                 diverged=self.diverged,
+                # at step, as a metrics record of it would say: pixpro status shows them with the step
+                lr=self.schedule.lr(self.step - 1, self.spec) if self.step else None,
+                ema_momentum=self.schedule.momentum(self.step - 1, self.spec) if self.step else None,
                 **self.checkpointer.health(),
             )
 

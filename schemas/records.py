@@ -30,6 +30,8 @@ class TrainerStatus(_Record):
     store_error: str | None = None  # the checkpoint store's last failure, while it lasts
     preempt_committed: bool | None = None  # a preemption's final checkpoint made it within the lead time
     diverged: str | None = None  # why a diverged attempt stopped, in one line
+    lr: float | None = None  # the schedule's at ``step`` (its last step's, as a metrics record has it)
+    ema_momentum: float | None = None
 
 
 class MetricsRecord(_Record):

@@ -28,7 +28,7 @@ from cluster.local import LocalJob
 from cluster.record import RunRecord
 from cluster.slurm import HistoryLine, SlurmJob, check_partitions, gpu_count, parse_sinfo
 from schemas import SpecError, load_spec
-from schemas.contract import TENSORBOARD_DIR, one_line, wandb_run_id
+from schemas.contract import STATUS_FILE, TENSORBOARD_DIR, one_line, wandb_run_id
 from tests.support.cli import PIXPRO, assert_one_line_error, cli, run_cli, which_or_fail, write_spec
 from tests.support.cli import cluster_tiny_spec as tiny_spec
 from tests.support.runs import fake_runs
@@ -679,6 +679,8 @@ def test_local_executor_follow_runs_to_completion(home: Path, spec_file: Path, t
     rdir = Path(row["run_dir"])
     assert json.loads((rdir / "local" / f"{job}.json").read_bytes())["exit_code"] == 0
     assert json.loads((rdir / "checkpoints" / "run.json").read_bytes())["attempts"] == [job]
+    ended = json.loads((rdir / "checkpoints" / STATUS_FILE).read_bytes())  # LR and EMA at its step
+    assert (row["lr"], row["ema_momentum"]) == (ended["lr"], ended["ema_momentum"]) != (None, None)
     assert row["tensorboard_dir"] == str(rdir / TENSORBOARD_DIR)
     acc = EventAccumulator(row["tensorboard_dir"])
     acc.Reload()  # what `tensorboard --logdir` shows: every logged step once

@@ -69,3 +69,16 @@ def test_a_completing_first_run_is_no_restart() -> None:
     assert slurm_state(again, None, cancelled=True, recent=True).reason == "completing, restart 1"
     running = slurm.SlurmJob("53", queue_state="RUNNING", history=[run("REQUEUED")])
     assert slurm_state(running, None, cancelled=False, recent=True).reason == "restart 1"
+
+
+def test_lr_and_ema_are_those_of_the_step_shown() -> None:
+    """An attempt that ended at step 8 after its last metrics record (step 5): status.json holds the
+    schedule's LR and EMA momentum at step 8, so they are shown beside it, not step 5's."""
+    now = time.time()
+    metrics = {"step": 5, "lr": 0.25, "ema_momentum": 0.99043, "time": now - 10}
+    ended = Progress(
+        trainer={"step": 8, "lr": 0.2, "ema_momentum": 0.9911, "updated": now}, metrics=dict(metrics)
+    )
+    assert (ended.step, ended.now("lr"), ended.now("ema_momentum")) == (8, 0.2, 0.9911)
+    started = Progress(trainer={"step": 0, "lr": None, "updated": now - 60}, metrics=dict(metrics))
+    assert (started.step, started.now("lr"), started.now("ema_momentum")) == (5, 0.25, 0.99043)
