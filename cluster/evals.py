@@ -308,7 +308,26 @@ def submit_for_run(
     spec = eval_spec(record, gpus, sets)
     data = check_request(task, data or default_data(spec), spec)
     waits = waits_for(record) if after else None
+    if not after:
+        _check_committed(record)
     return record, submit(record, task, data, seed=seed, after=waits, spec=spec, cwd=Path.cwd())
+
+
+def _check_committed(record: RunRecord) -> None:
+    """An evaluation of the latest checkpoint now needs one: refused here (as the foreground ``eval``
+    refuses it), not queued to fail in its job."""
+    from cluster.errors import NotFound
+    from cluster.progress import open_run_store
+
+    try:
+        found = open_run_store(record.checkpoint_url, record.storage_options).latest()
+    except Exception:  # the store does not answer: the job will say so, or find it back
+        return
+    if found is None:
+        raise NotFound(
+            f"run {record.run_id} has no committed checkpoint yet: --after evaluates it once the run "
+            "completed"
+        )
 
 
 def submit_after_run(record: RunRecord, task: str, data: str) -> EvalRequest:

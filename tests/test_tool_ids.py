@@ -7,9 +7,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from schemas.contract import EvalRequest
+from schemas.contract import LATEST, EvalRequest
 from tests.support.cli import assert_one_line_error, cli
 from tests.support.runs import fake_runs
+from tests.support.trainer import tiny_spec, write_spec
 
 
 def test_the_tools_resolve_ids_as_status_does(tmp_path: Path) -> None:
@@ -28,3 +29,19 @@ def test_the_tools_resolve_ids_as_status_does(tmp_path: Path) -> None:
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.pt").exists()
     found = cli("plot", job, "-o", "x.png", home=home, cwd=tmp_path)  # an attempt's job id: its run
     assert found.returncode == 0 and "wrote x.png" in found.stdout, found.stderr
+
+
+def test_an_evaluation_of_a_run_without_a_checkpoint_is_refused_at_submit(tmp_path: Path) -> None:
+    """Without ``--after`` an evaluation reads the latest checkpoint now: none yet is refused here, as the
+    foreground ``eval`` refuses it, not queued to fail in its job."""
+    home = tmp_path / "home"
+    record = fake_runs(home, 2)[1]  # a local run: a refusal that failed would start no SLURM job
+    (Path(record.checkpoint_url) / LATEST).unlink()  # as before its first commit
+    write_spec(record.paths.spec, tiny_spec(tmp_path / "data"))
+    (tmp_path / "labelled").mkdir()
+    proc = cli(
+        "eval", record.run_id, "--task", "knn", "--data", "labelled", "--submit", home=home, cwd=tmp_path
+    )
+    line = assert_one_line_error(proc, 3)
+    assert f"run {record.run_id} has no committed checkpoint yet: --after" in line, line
+    assert not record.paths.evals.exists()
