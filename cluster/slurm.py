@@ -6,6 +6,7 @@ Imports neither torch nor submitit at module level (``pixpro status`` uses the q
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -13,7 +14,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -392,11 +395,27 @@ def submit(task: Any, params: dict[str, Any], folder: Path, spec: RunSpec) -> st
 
     executor = SlurmExecutor(folder=folder, max_num_timeout=3)
     executor.update_parameters(**params)
-    try:
-        job = executor.submit(task)
-    except Exception as exc:
-        raise sbatch_error(str(exc), spec) from None
+    with _sbatch_stderr() as said:
+        try:
+            job = executor.submit(task)
+        except Exception as exc:
+            raise sbatch_error(f"{said()} {exc}", spec) from None
     return str(job.job_id)
+
+
+@contextlib.contextmanager
+def _sbatch_stderr() -> Iterator[Callable[[], str]]:
+    """sbatch's own stderr while submitit runs it (it leaves it on ours): kept for the one-line error,
+    never printed as sbatch's raw lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield lambda: (caught.seek(0), caught.read().decode(errors="replace"))[1]
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def submit_array(
@@ -408,11 +427,12 @@ def submit_array(
 
     executor = SlurmExecutor(folder=folder, max_num_timeout=3)
     executor.update_parameters(**params, array_parallelism=max_parallel or len(tasks))
-    try:
-        with executor.batch():
-            jobs = [executor.submit(task) for task in tasks]
-    except Exception as exc:
-        raise sbatch_error(str(exc), spec) from None
+    with _sbatch_stderr() as said:
+        try:
+            with executor.batch():
+                jobs = [executor.submit(task) for task in tasks]
+        except Exception as exc:
+            raise sbatch_error(f"{said()} {exc}", spec) from None
     return [str(job.job_id) for job in jobs]
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from schemas.contract import LATEST, EvalRequest
 from tests.support.cli import assert_one_line_error, cli
 from tests.support.runs import fake_runs
@@ -45,3 +47,16 @@ def test_an_evaluation_of_a_run_without_a_checkpoint_is_refused_at_submit(tmp_pa
     line = assert_one_line_error(proc, 3)
     assert f"run {record.run_id} has no committed checkpoint yet: --after" in line, line
     assert not record.paths.evals.exists()
+
+
+@pytest.mark.cluster
+def test_an_evaluation_sbatch_refuses_is_one_line(tmp_path: Path) -> None:
+    """sbatch's own lines (``sbatch: error: ...``) stay out of the output: one line says what to fix."""
+    home = tmp_path / "home"
+    (record,) = fake_runs(home, 1)  # a SLURM run with a checkpoint
+    write_spec(record.paths.spec, tiny_spec(tmp_path / "data"))
+    (tmp_path / "labelled").mkdir()
+    args = ("eval", record.run_id, "--task", "knn", "--data", "labelled", "--submit")
+    proc = cli(*args, "--set", "resources.partition=nope", home=home, cwd=tmp_path)
+    line = assert_one_line_error(proc, 2)
+    assert "resources.partition: invalid partition 'nope'" in line, line
