@@ -135,13 +135,23 @@ def plan_submission(
     spec = resolve_spec(spec_path, nodes, gpus, overrides)
     ex = choose(executor, dry_run=dry_run)
     ex.check(spec)
+    refused: UsageError | None = None
     if check is not None:
-        check(spec)
+        try:
+            check(spec)
+        except UsageError as exc:  # said together with what the cluster says of the spec: one round
+            refused = exc
     run_id = new_run_id(spec.name)
     rdir = run_dir(run_id)
     cwd = Path.cwd()
     spec = with_checkpoint_url(spec, rdir, cwd)
-    plan = Submission(spec, run_id, rdir, ex.name, cwd, ex.describe(spec, rdir, check_cluster, dry_run))
+    try:
+        described = ex.describe(spec, rdir, check_cluster, dry_run)
+    except UsageError as exc:
+        raise UsageError([*(refused.lines if refused else []), *exc.lines]) from None
+    if refused is not None:
+        raise refused
+    plan = Submission(spec, run_id, rdir, ex.name, cwd, described)
     if free_folder and not dry_run:  # checked again by create_run, just before the run is written
         check_checkpoint_folder_free(spec)
     if preflight and not dry_run:

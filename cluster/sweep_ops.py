@@ -122,6 +122,9 @@ def plan_sweep(
     if max_parallel is not None and max_parallel < 1:
         raise UsageError(f"--max-parallel {max_parallel}: must be at least 1")
     members = parse_grid(sweeps)
+    swept = sorted({o.partition("=")[0].strip() for o in overrides} & set(members[0]))
+    if swept:  # the member's value would silently win
+        raise UsageError([f"--set {key}: the sweep sets it (--sweep {key}=...)" for key in swept])
     plans: list[runs.Submission] = []
     problems: list[str] = []
     fixed: dict[str, Any] = {

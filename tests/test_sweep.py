@@ -397,3 +397,25 @@ def test_a_member_waiting_for_its_first_slot_can_be_cancelled_alone(
     row = status_row(home, second)
     assert (row["state"], row["reason"]) == ("CANCELLED", "before it started")
     assert sweep_runner._start_first(second) is None  # its turn comes: left out
+
+
+def test_a_set_of_a_swept_key_is_refused(home: Path, spec_file: Path) -> None:
+    """``--set`` of the key a ``--sweep`` sets would be silently overruled by each member's value."""
+    proc = cli(
+        "submit", "--dry-run", "--executor", "local", "--sweep", "optim.base_lr=2,4",
+        "--set", "optim.base_lr=3", str(spec_file), home=home,
+    )  # fmt: skip
+    line = assert_one_line_error(proc, 2)
+    assert "--set optim.base_lr: the sweep sets it (--sweep optim.base_lr=...)" in line, line
+
+
+@pytest.mark.cluster
+def test_the_options_and_the_cluster_are_refused_in_one_round(home: Path, spec_file: Path) -> None:
+    """A missing ``--eval-data`` and more GPUs than the partition has: both lines at once, not one per try."""
+    proc = cli(
+        "submit", "--dry-run", "--executor", "slurm", "--sweep", "optim.base_lr=2,4", "--gpus", "8",
+        "--eval", "knn", "--eval-data", "nope", str(spec_file), home=home,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "--eval-data: data folder nope does not exist" in proc.stderr, proc.stderr
+    assert "--gpus 8" in proc.stderr, proc.stderr
