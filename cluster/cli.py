@@ -22,6 +22,7 @@ from cluster.errors import EXIT_FAILURE, EXIT_USAGE
 from cluster.exits import exit_status
 from cluster.exits import say as _err
 from cluster.hot import check_id as _check_id
+from cluster.tools import run_tool, source
 from schemas.contract import EXPORT_FORMATS, Exit, export_refusal, output_refusal
 from schemas.spec.constants import MAX_SEED
 
@@ -502,37 +503,6 @@ def cancel(
 
 
 # --- results: compute-side tools run in their own process (the login-node CLI never imports torch) ---
-def _run_tool(module: str, args: list[str]) -> None:
-    """Run ``python -m launch.tools.<module>`` with the run's folder resolved; its exit status is ours."""
-    import subprocess
-
-    raise typer.Exit(subprocess.call([sys.executable, "-m", f"launch.tools.{module}", *args]))
-
-
-def _source(ident: str) -> str:
-    """A run id (an attempt's job id, a unique id prefix) names its run folder (checkpoints and spec.json
-    inside); a path or URL passes as given. A sweep's id or an evaluation's job id is refused in one line,
-    as is an id nothing has (not "checkpoint store ID does not exist")."""
-    from cluster.home import run_dir
-
-    if "/" in ident or ident.endswith(".pt") or Path(ident).exists():
-        return ident
-    if run_dir(ident).is_dir():
-        return str(run_dir(ident))
-    from cluster import evals
-    from cluster.index import Index
-    from cluster.sweep import find_sweep
-
-    if find_sweep(_check_id(ident)) is not None:
-        raise errors.UsageError(f"{ident} is a sweep: give a member's run id (pixpro status {ident})")
-    record, request = evals.find_run(Index(), ident)
-    if request is not None:
-        raise errors.UsageError(
-            f"{ident} is the job of evaluation {request.eval_id} of run {record.run_id}: give the run id"
-        )
-    return record.run_dir
-
-
 FIGURE_HELP = "Figure to write: .png, .svg, .pdf or .jpg."
 _SOURCE = typer.Argument(metavar="RUN", help="Run id, run folder, checkpoint folder/URL or .pt file.")
 
@@ -550,8 +520,8 @@ def export_(
     refusal = export_refusal(fmt, output, force)  # at once, not after the tool's imports
     if refusal:
         raise errors.UsageError(refusal)
-    args = [_source(ident), "--format", fmt, "-o", str(output)]
-    _run_tool("export", args + (["--spec", str(spec)] if spec else []) + (["--force"] if force else []))
+    args = [source(ident), "--format", fmt, "-o", str(output)]
+    run_tool("export", args + (["--spec", str(spec)] if spec else []) + (["--force"] if force else []))
 
 
 @app.command("eval")
@@ -627,10 +597,10 @@ def eval_(
     if not data:
         raise errors.UsageError("--data: labelled data to evaluate on is required (without --submit)")
     evals.check_request(task, data)  # at once, not after the tool's imports
-    args = [_source(ident), "--data", data, "--seed", str(seed)]
+    args = [source(ident, strict=not random_init), "--data", data, "--seed", str(seed)]
     args += (["--random-init"] if random_init else []) + (["--json"] if as_json else [])
     args += ["--task", task] if task != "dense" else []
-    _run_tool(EVAL_TOOLS[task], args + (["--spec", str(spec)] if spec else []))
+    run_tool(EVAL_TOOLS[task], args + (["--spec", str(spec)] if spec else []))
 
 
 EVAL_TOOLS = {"dense": "probe", "linear": "classify", "knn": "classify"}
@@ -651,7 +621,7 @@ def viz(
         raise errors.NotFound(f"image {image} " + ("is a folder" if image.is_dir() else "does not exist"))
     _refuse_output(output, force)
     args = ["pairs", str(image), "-o", str(output), "--seed", str(seed), "--crop", str(crop)]
-    _run_tool("viz", args + (["--force"] if force else []))
+    run_tool("viz", args + (["--force"] if force else []))
 
 
 def _refuse_output(output: Path, force: bool) -> None:
@@ -669,7 +639,7 @@ def plot(
 ) -> None:
     """Plot loss, LR and EMA momentum against step, marking each preemption/resume (PNG)."""
     _refuse_output(output, force)
-    _run_tool("viz", ["plot", _source(ident), "-o", str(output)] + (["--force"] if force else []))
+    run_tool("viz", ["plot", source(ident), "-o", str(output)] + (["--force"] if force else []))
 
 
 @app.command()
@@ -688,7 +658,7 @@ def pack(
     args = [src, dest, f"--shard-size={shard_size}"] + (
         [f"--workers={workers}"] if workers is not None else []
     )
-    _run_tool("pack", args + (["--json"] if as_json else []))
+    run_tool("pack", args + (["--json"] if as_json else []))
 
 
 if __name__ == "__main__":

@@ -94,7 +94,9 @@ def test_a_checkpoint_read_that_blocks_at_start_up_ends_at_the_start_up_timeout(
     """Every rank blocks outside any collective before its first step (the checkpoint's file on a stalled
     filesystem; here a FIFO nobody writes): the watchdog ends the attempt at
     ``resources.startup_timeout_s`` with its line and stacks, where it used to wait out the time limit."""
-    spec = write_spec(tmp_path / "spec.json", _spec(data_root, resources__startup_timeout_s=60))
+    # start-up's limit is never below the hang timeout's: both at their least, 60 s
+    limits = {"resources__startup_timeout_s": 60, "resources__hang_timeout_s": HANG_TIMEOUT_S}
+    spec = write_spec(tmp_path / "spec.json", _spec(data_root, **limits))
     run = tmp_path / "run"
     first = run_trainer(spec, run, timeout=300, **{STOP_AT_STEP_ENV: "3"})
     assert first.returncode == EXIT_PREEMPTED, first.stderr[-3000:]
