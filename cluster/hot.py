@@ -104,7 +104,7 @@ def status(ident: str | None, as_json: bool, watch: bool, interval: float) -> No
             say(f"warning: {w}")
         if not found:
             return "No runs yet. Start one with: pixpro submit SPEC  (runs are kept in $PIXPRO_HOME)"
-        return render.grouped(found)
+        return render.grouped(found, by_sweep=not ident or group is not None)  # one member: its full row
 
     if not watch:
         console.print(view(answer))

@@ -286,13 +286,14 @@ def evals_table(rows: list[dict[str, Any]]) -> Fitted:
     )
 
 
-def grouped(rows: list[dict[str, Any]]) -> Group:
+def grouped(rows: list[dict[str, Any]], by_sweep: bool = True) -> Group:
     """Runs outside sweeps in one table, then one table per sweep, then their evaluation jobs; each fits
-    the console's width when it is drawn."""
-    single = [r for r in rows if not r.get("sweep_id")]
+    the console's width when it is drawn. ``by_sweep=False`` (``pixpro status MEMBER``): every run in the
+    runs table, its full row."""
+    single = [r for r in rows if not (by_sweep and r.get("sweep_id"))]
     sweeps: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        if r.get("sweep_id"):
+        if by_sweep and r.get("sweep_id"):
             sweeps.setdefault(r["sweep_id"], []).append(r)
     parts: list[Fitted] = [table(single)] if single else []
     parts += [sweep_table(sweep_id, members) for sweep_id, members in sweeps.items()]

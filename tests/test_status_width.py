@@ -198,3 +198,12 @@ def test_pixpro_status_on_an_80_column_terminal(
     for rec, state in zip(records, ("COMPLETED", "PREEMPTED", "FAILED", "COMPLETED"), strict=False):
         if rec.executor == "local":
             assert re.search(rf" {state}( |$)", row_line(text, rec.run_id)), text
+
+
+def test_one_member_of_a_sweep_gets_the_full_row(rows: list[dict[str, Any]]) -> None:
+    """``pixpro status MEMBER``: the run's own row (checkpoint age, LR, EMA ...), not its sweep's table of
+    swept values."""
+    member = rows[4] | {"sweep_id": "sw-20261207", "sweep_values": {"optim.base_lr": 2.0}, "loss": 1.2}
+    alone = draw(render.grouped([member], by_sweep=False), 200)
+    assert shown(alone) == EVERY and "sweep sw-20261207" not in alone, alone
+    assert "sweep sw-20261207" in draw(render.grouped([member]), 200)  # pixpro status SWEEP
