@@ -79,13 +79,33 @@ def states_of(
 
 
 def run_state(rec: RunRecord, states: dict[str, AttemptState]) -> AttemptState:
-    if not rec.attempts and rec.sweep_id:  # a member the local sweep runner has not started (yet)
+    last = states[rec.attempts[-1]] if rec.attempts else None
+    if rec.sweep_id and rec.executor == "local" and not (last and last.active):
+        waits = _waits_for_its_sweep(rec, last)
+        if waits is not None:
+            return waits
+    if last is None:
+        return AttemptState("UNKNOWN", "never submitted")
+    return last
+
+
+def _waits_for_its_sweep(rec: RunRecord, last: AttemptState | None) -> AttemptState | None:
+    """A local sweep member its sweep's runner is still to start, or to resume (``pixpro resume SWEEP``
+    beyond ``--max-parallel``): PENDING until it does, CANCELLED once cancelled before; a first attempt
+    whose runner is gone says so. None: not one of those."""
+    from cluster.sweep import sweeps_dir
+    from cluster.sweep_runner import runner_alive, runner_resumes
+
+    folder = sweeps_dir() / rec.sweep_id
+    if last is None:
         if rec.paths.cancel_marker.exists():
             return AttemptState("CANCELLED", "before it started")
+        if runner_alive(folder):
+            return AttemptState("PENDING", "waits for a slot of its sweep")
+        return AttemptState("UNKNOWN", f"its sweep's runner ended before it: pixpro resume {rec.sweep_id}")
+    if not rec.paths.cancel_marker.exists() and rec.run_id in runner_resumes(folder):
         return AttemptState("PENDING", "waits for a slot of its sweep")
-    if not rec.attempts:
-        return AttemptState("UNKNOWN", "never submitted")
-    return states[rec.attempts[-1]]
+    return None
 
 
 def stalled(rec: RunRecord, st: AttemptState, now: float) -> tuple[AttemptState, float | None]:

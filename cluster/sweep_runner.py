@@ -87,14 +87,15 @@ def _start_first(run_id: str) -> str | None:
     return job_id + (f" (warning: {warning})" if warning else "")
 
 
-def _resume(run_id: str, since: float) -> str | None:
-    """A member's next attempt, unless it was cancelled after the resume was asked for, or resumed."""
+def _resume(run_id: str) -> str | None:
+    """A member's next attempt, unless it was cancelled after the resume was asked for, or resumed. The
+    resume removed the member's cancel marker when it queued it here (``sweep_ops``): one there now came
+    after, also before this runner started."""
     from cluster.errors import Failure
     from cluster.index import Index
     from cluster.runs import resume
 
-    marker = Index().find(run_id).paths.cancel_marker
-    if marker.exists() and marker.stat().st_mtime > since:
+    if Index().find(run_id).paths.cancel_marker.exists():
         return None
     try:
         _, job_id, warning = resume(run_id)
@@ -112,7 +113,6 @@ def main(argv: list[str]) -> int:
     sweep = SweepRecord.from_dict(json.loads((sweep_dir / SWEEP_FILE).read_bytes()))
     slots = sweep.max_parallel or len(sweep.members)
     index = Index()
-    since = time.time()
     pending = list(sweep.run_ids if resuming is None else resuming)
     verb, done = ("started" if resuming is None else "resumed"), 0
     while pending:
@@ -120,7 +120,7 @@ def main(argv: list[str]) -> int:
         while pending and busy < slots:
             run_id = pending.pop(0)
             with run_lock(index.find(run_id)):
-                job = _start_first(run_id) if resuming is None else _resume(run_id, since)
+                job = _start_first(run_id) if resuming is None else _resume(run_id)
             if job is None:
                 continue  # resumed, cancelled or completed before its turn
             print(f"{verb} {run_id} as {job}")

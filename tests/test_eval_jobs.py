@@ -231,6 +231,7 @@ def test_an_evaluation_of_a_sweep_member_not_started_yet_waits_as_a_dependency(
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sweep_runner, "spawn_sweep_runner", lambda *a, **k: 0)  # no member starts
+    monkeypatch.setattr(sweep_runner, "runner_alive", lambda sweep_dir: True)  # as the one it stands for
     rc, out, err = run_cli(
         "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", "1",
         "--sweep", "optim.base_lr=2,4", "--eval", "knn", "--eval-data", "data", str(spec),

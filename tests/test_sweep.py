@@ -25,6 +25,7 @@ from tests.support.cli import (
 )
 from tests.support.cli import cluster_tiny_spec as tiny_spec
 from tests.support.procs import wait_for
+from tests.support.runs import fake_runs
 
 NO_SBATCH = {"PATH": "/nonexistent", "CUDA_VISIBLE_DEVICES": ""}  # no SLURM, no GPU
 GRID = ("--sweep", "optim.base_lr=2,4", "--sweep", "model.ppm_gamma=1,3")
@@ -339,6 +340,7 @@ def test_a_member_resumed_after_its_turn_shows_pending_for_a_slot_at_once(
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     runners: list[list[str] | None] = []
     monkeypatch.setattr(sweep_runner, "spawn_sweep_runner", lambda d, resume=None: runners.append(resume))
+    monkeypatch.setattr(sweep_runner, "runner_alive", lambda sweep_dir: bool(runners))  # as the real one
     rc, out, err = run_cli(
         "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", "1",
         "--sweep", "optim.base_lr=2,4", str(spec_file),
@@ -361,6 +363,7 @@ def test_a_member_resumed_after_its_turn_shows_pending_for_a_slot_at_once(
     assert (row["state"], row["reason"], row["attempts"]) == ("PENDING", "waits for a slot of its sweep", [])
 
     assert run_cli("cancel", sweep_id)[0] == 0  # the runner finds the new mark and leaves it
+    assert sweep_runner._resume(second) is None  # also when it starts only after the cancel
     row = status_row(home, second)
     assert (row["state"], row["reason"]) == before
 
@@ -419,3 +422,35 @@ def test_the_options_and_the_cluster_are_refused_in_one_round(home: Path, spec_f
     assert proc.returncode == 2, proc.stderr
     assert "--eval-data: data folder nope does not exist" in proc.stderr, proc.stderr
     assert "--gpus 8" in proc.stderr, proc.stderr
+
+
+def test_a_local_members_state_follows_its_sweeps_runner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member the runner is to resume shows PENDING (waits for a slot), not its last attempt's
+    CANCELLED; one never started whose runner is gone says so instead of waiting forever."""
+    from cluster import sweep_runner
+    from cluster.attempts import AttemptState
+    from cluster.status import run_state
+    from cluster.sweep import sweeps_dir
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    record = fake_runs(home, 2)[1]  # local
+    record.sweep_id = "sweep-x"
+    folder = sweeps_dir() / "sweep-x"
+    folder.mkdir(parents=True)
+    (folder / sweep_runner.RUNNER_FILE).write_text(json.dumps({"pid": 1, "resume": [record.run_id]}))
+    alive = [True]
+    monkeypatch.setattr(sweep_runner, "runner_alive", lambda sweep_dir: alive[0])
+    cancelled = {record.attempts[-1]: AttemptState("CANCELLED")}
+    assert run_state(record, cancelled) == AttemptState("PENDING", "waits for a slot of its sweep")
+    record.paths.cancel_marker.write_text("0\n")  # cancelled again after the resume: the runner leaves it
+    assert run_state(record, cancelled).state == "CANCELLED"
+    record.paths.cancel_marker.unlink()
+    alive[0] = False
+    assert run_state(record, cancelled).state == "CANCELLED"  # no runner: nothing will resume it
+    record.attempts = []
+    assert run_state(record, {}) == AttemptState(
+        "UNKNOWN", "its sweep's runner ended before it: pixpro resume sweep-x"
+    )
