@@ -399,20 +399,21 @@ def submit(task: Any, params: dict[str, Any], folder: Path, spec: RunSpec) -> st
         try:
             job = executor.submit(task)
         except Exception as exc:
-            raise sbatch_error(f"{said()} {exc}", spec) from None
+            raise sbatch_error(str(exc) or said(), spec) from None
     return str(job.job_id)
 
 
 @contextlib.contextmanager
 def _sbatch_stderr() -> Iterator[Callable[[], str]]:
-    """sbatch's own stderr while submitit runs it (it leaves it on ours): kept for the one-line error,
-    never printed as sbatch's raw lines."""
+    """What submitit prints of sbatch's refusal (it puts the same text in its error, which makes the one
+    line) and sbatch's own stderr: caught, never shown raw; the caught text where the error has none."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
+    with tempfile.TemporaryFile() as caught, open(caught.fileno(), "w", closefd=False) as text:
+        os.dup2(caught.fileno(), 2)  # sbatch's own
         try:
-            yield lambda: (caught.seek(0), caught.read().decode(errors="replace"))[1]
+            with contextlib.redirect_stderr(text):  # submitit's print, whatever sys.stderr was
+                yield lambda: (text.flush(), caught.seek(0), caught.read().decode(errors="replace"))[2]
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -432,7 +433,7 @@ def submit_array(
             with executor.batch():
                 jobs = [executor.submit(task) for task in tasks]
         except Exception as exc:
-            raise sbatch_error(f"{said()} {exc}", spec) from None
+            raise sbatch_error(str(exc) or said(), spec) from None
     return [str(job.job_id) for job in jobs]
 
 

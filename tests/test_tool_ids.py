@@ -60,3 +60,6 @@ def test_an_evaluation_sbatch_refuses_is_one_line(tmp_path: Path) -> None:
     proc = cli(*args, "--set", "resources.partition=nope", home=home, cwd=tmp_path)
     line = assert_one_line_error(proc, 2)
     assert "resources.partition: invalid partition 'nope'" in line, line
+    proc = cli(*args, "--set", "resources.constraint=nosuchfeature", home=home, cwd=tmp_path)
+    line = assert_one_line_error(proc, 2)
+    assert line.count("Invalid feature specification") == 1, line  # said once, not as sbatch then submitit
