@@ -87,12 +87,16 @@ def read_local(run_dir: Path) -> RunRecord:
     return RunRecord.from_json(RunPaths(run_dir).record.read_bytes())
 
 
+class RunBusy(Failure):
+    """Another pixpro held the run's lock for all of :data:`LOCK_WAIT_S`."""
+
+
 LOCK_WAIT_S = 120.0
 _held = threading.local()  # the run locks this thread holds: taking one again is a no-op
 
 
 @contextlib.contextmanager
-def run_lock(record: RunRecord, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+def run_lock(record: RunRecord, wait_s: float | None = None) -> Iterator[None]:
     """Exclusive, across processes, while an attempt of the run is chosen and queued or cancelled: two
     ``pixpro resume`` at once would each queue one and the record keep only the last. Re-entrant in
     one thread (a sweep's resume holds it around :func:`cluster.runs.resume`, which takes it too)."""
@@ -102,6 +106,7 @@ def run_lock(record: RunRecord, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    wait_s = LOCK_WAIT_S if wait_s is None else wait_s
     with open(path, "a") as f:
         deadline = time.monotonic() + wait_s
         while True:
@@ -110,7 +115,7 @@ def run_lock(record: RunRecord, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise Failure(
+                    raise RunBusy(
                         f"run {record.run_id} is being resumed or cancelled by another pixpro ({path} held "
                         f"for {wait_s:.0f} s); try again"
                     ) from None

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from cluster import local
-from cluster.record import RunRecord, atomic_write, run_lock
+from cluster.record import RunBusy, RunRecord, atomic_write, run_lock
 
 POLL_S = 0.5
 RUNNER_FILE = "runner.json"
@@ -119,8 +119,13 @@ def main(argv: list[str]) -> int:
         busy = sum(running(index.find(run_id)) for run_id in sweep.run_ids)
         while pending and busy < slots:
             run_id = pending.pop(0)
-            with run_lock(index.find(run_id)):
-                job = _start_first(run_id) if resuming is None else _resume(run_id)
+            try:
+                with run_lock(index.find(run_id)):
+                    job = _start_first(run_id) if resuming is None else _resume(run_id)
+            except RunBusy as exc:  # its lock held for long (a pixpro stopped with Ctrl-Z): next poll
+                print(f"not yet {run_id}: {exc.lines[0]}")
+                pending.insert(0, run_id)
+                break
             if job is None:
                 continue  # resumed, cancelled or completed before its turn
             print(f"{verb} {run_id} as {job}")

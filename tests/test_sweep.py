@@ -4,6 +4,7 @@ bounded by ``--max-parallel`` (the SLURM job array is tested in test_cli_slurm.p
 from __future__ import annotations
 
 import json
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -453,4 +454,49 @@ def test_a_local_members_state_follows_its_sweeps_runner(
     record.attempts = []
     assert run_state(record, {}) == AttemptState(
         "UNKNOWN", "its sweep's runner ended before it: pixpro resume sweep-x"
+    )
+
+
+def test_the_runner_waits_out_a_member_lock_held_long(
+    home: Path, spec_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A member's lock held past the wait (a ``pixpro resume`` stopped with Ctrl-Z): the runner says so
+    and tries again at its next poll, instead of dying with the members after it never started."""
+    from cluster import record as record_mod
+    from cluster import sweep_runner
+    from cluster.index import Index
+    from cluster.sweep import sweeps_dir
+
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(sweep_runner, "spawn_sweep_runner", lambda d, resume=None: 0)
+    rc, out, err = run_cli(
+        "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", "2",
+        "--sweep", "optim.base_lr=2,4,8", str(spec_file),
+    )  # fmt: skip
+    assert rc == 0, err
+    sweep_id = json.loads(out)["sweep_id"]
+    first, *others = (m["run_id"] for m in json.loads(out)["members"])
+    started: list[str] = []
+    monkeypatch.setattr(
+        sweep_runner, "_start_first", lambda run_id: started.append(run_id) or f"job-{run_id}"
+    )
+    monkeypatch.setattr(sweep_runner, "POLL_S", 0.05)
+    monkeypatch.setattr(record_mod, "LOCK_WAIT_S", 0.1)
+    lock = Index().find(first).paths.start_lock
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "1"])  # another process holds it for 1 s
+    try:
+        wait_for(
+            "the lock to be held",
+            lambda: subprocess.run(["flock", "-n", str(lock), "true"]).returncode,
+            10,
+            0.02,
+        )
+        assert sweep_runner.main([str(sweeps_dir() / sweep_id)]) == 0
+    finally:
+        holder.wait()
+    assert sorted(started) == sorted([first, *others])
+    assert (
+        f"not yet {first}: run {first} is being resumed or cancelled by another pixpro"
+        in capsys.readouterr().out
     )
