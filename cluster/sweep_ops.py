@@ -103,6 +103,11 @@ class SweepPlan:
         }
 
 
+def _flag_keys(nodes: int | None, gpus: int | None) -> tuple[tuple[str, str, int | None], ...]:
+    """The spec keys ``--nodes`` and ``--gpus`` set."""
+    return (("resources.nodes", "--nodes", nodes), ("resources.gpus_per_node", "--gpus", gpus))
+
+
 def plan_sweep(
     spec_path: Path,
     sweeps: Sequence[str],
@@ -122,9 +127,11 @@ def plan_sweep(
     if max_parallel is not None and max_parallel < 1:
         raise UsageError(f"--max-parallel {max_parallel}: must be at least 1")
     members = parse_grid(sweeps)
-    swept = sorted({o.partition("=")[0].strip() for o in overrides} & set(members[0]))
-    if swept:  # the member's value would silently win
-        raise UsageError([f"--set {key}: the sweep sets it (--sweep {key}=...)" for key in swept])
+    given = {o.partition("=")[0].strip(): "--set " + o.partition("=")[0].strip() for o in overrides}
+    given |= {key: flag for key, flag, v in _flag_keys(nodes, gpus) if v is not None}
+    swept = sorted(set(given) & set(members[0]))
+    if swept:  # one of the two would silently win
+        raise UsageError([f"{given[key]}: the sweep sets {key} (--sweep {key}=...)" for key in swept])
     plans: list[runs.Submission] = []
     problems: list[str] = []
     fixed: dict[str, Any] = {
