@@ -163,6 +163,9 @@ class Fitted:
             step = short_by[grow] if done else 1
             widths[grow] += step
             spare -= step
+        over = sum(widths) + len(cols) - 1 - width
+        if over > 0:  # the kept columns alone are too wide: the id (first) folds, a state or step never
+            widths[0] = max(1, widths[0] - over)
         return cols, widths, size is not long
 
     def table(self, width: int | None = None) -> Table:

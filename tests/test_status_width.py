@@ -141,6 +141,22 @@ def test_a_terminal_too_narrow_for_the_core_folds_rather_than_cuts(big: list[dic
     assert shown(text) == CORE
 
 
+@pytest.mark.parametrize("width", [80, 90])
+def test_a_run_id_too_long_folds_and_the_state_and_step_stay_whole(
+    big: list[dict[str, Any]], width: int
+) -> None:
+    """A spec name of 64 characters (the most a name may have) makes an 85-character run id: the id folds
+    over lines, the state and the step stay whole on its first line."""
+    long = [r | {"run_id": "n" * 64 + r["run_id"][-21:]} for r in big]
+    text = draw(render.table(long), width)
+    assert "…" not in text and max(cell_len(ln) for ln in text.splitlines()) <= width, text
+    firsts = [ln for ln in text.splitlines() if ln.startswith("n" * 20)]  # each row's first line, in order
+    assert len(firsts) == len(long), text
+    for r, line in zip(long, firsts, strict=True):
+        step = f"{r['step']}/{r['total_steps']}"
+        assert re.search(rf" {r['state']}( |$)", line) and f" {step}" in line, text
+
+
 def test_sweep_and_evaluation_tables_fit_80_columns(rows: list[dict[str, Any]]) -> None:
     ev = {"task": "knn", "eval_id": "knn-1", "job_id": "4242", "after": "4241", "state": "COMPLETED",
           "reason": "", "step": 12, "top1": 0.523, "top5": 0.901}  # fmt: skip
