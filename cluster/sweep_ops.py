@@ -322,11 +322,22 @@ def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str | None]]:
     (job id None). On SLURM the members resumed together are one new job array whose ``%N`` is what
     ``--max-parallel`` leaves beside the members still queued or running (at least one; it stays so
     when those end), where the members leave out the same nodes; else each is a job of its own."""
+    from cluster.record import run_lock
+
+    index = Index()
+    with contextlib.ExitStack() as held:  # every member's lock, in one order: no resume or cancel between
+        for run_id in sorted(sweep.run_ids):
+            held.enter_context(run_lock(index.find(run_id)))
+        return _resume_members(sweep, index, [index.find(r) for r in sweep.run_ids])
+
+
+def _resume_members(
+    sweep: SweepRecord, index: Index, records: list[RunRecord]
+) -> list[tuple[str, str | None]]:
+    """:func:`resume_sweep` with every member's lock held, ``records`` read under them."""
     from cluster.status import attempt_states, read_all_progress, run_state
     from cluster.sweep_runner import runner_alive, runner_resumes
 
-    index = Index()
-    records = [index.find(r) for r in sweep.run_ids]
     states, _ = attempt_states(records, read_all_progress(records))
     sweep_dir = sweeps_dir() / sweep.sweep_id
     waiting, queued = runner_alive(sweep_dir), runner_resumes(sweep_dir)

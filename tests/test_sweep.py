@@ -3,9 +3,11 @@ bounded by ``--max-parallel`` (the SLURM job array is tested in test_cli_slurm.p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -387,15 +389,7 @@ def test_a_member_waiting_for_its_first_slot_can_be_cancelled_alone(
     the runner leaves it (it used to say "nothing to cancel" and start it anyway)."""
     from cluster import sweep_runner
 
-    monkeypatch.setenv("PIXPRO_HOME", str(home))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.setattr(sweep_runner, "spawn_sweep_runner", lambda d, resume=None: 0)
-    rc, out, err = run_cli(
-        "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", "1",
-        "--sweep", "optim.base_lr=2,4", str(spec_file),
-    )  # fmt: skip
-    assert rc == 0, err
-    second = json.loads(out)["members"][1]["run_id"]
+    _, (_, second) = local_sweep(home, spec_file, monkeypatch, 1, "optim.base_lr=2,4")
     rc, out, err = run_cli("cancel", second)
     assert (rc, out) == (0, f"cancelled run {second} before it started\n"), err
     row = status_row(home, second)
@@ -474,36 +468,67 @@ def test_the_runner_waits_out_a_member_lock_held_long(
     from cluster.index import Index
     from cluster.sweep import sweeps_dir
 
-    monkeypatch.setenv("PIXPRO_HOME", str(home))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.setattr(sweep_runner, "spawn_sweep_runner", lambda d, resume=None: 0)
-    rc, out, err = run_cli(
-        "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", "2",
-        "--sweep", "optim.base_lr=2,4,8", str(spec_file),
-    )  # fmt: skip
-    assert rc == 0, err
-    sweep_id = json.loads(out)["sweep_id"]
-    first, *others = (m["run_id"] for m in json.loads(out)["members"])
+    sweep_id, (first, *others) = local_sweep(home, spec_file, monkeypatch, 2, "optim.base_lr=2,4,8")
     started: list[str] = []
     monkeypatch.setattr(
         sweep_runner, "_start_first", lambda run_id: started.append(run_id) or f"job-{run_id}"
     )
     monkeypatch.setattr(sweep_runner, "POLL_S", 0.05)
     monkeypatch.setattr(record_mod, "LOCK_WAIT_S", 0.1)
-    lock = Index().find(first).paths.start_lock
-    holder = subprocess.Popen(["flock", str(lock), "sleep", "1"])  # another process holds it for 1 s
-    try:
-        wait_for(
-            "the lock to be held",
-            lambda: subprocess.run(["flock", "-n", str(lock), "true"]).returncode,
-            10,
-            0.02,
-        )
+    with held_elsewhere(Index().find(first).paths.start_lock, 1.0):
         assert sweep_runner.main([str(sweeps_dir() / sweep_id)]) == 0
-    finally:
-        holder.wait()
     assert sorted(started) == sorted([first, *others])
     assert (
         f"not yet {first}: run {first} is being resumed or cancelled by another pixpro"
         in capsys.readouterr().out
     )
+
+
+def test_a_sweep_resume_decides_under_every_members_lock(
+    home: Path, spec_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pixpro resume SWEEP`` holds every member's lock from reading their states to queueing them: a
+    member another pixpro is resuming or cancelling at that moment is waited for, not queued twice (or
+    un-cancelled) from states read before."""
+    from cluster import record as record_mod
+    from cluster.index import Index
+
+    sweep_id, (first, second) = local_sweep(home, spec_file, monkeypatch, 1, "optim.base_lr=2,4")
+    assert run_cli("cancel", sweep_id)[0] == 0
+    monkeypatch.setattr(record_mod, "LOCK_WAIT_S", 0.2)
+    with held_elsewhere(Index().find(second).paths.start_lock, 3.0):
+        rc, out, err = run_cli("resume", sweep_id)
+    assert rc == 1 and f"run {second} is being resumed or cancelled by another pixpro" in err, (out, err)
+    # nothing queued from states read around it: not even the member whose lock was free
+    assert [status_row(home, r)["state"] for r in (first, second)] == ["CANCELLED", "CANCELLED"]
+
+
+@contextlib.contextmanager
+def held_elsewhere(lock: Path, seconds: float) -> Iterator[None]:
+    """``lock`` held by another process (flock(1)) for ``seconds`` at most, or until the block ends."""
+    holder = subprocess.Popen(["flock", str(lock), "sleep", str(seconds)])
+    try:
+        free = lambda: subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0  # noqa: E731
+        wait_for("the lock to be held", lambda: not free(), 10, 0.02)
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def local_sweep(
+    home: Path, spec_file: Path, monkeypatch: pytest.MonkeyPatch, max_parallel: int, grid: str
+) -> tuple[str, list[str]]:
+    """A local sweep submitted in-process whose runner never starts (nothing trains): its id and its
+    members' run ids, in order."""
+    from cluster import sweep_runner
+
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(sweep_runner, "spawn_sweep_runner", lambda d, resume=None: 0)
+    rc, out, err = run_cli(
+        "submit", "--json", "--executor", "local", "--no-preflight", "--max-parallel", str(max_parallel),
+        "--sweep", grid, str(spec_file),
+    )  # fmt: skip
+    assert rc == 0, err
+    return json.loads(out)["sweep_id"], [m["run_id"] for m in json.loads(out)["members"]]
