@@ -134,6 +134,9 @@ def test_a_run_folder_that_blocks_does_not_keep_the_hung_rank_alive(dog, ranks) 
     try:
         assert ranks[0].wait(timeout=60) == -signal.SIGKILL  # dumped (ignored here), then killed
         assert dog._sharer.is_alive() and "hang: rank 0" in (dog.last_hang or "")
+        with dog._lock:
+            assert [rank for rank, _ in dog._records] == [0]  # recorded once the folder answers
+            dog._records.clear()  # not here: this test's node is no real node
     finally:
         with open(fifo, "rb"):  # let the blocked write end, so the thread can stop
             pass
