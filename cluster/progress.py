@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launch.store import CheckpointStore
-from schemas.contract import METRICS_DIR, STATUS_FILE, RunPaths
+from schemas.contract import METRICS_DIR, STATUS_FILE, RunPaths, attempt_owner_of
 
 if TYPE_CHECKING:
     from schemas.records import NodeHeartbeat
@@ -99,7 +98,7 @@ def newest_metrics(store: CheckpointStore, owner: str | None = None) -> dict[str
     for rel in store.list_aux(METRICS_DIR):
         attempt = rel.removeprefix(f"{METRICS_DIR}/").rsplit(".", 2)[0]
         newest[attempt] = max(newest.get(attempt, ""), rel)
-    held = [rel for attempt, rel in newest.items() if owner and re.sub(r"\.r\d+$", "", attempt) == owner]
+    held = [rel for attempt, rel in newest.items() if owner and attempt_owner_of(attempt) == owner]
     best: dict[str, Any] | None = None
     for rel in held or newest.values():
         lines = (store.read_aux(rel) or b"").decode(errors="replace").splitlines()

@@ -26,7 +26,7 @@ from pixpro.demo_data import generate_demo_dataset
 from pixpro.lars import LARS, lars_param_groups
 from pixpro.sources import CachedSource
 from schemas import RunSpec
-from schemas.contract import ATTEMPT_ENV, RunPaths
+from schemas.contract import ATTEMPT_ENV, RunPaths, round_suffix
 
 
 # --- the run's environment ------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def attempt_id(owner: str) -> str:
     """A name unique to this launch: it names the attempt's checkpoint prefixes. The rendezvous round is
     appended to the attempt after a torchrun restart (the same on every node, unlike torchrun's per-agent
     restart count), so restarted workers never reuse a prefix."""
-    return elastic.round_suffix(owner, elastic.rendezvous_round())
+    return round_suffix(owner, elastic.rendezvous_round())
 
 
 def seed_everything(seed: int, rank: int) -> None:

@@ -36,7 +36,7 @@ from torch.distributed.elastic.rendezvous import dynamic_rendezvous
 from launch import forking
 from launch.node_failures import RECORDER
 from launch.preempt import held
-from schemas.contract import AGENT_PID_ENV, ATTEMPT_ENV, PREEMPT_ENV, ROUND_ENV
+from schemas.contract import AGENT_PID_ENV, ATTEMPT_ENV, PREEMPT_ENV, ROUND_ENV, round_suffix
 
 KILL_WAIT_S = 10
 _UNNAMED = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # a launch without PIXPRO_ATTEMPT
@@ -46,10 +46,6 @@ def rendezvous_round() -> int:
     """This worker's rendezvous round (0 for the first), the same on every node; torchrun's restart
     count where the agent is plain torchrun (one node: the same thing)."""
     return int(os.environ.get(ROUND_ENV) or os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
-
-
-def round_suffix(name: str, round_: int) -> str:
-    return f"{name}.r{round_}" if round_ else name
 
 
 def caller_name(depth: int = 2) -> str:

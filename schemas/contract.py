@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from enum import IntEnum
 from pathlib import Path
@@ -301,6 +302,19 @@ EXIT_DIR_ENV = "PIXPRO_EXIT_DIR"
 (:func:`exit_marker`), so it can exit 0 (torchrun does not restart it) and the launcher says why."""
 ROUND_ENV = "PIXPRO_RDZV_ROUND"
 """Set by the launcher's agent for its workers: the rendezvous round, the same on every node."""
+
+
+def round_suffix(owner: str, round_: int) -> str:
+    """An attempt's name in a rendezvous round: its owner (``<job>.<restart>``, which claims the run),
+    and ``.r<round>`` after torchrun restarted its workers (the name of its metrics and rank logs)."""
+    return f"{owner}.r{round_}" if round_ else owner
+
+
+def attempt_owner_of(name: str) -> str:
+    """The owner of an attempt :func:`round_suffix` named (the name itself in round 0)."""
+    return re.sub(r"\.r\d+$", "", name)
+
+
 PREEMPT_ENV = "PIXPRO_PREEMPT_PENDING"
 """Set by the launcher once the preemption signal arrived: workers started after it stop at once."""
 AGENT_PID_ENV = "PIXPRO_AGENT_PID"
