@@ -96,7 +96,6 @@ class Watchdog:
         self._lock = threading.Lock()
         self._local: list[RankBeat] = []
         self._hang: tuple[str, float] | None = None  # the line this agent published, and when it acted
-        self._cut_off = False  # the last check could not read the run folder
         self._records: list[tuple[int, str]] = []
         self._others: list[NodeHeartbeat] = []
         self._shared_at = time.time()  # when the folder last answered
@@ -150,20 +149,27 @@ class Watchdog:
     def share(self) -> None:
         """The run folder's side, in its own thread: record the failures found, publish this node's ranks
         (and hang line), read the other nodes' files."""
+        self._record_failures()
         with self._lock:
-            local, hang, records, self._records = self._local, self._hang, self._records, []
-        for rank, cause in records:
-            RECORDER.record(rank, cause)
+            local, hang = self._local, self._hang
         self.publish(local, hang)
         others = self.read_others()
         with self._lock:
             self._others, self._shared_at = others, time.time()
 
-    def _leave(self) -> None:
+    def _record_failures(self) -> None:
         with self._lock:
             records, self._records = self._records, []
         for rank, cause in records:
             RECORDER.record(rank, cause)
+
+    def _cut_off(self, now: float) -> bool:
+        """The run folder has not answered for :data:`FRESH_S`: this node's ranks decide alone."""
+        with self._lock:
+            return now - self._shared_at > FRESH_S
+
+    def _leave(self) -> None:
+        self._record_failures()
         if self.run_dir is not None:
             with contextlib.suppress(OSError):
                 RunPaths(self.run_dir).heartbeat(self.node).unlink()
@@ -206,8 +212,7 @@ class Watchdog:
         local = self.local_ranks()
         stale = [r for r in local if r.limit_s is not None and now - r.time > r.limit_s]
         with self._lock:
-            self._local = local
-            known, shared_at = self._others, self._shared_at
+            self._local, known = local, self._others
         if stale:
             self._wake.set()  # publish the stale ranks now, not at the next PUBLISH_S
         others = [n for n in known if now - n.updated < FRESH_S]
@@ -219,8 +224,7 @@ class Watchdog:
                 return None
         if not stale:
             return None
-        cut_off = self._cut_off = now - shared_at > FRESH_S  # cannot read the folder: its own ranks decide
-        silent = not cut_off and any(n.node in self._heard for n in known if n not in others)
+        silent = not self._cut_off(now) and any(n.node in self._heard for n in known if n not in others)
         everyone = local + [r for node in others for r in node.ranks]
         culprit = min(everyone, key=lambda r: (not r.stopped, r.step, r.time))
         if culprit in local and not silent:
@@ -263,11 +267,11 @@ class Watchdog:
         self.last_hang = line
         self._seen.add(line)
         cause = f"hang: no progress for {now - hung.time:.0f} s in {hung.phase} at step {hung.step}"
+        # cut off from the folder, every node finds its own ranks stalled (the filesystem they share, more
+        # likely than this node): the restart, but no node's fault on record
+        blame = not self._cut_off(now)
         with self._lock:  # the folder's thread records and publishes them (the others' agents join)
-            # cut off from the folder, every node finds its own ranks stalled (the filesystem they share,
-            # more likely than this node): the restart, but no node's fault on record
-            if not self._cut_off:
-                self._records.append((hung.rank, cause))
+            self._records += [(hung.rank, cause)] if blame else []
             self._local, self._hang = local, (line, now)
         self._wake.set()
         self.dump(local)
