@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,18 +247,23 @@ def submit_sweep(plan: SweepPlan) -> tuple[SweepRecord, list[RunRecord], list[st
     return sweep, records, warnings
 
 
-def cancel_sweep(sweep: SweepRecord) -> list[tuple[str, list[str]]]:
-    """Cancel every member. Members not started yet are marked first, under their start lock, so the
-    local sweep runner leaves them; one it started before has its attempt and is cancelled with the
-    others."""
-    from cluster.record import atomic_write, run_lock
+@contextlib.contextmanager
+def _every_member_locked(sweep: SweepRecord, index: Index) -> Iterator[list[RunRecord]]:
+    """Every member's run lock, taken in one order (two sweep commands never wait on each other): no
+    resume, cancel or sweep runner acts on a member meanwhile. Yields the records read under them."""
+    from cluster.record import run_lock
 
-    index = Index()
-    for run_id in sweep.run_ids:
-        with run_lock(index.find(run_id)):
-            if not index.find(run_id).attempts:
-                atomic_write(index.find(run_id).paths.cancel_marker, f"{time.time()}\n".encode())
-    return [(run_id, runs.cancel(run_id)[1]) for run_id in sweep.run_ids]
+    with contextlib.ExitStack() as held:
+        for run_id in sorted(sweep.run_ids):
+            held.enter_context(run_lock(index.find(run_id)))
+        yield [index.find(r) for r in sweep.run_ids]
+
+
+def cancel_sweep(sweep: SweepRecord) -> list[tuple[str, list[str]]]:
+    """Cancel every member, under every member's lock: the local sweep runner starts none of them
+    meanwhile, and leaves those marked before they started (:func:`runs.cancel` marks them too)."""
+    with _every_member_locked(sweep, Index()):
+        return [(run_id, runs.cancel(run_id)[1]) for run_id in sweep.run_ids]
 
 
 def array_throttle(max_parallel: int | None, active: int, due: int) -> int:
@@ -296,22 +301,22 @@ def _queue_resumes(sweep_dir: Path, later: list[RunRecord]) -> None:
     :func:`runs.resume` removes a run's when it queues its attempt), each under the run's lock; ``pixpro
     status`` shows one that never started PENDING (waits for a slot of its sweep) from here on, not
     CANCELLED (before it started) until the runner gets to it. A cancel from now on writes a new marker,
-    which the runner heeds. A runner that does not start leaves them cancelled, as they were."""
-    from cluster.record import atomic_write, run_lock
+    which the runner heeds. A runner that does not start leaves them cancelled, as they were. Called
+    with every member's lock held (:func:`resume_sweep`)."""
+    from cluster.record import atomic_write
     from cluster.sweep_runner import spawn_sweep_runner
 
     cleared: list[tuple[RunRecord, bytes]] = []
     for record in later:
         marker = record.paths.cancel_marker
-        with run_lock(record), contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
             cleared.append((record, marker.read_bytes()))
             marker.unlink()
     try:
         spawn_sweep_runner(sweep_dir, resume=[r.run_id for r in later])
     except BaseException:
         for record, text in cleared:
-            with run_lock(record):
-                atomic_write(record.paths.cancel_marker, text)
+            atomic_write(record.paths.cancel_marker, text)
         raise
 
 
@@ -322,13 +327,9 @@ def resume_sweep(sweep: SweepRecord) -> list[tuple[str, str | None]]:
     (job id None). On SLURM the members resumed together are one new job array whose ``%N`` is what
     ``--max-parallel`` leaves beside the members still queued or running (at least one; it stays so
     when those end), where the members leave out the same nodes; else each is a job of its own."""
-    from cluster.record import run_lock
-
     index = Index()
-    with contextlib.ExitStack() as held:  # every member's lock, in one order: no resume or cancel between
-        for run_id in sorted(sweep.run_ids):
-            held.enter_context(run_lock(index.find(run_id)))
-        return _resume_members(sweep, index, [index.find(r) for r in sweep.run_ids])
+    with _every_member_locked(sweep, index) as records:
+        return _resume_members(sweep, index, records)
 
 
 def _resume_members(
