@@ -410,10 +410,16 @@ def _sbatch_stderr() -> Iterator[Callable[[], str]]:
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as caught, open(caught.fileno(), "w", closefd=False) as text:
+
+        def said() -> str:
+            text.flush()
+            caught.seek(0)
+            return caught.read().decode(errors="replace")
+
         os.dup2(caught.fileno(), 2)  # sbatch's own
         try:
             with contextlib.redirect_stderr(text):  # submitit's print, whatever sys.stderr was
-                yield lambda: (text.flush(), caught.seek(0), caught.read().decode(errors="replace"))[2]
+                yield said
         finally:
             os.dup2(saved, 2)
             os.close(saved)

@@ -248,9 +248,8 @@ class Trainer:
             # a later claim found by the final save: the attempt neither completed nor may requeue
             if outcome != "superseded" and self.collectives.any(self.checkpointer.superseded is not None)[0]:
                 outcome, committed = "superseded", False
-        except (
-            Diverged
-        ) as exc:  # every rank decides alike: the guard follows the reduced gradients (fp16: losses)
+        # every rank decides alike: the guard follows the reduced gradients (fp16: the agreed losses)
+        except Diverged as exc:
             outcome, committed, why = "diverged", False, str(exc)
         finally:
             self._close_loader()

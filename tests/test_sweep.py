@@ -400,18 +400,14 @@ def test_a_member_waiting_for_its_first_slot_can_be_cancelled_alone(
 def test_a_set_of_a_swept_key_is_refused(home: Path, spec_file: Path) -> None:
     """``--set`` (or ``--gpus``, ``--nodes``) of the key a ``--sweep`` sets: one of the two would silently
     overrule the other."""
-    proc = cli(
-        "submit", "--dry-run", "--executor", "local", "--sweep", "optim.base_lr=2,4",
-        "--set", "optim.base_lr=3", str(spec_file), home=home,
-    )  # fmt: skip
-    line = assert_one_line_error(proc, 2)
-    assert "--set optim.base_lr: the sweep sets optim.base_lr (--sweep optim.base_lr=...)" in line, line
-    proc = cli(
-        "submit", "--dry-run", "--executor", "local", "--sweep", "resources.gpus_per_node=1,2",
-        "--gpus", "0", str(spec_file), home=home,
-    )  # fmt: skip
-    line = assert_one_line_error(proc, 2)
-    assert "--gpus: the sweep sets resources.gpus_per_node" in line, line
+    for grid, given, words in (
+        ("optim.base_lr=2,4", ("--set", "optim.base_lr=3"),
+         "--set optim.base_lr: the sweep sets optim.base_lr (--sweep optim.base_lr=...)"),
+        ("resources.gpus_per_node=1,2", ("--gpus", "0"), "--gpus: the sweep sets resources.gpus_per_node"),
+    ):  # fmt: skip
+        args = ("submit", "--dry-run", "--executor", "local", "--sweep", grid, *given, str(spec_file))
+        line = assert_one_line_error(cli(*args, home=home), 2)
+        assert words in line, line
 
 
 @pytest.mark.cluster
