@@ -36,8 +36,9 @@ PIXPRO = str(Path(sys.executable).with_name("pixpro"))
 SPEC = REPO / "launch" / "specs" / "imagenet_r50_100ep.json"
 GOALS = {"validate": 0.15, "status": 0.3}
 FLOOR_TYPER = "import typer.main"  # what every other command pays to start
-FLOOR_VALIDATE = (  # the spec models, without the plugin scan (as validate): it cannot start under this
-    "import os; os.environ.setdefault('PYDANTIC_DISABLE_PLUGINS', '1'); import schemas.spec.load"
+FLOOR_VALIDATE = (  # the spec models, plugin loader skipped (as validate): it cannot start under this
+    "import os; os.environ.setdefault('PYDANTIC_DISABLE_PLUGINS', '1');"
+    " from cluster.entry import skip_plugin_loader; skip_plugin_loader(); import schemas.spec.load"
 )
 FLOOR_STATUS = "import rich.console, rich.table, schemas.contract"  # what status needs to start
 

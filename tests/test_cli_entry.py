@@ -181,19 +181,20 @@ def test_status_of_runs_answers_as_the_typer_app(tmp_path: Path, env: dict[str, 
 
 PROBE = (
     "import sys\n"
+    "LOADED = ('typer', 'rich', 'pydantic', 'importlib.metadata')\n"
     "from cluster.entry import main\n"
     "try:\n"
     "    main()\n"
     "except SystemExit as exc:\n"
     "    code = exc.code\n"
-    "print(code, *sorted(m for m in ('typer', 'rich', 'pydantic') if m in sys.modules), file=sys.stderr)\n"
+    "print(code, *sorted(m for m in LOADED if m in sys.modules), file=sys.stderr)\n"
 )
 
 
 @pytest.mark.parametrize(
     ("args", "runs", "loaded"),
     [
-        (["validate", SPEC], 0, "0 pydantic"),  # the spec models; no Typer, no rich
+        (["validate", SPEC], 0, "0 pydantic"),  # the spec models; no Typer, no rich, no plugin loader
         (["status"], 4, "0 rich"),  # the table; no Typer, no pydantic (no heartbeat, no node failure)
         (["status", "--json"], 4, "0"),
         (["status", "--json"], 0, "0"),
@@ -211,6 +212,58 @@ def test_the_hot_commands_import_no_typer(
         [sys.executable, "-c", PROBE, "--version"], capture_output=True, text=True, timeout=120, env=env
     )
     assert "typer" in proc.stderr.splitlines()[-1].split(), proc.stderr  # every other command: the app
+
+
+STAND_IN_PROBE = """
+import os, sys
+from cluster.entry import PLUGIN_LOADER, skip_plugin_loader
+skip_plugin_loader()
+stood_in = PLUGIN_LOADER in sys.modules
+from pydantic import BaseModel
+class Model(BaseModel):
+    x: int
+assert Model(x=1).x == 1
+scanned = 'importlib.metadata' in sys.modules
+from pydantic.plugin._loader import PYDANTIC_ENTRY_POINT_GROUP  # not the stand-in's: the real module's
+print(stood_in, scanned, PYDANTIC_ENTRY_POINT_GROUP, 'importlib.metadata' in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    ("plugins", "said"),
+    [
+        ("1", "True False pydantic True"),  # no plugin: the stand-in; the real module when asked
+        ("true", "True False pydantic True"),
+        ("__all__", "True False pydantic True"),
+        ("some_plugin,other", "False True pydantic True"),  # others load: pydantic's own loader
+        (None, "False True pydantic True"),
+    ],
+)
+def test_the_plugin_loader_stands_in_only_while_every_plugin_is_off(plugins: str | None, said: str) -> None:
+    """``validate`` skips pydantic's plugin loader (its ``importlib.metadata``, a tenth of the command)
+    only when pydantic would load no plugin, and any other name of the loader is the real module's."""
+    env = {k: v for k, v in os.environ.items() if k != "PYDANTIC_DISABLE_PLUGINS"}
+    if plugins is not None:
+        env["PYDANTIC_DISABLE_PLUGINS"] = plugins
+    proc = subprocess.run(
+        [sys.executable, "-c", STAND_IN_PROBE], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0 and proc.stdout.split() == said.split(), proc.stderr
+
+
+@pytest.mark.parametrize("plugins", ["1", "true", "__all__"])
+def test_pydantic_loads_no_plugin_where_the_stand_in_answers_none(plugins: str) -> None:
+    """The stand-in's answer is pydantic's own for every value it stands in for (pydantic is pinned in
+    requirements.lock; this fails first if a new release reads the variable otherwise)."""
+    from cluster.entry import LOADER_STAND_IN, PLUGINS_OFF
+
+    script = "from pydantic.plugin._loader import get_plugins; print(list(get_plugins()))"
+    env = {**os.environ, "PYDANTIC_DISABLE_PLUGINS": plugins}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert plugins in PLUGINS_OFF and proc.stdout.strip() == "[]", proc.stderr
+    assert list(LOADER_STAND_IN.get_plugins()) == []
 
 
 def test_the_status_table_prints_cells_as_they_are(
