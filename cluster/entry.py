@@ -91,8 +91,7 @@ def _real_loader(name: str) -> Any:
 
 
 LOADER_STAND_IN = types.ModuleType(PLUGIN_LOADER, "pixpro's stand-in while pydantic plugins are off")
-LOADER_STAND_IN.get_plugins = _no_plugins  # type: ignore[attr-defined]
-LOADER_STAND_IN.__getattr__ = _real_loader  # type: ignore[attr-defined]
+LOADER_STAND_IN.__dict__.update(get_plugins=_no_plugins, __getattr__=_real_loader)
 
 
 def skip_plugin_loader() -> None:
