@@ -6,7 +6,7 @@ SPEC ?= launch/specs/demo.json
 # Job history of the local test cluster: slurmdbd (real accounting: mariadbd + slurmdbd) or jobcomp.
 SLURM_ACCOUNTING ?= $(or $(PIXPRO_SLURM_ACCOUNTING),slurmdbd)
 
-.PHONY: venv lock demo test test-unit lint services slurm bench clean-services gpu-check
+.PHONY: venv lock demo test test-unit lint services slurm bench clean-services gpu-check gpu-wheels
 
 PIP := $(PY) -m pip --disable-pip-version-check -q
 LOCK := requirements.lock
@@ -87,10 +87,22 @@ clean-services:
 
 # GPU acceptance check (benches/gpu_check.py, checks in benches/gpu_checks/): offline, at most 7.5 minutes
 # on one GPU (per-check budgets that add up to the total), the real job under launch.run stopped and
-# resumed included; record and table in $(OUT). GPU_CHECK_ARGS: --cpu (toy CPU mode), --quick,
-# --only NAME[,NAME] (rerun merges into the record), --total-s S.
+# resumed included; gpu_check.json, gpu_check.md and gpu_check-files.tar.gz in $(OUT) (benches/gpu_check.sh).
+# GPU_CHECK_ARGS: --cpu (toy CPU mode), --quick, --only NAME[,NAME] (rerun merges into the record),
+# --total-s S. With no .venv (a lent GPU machine) it runs the machine's python3 and the wheels in .whl/.
 OUT ?= runs/gpu-check
 GPU_CHECK_ARGS ?=
 gpu-check:
-	test -x $(PY) || $(MAKE) venv
-	$(PY) benches/gpu_check.py $(OUT) $(GPU_CHECK_ARGS)
+	bash benches/gpu_check.sh $(OUT) $(GPU_CHECK_ARGS)
+
+# The wheels a lent GPU machine lacks (its image holds torch, numpy, numba, rich, fsspec...; not these),
+# for its Python 3.12, at requirements.lock's versions: carried there in .whl/ (ignored by git).
+GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions setproctitle
+gpu-wheels:
+	rm -rf .whl && mkdir .whl
+	for name in $(GPU_WHEELS); do grep -iE "^$$name==" $(LOCK); done > .whl/wanted.txt
+	test $$(wc -l < .whl/wanted.txt) -eq $(words $(GPU_WHEELS))
+	$(PYTHON) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+	  --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl -r .whl/wanted.txt
+	rm .whl/wanted.txt && ls .whl

@@ -50,6 +50,7 @@ from launch.store.backends import failure_cause
 from launch.train_state import Schedule, TrainState
 from pixpro.data import DatasetError
 from pixpro.sync_batchnorm import convert_sync_batchnorm
+from pixpro.torch_compat import no_forward_buffer_sync
 from schemas import RunSpec, SpecError, hang_timeout_s, load_spec, spec_hash
 from schemas.contract import (
     AGENT_PID_ENV,
@@ -74,6 +75,12 @@ SINK_CLOSE_S = {
 # rich draws from the process-wide `random` when first imported (rich.style's id counter). httpx imports
 # it, and aiobotocore imports httpx when installed (wandb brings it): on the first S3 call, after
 # seeding, which would shift the RNG a checkpoint saves. Imported above, the draw comes before seeding.
+
+
+def fixed_buckets(device: torch.device, spec: RunSpec) -> bool:
+    """Whether DDP keeps its first gradient-bucket layout (``find_unused_parameters``): wherever a resume
+    must repeat the run bit for bit (:meth:`Trainer.distributed_model`)."""
+    return device.type != "cuda" or spec.deterministic
 
 
 class Trainer:
@@ -378,10 +385,12 @@ class Trainer:
         """The model as the step runs it: under DDP whenever a process group exists (one GPU under
         torchrun runs the same DDP as eight), else the model itself.
 
-        ``find_unused`` (default: on CPU only) keeps DDP from re-bucketing after its first backward:
-        otherwise the first step after every (re)start reduces gradients in another layout, and with more
-        than two gloo ranks the float sums differ, breaking bitwise-exact resume on CPU. It reads a flag
-        per parameter on the host each backward, which costs nothing on a CPU; on GPUs it stays off.
+        ``find_unused`` (default: on CPUs, and on GPUs with ``deterministic``) keeps DDP from
+        re-bucketing after its first backward: otherwise the first step after every (re)start reduces
+        gradients in another layout, and with more than two ranks the float sums differ (gloo's shown
+        at three ranks; NCCL's ring sums each chunk from another rank), breaking bitwise-exact resume.
+        It reads a flag per parameter on the host each backward (benches/bench_host_syncs.py): nothing on
+        a CPU; on GPUs a sync per parameter, paid only where bit-for-bit resume was asked for.
         """
         if not self.collectives.active:
             return self.model
@@ -392,9 +401,11 @@ class Trainer:
             process_group=self.collectives.data_group,
             # SyncBatchNorm keeps the BN buffers equal on every rank: no re-broadcast each forward (they
             # are equal at init too, so DDP's one broadcast of them there changes nothing)
-            forward_sync_buffers=False,
+            **no_forward_buffer_sync(),
             gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy
-            find_unused_parameters=not cuda if find_unused is None else find_unused,
+            find_unused_parameters=fixed_buckets(self.device, self.spec)
+            if find_unused is None
+            else find_unused,
         )
 
     def _close_loader(self) -> None:

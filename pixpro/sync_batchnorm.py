@@ -38,6 +38,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from pixpro.torch_compat import all_gather_single, batchnorm_bias
+
 __all__ = ["FUSED_DEVICE_TYPES", "SyncBatchNorm", "convert_sync_batchnorm"]
 
 FUSED_DEVICE_TYPES: set[str] = {"cuda"}
@@ -67,7 +69,7 @@ def _all_gather_rows(row: Tensor, group: dist.ProcessGroup | None, world_size: i
     ``[1, world * len]`` shape torch's SyncBN uses on NCCL).
     """
     out = row.new_empty(world_size * row.numel())
-    dist.all_gather_single(out, row, group=group)
+    all_gather_single(out, row, group=group)
     return out.view(world_size, row.numel())
 
 
@@ -250,7 +252,9 @@ class SyncBatchNorm(_BatchNorm):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, **batchnorm_bias(bias)
+        )
         self.process_group = process_group
 
     def _check_input_dim(self, input: Tensor) -> None:

@@ -10,14 +10,17 @@ How long each check takes, and how soon after its budget a check is killed, are 
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from tests.support.shared import once
 REPO = Path(__file__).resolve().parents[1]
 BENCHES = REPO / "benches"
 SCRIPT = BENCHES / "gpu_check.py"
+SHELL = BENCHES / "gpu_check.sh"
 NA = "not applicable on CPU"
 pytestmark = pytest.mark.xdist_group("gpu_check")  # under xdist one worker runs the --cpu run, once
 slow = pytest.mark.slow
@@ -49,16 +53,87 @@ def _run(out: Path, data: Path, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     """One ``--cpu`` run a session (:func:`tests.support.shared.once`), only read by its users: a module
-    fixture set up again (pytest-xdist may tear it down between two of its tests) finds it made."""
+    fixture set up again (pytest-xdist may tear it down between two of its tests) finds it made. It runs
+    as a lent GPU machine runs it (``make gpu-check``: benches/gpu_check.sh): the whole record in the
+    work folder returned, and what the machine hands back in ``handed/``."""
 
     def make(folder: Path) -> None:
-        (folder / "out").mkdir()
-        res = _run(folder / "out", folder / "data" / "demo")
+        timeout = _bench("gpu_checks.plan").TOTAL_S["cpu"] + 30
+        cmd = ["bash", str(SHELL), str(folder / "handed"), "--cpu", "--data", str(folder / "data" / "demo")]
+        env = {**os.environ, "PIXPRO_GPU_CHECK_WORK": str(folder / "out")}
+        env["PIXPRO_GPU_CHECK_PYTHON"] = sys.executable
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     folder = once(tmp_path_factory, "gpu-check-cpu", make)
     out, data = folder / "out", folder / "data" / "demo"
     return out, data, json.loads((out / "gpu_check.json").read_text())
+
+
+@slow
+def test_what_a_lent_machine_hands_back_holds_the_whole_record(cpu_run):
+    """A lent GPU machine hands back at most 8 files of 16 MiB, 2 folders down: the record, its table
+    and one archive of every log and result (no checkpoint payload)."""
+    out, _, record = cpu_run
+    handed = out.parent / "handed"
+    files = sorted(p.name for p in handed.rglob("*"))
+    assert files == ["gpu_check-files.tar.gz", "gpu_check.json", "gpu_check.md"]
+    assert all((handed / f).stat().st_size < 16 * 2**20 for f in files)
+    assert json.loads((handed / "gpu_check.json").read_text()) == record
+    with tarfile.open(handed / "gpu_check-files.tar.gz") as tar:
+        names = {n.removeprefix("./") for n in tar.getnames()}
+    ran = [c["name"] for c in record["checks"] if c["status"] != "not applicable"]
+    assert ran and {f"logs/{c}.log" for c in ran} | {f"results/{c}.json" for c in ran} <= names
+    assert not [n for n in names if "/checkpoints/" in n or n.endswith(".pt")]
+
+
+IMAGE_HOLDS = {"torch", "torchvision", "numpy", "PIL", "numba", "fsspec", "rich", "yaml", "aiohttp"}
+"""What the check imports that the lent machines' image holds (/work/.library/device/KINDS.md)."""
+NOT_REACHED = {
+    "s3fs": "an s3:// store",
+    "botocore": "an s3:// store",
+    "wandb": "logging.wandb",
+}
+"""Imported by a module the check loads, only for what no check's spec uses."""
+
+
+def test_every_package_the_check_imports_is_on_a_lent_machine_or_carried():
+    """Every third-party import reachable from the check (its modules and ours they import, at module
+    or function level) is in the machine's image or among ``make gpu-wheels``' wheels, the only packages
+    a lent machine can have: anything else fails the check there, with no index to install from."""
+    wheels = re.search(r"^GPU_WHEELS := (.+)$", (REPO / "Makefile").read_text(), re.M)
+    assert wheels is not None
+    carried = {
+        {"pydantic_core": "pydantic_core", "annotated-types": "annotated_types"}.get(w, w.replace("-", "_"))
+        for w in wheels[1].split()
+    }
+    ours = {"pixpro", "launch", "schemas", "cluster", "gpu_checks", "tests", "benches"}
+    todo, seen, found = [SCRIPT, *(BENCHES / "gpu_checks").rglob("*.py")], set(), set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            for name in names:
+                top, parts = name.split(".")[0], name.split(".")
+                if top not in ours:
+                    found |= set() if top in sys.stdlib_module_names else {top}
+                    continue
+                base = BENCHES if top == "gpu_checks" else REPO
+                todo += [
+                    p
+                    for p in (base.joinpath(*parts).with_suffix(".py"), base.joinpath(*parts, "__init__.py"))
+                    if p.exists()
+                ]
+    assert "cluster" not in {p.relative_to(REPO).parts[0] for p in seen}  # no submitit, typer...
+    assert found - IMAGE_HOLDS - carried - set(NOT_REACHED) == set()
 
 
 def _check(record: dict, name: str) -> dict:

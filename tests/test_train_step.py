@@ -14,7 +14,7 @@ from launch.builders import build_model, seed_everything
 from launch.collectives import DistEnv
 from launch.nonfinite import Diverged, NonFiniteGuard
 from launch.preempt import PreemptionFlag
-from launch.train import Trainer
+from launch.train import Trainer, fixed_buckets
 from schemas import load_spec, parse_spec
 from tests.support import zygote
 from tests.support.host_syncs import HostSyncCounter
@@ -172,3 +172,18 @@ def test_the_initial_weights_come_from_the_spec_seed_and_each_ranks_stream_stays
         weights.append(build_model(spec).state_dict())
         assert torch.equal(torch.rand(3), expected)  # the rank's own stream, untouched
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize(
+    ("device", "deterministic", "fixed"),
+    [("cpu", False, True), ("cpu", True, True), ("cuda", True, True), ("cuda", False, False)],
+)
+def test_ddp_keeps_its_bucket_layout_wherever_a_resume_repeats_the_run(
+    tmp_path: Path, device: str, deterministic: bool, fixed: bool
+) -> None:
+    """DDP re-buckets after the first backward of each process: a run resumed at step k reduces step k in
+    the first layout, an uninterrupted one in the second, and at more than two ranks the sums differ.
+    CPU runs and deterministic GPU runs promise bitwise resume: DDP keeps its layout there; other GPU
+    runs skip the per-parameter host sync that costs."""
+    spec = parse_spec(tiny_spec(tmp_path, deterministic=deterministic))
+    assert fixed_buckets(torch.device(device), spec) is fixed

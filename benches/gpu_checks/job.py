@@ -69,9 +69,12 @@ def launch_cmd(spec: Path, run_dir: Path, ranks: int) -> list[str]:
 
 
 def launch_env(ctx: Ctx, observed: Path, **extra: str) -> dict[str, str]:
-    """A node's environment: nothing of an enclosing job or run (PIXPRO_, SLURM_, TORCHELASTIC_)."""
+    """A node's environment: nothing of an enclosing job or run (PIXPRO_, SLURM_, TORCHELASTIC_). The
+    PYTHONPATH it had stays behind the observer and the repository: on a lent GPU machine it holds the
+    carried wheels (benches/gpu_check.sh)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIXPRO_", "SLURM_", "TORCHELASTIC_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(OBSERVE), str(REPO)])
+    inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(OBSERVE), str(REPO), *inherited])
     env["GPU_CHECK_COLLECTIVES"] = str(observed)
     if ctx.cpu:
         env["OMP_NUM_THREADS"] = str(ctx.s["threads"] or 1)
@@ -243,7 +246,13 @@ def _stop_resume_compare(ctx: Ctx, rec: Rec, dl: Deadline, runs: Runs) -> tuple[
         f"B stopped at {stopped} ({runs.walls['B_stop']:.0f} s), resumed ({runs.walls['B_resume']:.0f} s): "
         f"{verdict}; control plane {planes['control_calls_per_rank']} calls/rank on "
         f"{', '.join(v for k, v in planes['groups'].items() if k != 'default')}, default group "
-        f"{', '.join(planes['default_backend'])}" + (f", NCCL up {nccl_up}" if not ctx.cpu else "")
+        f"{', '.join(planes['default_backend'])}"
+        + (f", NCCL up {nccl_up}" if not ctx.cpu else "")
+        + (
+            "; one rank: no gradient reduction or SyncBatchNorm across GPUs was exercised"
+            if ranks == 1
+            else ""
+        )
     )
     problems = []
     if stopped != stop or not resumed:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from gpu_checks.common import Ctx, Deadline, timed
 from gpu_checks.record import Rec
 from gpu_checks.syncs import step_syncs
+from pixpro.torch_compat import all_gather_single
 
 TOLERANCE = 2**-7
 """bf16 keeps 8 significant bits: rounding a result costs up to 2**-8 of it. Outputs are compared
@@ -60,7 +61,7 @@ def _control_plane(col: Any, device: torch.device) -> dict[str, Any]:
     x = torch.full((1024,), 1.5, device=device)
     dist.all_reduce(x, group=col.data_group)
     gathered = x.new_empty(1024)
-    dist.all_gather_single(gathered, x, group=col.data_group)
+    all_gather_single(gathered, x, group=col.data_group)
     ok["data_all_reduce"] = bool(torch.equal(x, gathered) and torch.all(x == 1.5).item())
     return {
         "active": col.active,
