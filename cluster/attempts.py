@@ -103,6 +103,8 @@ def slurm_state(job: SlurmJob, trainer: dict | None, cancelled: bool, recent: bo
             return AttemptState("UNKNOWN", f"{' and '.join(job.unanswered)} did not answer")
         return AttemptState("PENDING" if recent else "UNKNOWN", "" if recent else "not in squeue or sacct")
     preempted = code == EXIT_PREEMPTED or trainer_says(trainer, "preempted", job.job_id)
+    if cancelled and final == "COMPLETED" and not preempted:  # it finished before the cancel reached it
+        return AttemptState("COMPLETED", "", code, history)
     if final == "CANCELLED" or cancelled:
         return AttemptState("CANCELLED", "checkpoint committed" if preempted else "", code, history)
     if final in ("PREEMPTED", "REQUEUED") or (final in ("FAILED", "COMPLETED") and preempted):
@@ -129,10 +131,10 @@ def local_state(job: LocalJob | None, trainer: dict | None, cancelled: bool) -> 
     code = job.exit_code
     if code is None:
         return AttemptState("FAILED", "runner vanished without an exit status")
+    if code == 0:  # finished, also where a cancel came too late to stop it
+        return AttemptState("COMPLETED", "", 0)
     if cancelled:
         return AttemptState("CANCELLED", "checkpoint committed" if code == EXIT_PREEMPTED else "", code)
-    if code == 0:
-        return AttemptState("COMPLETED", "", 0)
     if code == EXIT_PREEMPTED or trainer_says(trainer, "preempted", job.job_id):
         return AttemptState("PREEMPTED", "resume with: pixpro resume", code)
     return _diverged(trainer, job.job_id, code) or AttemptState("FAILED", f"exit {code}", code)

@@ -283,6 +283,10 @@ def resume(ident: str, include_nodes: list[str] | None = None) -> tuple[RunRecor
         return record, job_id, resumed(record, job_id, index)
 
 
+RESUMABLE = ("PREEMPTED", "TIMEOUT")
+"""An attempt's ended states that ``pixpro resume`` continues: ``cancel`` marks such an attempt."""
+
+
 def cancel(ident: str) -> tuple[RunRecord, list[str], str | None]:
     """Stop every attempt still queued or running and mark them cancelled; returns those job ids."""
     from cluster.status import attempt_states, read_all_progress
@@ -291,6 +295,13 @@ def cancel(ident: str) -> tuple[RunRecord, list[str], str | None]:
     with run_lock(index.find(ident)):
         record = index.find(ident)  # as it is now that no resume acts on it
         states, _ = attempt_states([record], read_all_progress([record]))
+        unknown = [j for j, s in states[record.run_id].items() if s.state == "UNKNOWN"]
+        if unknown:  # it may be running: marking it cancelled would be a claim nobody checked
+            why = states[record.run_id][unknown[-1]].reason
+            raise Failure(
+                f"run {record.run_id}: the state of job(s) {', '.join(unknown)} is unknown ({why}); "
+                "nothing was cancelled: try again when the cluster answers"
+            )
         active = [j for j, s in states[record.run_id].items() if s.active]
         latest = record.latest_job
         last = states[record.run_id][latest].state if latest is not None else None
@@ -304,6 +315,7 @@ def cancel(ident: str) -> tuple[RunRecord, list[str], str | None]:
         ex = executor(record.executor)
         for job_id in active:
             ex.job(record, job_id).cancel()
-        marked = active or ([latest] if latest else [])
+        # a stopped attempt waiting for a resume is cancelled too; a failed one keeps its failure
+        marked = active or ([latest] if latest and last in RESUMABLE else [])
         record.cancelled = sorted(set(record.cancelled) | set(marked))
         return record, marked, save(record, index, strict=False)

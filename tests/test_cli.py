@@ -29,7 +29,15 @@ from cluster.record import RunRecord
 from cluster.slurm import HistoryLine, SlurmJob, check_partitions, gpu_count, parse_sinfo
 from schemas import SpecError, load_spec
 from schemas.contract import STATUS_FILE, TENSORBOARD_DIR, one_line, wandb_run_id
-from tests.support.cli import PIXPRO, assert_one_line_error, cli, run_cli, which_or_fail, write_spec
+from tests.support.cli import (
+    PIXPRO,
+    assert_one_line_error,
+    cli,
+    run_cli,
+    status_json,
+    which_or_fail,
+    write_spec,
+)
 from tests.support.cli import cluster_tiny_spec as tiny_spec
 from tests.support.runs import fake_runs
 
@@ -650,6 +658,33 @@ def test_a_diverged_attempt_is_diverged_not_failed() -> None:
     local = LocalJob("local-1", None, 0.0, 1.0, 1)
     assert local_state(local, {**trainer, "attempt": "local-1"}, cancelled=False).state == "DIVERGED"
     assert "DIVERGED" in STATES and "DIVERGED" not in ACTIVE
+
+
+def test_cancel_claims_only_what_it_stopped(home: Path) -> None:
+    """A failed attempt keeps its failure (nothing to stop); a preempted one waiting for a resume is
+    cancelled; an attempt whose state SLURM did not give may be running: nothing is marked, exit 1."""
+    slurm, preempted, failed = fake_runs(home, 3)
+    no_slurm = {"PATH": "/usr/bin:/bin"}  # squeue and sacct do not answer
+    proc = cli("cancel", failed.run_id, home=home, env=no_slurm)
+    assert proc.returncode == 0 and "has nothing to cancel" in proc.stdout, proc.stderr
+    assert status_json(home, failed.run_id, env=no_slurm)["state"] == "FAILED"
+    proc = cli("cancel", preempted.run_id, home=home, env=no_slurm)
+    assert proc.returncode == 0 and f"job(s) {preempted.latest_job}" in proc.stdout, proc.stderr
+    assert status_json(home, preempted.run_id, env=no_slurm)["state"] == "CANCELLED"
+    line = assert_one_line_error(cli("cancel", slurm.run_id, home=home, env=no_slurm), 1)
+    assert "is unknown" in line and "nothing was cancelled" in line, line
+    assert status_json(home, slurm.run_id, env=no_slurm)["state"] == "UNKNOWN"
+
+
+def test_an_attempt_that_finished_before_the_cancel_reached_it_is_completed() -> None:
+    """``pixpro cancel`` signals a running attempt and marks it; one that was finishing ends COMPLETED
+    (exit 0, no preemption stop) and says so, on SLURM and on the local executor."""
+    done = SlurmJob("77", None, "", _hist(("COMPLETED", 0)))
+    assert slurm_state(done, {"state": "completed"}, cancelled=True, recent=False).state == "COMPLETED"
+    stopped = {"state": "preempted", "attempt": "77.0"}
+    assert slurm_state(done, stopped, cancelled=True, recent=False).state == "CANCELLED"
+    assert local_state(LocalJob("local-1", None, 0.0, 1.0, 0), None, cancelled=True).state == "COMPLETED"
+    assert local_state(LocalJob("local-1", None, 0.0, 1.0, 75), None, cancelled=True).state == "CANCELLED"
 
 
 def test_console_script_usage_errors_are_one_line(home: Path) -> None:

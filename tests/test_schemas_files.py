@@ -171,3 +171,18 @@ def test_set_overrides_are_validated_like_the_file() -> None:
             apply_overrides(MINIMAL, [bad])
         (line,) = info.value.problems
         assert line.startswith(message), line
+
+
+def test_set_overrides_a_yaml_spec_whose_values_are_not_json() -> None:
+    """YAML gives dates, bytes and sets that JSON has not: ``--set`` copies the spec as it is, and the
+    value is refused by validation (exit 2), not by the copy (an internal error)."""
+    import datetime
+
+    from schemas import apply_overrides
+
+    with pytest.raises(SpecError, match="no such list index"):  # a digit, but not one int() reads
+        apply_overrides(MINIMAL, ["data.crop_scale=[0.2, 1]", "data.crop_scale.\u00b2=0.3"])
+    for odd in (datetime.date(2024, 1, 1), b"\x00", {1, 2}):
+        data = apply_overrides({**MINIMAL, "name": odd}, ["seed=1"])
+        assert data["seed"] == 1 and data["name"] == odd
+        assert errors_of(data)[0].startswith("name:")

@@ -3,6 +3,7 @@ the cross-field rules; and the ``--set`` overrides applied to the data before th
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
@@ -103,7 +104,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     """A copy of ``data`` with ``a.b.c=value`` overrides applied (``--set``); a value is JSON when it
     parses as JSON (``16``, ``true``, ``[0.2, 1.0]``, ``null``), else the text itself. Validation comes
     after, exactly as for the file, so ``--set data.batch_size=x`` fails like ``"batch_size": "x"``."""
-    out = json.loads(json.dumps(data)) if overrides else data
+    out = copy.deepcopy(data) if overrides else data  # YAML may hold dates, bytes, sets: not JSON
     for item in overrides:
         shown = one_line(item, 80)
         dotted, eq, text = str(item).partition("=")
@@ -119,7 +120,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
             last = i == len(parts) - 1
             where = ".".join(parts[: i + 1])
             if isinstance(node, list):
-                if not (part.isdigit() and int(part) < len(node)):
+                if not (part.isascii() and part.isdigit() and int(part) < len(node)):  # not '²'
                     raise SpecError([f"--set {shown}: {_shorten_path(where)}: no such list index"])
                 if last:
                     node[int(part)] = value
