@@ -101,9 +101,10 @@ class Executor(Protocol):
     def job(self, record: RunRecord, job_id: str) -> Job:
         """The handle of one attempt of the run (asks nothing until its state is wanted)."""
 
-    def jobs(self, records: list[RunRecord]) -> Jobs:
+    def jobs(self, records: list[RunRecord], timeout_s: float | None = None) -> Jobs:
         """The handles of every run's attempts and the states of its evaluation jobs, asked in one batch
-        for all runs (``pixpro status``), and one-line warnings."""
+        for all runs (``pixpro status``), and one-line warnings; ``timeout_s`` bounds the wait for the
+        cluster's answer (None: the executor's own bound)."""
 
 
 @dataclass
@@ -237,13 +238,13 @@ class SlurmExecutor:
     def job(self, record: RunRecord, job_id: str) -> Job:
         return SlurmJobHandle(record, job_id)
 
-    def jobs(self, records: list[RunRecord]) -> Jobs:
+    def jobs(self, records: list[RunRecord], timeout_s: float | None = None) -> Jobs:
         """Attempts and evaluation jobs of every run: one ``squeue`` and one ``sacct`` for all."""
         asked = {r.run_id: evals.requests(r) for r in records}
         queued = {e.job_id: e.submitted for es in asked.values() for e in es if e.job_id}
         submitted = {j: t for r in records for j, t in r.submitted.items()} | queued
         ids = [j for r in records for j in r.attempts] + list(queued)
-        answers, warnings = slurm.query(ids, submitted) if ids else ({}, [])
+        answers, warnings = slurm.query(ids, submitted, timeout_s) if ids else ({}, [])
         now = time.time()
 
         def eval_job(e: EvalRequest) -> AttemptState:
@@ -351,7 +352,7 @@ class LocalExecutor:
     def job(self, record: RunRecord, job_id: str) -> Job:
         return LocalJobHandle(record, job_id)
 
-    def jobs(self, records: list[RunRecord]) -> Jobs:
+    def jobs(self, records: list[RunRecord], timeout_s: float | None = None) -> Jobs:
         def eval_job(r: RunRecord, e: EvalRequest) -> AttemptState:
             if e.job_id is None:
                 return AttemptState("UNKNOWN", "not queued")

@@ -32,13 +32,22 @@ class Index:
 
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
-        fresh = not self.path.exists()
         self.home.mkdir(parents=True, exist_ok=True)
+        # missing, or empty (what a crash or a full disk can leave): rebuilt from the run folders
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
         con = sqlite3.connect(self.path, timeout=30)
         try:
-            with con:
-                con.executescript(_SCHEMA)
-                if fresh:
+            try:
+                with con:
+                    con.executescript(_SCHEMA)
+            except sqlite3.DatabaseError:  # not a database: kept beside, for whoever wants to look
+                con.close()
+                self.path.replace(self.path.with_name(f"{INDEX_FILE}.unreadable-{time.time():.0f}"))
+                con, fresh = sqlite3.connect(self.path, timeout=30), True
+                with con:
+                    con.executescript(_SCHEMA)
+            if fresh:
+                with con:
                     self._rebuild(con)
             with con:
                 yield con
@@ -46,12 +55,19 @@ class Index:
             con.close()
 
     def _rebuild(self, con: sqlite3.Connection) -> None:
+        last_local = 0
         for path in sorted(runs_dir(self.home).glob(f"*/{RECORD_FILE}")):
             try:
                 record = RunRecord.from_json(path.read_bytes())
             except (OSError, ValueError, TypeError):
                 continue
             self._put(con, record)
+            numbers = [job.removeprefix("local-") for job in record.attempts if job.startswith("local-")]
+            last_local = max([last_local, *(int(n) for n in numbers if n.isdecimal())])
+        if last_local:  # the next local job id follows the ones the run folders hold, never reuses one
+            con.execute(
+                "INSERT OR IGNORE INTO local_ids (n, created) VALUES (?, ?)", (last_local, time.time())
+            )
 
     @staticmethod
     def _put(con: sqlite3.Connection, record: RunRecord) -> None:

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from schemas import RunSpec
 
 TIMEOUT_S = 60
+STATUS_TIMEOUT_S = 10.0
+"""How long ``pixpro status`` waits for ``squeue``/``sacct`` (SLURM's default MessageTimeout): with the
+controller down it lists the runs, their SLURM state UNKNOWN, instead of waiting a minute."""
 TERMINAL = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
      "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
@@ -47,12 +50,13 @@ class Started:
     proc: subprocess.Popen[str] | None
     stdin: str | None = None
     deadline: float = 0.0
+    timeout_s: float = TIMEOUT_S
     unstarted: str = ""
     """Why the command could not start (``proc`` is None)."""
 
     def wait(self) -> subprocess.CompletedProcess[str]:
-        """The command's output; :class:`Failure` if it could not start or is silent for
-        :data:`TIMEOUT_S`."""
+        """The command's output; :class:`Failure` if it could not start or is silent past its
+        deadline (:data:`TIMEOUT_S` after its start unless set)."""
         if self.proc is None:
             raise Failure(self.unstarted)
         try:
@@ -60,11 +64,18 @@ class Started:
         except subprocess.TimeoutExpired as exc:
             self.proc.kill()
             self.proc.communicate()
-            raise Failure(f"{self.args[0]} did not answer within {TIMEOUT_S}s: is slurmctld up?") from exc
+            raise Failure(
+                f"{self.args[0]} did not answer within {self.timeout_s:g}s: is slurmctld up?"
+            ) from exc
         return subprocess.CompletedProcess(self.args, self.proc.returncode, out, err)
 
 
-def start(args: list[str], stdin: str | None = None, env: dict[str, str] | None = None) -> Started:
+def start(
+    args: list[str],
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout_s: float | None = None,
+) -> Started:
     pipe = subprocess.PIPE
     try:
         proc = subprocess.Popen(
@@ -74,7 +85,8 @@ def start(args: list[str], stdin: str | None = None, env: dict[str, str] | None 
         return Started(args, None, unstarted=f"{args[0]} not found: is this a SLURM login node?")
     except OSError as exc:  # found but not runnable (permissions, a broken interpreter line...)
         return Started(args, None, unstarted=f"{args[0]} cannot be run: {exc.strerror or exc}")
-    return Started(args, proc, stdin, time.monotonic() + TIMEOUT_S)
+    wait = TIMEOUT_S if timeout_s is None else timeout_s
+    return Started(args, proc, stdin, time.monotonic() + wait, wait)
 
 
 def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -581,16 +593,19 @@ def _answer(started: Started) -> subprocess.CompletedProcess[str]:
 
 
 def query(
-    job_ids: list[str], submitted: dict[str, float] | None = None
+    job_ids: list[str], submitted: dict[str, float] | None = None, timeout_s: float | None = None
 ) -> tuple[dict[str, SlurmJob], list[str]]:
-    """States of many jobs with one squeue and one sacct call, run side by side; also returns warnings
-    (one line each)."""
+    """States of many jobs with one squeue and one sacct call, run side by side, each given ``timeout_s``
+    (:data:`TIMEOUT_S` unless set); also returns warnings (one line each)."""
     jobs = {j: SlurmJob(j) for j in job_ids}
     warnings: list[str] = []
     if not jobs:
         return jobs, warnings
     ids = ",".join(jobs)
-    asked = start(["squeue", *SQUEUE_ARGS, ids]), start(["sacct", *SACCT_ARGS, ids])
+    asked = (
+        start(["squeue", *SQUEUE_ARGS, ids], timeout_s=timeout_s),
+        start(["sacct", *SACCT_ARGS, ids], timeout_s=timeout_s),
+    )
     q, a = (_answer(s) for s in asked)
     failed: list[str] = []
     if q.returncode == 0:

@@ -15,6 +15,7 @@ from cluster.attempts import AttemptState
 from cluster.executors import Job, Jobs, executor
 from cluster.progress import Progress, open_run_store, read_heartbeats, read_progress
 from cluster.record import RunRecord
+from cluster.slurm import STATUS_TIMEOUT_S
 from launch.store.format import is_local_url
 
 if TYPE_CHECKING:
@@ -46,13 +47,13 @@ def attempt_states(
     return states_of(asked.attempts, progress), asked.warnings
 
 
-def ask_executors(records: list[RunRecord]) -> Jobs:
+def ask_executors(records: list[RunRecord], timeout_s: float | None = None) -> Jobs:
     """The handles of every attempt of these runs with their executors' answers, and the states of their
     evaluation jobs (one batched query per executor: one ``squeue`` and one ``sacct`` for all SLURM
     runs), and warnings."""
     out = Jobs({}, {})
     for name in dict.fromkeys(r.executor for r in records):
-        found = executor(name).jobs([r for r in records if r.executor == name])
+        found = executor(name).jobs([r for r in records if r.executor == name], timeout_s)
         out.attempts.update(found.attempts)
         out.evals.update(found.evals)
         out.warnings += found.warnings
@@ -124,7 +125,7 @@ def stalled(rec: RunRecord, st: AttemptState, now: float) -> tuple[AttemptState,
 
 def collect(records: list[RunRecord]) -> tuple[list[dict[str, Any]], list[str]]:
     with ThreadPoolExecutor(max_workers=1) as pool:  # SLURM answers while the stores are read
-        asking = pool.submit(ask_executors, records)
+        asking = pool.submit(ask_executors, records, STATUS_TIMEOUT_S)  # a display: UNKNOWN past it
         progress = read_all_progress(records)
         asked = asking.result()
     states, warnings = states_of(asked.attempts, progress), asked.warnings

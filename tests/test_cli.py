@@ -726,3 +726,18 @@ def test_local_executor_follow_runs_to_completion(home: Path, spec_file: Path, t
     assert json.loads((rdir / "checkpoints" / "run.json").read_bytes())["attempts"] == [job]
     for step_dir in (rdir / "checkpoints").glob("step-*"):  # ~11 MB each; pytest keeps old tmp dirs
         shutil.rmtree(step_dir)
+
+
+@pytest.mark.parametrize("damage", [b"", b"not a database, what a crash may leave" * 200])
+def test_a_damaged_index_is_rebuilt_from_the_run_folders(home: Path, damage: bytes) -> None:
+    """The run folders are the truth: an index left empty or unreadable lists every run again (the
+    unreadable file kept beside it), and the next local job id follows the ones the runs hold."""
+    from cluster.index import INDEX_FILE, Index
+
+    records = fake_runs(home, 4)
+    (home / INDEX_FILE).write_bytes(damage)
+    assert sorted(r.run_id for r in Index(home).all()) == sorted(r.run_id for r in records)
+    assert Index(home).find(records[1].latest_job).run_id == records[1].run_id
+    locals_held = [int(r.latest_job.removeprefix("local-")) for r in records if r.executor == "local"]
+    assert Index(home).next_local_job_id() == f"local-{max(locals_held) + 1}"
+    assert len(list(home.glob(f"{INDEX_FILE}.unreadable-*"))) == (1 if damage else 0)

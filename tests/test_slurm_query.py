@@ -49,6 +49,26 @@ def test_a_silent_command_is_killed_and_reported(tmp_path: Path, monkeypatch: py
         os.kill(pid, 0)
 
 
+def test_status_waits_for_slurm_no_longer_than_its_own_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pixpro status`` with the controller down lists the runs, their SLURM state UNKNOWN, after
+    ``STATUS_TIMEOUT_S`` (SLURM's MessageTimeout, 10 s; 1 s here), not the minute a resume or a cancel
+    waits."""
+    from cluster.status import collect
+    from tests.support.runs import fake_run
+
+    _commands(tmp_path / "bin", squeue="exec sleep 600", sacct="exec sleep 600")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr("cluster.status.STATUS_TIMEOUT_S", 1.0)
+    record = fake_run(tmp_path / "home", 0)  # run 0 is a SLURM run
+    rows, warnings = collect([record])
+    assert rows[0]["state"] == "UNKNOWN", rows[0]
+    assert warnings[:2] == [
+        f"{c} failed: {c} did not answer within 1s: is slurmctld up?" for c in ("squeue", "sacct")
+    ]
+
+
 def test_a_missing_command_is_a_failed_answer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     jobs, warnings = slurm.query(["7"])
