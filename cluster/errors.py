@@ -37,3 +37,10 @@ class Failure(PixproError):
     """Anything else (cluster refused, storage unreachable, run still active...)."""
 
     code = EXIT_FAILURE
+
+
+class Interrupted(PixproError):
+    """Ctrl-C that came while something was queued and recorded: said once that is done, with what was
+    left queued."""
+
+    code = Exit.INTERRUPTED

@@ -9,15 +9,17 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from cluster import evals
-from cluster.errors import Failure, UsageError
+from cluster.errors import Failure, Interrupted, UsageError
 from cluster.executors import Description, choose, executor
 from cluster.home import new_run_id, run_dir
 from cluster.index import Index
@@ -240,17 +242,41 @@ def resumed(record: RunRecord, job_id: str, index: Index) -> str | None:
     return warning
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C held back until the block ends (in the main thread); yields whether one came. Between
+    queueing a job and recording it, an interrupt would leave a job that no run knows."""
+    came: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield lambda: bool(came)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def submit(plan: Submission) -> tuple[RunRecord, str, str | None]:
-    """Create the run and queue its first attempt: (record, job id, warning or None)."""
+    """Create the run and queue its first attempt: (record, job id, warning or None). The run's lock is
+    held from before the index knows the run until its attempt is recorded, so a ``pixpro cancel`` of it
+    acts on the queued job; Ctrl-C in between is answered once the job is recorded."""
     index = Index()
     record = create_run(plan)
-    try:
-        save(record, index)  # first: the local runner reads run.json; and proves the store is writable
-        job_id = submit_attempt(record, plan.spec, index)
-    except BaseException:
-        rollback(record, index)
-        raise
-    return record, job_id, save(record, index, strict=False)  # queued already: never fail from here
+    with run_lock(record), interrupts_deferred() as interrupted:
+        try:
+            save(record, index)  # first: the local runner reads run.json; and proves the store is writable
+            job_id = submit_attempt(record, plan.spec, index)
+        except BaseException:
+            rollback(record, index)
+            raise
+        warning = save(record, index, strict=False)  # queued already: never fail from here
+    if interrupted():
+        raise Interrupted(
+            f"interrupted: run {record.run_id} was queued as job {job_id} first "
+            f"(pixpro cancel {record.run_id} stops it)"
+        )
+    return record, job_id, warning
 
 
 # ------------------------------------------------------------------------------------------ resume / cancel

@@ -741,3 +741,33 @@ def test_a_damaged_index_is_rebuilt_from_the_run_folders(home: Path, damage: byt
     locals_held = [int(r.latest_job.removeprefix("local-")) for r in records if r.executor == "local"]
     assert Index(home).next_local_job_id() == f"local-{max(locals_held) + 1}"
     assert len(list(home.glob(f"{INDEX_FILE}.unreadable-*"))) == (1 if damage else 0)
+
+
+def test_ctrl_c_while_queueing_is_answered_once_the_attempt_is_recorded(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C between queueing the first attempt and recording it left a job no run knew (and a cancel
+    then said it cancelled a run that went on training): the run's lock is held and the interrupt held
+    back until the attempt is recorded, then answered with what was left queued (exit 130)."""
+    import fcntl
+    import signal
+
+    from cluster import runs
+    from cluster.index import Index
+
+    def queue(record: RunRecord, spec: Any, index: Any) -> str:
+        with open(record.paths.start_lock, "a") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a cancel waits for the record
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, right after the job was queued
+        runs.add_attempt(record, "local-4242", 0.0)  # nothing started: the job stands for one
+        return "local-4242"
+
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    monkeypatch.setattr(runs, "submit_attempt", queue)
+    spec = write_spec(tmp_path / "s.json", tiny_spec(tmp_path / "data"))
+    code, _, err = run_cli("submit", "--executor", "local", "--no-preflight", str(spec))
+    (run,) = Index(home).all()
+    assert code == 130 and err.count("\n") == 1, (code, err)
+    assert f"run {run.run_id} was queued as job local-4242" in err and f"pixpro cancel {run.run_id}" in err
+    assert Index(home).find("local-4242").run_id == run.run_id and run.attempts == ["local-4242"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
