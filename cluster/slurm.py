@@ -190,6 +190,8 @@ class Partition:
     default: bool = False
     up: bool = True
     nodes: dict[str, int] = field(default_factory=dict)  # node -> GPUs (gres/gpu count)
+    cpus: dict[str, int] = field(default_factory=dict)  # node -> CPUs, where sinfo said
+    mem_mb: dict[str, int] = field(default_factory=dict)  # node -> memory (MB), where sinfo said
 
 
 def gpu_count(gres: str) -> int:
@@ -204,7 +206,8 @@ def gpu_count(gres: str) -> int:
 
 
 def parse_sinfo(text: str) -> dict[str, Partition]:
-    """``sinfo -h -N -o '%N|%P|%G|%a'`` (one line per node and partition)."""
+    """``sinfo -h -N -o '%N|%P|%G|%a|%c|%m'`` (one line per node and partition; CPUs and memory
+    optional)."""
     parts: dict[str, Partition] = {}
     for line in text.splitlines():
         fields = line.strip().split("|")
@@ -217,6 +220,9 @@ def parse_sinfo(text: str) -> dict[str, Partition]:
         p.default = p.default or default
         p.up = avail.strip().lower() == "up"
         p.nodes[node] = max(p.nodes.get(node, 0), gpu_count(gres))
+        for known, value in zip((p.cpus, p.mem_mb), fields[4:6], strict=False):
+            if value.strip().isdecimal():
+                known[node] = int(value)
     return parts
 
 
@@ -248,7 +254,11 @@ def check_partitions(
         p = partitions[name]
         fit = [n for n, g in p.nodes.items() if g >= res.gpus_per_node and n not in left_out]
         if len(fit) >= res.nodes:
-            return
+            roomy = [n for n in fit if _room(p, n, res.cpus_per_task, res.mem_gb)]
+            if len(roomy) >= res.nodes:
+                return
+            problems.append(_too_small(p, res.nodes, res.cpus_per_task, res.mem_gb))
+            continue
         most = max(p.nodes.values(), default=0)
         if res.gpus_per_node and most == 0:
             problems.append(f"--gpus {res.gpus_per_node}: partition {name!r} has no GPUs (no gres/gpu)")
@@ -266,6 +276,21 @@ def check_partitions(
             )
             problems.append(f"--nodes {res.nodes}: partition {name!r} has only {len(fit)} node(s){gpus}{why}")
     raise UsageError(problems[0])
+
+
+def _room(p: Partition, node: str, cpus: int | None, mem_gb: float | None) -> bool:
+    """Whether ``node`` has the CPUs and memory a task asks for (what sinfo did not say counts as room)."""
+    enough_cpus = not cpus or p.cpus.get(node, cpus) >= cpus
+    return enough_cpus and (not mem_gb or p.mem_mb.get(node, 1 << 62) >= mem_gb * 1024)
+
+
+def _too_small(p: Partition, nodes: int, cpus: int | None, mem_gb: float | None) -> str:
+    asked = [f"resources.cpus_per_task {cpus}" if cpus and max(p.cpus.values(), default=cpus) < cpus else ""]
+    most_mem = round(max(p.mem_mb.values(), default=0) / 1024, 1)
+    asked.append(f"resources.mem_gb {mem_gb:g}" if mem_gb and p.mem_mb and most_mem < mem_gb else "")
+    has = f"at most {max(p.cpus.values(), default=0)} CPUs and {most_mem:g} GB per node"
+    wanted = " and ".join(a for a in asked if a) or f"cpus_per_task and mem_gb on {nodes} node(s)"
+    return f"{wanted}: partition {p.name!r} has {has}"
 
 
 def sbatch_error(stderr: str, spec: RunSpec) -> UsageError | Failure:
@@ -291,7 +316,7 @@ def sbatch_error(stderr: str, spec: RunSpec) -> UsageError | Failure:
 
 def preflight(spec: RunSpec, script: str, exclude: list[str] | None = None) -> str:
     """sinfo checks, then ``sbatch --test-only`` of the real script; returns sbatch's start estimate."""
-    info = _run(["sinfo", "-h", "-N", "-o", "%N|%P|%G|%a"])
+    info = _run(["sinfo", "-h", "-N", "-o", "%N|%P|%G|%a|%c|%m"])
     if info.returncode != 0:
         hint = "is slurmctld up? --executor local runs it on this machine"  # a laptop with SLURM's client
         room = MAX_LINE - len(f"pixpro: sinfo failed:  ({hint})")  # sinfo's words are cut, not the hint

@@ -425,8 +425,8 @@ def test_validate_imports_no_torch(home: Path, spec_file: Path) -> None:
 
 
 SINFO = """\
-node1|cpu*|(null)|up
-node2|cpu*|(null)|up
+node1|cpu*|(null)|up|4|8000
+node2|cpu*|(null)|up|4|8000
 node3|gpu|gpu:a100:4(S:0-1)|up
 node4|gpu|gpu:a100:4(S:0-1)|up
 node5|gpu|gpu:2,nvme:1|up
@@ -448,6 +448,13 @@ garbage line without fields
             "--nodes 3: partition 'gpu' has only 2 node(s)",
         ),
         ({"gpus_per_node": 1}, "--gpus 1: partition 'cpu' has no GPUs (no gres/gpu)"),
+        ({"cpus_per_task": 4, "mem_gb": 7}, None),
+        (
+            {"cpus_per_task": 64},
+            "resources.cpus_per_task 64: partition 'cpu' has at most 4 CPUs and 7.8 GB per node",
+        ),
+        ({"mem_gb": 16}, "resources.mem_gb 16: partition 'cpu' has at most 4 CPUs and 7.8 GB per node"),
+        ({"partition": "gpu", "cpus_per_task": 64, "mem_gb": 900}, None),  # sinfo said nothing of them
         ({"nodes": 3}, "--nodes 3: partition 'cpu' has only 2 node(s)"),
         (
             {"partition": "nosuch"},
