@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,20 +29,29 @@ def sweeps_dir(home: Path | None = None) -> Path:
 
 
 def parse_grid(sweeps: Sequence[str]) -> list[dict[str, str]]:
-    """``KEY=V1,V2`` options -> every combination, first option slowest: [{key: value text}]."""
+    """``KEY=V1,V2`` options -> every combination, first option slowest: [{key: value text}].
+
+    Values are split on the commas outside JSON brackets, braces and strings (``[0.2,1.0],[0.3,1.0]``
+    is two values), and two values that ``--set`` would read as the same one (``2.0`` and ``2``) are
+    refused: they would be two members that are the same job."""
     axes: list[tuple[str, list[str]]] = []
     for item in sweeps:
         key, eq, values = item.partition("=")
         key = key.strip()
-        texts = [v.strip() for v in values.split(",")]
-        if not eq or not key or not all(texts):
+        texts = split_values(values)
+        if not eq or not key or texts is None or not all(texts):
             raise UsageError(
                 f"--sweep {one_line(item, 80)}: expected KEY.PATH=V1,V2,... e.g. optim.base_lr=2,4"
+                + (" (unbalanced brackets or quotes)" if eq and key and texts is None else "")
             )
         if any(k == key for k, _ in axes):
             raise UsageError(f"--sweep {key}: given twice (list every value in one --sweep)")
-        if len(set(texts)) != len(texts):
-            raise UsageError(f"--sweep {key}: a value is listed twice")
+        seen: dict[Any, int] = {}
+        for i, text in enumerate(texts):
+            j = seen.setdefault(_identity(resolved_value(text)), i)
+            if j != i:
+                shown = " and ".join(dict.fromkeys(one_line(t, 40) for t in (texts[j], text)))
+                raise UsageError(f"--sweep {key}: {shown}: a value is listed twice (two members, one job)")
         axes.append((key, texts))
     if not axes:
         raise UsageError("--sweep: no values")
@@ -49,6 +59,59 @@ def parse_grid(sweeps: Sequence[str]) -> list[dict[str, str]]:
         dict(zip([k for k, _ in axes], combo, strict=True))
         for combo in itertools.product(*(v for _, v in axes))
     ]
+
+
+def split_values(text: str) -> list[str] | None:
+    """``V1,V2,...`` split on the commas outside ``[]``, ``{}`` and double-quoted strings, each value
+    stripped; None when a bracket, brace or string is left open."""
+    out: list[str] = []
+    depth, in_string, escaped, start = 0, False, False, 0
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            if depth == 0:
+                return None
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(text[start:i].strip())
+            start = i + 1
+    if depth or in_string:
+        return None
+    return [*out, text[start:].strip()]
+
+
+def resolved_value(text: str) -> Any:
+    """The value ``--set KEY=text`` gives: JSON when it parses as JSON, else the text."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _identity(value: Any) -> Any:
+    """A hashable identity under which equal JSON values meet (``2``, ``2.0`` and ``2e0``), while
+    ``true`` stays apart from ``1`` and a string from a number."""
+    from fractions import Fraction  # here: pixpro status reads sweeps (fractions costs ~30 ms cold)
+
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return (type(value).__name__, value)
+    if isinstance(value, int | float):
+        return ("number", Fraction(value) if math.isfinite(value) else repr(value))
+    if isinstance(value, list):
+        return ("list", tuple(_identity(v) for v in value))
+    if isinstance(value, dict):
+        return ("object", tuple(sorted((k, _identity(v)) for k, v in value.items())))
+    return (type(value).__name__, repr(value))
 
 
 def member_label(values: dict[str, str]) -> str:

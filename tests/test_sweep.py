@@ -53,6 +53,37 @@ def test_grid_is_every_combination_first_option_slowest() -> None:
             parse_grid(bad)
 
 
+def test_values_split_outside_json_and_the_same_value_twice_is_refused() -> None:
+    """A value is read as ``--set`` reads it: a comma inside JSON brackets, braces or a string does not
+    split it, and two texts that resolve to one value (``2.0`` and ``2``) would be one job twice."""
+    grid = parse_grid(["data.crop_scale=[0.2,1.0], [0.3,1.0]", 'name="a,b",{"k": [1, 2]},c'])
+    assert [tuple(m.values()) for m in grid] == [
+        (s, n) for s in ("[0.2,1.0]", "[0.3,1.0]") for n in ('"a,b"', '{"k": [1, 2]}', "c")
+    ]
+    assert len(parse_grid(["a=true,1,null,0"])) == 4  # JSON's true is not the number 1
+    for same in ("2.0,2", "2.0,2.00", "2,2e0", "[0.2,1],[0.2,1.0]", 'x,"x"', '{"a":1,"b":2},{"b":2,"a":1}'):
+        with pytest.raises(UsageError, match="listed twice"):
+            parse_grid([f"optim.base_lr={same}"])
+    for unbalanced in ("[0.2,1.0", "[0.2,1.0]],1", '"a,b'):
+        with pytest.raises(UsageError, match="unbalanced"):
+            parse_grid([f"data.crop_scale={unbalanced}"])
+
+
+def test_a_list_valued_sweep_plans_one_member_per_list(
+    home: Path, spec_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    code, out, err = run_cli(
+        "submit", "--dry-run", "--json", "--executor", "local",
+        "--sweep", "data.crop_scale=[0.2,1.0],[0.3,1.0]", str(spec_file),
+    )  # fmt: skip
+    assert code == 0, err
+    plan = json.loads(out)
+    assert [m["spec"]["data"]["crop_scale"] for m in plan["members"]] == [[0.2, 1.0], [0.3, 1.0]]
+    code, _, err = run_cli("submit", "--dry-run", "--sweep", "optim.base_lr=2.0,2", str(spec_file))
+    assert code == 2 and err.count("\n") == 1 and "2.0 and 2: a value is listed twice" in err, err
+
+
 @pytest.mark.parametrize(
     ("max_parallel", "active", "due", "throttle"),
     [(None, 0, 3, 3), (None, 2, 3, 3), (2, 0, 3, 2), (4, 1, 3, 3), (4, 3, 5, 1), (2, 2, 3, 1), (8, 0, 2, 2)],
