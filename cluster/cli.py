@@ -23,7 +23,7 @@ from cluster.exits import exit_status
 from cluster.exits import say as _err
 from cluster.hot import check_id as _check_id
 from cluster.tools import run_tool, source
-from schemas.contract import EXPORT_FORMATS, Exit, export_refusal, output_refusal
+from schemas.contract import EXPORT_FORMATS, Exit, atomic_write_target, export_refusal, output_refusal
 from schemas.spec.constants import MAX_SEED
 
 try:  # typer >= 0.22 vendors click
@@ -520,6 +520,7 @@ def export_(
     refusal = export_refusal(fmt, output, force)  # at once, not after the tool's imports
     if refusal:
         raise errors.UsageError(refusal)
+    _refuse_non_file(output)
     args = [source(ident), "--format", fmt, "-o", str(output)]
     run_tool("export", args + (["--spec", str(spec)] if spec else []) + (["--force"] if force else []))
 
@@ -630,6 +631,15 @@ def _refuse_output(output: Path, force: bool) -> None:
         raise errors.UsageError(refusal)
 
 
+def _refuse_non_file(output: Path) -> None:
+    """An ``-o`` that exists and is not a regular file (a FIFO, a device, a dangling link) is refused at
+    once: ``--force`` replaces a file's contents, never a device or a link with a file."""
+    try:
+        atomic_write_target(output)
+    except OSError as exc:
+        raise errors.UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+
+
 @app.command()
 @guard
 def plot(
@@ -639,6 +649,7 @@ def plot(
 ) -> None:
     """Plot loss, LR and EMA momentum against step, marking each preemption/resume (PNG)."""
     _refuse_output(output, force)
+    _refuse_non_file(output)
     run_tool("viz", ["plot", source(ident), "-o", str(output)] + (["--force"] if force else []))
 
 

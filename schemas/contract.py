@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -191,16 +192,55 @@ class EvalPaths:
         return self.folder / SUBMITIT_DIR
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename: a reader on either side never sees half a file."""
+class NotRegularFile(OSError):
+    """``atomic_write``'s refusal of a target that exists and is not a regular file (a FIFO, a device,
+    a folder, a socket, a dangling symbolic link): its ``strerror`` says which, in words."""
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+
+
+def atomic_write_target(path: Path) -> Path:
+    """The file :func:`atomic_write` writes for ``path``: ``path`` itself, or the regular file a symbolic
+    link at ``path`` leads to (the link stays). Raises :class:`NotRegularFile` for anything else that
+    exists there: renaming over it would replace a device, FIFO or link with a file."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise NotRegularFile(0, "is a symbolic link to nothing", str(path)) from None
+        return path
+    if stat.S_ISREG(info.st_mode):
+        return Path(os.path.realpath(path)) if os.path.islink(path) else path
+    kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "not a file")
+    raise NotRegularFile(0, f"exists and is {kind}, not a regular file", str(path))
+
+
+def atomic_write(path: Path, data: bytes, *, exclusive: bool = False, mode: int | None = None) -> None:
+    """Write via a temporary file and rename: a reader on either side never sees half a file.
+
+    A symbolic link to a regular file is followed (its target is replaced, the link stays); anything else
+    that exists and is not a regular file is refused (:class:`NotRegularFile`), never replaced.
+    ``exclusive``: never replace an existing file (``FileExistsError``; a hard link is atomic).
+    ``mode``: the new file's permissions less the umask (as ``open`` makes them), else 0600."""
     import tempfile  # here: ``validate`` writes nothing (~0.003 s of its start-up)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    target = atomic_write_target(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
+        if mode is not None:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            os.fchmod(fd, mode & ~umask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, target)  # FileExistsError when someone created it meanwhile
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -75,3 +75,52 @@ def test_an_error_line_is_at_most_200_characters_prefix_included(
     lines = capsys.readouterr().err.splitlines()
     assert [line[:12] for line in lines] == ["pixpro: run ", "pixpro plot:"]
     assert all(len(line) <= 200 for line in lines), [len(line) for line in lines]
+
+
+@pytest.mark.timeout(120)
+def test_an_output_that_is_not_a_regular_file_is_refused_at_once_even_with_force(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``export``/``plot -o X --force`` replace a file's contents, never a FIFO, a device (``-o
+    /dev/stdout`` as root became a 44 MB file) or a dangling link with a file of their own."""
+    import os
+
+    monkeypatch.setenv("PIXPRO_HOME", str(tmp_path / "home"))
+    fifo, null, dangling = tmp_path / "ff.png", tmp_path / "null.pt", tmp_path / "gone.pt"
+    os.mkfifo(fifo)
+    null.symlink_to(os.devnull)
+    dangling.symlink_to(tmp_path / "nothing")
+    for out, why in (
+        (fifo, "exists and is a FIFO, not a regular file"),
+        (null, "exists and is a character device, not a regular file"),
+        (dangling, "is a symbolic link to nothing"),
+    ):
+        for command in ("export", "plot"):
+            code, _, err = run_cli(command, str(tmp_path / "run"), "-o", str(out), "--force")
+            assert (code, err) == (2, f"pixpro: cannot write {out}: {why}\n"), command
+    assert fifo.is_fifo() and os.readlink(null) == os.devnull and dangling.is_symlink()
+
+
+def test_atomic_write_follows_a_link_to_a_file_and_refuses_anything_else(tmp_path: Path) -> None:
+    import os
+
+    from schemas.contract import NotRegularFile, atomic_write
+
+    target, link = tmp_path / "real.json", tmp_path / "link.json"
+    target.write_text("old")
+    link.symlink_to(target)
+    atomic_write(link, b"new")
+    assert link.is_symlink() and target.read_text() == "new"
+    with pytest.raises(FileExistsError):
+        atomic_write(link, b"newer", exclusive=True)
+    assert target.read_text() == "new"
+    atomic_write(tmp_path / "sub" / "fresh", b"x", exclusive=True, mode=0o666)
+    assert (tmp_path / "sub" / "fresh").read_bytes() == b"x"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "dir").mkdir()
+    for path in (fifo, tmp_path / "dir"):
+        with pytest.raises(NotRegularFile):
+            atomic_write(path, b"x")
+    assert fifo.is_fifo() and (tmp_path / "dir").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "fifo", "link.json", "real.json", "sub"]

@@ -189,3 +189,20 @@ def test_bad_inputs_exit_with_one_line_and_never_overwrite(run, tmp_path, capsys
     assert _export(capsys, run, "-o", out, "--force")[0] == 0
     assert set(torch.load(out, weights_only=True)) == set(build_backbone("resnet18")[0].state_dict())
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+    # --force replaces a file's contents through a link, never a FIFO or a device (-o /dev/stdout)
+    link, null, fifo = tmp_path / "link.pt", tmp_path / "null.pt", tmp_path / "ff.pt"
+    link.symlink_to(out.name)
+    out.write_bytes(b"old")
+    assert _export(capsys, run, "-o", link, "--force")[0] == 0
+    assert link.is_symlink() and set(torch.load(out, weights_only=True)) == set(
+        build_backbone("resnet18")[0].state_dict()
+    )
+    null.symlink_to(os.devnull)
+    os.mkfifo(fifo)
+    for path, kind in ((null, "a character device"), (fifo, "a FIFO")):
+        code, _, err = _export(capsys, run, "-o", path, "--force")
+        assert code == 2 and f"cannot write {path}: exists and is {kind}, not a regular file" in err, err
+        _one_clear_line(err)
+    assert os.readlink(null) == os.devnull and fifo.is_fifo()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -140,3 +140,28 @@ def test_plot_errors_and_needs_no_torch(tmp_path, capsys):
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert _png_size(tmp_path / "b.png") == (800, 750)
+
+
+@pytest.mark.timeout(120)  # without the refusal, the write into the FIFO waits for a reader
+def test_plot_force_never_replaces_a_fifo_or_a_device_and_writes_through_a_link_to_a_file(tmp_path, capsys):
+    """``--force`` replaces a file's contents: a FIFO or a link to a device stays what it was (one line,
+    exit 2, a reason in words, never "None"), and a link to a regular file writes its target."""
+    import os
+
+    _write_metrics(str(tmp_path / "run" / "checkpoints"))
+    fifo, null = tmp_path / "ff.png", tmp_path / "null.png"
+    os.mkfifo(fifo)
+    null.symlink_to(os.devnull)
+    for out, kind in ((fifo, "a FIFO"), (null, "a character device")):
+        assert main(["plot", str(tmp_path / "run"), "-o", str(out), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"pixpro plot: error: cannot write {out}: exists and is {kind}, not a regular file\n"
+    assert fifo.is_fifo() and null.is_symlink() and os.readlink(null) == os.devnull
+
+    target, link = tmp_path / "curves.png", tmp_path / "link.png"
+    target.write_bytes(b"old")
+    link.symlink_to(target.name)
+    assert main(["plot", str(tmp_path / "run"), "-o", str(link), "--force"]) == 0
+    assert link.is_symlink() and _png_size(target) == (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["curves.png", "ff.png", "link.png", "null.png", "run"]  # no temp file left

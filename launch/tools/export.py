@@ -20,11 +20,9 @@ exists without ``--force``), 3 checkpoint not found.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from torch import nn
 
 from launch.tools.args import Parser, say
 from launch.tools.weights import EXIT_BAD_INPUT, WeightsError, load_encoder
-from schemas.contract import EXPORT_FORMATS, export_refusal
+from schemas.contract import EXPORT_FORMATS, atomic_write, atomic_write_target, export_refusal
 
 D2_INPUT_HINT = (
     "detectron2 config: INPUT.FORMAT RGB, MODEL.PIXEL_MEAN [123.675, 116.28, 103.53], "
@@ -78,20 +76,14 @@ def detectron2_checkpoint(name: str, state: dict[str, torch.Tensor]) -> dict:
 
 
 def _write_new(path: Path, data: bytes, force: bool) -> None:
-    """Write through a temp file; without ``force`` an existing file is never replaced (link is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # as open() would make it, not mkstemp's 0600: colleagues read it
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        if force:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails with FileExistsError if someone created it meanwhile
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """Write through a temp file, readable by colleagues (0666 less the umask, not mkstemp's 0600);
+    without ``force`` an existing file is never replaced (link is atomic); with it a symbolic link to a
+    regular file writes its target, and a FIFO or device is refused, never replaced."""
+    atomic_write(path, data, exclusive=not force, mode=0o666)
+
+
+def _cannot_write(output: Path, exc: OSError) -> WeightsError:
+    return WeightsError(f"cannot write {output}: {exc.strerror or exc or type(exc).__name__}")
 
 
 def export(checkpoint: str, spec: str | None, fmt: str, output: Path, force: bool = False) -> str:
@@ -99,6 +91,10 @@ def export(checkpoint: str, spec: str | None, fmt: str, output: Path, force: boo
     refusal = export_refusal(fmt, output, force)
     if refusal:
         raise WeightsError(refusal)
+    try:
+        atomic_write_target(output)  # a FIFO or a device: refused before the checkpoint is read
+    except OSError as exc:
+        raise _cannot_write(output, exc) from None
     encoder = load_encoder(checkpoint, spec)
     state = torchvision_state(encoder.backbone)
     if fmt == "torchvision":
@@ -118,7 +114,7 @@ def export(checkpoint: str, spec: str | None, fmt: str, output: Path, force: boo
     except FileExistsError:
         raise WeightsError(f"output {output} already exists; pass --force to overwrite it") from None
     except OSError as exc:
-        raise WeightsError(f"cannot write {output}: {exc.strerror}") from None
+        raise _cannot_write(output, exc) from None
     step = f" step {encoder.step}" if encoder.step is not None else ""
     return f"wrote {output} ({fmt}, {encoder.name}{step}, {count} tensors); {detail}"
 

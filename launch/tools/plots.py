@@ -7,6 +7,7 @@ changes, at the checkpoint step the new attempt resumed from (``resumed_from``).
 
 from __future__ import annotations
 
+import io
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from schemas.contract import Exit, RunPaths
+from schemas.contract import Exit, RunPaths, atomic_write, atomic_write_target
 
 EXIT_BAD_INPUT = Exit.USAGE
 EXIT_NOT_FOUND = Exit.NOT_FOUND
@@ -95,11 +96,16 @@ def figure_format(path: str | Path) -> str:
     return FIGURE_FORMATS[suffix]
 
 
-def save_metrics_plot(records: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> PlotData:
+def save_metrics_plot(
+    records: Sequence[dict[str, Any]], path: str | Path, title: str = "", force: bool = True
+) -> PlotData:
     """Draw the curves (``FIGSIZE * DPI`` pixels) in the format the file name asks for; returns the
-    plotted data."""
+    plotted data. The file is written whole or not at all (``atomic_write``: a symbolic link to a file
+    writes its target, a FIFO or device is refused); without ``force`` an existing one is kept."""
     fig, data = metrics_figure(records, title)
-    fig.savefig(path, format=figure_format(path))
+    image = io.BytesIO()
+    fig.savefig(image, format=figure_format(path))
+    atomic_write(Path(path), image.getvalue(), exclusive=not force, mode=0o666)
     return data
 
 
@@ -114,11 +120,12 @@ def store_url(path: str) -> str:
     return str(store) if store.is_dir() else str(local)
 
 
-def plot_run(url: str, output: str | Path) -> PlotData:
+def plot_run(url: str, output: str | Path, force: bool = True) -> PlotData:
     """Read a run's metrics (store URL or run folder) and save its curves as a PNG."""
     from launch.records import read_metrics
     from launch.store import CheckpointStore, StoreError
 
+    atomic_write_target(Path(output))  # a FIFO or a device: refused before the metrics are read
     url = store_url(url)
     try:
         records = read_metrics(CheckpointStore(url))
@@ -126,4 +133,4 @@ def plot_run(url: str, output: str | Path) -> PlotData:
         raise PlotError(f"cannot read metrics under {url}: {exc}") from None
     if not records:
         raise PlotError(f"no metrics under {url} (has the run logged a step yet?)", EXIT_NOT_FOUND)
-    return save_metrics_plot(records, output, title=url)
+    return save_metrics_plot(records, output, title=url, force=force)

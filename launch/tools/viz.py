@@ -200,14 +200,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             fig.savefig(args.output, format=figure_format(args.output))
             detail = f"cell {data.cell} of view 1 -> {len(data.matches)} positive cells in view 2"
         else:
-            plotted = plot_run(args.checkpoint_url, args.output)
+            plotted = plot_run(args.checkpoint_url, args.output, args.force)
             steps = plotted.series["loss"][0]
             detail = f"{len(steps)} logged steps, {len(plotted.resumes)} resume(s)"
     except PlotError as exc:
         say(f"{name}: error: {exc}")
         return exc.exit_code
+    except FileExistsError:  # created meanwhile: kept
+        say(f"{name}: error: output {args.output} already exists; pass --force to overwrite it")
+        return EXIT_BAD_INPUT
     except OSError as exc:
-        say(f"{name}: error: cannot write {args.output}: {exc.strerror}")
+        say(f"{name}: error: cannot write {args.output}: {exc.strerror or exc or type(exc).__name__}")
         return EXIT_BAD_INPUT
     print(f"wrote {args.output} ({detail})")
     return 0
