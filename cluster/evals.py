@@ -92,14 +92,27 @@ def check_sets(sets: Sequence[str]) -> Sequence[str]:
     return sets
 
 
+GPUS_KEY, NODES_KEY = "resources.gpus_per_node", "resources.nodes"
+
+
 def eval_spec(record: RunRecord, gpus: int | None, sets: Sequence[str]) -> Any:
-    """The run's spec with the evaluation job's resources: one node, ``--gpus`` (one where the run
-    used GPUs), and the ``--set resources.*`` given."""
+    """The run's spec with the evaluation job's resources: one node, ``--gpus`` or else ``--set
+    resources.gpus_per_node`` (validated as any ``--set``; one GPU where the run used GPUs when neither
+    is given), and the other ``--set resources.*`` given. A ``--set`` is never silently overridden by a
+    default: ``--gpus`` with ``--set resources.gpus_per_node`` is refused, as is more than one node."""
     from cluster.specs import resolve_spec
 
-    if gpus is None:
+    keys = {dotted.partition("=")[0].strip() for dotted in sets}
+    if gpus is not None and GPUS_KEY in keys:
+        raise UsageError(f"--gpus and --set {GPUS_KEY} both set the evaluation job's GPUs: give one")
+    if gpus is None and GPUS_KEY not in keys:
         gpus = min(1, record.gpus_per_node)
-    return resolve_spec(record.spec_path, nodes=1, gpus=gpus, overrides=tuple(sets))
+    spec = resolve_spec(
+        record.spec_path, nodes=None if NODES_KEY in keys else 1, gpus=gpus, overrides=tuple(sets)
+    )
+    if spec.resources.nodes != 1:
+        raise UsageError(f"--set {NODES_KEY}={spec.resources.nodes}: an evaluation job runs on one node")
+    return spec
 
 
 def _new_folder(record: RunRecord, task: str) -> str:

@@ -115,6 +115,41 @@ def test_usage_errors_are_one_line_exit_2_and_queue_nothing(tmp_path: Path) -> N
     assert not (home / "runs").exists() or not any((home / "runs").iterdir())
 
 
+def test_a_set_of_the_jobs_gpus_wins_over_the_default_and_is_validated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--set resources.gpus_per_node=N`` without ``--gpus`` is the job's GPUs (the implicit one-GPU
+    default silently won, even over a value the schema refuses); with ``--gpus`` it is refused, as is
+    a second node."""
+    from cluster.errors import UsageError
+    from schemas import SpecError
+    from tests.support.cli import run_cli
+    from tests.support.runs import fake_runs
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    (record,) = fake_runs(home, 1)
+    record.resources["gpus_per_node"] = 8
+    write_spec(record.spec_path, tiny_spec(tmp_path / "data"))
+    assert evals.eval_spec(record, None, ()).resources.gpus_per_node == 1  # the default: one GPU
+    assert evals.eval_spec(record, 2, ()).resources.gpus_per_node == 2
+    sets = ("resources.gpus_per_node=4", "resources.nodes=1")
+    assert evals.eval_spec(record, None, sets).resources.gpus_per_node == 4
+    with pytest.raises(SpecError, match=r"resources.gpus_per_node: .*\(from --set resources.gpus_per_node\)"):
+        evals.eval_spec(record, None, ("resources.gpus_per_node=99",))
+    with pytest.raises(UsageError, match=r"--gpus and --set resources\.gpus_per_node both set"):
+        evals.eval_spec(record, 2, ("resources.gpus_per_node=4",))
+    with pytest.raises(UsageError, match=r"resources\.nodes=2: an evaluation job runs on one node"):
+        evals.eval_spec(record, None, ("resources.nodes=2",))
+
+    data = tmp_path / "labelled"
+    data.mkdir()
+    args = ("eval", record.run_id, "--task", "knn", "--submit", "--data", str(data))
+    code, _, err = run_cli(*args, "--set", "resources.gpus_per_node=99")
+    assert code == 2 and len(err.splitlines()) == 1 and "(from --set resources.gpus_per_node)" in err, err
+    assert not record.paths.evals.exists()  # nothing written, nothing queued
+
+
 def _evals_done(row: dict[str, Any], n: int) -> bool:
     found = row.get("evals") or []
     return len(found) == n and all(e["state"] in ("COMPLETED", "FAILED", "CANCELLED") for e in found)
