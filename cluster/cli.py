@@ -337,6 +337,48 @@ def _follow(ident: str, job_id: str | None, rank: int | None) -> int:
 
 
 # ----------------------------------------------------------------------------------------- resume
+SLURM_COMMANDS = ("sbatch", "srun", "squeue", "sacct")
+"""What resuming a SLURM run runs: submitit's sbatch (it looks for srun first), and the state queries."""
+
+
+def _refuse_blind_resume(what: str, idents: list[str]) -> None:
+    """Before a SLURM run or sweep is resumed: SLURM's commands must be on PATH (exit 2, not submitit's
+    traceback), and SLURM must answer for the runs' latest attempts. An attempt it did not answer for is
+    UNKNOWN, which is not "ended": it may still be queued or running, and a second attempt beside it
+    would train the same run twice (exit 1; ``pixpro status`` says when SLURM answers again)."""
+    import shutil
+
+    from cluster.index import Index
+    from cluster.status import attempt_states, read_all_progress, run_state
+
+    index = Index()
+    records = [r for r in (index.find(i) for i in idents) if r.executor == "slurm"]
+    if not records:
+        return
+    missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
+    if missing:
+        what = what or f"run {records[0].run_id}"
+        raise errors.UsageError(
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH: {what} runs on SLURM "
+            "(resume it where SLURM's commands are)"
+        )
+    states, warnings = attempt_states(records, read_all_progress(records))
+    problems = []
+    for record in records:
+        latest = record.latest_job
+        state = states[record.run_id].get(latest) if latest else None
+        if state is None or state.state != "UNKNOWN" or not warnings:  # UNKNOWN alone: SLURM forgot it
+            continue
+        if run_state(record, states[record.run_id]).state == "COMPLETED":
+            continue
+        problems.append(
+            f"run {record.run_id}: attempt {latest} is {state.label()}: it may still be queued or running; "
+            "resume when SLURM answers"
+        )
+    if problems:
+        raise errors.Failure(problems)
+
+
 @app.command()
 @guard
 def resume(
@@ -365,6 +407,7 @@ def resume(
             raise errors.UsageError("--include-node and --follow act on one run: give a member's run id")
         from cluster.sweep_ops import resume_sweep
 
+        _refuse_blind_resume(f"sweep {group.sweep_id}", group.run_ids)
         resumed = resume_sweep(group)
         if as_json:
             typer.echo(json.dumps([{"run_id": r, "job_id": j} for r, j in resumed]))
@@ -377,6 +420,7 @@ def resume(
                 else f"run {run_id} resumes when fewer than {group.max_parallel} members run (--max-parallel)"
             )
         return
+    _refuse_blind_resume("", [ident])
     record, queued, warning = runs.resume(ident, include_node or [])
     if queued is None:
         done = {"run_id": record.run_id, "job_id": None}

@@ -778,3 +778,53 @@ def test_ctrl_c_while_queueing_is_answered_once_the_attempt_is_recorded(
     assert f"run {run.run_id} was queued as job local-4242" in err and f"pixpro cancel {run.run_id}" in err
     assert Index(home).find("local-4242").run_id == run.run_id and run.attempts == ["local-4242"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_slurm_resume_needs_slurms_commands_and_an_answer_about_its_latest_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without sbatch on PATH a SLURM run's resume is a one-line usage error (submitit's "Could not
+    detect srun" was an internal error); while SLURM does not answer, the latest attempt is UNKNOWN, not
+    ended: it may still run, so nothing is queued beside it (the run or its sweep)."""
+    from cluster.sweep import SweepRecord, save_sweep
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("PIXPRO_HOME", str(home))
+    run = fake_runs(home, 6)[5]  # a preempted SLURM run: resumable
+    assert run.executor == "slurm"
+    write_spec(run.spec_path, tiny_spec(tmp_path / "data"))  # all a resume needs to queue an attempt
+    sweep = SweepRecord(
+        "sweep-s-1", "s", 0.0, "slurm", None, ["seed"], [{"run_id": run.run_id, "values": {}}]
+    )
+    save_sweep(sweep)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    for ident, what in ((run.run_id, f"run {run.run_id}"), (sweep.sweep_id, f"sweep {sweep.sweep_id}")):
+        code, _, err = run_cli("resume", ident)
+        assert (code, err) == (
+            2,
+            f"pixpro: sbatch, srun, squeue, sacct are not on PATH: {what} runs on SLURM (resume it where "
+            "SLURM's commands are)\n",
+        )
+
+    fake = tmp_path / "bin"  # sbatch would queue; squeue and sacct cannot reach the controller
+    fake.mkdir()
+    called = tmp_path / "sbatch-called"
+    scripts = {
+        "sbatch": f"echo called >> {called}; echo 4242",
+        "srun": "exit 0",
+        "squeue": "echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2; exit 1",
+        "sacct": "echo 'sacct: error: Problem talking to the database' >&2; exit 1",
+    }
+    for name, body in scripts.items():
+        (fake / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:/usr/bin:/bin")
+    for ident in (run.run_id, sweep.sweep_id):
+        code, _, err = run_cli("resume", ident)
+        assert (code, err) == (
+            1,
+            f"pixpro: run {run.run_id}: attempt 9900005 is UNKNOWN (squeue and sacct did not answer): it may "
+            "still be queued or running; resume when SLURM answers\n",
+        )
+    assert not called.exists()
+    assert RunRecord.from_json((home / "runs" / run.run_id / "run.json").read_text()).attempts == ["9900005"]
