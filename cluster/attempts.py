@@ -29,6 +29,7 @@ class AttemptState:
     exit_code: int | None = None
     history: tuple[str, ...] = ()  # SLURM's states of the finished runs of this job id, oldest first
     expected_start: float | None = None  # a pending job's expected start, when SLURM has planned one
+    unanswered: bool = False  # UNKNOWN because the cluster did not answer (not because it forgot the job)
 
     @property
     def requeues(self) -> int:
@@ -100,7 +101,7 @@ def slurm_state(job: SlurmJob, trainer: dict | None, cancelled: bool, recent: bo
         final, code = q, None
     if not final:
         if job.unanswered:  # no answer is not "no such job": a job just submitted is not PENDING either
-            return AttemptState("UNKNOWN", f"{' and '.join(job.unanswered)} did not answer")
+            return AttemptState("UNKNOWN", f"{' and '.join(job.unanswered)} did not answer", unanswered=True)
         return AttemptState("PENDING" if recent else "UNKNOWN", "" if recent else "not in squeue or sacct")
     preempted = code == EXIT_PREEMPTED or trainer_says(trainer, "preempted", job.job_id)
     if cancelled and final == "COMPLETED" and not preempted:  # it finished before the cancel reached it

@@ -362,12 +362,12 @@ def _refuse_blind_resume(what: str, idents: list[str]) -> None:
             f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH: {what} runs on SLURM "
             "(resume it where SLURM's commands are)"
         )
-    states, warnings = attempt_states(records, read_all_progress(records))
+    states, _ = attempt_states(records, read_all_progress(records))
     problems = []
     for record in records:
         latest = record.latest_job
         state = states[record.run_id].get(latest) if latest else None
-        if state is None or state.state != "UNKNOWN" or not warnings:  # UNKNOWN alone: SLURM forgot it
+        if state is None or not state.unanswered:  # UNKNOWN after SLURM answered: it forgot the job
             continue
         if run_state(record, states[record.run_id]).state == "COMPLETED":
             continue

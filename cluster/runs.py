@@ -321,7 +321,7 @@ def cancel(ident: str) -> tuple[RunRecord, list[str], str | None]:
     with run_lock(index.find(ident)):
         record = index.find(ident)  # as it is now that no resume acts on it
         states, _ = attempt_states([record], read_all_progress([record]))
-        unknown = [j for j, s in states[record.run_id].items() if s.state == "UNKNOWN"]
+        unknown = [j for j, s in states[record.run_id].items() if s.unanswered]
         if unknown:  # it may be running: marking it cancelled would be a claim nobody checked
             why = states[record.run_id][unknown[-1]].reason
             raise Failure(

@@ -671,7 +671,7 @@ def test_cancel_claims_only_what_it_stopped(home: Path) -> None:
     """A failed attempt keeps its failure (nothing to stop); a preempted one waiting for a resume is
     cancelled; an attempt whose state SLURM did not give may be running: nothing is marked, exit 1."""
     slurm, preempted, failed = fake_runs(home, 3)
-    no_slurm = {"PATH": "/usr/bin:/bin"}  # squeue and sacct do not answer
+    no_slurm = {"PATH": str(home / "no-bin")}  # squeue and sacct do not answer
     proc = cli("cancel", failed.run_id, home=home, env=no_slurm)
     assert proc.returncode == 0 and "has nothing to cancel" in proc.stdout, proc.stderr
     assert status_json(home, failed.run_id, env=no_slurm)["state"] == "FAILED"
@@ -828,3 +828,12 @@ def test_a_slurm_resume_needs_slurms_commands_and_an_answer_about_its_latest_att
         )
     assert not called.exists()
     assert RunRecord.from_json((home / "runs" / run.run_id / "run.json").read_text()).attempts == ["9900005"]
+
+
+def test_a_job_slurm_answered_for_but_forgot_can_still_be_cancelled() -> None:
+    """UNKNOWN because squeue and sacct did not answer may be running (cancel and resume refuse it);
+    UNKNOWN because SLURM answered without the job (purged from accounting) is not."""
+    silent = slurm_state(SlurmJob("5", unanswered=("squeue", "sacct")), None, cancelled=False, recent=False)
+    forgot = slurm_state(SlurmJob("5"), None, cancelled=False, recent=False)
+    assert (silent.state, silent.unanswered) == ("UNKNOWN", True)
+    assert (forgot.state, forgot.unanswered) == ("UNKNOWN", False)
