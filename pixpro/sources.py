@@ -7,6 +7,7 @@ copied on access into every DataLoader worker of every rank (reference counts to
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -158,6 +159,22 @@ class FolderSource:
             raise SourceError(f"no JPEG or PNG images under {self.root}")
         _, self._labels = class_labels(names)
         self._names = Names.from_list(names)
+        self._identity: str | None = None
+
+    def identity(self) -> str:
+        """What this dataset is, for a cache to be keyed by: its location and listing (the same names under
+        another root may be other images)."""
+        if self._identity is None:
+            where = self.root if self._fs is not None else os.path.realpath(self._base)
+            digest = hashlib.sha256(f"folder\n{where}\n{len(self)}\n".encode())
+            digest.update(self._names.offsets.tobytes())
+            digest.update(self._names.blob.tobytes())
+            self._identity = digest.hexdigest()
+        return self._identity
+
+    def length(self, index: int) -> int | None:
+        """The sample's size where the listing gave it without a stat per file, else None."""
+        return None
 
     def __len__(self) -> int:
         return len(self._names)
@@ -224,6 +241,16 @@ class PackedSource:
             raise SourceError(f"{self.root}: the index points past the end of a shard")
         self._handles: dict[int, int] = {}
         self._pid = os.getpid()
+
+    def identity(self) -> str:
+        """What this dataset is, for a cache to be keyed by: the index and shard digests its manifest
+        records (a copy of the pack elsewhere is the same dataset)."""
+        shards = ",".join(str(s.get("sha256")) for s in self.manifest["shards"])
+        text = f"pack\n{(self.manifest.get('index') or {}).get('sha256')}\n{len(self)}\n{shards}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def length(self, index: int) -> int | None:
+        return int(self._length[index])
 
     def _read_small(self, rel: str) -> bytes | None:
         try:
@@ -306,10 +333,12 @@ class CachedSource:
     """Keeps the encoded bytes of samples once read (the official code's ``--cache-mode part``, bounded).
 
     ``memory``: a dict in each loader process, up to ``max_bytes`` per process. ``disk``: one file per
-    sample under ``folder`` (node-local storage), shared by every rank and loader worker of the node; the
-    total is bounded by ``max_bytes`` through a counter under an ``fcntl`` lock. Samples are added until the
-    bound is reached, never evicted (no churn). A miss reads the wrapped source; the cache never changes
-    what a sample is: the bytes are the source's, verified by length on the way back.
+    sample in a subfolder of ``folder`` (node-local storage) named by the dataset's identity, so runs on
+    other data that share ``folder`` never read each other's samples; shared by every rank and loader
+    worker of the node; the total is bounded by ``max_bytes`` through a counter in that subfolder under an
+    ``fcntl`` lock. Samples are added until the bound is reached, never evicted (no churn). A miss reads
+    the wrapped source; the cache never changes what a sample is: the bytes are the source's, and a hit
+    whose length differs from the one the source knows is read again.
     """
 
     def __init__(self, source: ImageSource, mode: str, max_bytes: int, folder: str | None = None) -> None:
@@ -318,7 +347,7 @@ class CachedSource:
         if mode == "disk" and not folder:
             raise ValueError("a disk cache needs a folder (node-local storage)")
         self.source, self.mode, self.max_bytes = source, mode, int(max_bytes)
-        self.folder = Path(folder) if folder else None
+        self.folder = Path(folder, _identity(source)[:24]) if mode == "disk" and folder else None
         self._memory: dict[int, bytes] = {}
         self._held = 0
         self.hits = self.misses = 0
@@ -358,9 +387,11 @@ class CachedSource:
 
     def _disk_get(self, index: int) -> bytes | None:
         try:
-            return self._file(index).read_bytes()
+            data = self._file(index).read_bytes()
         except FileNotFoundError:
             return None
+        expected = _length(self.source, index)
+        return None if expected is not None and len(data) != expected else data
 
     def _disk_put(self, index: int, data: bytes) -> None:
         import fcntl
@@ -380,3 +411,17 @@ class CachedSource:
             lock.seek(0)
             lock.truncate()
             lock.write(str(used + len(data)).encode())
+
+
+def _identity(source: ImageSource) -> str:
+    """The source's own identity (:meth:`FolderSource.identity`), else its type and size."""
+    identity = getattr(source, "identity", None)
+    if callable(identity):
+        return str(identity())
+    return hashlib.sha256(f"{type(source).__qualname__}\n{len(source)}".encode()).hexdigest()
+
+
+def _length(source: ImageSource, index: int) -> int | None:
+    """The sample's length where the source knows it without reading it."""
+    length = getattr(source, "length", None)
+    return length(index) if callable(length) else None
