@@ -12,6 +12,7 @@ import io
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -351,6 +352,7 @@ class CachedSource:
         self._memory: dict[int, bytes] = {}
         self._held = 0
         self.hits = self.misses = 0
+        self._disk_off = False  # set after a failed write (ENOSPC, EFBIG): the sample was read all the same
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -381,8 +383,12 @@ class CachedSource:
             if self._held + len(data) <= self.max_bytes:
                 self._memory[index] = data
                 self._held += len(data)
-        else:
-            self._disk_put(index, data)
+        elif not self._disk_off:
+            try:
+                self._disk_put(index, data)
+            except OSError as exc:  # a full or failing cache disk: train on, uncached
+                self._disk_off = True
+                warnings.warn(f"disk cache {self.folder}: {exc}; caching stops in this process", stacklevel=2)
         return data
 
     def _disk_get(self, index: int) -> bytes | None:
@@ -406,8 +412,12 @@ class CachedSource:
             path = self._file(index)
             path.parent.mkdir(exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)  # whole or absent: a reader never sees a partial sample
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, path)  # whole or absent: a reader never sees a partial sample
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
             lock.seek(0)
             lock.truncate()
             lock.write(str(used + len(data)).encode())

@@ -44,3 +44,38 @@ def test_a_pack_is_keyed_by_its_digests_and_a_hit_of_the_wrong_length_is_read_ag
     assert [cache.read(i) for i in range(4)] == truth and cache.hits == 3
     folder = CachedSource(FolderSource(src), "disk", 10**9, str(tmp_path / "cache"))
     assert folder.folder != cache.folder  # a pack and its source folder are different datasets here
+
+
+_FULL_DISK = """
+import json, sys, warnings
+from pixpro.data import ImageFolder
+from pixpro.sources import CachedSource
+folder = ImageFolder(sys.argv[1], min_size=16)
+folder.source = CachedSource(folder.source, "disk", 10**9, sys.argv[2])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    loaded = [folder.load_indexed(i)[0] for i in range(4)]
+print(json.dumps({"loaded": loaded, "skipped": folder.skipped, "warnings": [str(w.message) for w in caught]}))
+"""
+
+
+def test_a_full_cache_disk_warns_once_and_the_run_reads_on_uncached(tmp_path: Path) -> None:
+    """Writes beyond 1000 bytes fail with EFBIG (RLIMIT_FSIZE), as on a full disk: every image still
+    loads, none is skipped, one warning."""
+    import json
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+
+    images = _images(tmp_path / "a", 1)
+    run = [sys.executable, "-c", _FULL_DISK, str(images), str(tmp_path / "cache")]
+    res = subprocess.run(run, capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["loaded"] == [0, 1, 2, 3] and out["skipped"] == 0
+    assert len(out["warnings"]) == 1 and "caching stops" in out["warnings"][0], out["warnings"]
