@@ -28,7 +28,16 @@ _CPP_PREFIX = re.compile(r"^[\w()]+, \S+:\d+, ")
 
 
 class DatasetError(ValueError):
-    """A dataset that cannot be used (missing, empty, or entirely unreadable)."""
+    """A dataset that cannot be used (missing, empty, or entirely undecodable): bad input."""
+
+
+class DataUnavailable(RuntimeError):
+    """The storage failed :data:`MAX_READ_FAILURES` reads in a row, after retries: an infrastructure
+    failure (the rank fails and torchrun restarts it), not bad input; walking on would only warn about
+    every later image."""
+
+
+MAX_READ_FAILURES = 8
 
 
 def decode_rgb(data: bytes) -> torch.Tensor:
@@ -53,7 +62,8 @@ class ImageFolder:
     one warning per image (per process) and replaced by the next usable index, wrapping around, so
     ``load(i)`` is a pure function of ``i`` as long as the storage answers. A read that keeps failing
     after retries (:class:`~pixpro.sources.ReadFailed`) is skipped the same way but not remembered: the
-    next epoch tries again. ``skipped`` counts the replacements this process made.
+    next epoch tries again; :data:`MAX_READ_FAILURES` of them in one walk raise
+    :class:`DataUnavailable`. ``skipped`` counts the replacements this process made.
     """
 
     def __init__(
@@ -80,9 +90,10 @@ class ImageFolder:
         """Every image's path (a local folder only): one object per image, for tools and tests."""
         return [Path(self.root, self.source.name(i)) for i in range(len(self.source))]
 
-    def _try_load(self, index: int) -> torch.Tensor | None:
+    def _try_load(self, index: int) -> tuple[torch.Tensor | None, bool]:
+        """The image, or None and whether the read failed (a storage problem, not the image's)."""
         if index in self._unusable:
-            return None
+            return None, False
         where = f"{self.root}/{self.source.name(index)}"
         transient = False
         if not self.source.usable(index):
@@ -96,13 +107,13 @@ class ImageFolder:
                 reason = f"unreadable ({error})"
             else:
                 if min(image.shape[-2:]) >= self.min_size:
-                    return image
+                    return image, False
                 reason = f"{image.shape[-1]}x{image.shape[-2]} is smaller than min_size {self.min_size}"
         if not transient:
             self._unusable.add(index)
         self.skipped += 1
         warnings.warn(f"skipping image {where}: {reason}", stacklevel=2)
-        return None
+        return None, transient
 
     def load_indexed(self, index: int) -> tuple[int, torch.Tensor]:
         """The image at ``index`` (or the next usable one) and the index it actually came from."""
@@ -110,11 +121,18 @@ class ImageFolder:
         if not -n <= index < n:
             raise IndexError(f"image index {index} out of range for {n} images")
         index %= n
+        failed = 0
         for offset in range(n):
             candidate = (index + offset) % n
-            image = self._try_load(candidate)
+            image, read_failed = self._try_load(candidate)
             if image is not None:
                 return candidate, image
+            failed += read_failed
+            if failed == MAX_READ_FAILURES:
+                raise DataUnavailable(
+                    f"{self.root}: {failed} reads in a row failed after retries (from image {index}): "
+                    "the storage is not answering"
+                )
         raise DatasetError(f"none of the {n} images under {self.root} is usable (see warnings)")
 
     def load(self, index: int) -> torch.Tensor:

@@ -194,8 +194,7 @@ class FolderSource:
 
     def read(self, index: int) -> bytes:
         if self._fs is None:
-            with open(self.path(index), "rb") as f:
-                return f.read()
+            return _retrying_local(lambda: Path(self.path(index)).read_bytes(), self.path(index))
         fs = self._fs()
         return _retrying(lambda: bytes(fs.cat_file(self.path(index))), self.path(index))
 
@@ -280,18 +279,29 @@ class PackedSource:
         shard, start, length = int(self._shard[index]), int(self._offset[index]), int(self._length[index])
         path = f"{self._base}/{self.shards[shard]}"
         if self._fs is None:
-            if self._pid != os.getpid():  # forked into a DataLoader worker: the handles are the parent's
-                self._handles, self._pid = {}, os.getpid()
-            fd = self._handles.get(shard)
-            if fd is None:
-                fd = self._handles[shard] = os.open(path, os.O_RDONLY)
-            data = os.pread(fd, length, start)
+            data = _retrying_local(lambda: self._pread(shard, path, length, start), path)
         else:
             fs = self._fs()
             data = _retrying(lambda: bytes(fs.cat_file(path, start=start, end=start + length)), path)
         if len(data) != length:
             raise ReadFailed(f"{path}: {len(data)} of {length} bytes at offset {start} (truncated shard?)")
         return data
+
+    def _pread(self, shard: int, path: str, length: int, start: int) -> bytes:
+        """One range of a local shard through this process's handle; a handle that failed (ESTALE after
+        a server failover, say) is closed so that the next try opens the file again."""
+        if self._pid != os.getpid():  # forked into a DataLoader worker: the handles are the parent's
+            self._handles, self._pid = {}, os.getpid()
+        fd = self._handles.get(shard)
+        try:
+            if fd is None:
+                fd = self._handles[shard] = os.open(path, os.O_RDONLY)
+            return os.pread(fd, length, start)
+        except OSError:
+            failed = self._handles.pop(shard, None)
+            if failed is not None:
+                os.close(failed)
+            raise
 
 
 def open_source(
@@ -309,19 +319,34 @@ def open_source(
 
 READ_TRIES = 4
 READ_DEADLINE_S = 60.0
+LOCAL_READ_TRIES = 6  # 6.2 s of back-off: a parallel filesystem's client recovering from an eviction
+_PERMANENT = (PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-def _retrying(fn: Callable[[], T], what: str) -> T:
-    """A remote call with a fixed back-off and an overall deadline; FileNotFoundError is not retried."""
+def _retrying_local(fn: Callable[[], T], what: str) -> T:
+    """A read of a local or mounted file: Lustre, GPFS and NFS answer EIO, ESTALE or even ENOENT for a
+    few seconds while a server fails over, so every OSError but a permission or path-type one is retried
+    and then reported as :class:`ReadFailed` (tried again later, never taken as a bad image)."""
+    return _retrying(fn, what, tries=LOCAL_READ_TRIES, final=_PERMANENT)
+
+
+def _retrying(
+    fn: Callable[[], T],
+    what: str,
+    tries: int = READ_TRIES,
+    final: tuple[type[BaseException], ...] = (FileNotFoundError,),
+) -> T:
+    """A call with a doubling back-off and an overall deadline; ``final`` errors are not retried
+    (a remote object that is not there is not there)."""
     deadline = time.monotonic() + READ_DEADLINE_S
     delay = 0.2
-    for attempt in range(READ_TRIES):
+    for attempt in range(tries):
         try:
             return fn()
-        except FileNotFoundError:
+        except final:
             raise
-        except Exception as exc:  # transport errors of any fsspec backend
-            if attempt == READ_TRIES - 1 or time.monotonic() + delay > deadline:
+        except Exception as exc:  # transport errors of any fsspec backend, OSErrors of a local one
+            if attempt == tries - 1 or time.monotonic() + delay > deadline:
                 raise ReadFailed(
                     f"{what}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
                 ) from None

@@ -13,7 +13,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler
 
-from pixpro.data import DatasetError, ImageFolder, TwoViewDataset, sample_generator, sample_seed
+from pixpro import sources
+from pixpro.data import (
+    MAX_READ_FAILURES,
+    DatasetError,
+    DataUnavailable,
+    ImageFolder,
+    TwoViewDataset,
+    sample_generator,
+    sample_seed,
+)
 
 
 def _save(path: Path, array: np.ndarray) -> Path:
@@ -125,6 +134,70 @@ def test_min_size_skips_small_images(folder: Path) -> None:
     images = ImageFolder(folder, min_size=24)  # top.png is 20 wide
     with pytest.warns(UserWarning, match=r"top\.png: 20x40 is smaller than min_size 24"):
         assert torch.equal(images.load(4), images.load(0))
+
+
+def _packed(tmp_path: Path, n: int = 24) -> Path:
+    from launch.tools.pack import main as pack_main
+
+    for i in range(n):
+        _save(tmp_path / "src" / f"c{i % 3}" / f"{i:03d}.png", _random_image(i))
+    assert pack_main([str(tmp_path / "src"), str(tmp_path / "packed"), "--shard-size", "8KB"]) == 0
+    return tmp_path / "packed"
+
+
+def _outage(packed: Path, monkeypatch: pytest.MonkeyPatch, ends_after_sleeps: int | None) -> None:
+    """The shards vanish (ENOENT, as on a Lustre client during an eviction) and come back after the
+    retry loop has slept ``ends_after_sleeps`` times (never: None); the sleeps themselves take no time."""
+    hidden = packed.parent / "hidden"
+    hidden.mkdir(exist_ok=True)
+    for shard in packed.glob("shard-*.tar"):
+        shard.rename(hidden / shard.name)
+    sleeps = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == ends_after_sleeps:
+            for shard in hidden.iterdir():
+                shard.rename(packed / shard.name)
+
+    monkeypatch.setattr(sources.time, "sleep", sleep)
+
+
+def test_a_storage_outage_of_seconds_is_retried_through(tmp_path: Path, monkeypatch) -> None:
+    packed = _packed(tmp_path)
+    images = ImageFolder(packed)
+    expected = images.load(7)
+    fresh = ImageFolder(packed)  # a worker that opens its shards during the outage
+    _outage(packed, monkeypatch, ends_after_sleeps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fresh.load_indexed(7)[0] == 7 and torch.equal(fresh.load(7), expected)
+    assert fresh.skipped == 0
+
+
+def test_a_long_outage_is_a_storage_failure_and_blacklists_nothing(tmp_path: Path, monkeypatch) -> None:
+    packed = _packed(tmp_path)
+    images = ImageFolder(packed)
+    _outage(packed, monkeypatch, ends_after_sleeps=None)
+    with (
+        pytest.warns(UserWarning, match="read failed") as caught,
+        pytest.raises(DataUnavailable, match=f"{MAX_READ_FAILURES} reads in a row failed"),
+    ):
+        images.load(7)
+    assert len(caught) == MAX_READ_FAILURES and not issubclass(DataUnavailable, DatasetError)
+    for shard in (tmp_path / "hidden").iterdir():  # the outage ends: the same process reads every image
+        shard.rename(packed / shard.name)
+    assert [images.load_indexed(i)[0] for i in range(len(images))] == list(range(len(images)))
+
+
+def test_a_missing_file_of_a_folder_is_replaced_but_tried_again_later(folder: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sources.time, "sleep", lambda seconds: None)
+    images = ImageFolder(folder)
+    (folder / "a" / "x.jpg").rename(folder / "x.jpg.away")
+    with pytest.warns(UserWarning, match="x.jpg: read failed"):
+        assert images.load_indexed(1)[0] == 2
+    (folder / "x.jpg.away").rename(folder / "a" / "x.jpg")
+    assert images.load_indexed(1)[0] == 1
 
 
 def test_sample_seed_is_deterministic_63_bit_and_distinct() -> None:
