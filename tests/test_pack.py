@@ -279,3 +279,36 @@ def test_pixpro_pack_console_script(tmp_path: Path) -> None:
         [PIXPRO, "pack", str(tmp_path / "nope"), str(tmp_path / "x")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "does not exist" in bad.stderr
+
+
+def test_pack_to_and_from_s3_uses_the_trainers_endpoint_and_fails_in_one_line(
+    tmp_path: Path, moto_s3, raw_s3, monkeypatch, capsys
+) -> None:
+    """``PIXPRO_S3_ENDPOINT`` reaches both sides (a folder in S3 packed into S3); a store that does
+    not answer is one line and exit 1, never a traceback."""
+    from launch.store.s3 import s3_options
+    from schemas.contract import S3_ENDPOINT_ENV
+
+    bucket = "pixpro-fixdata-pack"
+    if not raw_s3.exists(bucket):
+        raw_s3.mkdir(bucket)
+    src = _images(tmp_path / "src", n=6)
+    raw_s3.put(str(src), f"{bucket}/{tmp_path.name}/src", recursive=True)
+    monkeypatch.setenv(S3_ENDPOINT_ENV, moto_s3.endpoint)
+    url = f"s3://{bucket}/{tmp_path.name}"
+    assert pack_main([f"{url}/src", f"{url}/packed", "--shard-size", "8KB", "--workers", "2"]) == 0, (
+        capsys.readouterr().err
+    )
+    folder, packed = FolderSource(src), open_source(f"{url}/packed", s3_options({}, None))
+    assert isinstance(packed, PackedSource) and len(packed) == len(folder) == 7
+    assert [packed.read(i) for i in range(7) if packed.usable(i)] == [
+        folder.read(i) for i in range(7) if packed.usable(i)
+    ]
+    assert pack_main([f"{url}/src", f"{url}/packed", "--workers", "1"]) == 0  # verified, not rewritten
+    capsys.readouterr()
+    from tests.support.procs import free_port
+
+    monkeypatch.setenv(S3_ENDPOINT_ENV, f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert pack_main([f"{url}/src", str(tmp_path / "out"), "--workers", "1"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("pixpro: ") and "Traceback" not in line, line

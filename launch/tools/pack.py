@@ -25,14 +25,16 @@ import re
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from launch.preempt import die_with_parent
+from launch.store.backends import failure_cause
 from launch.tools.args import Parser, say
 from pixpro.sources import (
     PACK_FORMAT,
@@ -41,12 +43,16 @@ from pixpro.sources import (
     FolderSource,
     ReadFailed,
     SourceError,
+    _filesystem,
+    _retrying,
     class_labels,
     split_url,
 )
 from schemas.contract import Exit, one_line
 
 EXIT_BAD_INPUT = Exit.USAGE
+_STORE_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec")
+T = TypeVar("T")
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([a-z]*)$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 2**10, "mib": 2**20, "gib": 2**30}  # fmt: skip
@@ -73,8 +79,19 @@ def parse_size(text: str) -> int:
 
 
 # -- the destination ---------------------------------------------------------------------------------
+def storage_options(url: str) -> dict[str, Any]:
+    """The trainer's fsspec options for ``url`` (``data_storage_options`` of a spec without any): on S3
+    the endpoint from ``PIXPRO_S3_ENDPOINT``, credentials from the environment, the store's timeouts."""
+    if url.lower().startswith(("s3://", "s3a://")):
+        from launch.store.s3 import s3_options
+
+        return s3_options({}, None)
+    return {}
+
+
 class Dest:
-    """A folder or URL that receives whole objects only (a local file appears by rename)."""
+    """A folder or URL that receives whole objects only (a local file appears by rename); remote calls
+    are retried within a deadline as the trainer's reads are."""
 
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/")
@@ -82,16 +99,17 @@ class Dest:
         self.fs: Any = None
         self.base = path
         if protocol:
-            import fsspec
-
-            self.fs, self.base = fsspec.core.url_to_fs(self.root)
-            self.base = self.base.rstrip("/")
+            self.fs, self.base = _filesystem(self.root, storage_options(self.root))
         else:
             Path(path).mkdir(parents=True, exist_ok=True)
 
+    def _remote(self, call: Callable[[str], T], rel: str) -> T:
+        path = f"{self.base}/{rel}" if rel else self.base
+        return _retrying(lambda: call(path), f"{self.root}/{rel}")
+
     def put(self, rel: str, data: bytes) -> None:
         if self.fs is not None:
-            self.fs.pipe_file(f"{self.base}/{rel}", data)
+            self._remote(lambda path: self.fs.pipe_file(path, data), rel)
             return
         final = Path(self.base, rel)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -104,7 +122,7 @@ class Dest:
     def get(self, rel: str) -> bytes | None:
         try:
             if self.fs is not None:
-                return bytes(self.fs.cat_file(f"{self.base}/{rel}"))
+                return self._remote(lambda path: bytes(self.fs.cat_file(path, start=0)), rel)
             return Path(self.base, rel).read_bytes()
         except FileNotFoundError:
             return None
@@ -112,21 +130,22 @@ class Dest:
     def names(self) -> list[str]:
         """What DEST holds at its top level (names only)."""
         if self.fs is not None:
-            if not self.fs.exists(self.base):
+            if not self._remote(self.fs.exists, ""):
                 return []
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.base, detail=False))
+            listed = self._remote(lambda path: self.fs.ls(path, detail=False, refresh=True), "")
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in listed)
         return sorted(os.listdir(self.base))
 
     def remove(self, rel: str) -> None:
         if self.fs is not None:
-            self.fs.rm_file(f"{self.base}/{rel}")
+            self._remote(self.fs.rm_file, rel)
         else:
             Path(self.base, rel).unlink(missing_ok=True)
 
     def size(self, rel: str) -> int | None:
         try:
             if self.fs is not None:
-                return int(self.fs.size(f"{self.base}/{rel}"))
+                return int(self._remote(lambda path: self.fs.info(path, refresh=True)["size"], rel))
             return Path(self.base, rel).stat().st_size
         except FileNotFoundError:
             return None
@@ -252,7 +271,7 @@ def pack(src: str, dest_root: str, shard_size: int, workers: int, progress: bool
     if _within(dest_root, src):
         raise PackError(f"{dest_root} is within the dataset folder {src}: give the shards one outside it")
     try:
-        source = FolderSource(src)
+        source = FolderSource(src, storage_options(src))
     except SourceError as exc:
         raise PackError(str(exc)) from None
     dest = Dest(dest_root)
@@ -427,9 +446,17 @@ def main(argv: list[str] | None = None) -> int:
     except PackError as exc:
         say(f"pixpro: {exc}")
         return EXIT_BAD_INPUT
+    except ReadFailed as exc:  # the store did not answer, after retries
+        say(f"pixpro: {exc}")
+        return Exit.FAILURE
     except OSError as exc:
-        print(f"pixpro: {exc.filename or args.dest}: {exc.strerror or exc}", file=sys.stderr)
+        say(f"pixpro: {exc.filename or args.dest}: {exc.strerror or exc}")
         return EXIT_BAD_INPUT
+    except Exception as exc:
+        if not type(exc).__module__.startswith(_STORE_MODULES):
+            raise
+        say(f"pixpro: {args.src} -> {args.dest}: {failure_cause(exc)}")
+        return Exit.FAILURE
     bad = summary["undecodable"]
     if args.json:
         print(json.dumps(summary))
