@@ -78,7 +78,9 @@ def split_url(root: str | os.PathLike[str]) -> tuple[str, str]:
 def _filesystem(root: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    # no listings cache: a dataset's listing would stay in every rank (about 1.2 KB per image on S3) and
+    # be dirtied again by each forked loader worker; samples are read by exact path
+    fs, path = fsspec.core.url_to_fs(root, **{"use_listings_cache": False, **(storage_options or {})})
     if hasattr(fs, "retries"):  # s3fs: one try per call; _retrying's loop retries within a deadline
         fs.retries = 1
     return fs, path.rstrip("/")
@@ -136,18 +138,26 @@ class FolderSource:
         self.root = os.fspath(root)
         protocol, path = split_url(root)
         self._fs: _Remote | None = None
+        self._sizes = np.zeros(0, dtype=np.int64)  # an object store's listing gives them for free
         if protocol:
             self._fs = _Remote(self.root, storage_options)
             self._base = self._fs.base
             fs = self._fs()
             try:
-                listing = _retrying(lambda: fs.find(self._base), self.root)
+                listing = _retrying(lambda: fs.find(self._base, detail=True), self.root)
             except FileNotFoundError:
-                listing = []
+                listing = {}
             if not listing and not _retrying(lambda: fs.exists(self._base), self.root):
                 raise SourceError(f"dataset folder {self.root} does not exist")
             strip = len(self._base) + 1
-            names = sorted(p[strip:] for p in listing if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(
+                (p[strip:], int(info.get("size") or 0))
+                for p, info in listing.items()
+                if Path(p).suffix.lower() in IMAGE_SUFFIXES
+            )
+            del listing
+            names = [name for name, _ in found]
+            self._sizes = np.array([size for _, size in found], dtype=np.int64)
         else:
             self._base = path
             local = Path(path)
@@ -174,8 +184,8 @@ class FolderSource:
         return self._identity
 
     def length(self, index: int) -> int | None:
-        """The sample's size where the listing gave it without a stat per file, else None."""
-        return None
+        """The sample's size where the listing gave it (an object store's) without a stat per file."""
+        return int(self._sizes[index]) if self._fs is not None else None
 
     def __len__(self) -> int:
         return len(self._names)
@@ -195,8 +205,8 @@ class FolderSource:
     def read(self, index: int) -> bytes:
         if self._fs is None:
             return _retrying_local(lambda: Path(self.path(index)).read_bytes(), self.path(index))
-        fs = self._fs()
-        return _retrying(lambda: bytes(fs.cat_file(self.path(index))), self.path(index))
+        fs = self._fs()  # start=0: one GET (without a range s3fs asks for the size first: a HEAD)
+        return _retrying(lambda: bytes(fs.cat_file(self.path(index), start=0)), self.path(index))
 
 
 class PackedSource:
@@ -257,7 +267,7 @@ class PackedSource:
             if self._fs is None:
                 return Path(self._base, rel).read_bytes()
             fs = self._fs()
-            return _retrying(lambda: bytes(fs.cat_file(f"{self._base}/{rel}")), rel)
+            return _retrying(lambda: bytes(fs.cat_file(f"{self._base}/{rel}", start=0)), rel)
         except FileNotFoundError:
             return None
 

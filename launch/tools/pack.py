@@ -184,8 +184,7 @@ def plan_shards(names: list[str], sizes: list[int], target: int) -> list[ShardPl
 def _source_sizes(source: FolderSource) -> list[int]:
     if source._fs is None:
         return [os.path.getsize(source.path(i)) for i in range(len(source))]
-    info = source._fs().find(source._base, detail=True)
-    return [int(info[source.path(i)]["size"]) for i in range(len(source))]
+    return [source.length(i) or 0 for i in range(len(source))]  # from its listing: no second one
 
 
 # -- packing one shard (in a worker process) ---------------------------------------------------------
