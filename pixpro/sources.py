@@ -388,6 +388,8 @@ class CachedSource:
         self._held = 0
         self.hits = self.misses = 0
         self._disk_off = False  # set after a failed write (ENOSPC, EFBIG): the sample was read all the same
+        self._disk_full = False  # set when a sample did not fit in the budget
+        self._budget = (-1, -1)  # (fd of .budget, the pid that opened it)
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
 
@@ -435,27 +437,45 @@ class CachedSource:
         return None if expected is not None and len(data) != expected else data
 
     def _disk_put(self, index: int, data: bytes) -> None:
+        """Reserve the bytes in the node's budget, then write the sample outside the lock: the lock is
+        held for a read and a rewrite in place of one fixed-width number, not for a file write."""
+        if self._disk_full or not self._reserve(len(data)):
+            self._disk_full = True  # never evicting, the budget only grows: later misses skip the lock
+            return
+        path = self._file(index)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # whole or absent: a reader never sees a partial sample
+        except OSError:
+            tmp.unlink(missing_ok=True)  # its reservation stays counted: the bound errs on the safe side
+            raise
+
+    def _reserve(self, size: int) -> bool:
+        """Add ``size`` to the counter in ``.budget`` (shared by the node's processes) if it fits."""
         import fcntl
 
+        fd = self._budget_fd()
+        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            used = int(os.pread(fd, _BUDGET_WIDTH, 0).strip() or b"0")
+            if used + size > self.max_bytes:
+                return False
+            os.pwrite(fd, str(used + size).rjust(_BUDGET_WIDTH).encode(), 0)
+            return True
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+
+    def _budget_fd(self) -> int:
+        """This process's handle on ``.budget`` (a forked loader worker opens its own)."""
         assert self.folder is not None
-        with open(self.folder / ".budget", "a+b") as lock:
-            fcntl.lockf(lock, fcntl.LOCK_EX)
-            lock.seek(0)
-            used = int(lock.read() or b"0")
-            if used + len(data) > self.max_bytes:
-                return
-            path = self._file(index)
-            path.parent.mkdir(exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            try:
-                tmp.write_bytes(data)
-                os.replace(tmp, path)  # whole or absent: a reader never sees a partial sample
-            except OSError:
-                tmp.unlink(missing_ok=True)
-                raise
-            lock.seek(0)
-            lock.truncate()
-            lock.write(str(used + len(data)).encode())
+        if self._budget[1] != os.getpid():
+            self._budget = (os.open(self.folder / ".budget", os.O_RDWR | os.O_CREAT, 0o644), os.getpid())
+        return self._budget[0]
+
+
+_BUDGET_WIDTH = 20  # digits of the byte counter in .budget, rewritten in place
 
 
 def _identity(source: ImageSource) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -79,3 +80,71 @@ def test_a_full_cache_disk_warns_once_and_the_run_reads_on_uncached(tmp_path: Pa
     out = json.loads(res.stdout)
     assert out["loaded"] == [0, 1, 2, 3] and out["skipped"] == 0
     assert len(out["warnings"]) == 1 and "caching stops" in out["warnings"][0], out["warnings"]
+
+
+class _Blobs:
+    """A source of ``n`` samples of 1000 bytes each (the sample's index in every byte, mod 256)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def name(self, index: int) -> str:
+        return str(index)
+
+    def label(self, index: int) -> int:
+        return -1
+
+    def usable(self, index: int) -> bool:
+        return True
+
+    def read(self, index: int) -> bytes:
+        return bytes([index % 256]) * 1000
+
+
+def _fill(folder: str, bound: int) -> None:
+    cache = CachedSource(_Blobs(40), "disk", bound, folder)
+    assert all(cache.read(i) == bytes([i]) * 1000 for i in range(40))
+
+
+def test_the_node_wide_lock_covers_the_budget_counter_only(tmp_path: Path, monkeypatch) -> None:
+    """A sample is written and renamed outside the lock; the counter is one fixed-width number."""
+    import fcntl
+    import os
+
+    locked: list[bool] = [False]
+    renamed_under_lock: list[bool] = []
+    lockf, replace = fcntl.lockf, os.replace
+
+    def recording_lockf(fd: Any, op: int, *args: Any) -> Any:
+        locked[0] = op != fcntl.LOCK_UN
+        return lockf(fd, op, *args)
+
+    def recording_replace(src: Any, dst: Any) -> None:
+        renamed_under_lock.append(locked[0])
+        replace(src, dst)
+
+    monkeypatch.setattr(fcntl, "lockf", recording_lockf)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    _fill(str(tmp_path / "cache"), 10**9)
+    assert renamed_under_lock == [False] * 40
+    (budget,) = (tmp_path / "cache").glob("*/.budget")
+    assert budget.read_bytes() == b"40000".rjust(20)
+
+
+def test_processes_filling_one_cache_at_once_keep_its_bound(tmp_path: Path) -> None:
+    import multiprocessing
+
+    bound = 25_500
+    fork = multiprocessing.get_context("fork")
+    fillers = [fork.Process(target=_fill, args=(str(tmp_path), bound)) for _ in range(4)]
+    for p in fillers:
+        p.start()
+    for p in fillers:
+        p.join(timeout=120)
+    assert [p.exitcode for p in fillers] == [0] * 4
+    (budget,) = tmp_path.glob("*/.budget")
+    held = sum(f.stat().st_size for f in budget.parent.rglob("*.bin"))
+    assert 0 < held <= int(budget.read_bytes()) <= bound  # a sample two processes cached counts twice
