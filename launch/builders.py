@@ -5,6 +5,7 @@ the GPU check and the tests build the same pieces through them.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
@@ -99,6 +100,36 @@ def data_storage_options(spec: RunSpec, url: str | None = None) -> dict[str, Any
     return dict(spec.data.storage_options)
 
 
+def memory_cache_warning(
+    cache_gb: float, workers: int, ranks_on_node: int, world_size: int, node_bytes: int
+) -> str | None:
+    """What ``data.cache: memory`` costs and gives on this node: every loader process keeps its own
+    cache, and as each epoch deals the samples anew, a process's hit rate grows by about one in
+    ``processes per rank x ranks`` per epoch. None where one process reads every sample."""
+    processes = max(workers, 1)
+    if processes * world_size == 1:
+        return None
+    total = cache_gb * processes * ranks_on_node
+    over = f", more than its {node_bytes / 1e9:.0f} GB of memory" if total * 1e9 > node_bytes else ""
+    return (
+        f"data.cache memory: {ranks_on_node} rank(s) x {processes} loader process(es) here each keep their "
+        f"own cache of up to {cache_gb:g} GB ({total:g} GB on this node{over}), and as each epoch deals "
+        f"the samples anew, their hit rate grows by about 1 in {processes * world_size} per epoch: "
+        "data.cache disk shares one cache per node"
+    )
+
+
+def _warn_memory_cache(spec: RunSpec, env: DistEnv) -> None:
+    """The warning above, once per node (its first rank)."""
+    ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    node_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    note = memory_cache_warning(
+        spec.data.cache_gb, spec.data.num_workers, ranks_on_node, env.world_size, node_bytes
+    )
+    if note and env.local_rank == 0:
+        logging.getLogger(__name__).warning("%s", note)
+
+
 def open_images(spec: RunSpec, root: str | Path) -> ImageFolder:
     """The run's images (a folder or a packed dataset, local or remote), cached as the spec says."""
     folder = ImageFolder(root, min_size=spec.data.crop_size, storage_options=data_storage_options(spec))
@@ -121,6 +152,8 @@ def build_data(
         (collectives or Collectives()).barrier()
         root = root / "images"
     folder = open_images(spec, root)
+    if spec.data.cache == "memory":
+        _warn_memory_cache(spec, env)
     transform = TwoViewTransform(
         crop_size=spec.data.crop_size,
         scale=(spec.data.crop_scale[0], spec.data.crop_scale[1]),

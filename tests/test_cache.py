@@ -148,3 +148,11 @@ def test_processes_filling_one_cache_at_once_keep_its_bound(tmp_path: Path) -> N
     (budget,) = tmp_path.glob("*/.budget")
     held = sum(f.stat().st_size for f in budget.parent.rglob("*.bin"))
     assert 0 < held <= int(budget.read_bytes()) <= bound  # a sample two processes cached counts twice
+
+
+def test_a_memory_cache_in_every_loader_process_is_reported_with_its_node_total() -> None:
+    from launch.builders import memory_cache_warning
+
+    note = memory_cache_warning(8.0, 8, 8, 8, 256 * 10**9)  # the review's node: 8 ranks x 8 workers
+    assert note is not None and "512 GB on this node, more than its 256 GB" in note and "1 in 64" in note
+    assert memory_cache_warning(8.0, 0, 1, 1, 10**12) is None  # one process reads every sample
