@@ -431,7 +431,7 @@ class CachedSource:
     def _disk_get(self, index: int) -> bytes | None:
         try:
             data = self._file(index).read_bytes()
-        except FileNotFoundError:
+        except OSError:  # not cached, or a cache disk that fails: the source has the sample
             return None
         expected = _length(self.source, index)
         return None if expected is not None and len(data) != expected else data

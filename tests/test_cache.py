@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from launch.tools.pack import main as pack_main
@@ -156,3 +157,11 @@ def test_a_memory_cache_in_every_loader_process_is_reported_with_its_node_total(
     note = memory_cache_warning(8.0, 8, 8, 8, 256 * 10**9)  # the review's node: 8 ranks x 8 workers
     assert note is not None and "512 GB on this node, more than its 256 GB" in note and "1 in 64" in note
     assert memory_cache_warning(8.0, 0, 1, 1, 10**12) is None  # one process reads every sample
+
+
+def test_a_cached_sample_that_cannot_be_read_is_read_from_the_source(tmp_path: Path) -> None:
+    cache = CachedSource(_Blobs(3), "disk", 10**9, str(tmp_path))
+    cache._file(1).parent.mkdir(parents=True)
+    cache._file(1).mkdir()  # reading it fails (EISDIR), as a failing cache disk's EIO would
+    with pytest.warns(UserWarning, match="caching stops"):  # nor can it be written there
+        assert cache.read(1) == bytes([1]) * 1000 and cache.misses == 1
