@@ -152,7 +152,10 @@ def executor_parameters(
         "stderr_to_stdout": True,
         "cpus_per_task": cpus,
         # srun no longer inherits the job's --cpus-per-task (SLURM 22.05+): the step would get one CPU.
-        "srun_args": [f"--cpus-per-task={cpus}"],
+        # -K: a node task that fails ends the step, instead of the others holding the allocation through
+        # torch's 600 s rendezvous join timeout; every other way a node task ends exits 0 (submitit's
+        # requeue exits 255, but only after the launcher of node 0 is past the ranks' last barrier).
+        "srun_args": [f"--cpus-per-task={cpus}", "--kill-on-bad-exit=1"],
         # The job itself reads SUBMITIT_PREEMPT_SIGNAL to know which signal means "checkpoint now".
         "setup": [f"export SUBMITIT_PREEMPT_SIGNAL={res.signal}"],
         "additional_parameters": {"requeue": True, "signal": f"{res.signal}@{res.signal_lead_s}", **extra},

@@ -84,3 +84,10 @@ def test_submitit_renders_the_sbatch_script_exactly_as_pinned() -> None:
     }
     script = render_script(params, Path("/runs/r1/submitit"), python="/venv/bin/python")
     assert script == PINNED_SCRIPT
+
+
+def test_a_failed_node_task_ends_the_step() -> None:
+    """srun -K: one failed node task ends every node's (tests/test_slurm_multinode.py: SLURM's side)."""
+    script = render_script(executor_parameters(_spec(2, 3), node_cpus=6), Path("/tmp/submitit"))
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert "--kill-on-bad-exit=1" in srun
