@@ -15,6 +15,7 @@ import ctypes
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -383,11 +384,28 @@ class NodeTask:
         except (OSError, ValueError):
             return []
 
-    @staticmethod
-    def _exclude(job_id: str, left_out: list[str]) -> None:
-        """A requeued job is pending again: only now does SLURM take a new exclude list for it."""
-        if left_out:
-            _scontrol("update", f"JobId={job_id}", f"ExcNodeList={','.join(left_out)}")
+    def _own_exclude(self) -> str:
+        """The spec's ``resources.extra_sbatch.exclude`` (as submitted), '' when the record does not say."""
+        from cluster.record import read_local
+
+        try:
+            extra = read_local(Path(self.run_dir)).resources.get("extra_sbatch") or {}
+        except (OSError, ValueError):
+            return ""
+        return str(extra.get("exclude") or "")
+
+    def _exclude(self, job_id: str, left_out: list[str]) -> None:
+        """A requeued job is pending again: only now does SLURM take a new exclude list for it. The list
+        replaces the job's, so it keeps what the job excluded already (the user's own ``--exclude`` and
+        the nodes left out at submission) and the spec's, and adds ``left_out``."""
+        if not left_out:
+            return
+        shown = _scontrol("show", "job", job_id) or ""
+        current = re.search(r"\bExcNodeList=(\S+)", shown)
+        lists = [current[1] if current and current[1] != "(null)" else "", self._own_exclude()]
+        before = [node for hosts in lists if hosts for node in _hostnames(hosts)]
+        union = ",".join(dict.fromkeys([*before, *left_out]))
+        _scontrol("update", f"JobId={job_id}", f"ExcNodeList={union}")
 
     def _on_left_out_node(self, ctx: JobContext) -> bool:
         """A requeue (preemption) came back on a node that failed this run twice since the job was
@@ -412,6 +430,12 @@ def _scontrol(*args: str) -> str | None:
         _say(f"scontrol {args[0]} failed: {' '.join(proc.stderr.split()) or proc.returncode}")
         return None
     return proc.stdout
+
+
+def _hostnames(hosts: str) -> list[str]:
+    """A SLURM host list (``node[1-3],gpu7``) as names; the list itself where scontrol cannot expand it."""
+    expanded = _scontrol("show", "hostnames", hosts)
+    return expanded.split() if expanded else [hosts]
 
 
 def _say(message: str) -> None:

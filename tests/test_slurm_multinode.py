@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from cluster.node_task import NodeTask
 from cluster.slurm import executor_parameters
 from schemas import RunSpec
-from tests.test_slurm_cluster import _submitted, sbatch, wait_finished, write_script
+from tests.test_slurm_cluster import _submitted, run, sbatch, wait_finished, write_script
 
 pytestmark = [pytest.mark.cluster]
 
@@ -65,3 +66,27 @@ def test_a_node_task_that_fails_ends_the_step_on_every_node(shared_dir: Path) ->
     assert "task 1: Exited with exit code 1" in out, out  # the step ran; node 1's task failed
     assert lines[-1][1] == "FAILED", (lines, out)
     assert not (shared_dir / "held").exists()
+
+
+def _task(run_dir: Path) -> NodeTask:
+    return NodeTask(
+        run_id="r", run_dir=str(run_dir), workdir=str(run_dir), nodes=2, gpus_per_node=0, max_restarts=0,
+        signal_name="USR2", signal_lead_s=60,
+    )  # fmt: skip
+
+
+def _exc_nodes(job: str) -> set[str]:
+    shown = run("scontrol", "show", "job", job).stdout
+    hosts = next(w.split("=", 1)[1] for w in shown.split() if w.startswith("ExcNodeList="))
+    return set(run("scontrol", "show", "hostnames", hosts).stdout.split())
+
+
+@pytest.mark.timeout(60)
+def test_a_requeue_that_leaves_a_node_out_keeps_the_jobs_own_exclude_list(shared_dir: Path) -> None:
+    """``scontrol update ExcNodeList`` replaces the list: the node task must write the user's own
+    ``--exclude`` (node2 here) back beside the node it leaves out (node1), not node1 alone."""
+    job = sbatch(
+        "--hold", "--exclude=node2", "-t", "1", "-o", f"{shared_dir}/%j.out", "--wrap", "true", cwd=shared_dir
+    )
+    _task(shared_dir)._exclude(job, ["node1"])
+    assert _exc_nodes(job) == {"node1", "node2"}
