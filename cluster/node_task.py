@@ -44,6 +44,7 @@ from schemas.contract import (
     Exit,
     RunPaths,
     applicable_window,
+    atomic_write,
     preemption_deadlines,
     preemption_signals,
     user_signal,
@@ -361,7 +362,7 @@ class NodeTask:
         """The trainers stopped with a checkpoint (SIGTERM: ``scontrol requeue``, preemption without the
         user signal, ``scancel --signal=TERM``) but submitit saw no user signal: requeue from node 0,
         unless the user cancelled (then SLURM is ending the job anyway)."""
-        if ctx.node != 0 or self.cancelled():
+        if ctx.node != 0 or self.cancelled() or self._scancelled(ctx):
             return EXIT_PREEMPTED
         proc = subprocess.run(
             ["scontrol", "requeue", ctx.job_id], capture_output=True, text=True, timeout=60, check=False
@@ -373,6 +374,27 @@ class NodeTask:
         _say(f"requeued job {ctx.job_id}; waiting to be stopped by SLURM")
         time.sleep(REQUEUE_SETTLE_S)
         return EXIT_PREEMPTED
+
+    def _scancelled(self, ctx: JobContext) -> bool:
+        """A plain ``scancel`` is a SIGTERM too, with no marker of ours: the accounting says CANCELLED
+        from that moment, so the job is not requeued (that would undo the cancel) and the run is marked
+        cancelled as ``pixpro cancel`` marks it (``pixpro resume`` clears it). Where the accounting does
+        not answer, the SIGTERM requeues as any other."""
+        from cluster import slurm
+
+        state = slurm.accounting_state(ctx.job_id)
+        if state is None:
+            _say(
+                f"the accounting does not say whether job {ctx.job_id} was cancelled (a jobcomp-only "
+                "cluster?): requeued as after any SIGTERM; pixpro cancel stops a run for good"
+            )
+            return False
+        if state != "CANCELLED":
+            return False
+        _say(f"job {ctx.job_id} was cancelled (scancel): not requeued; the run is marked cancelled")
+        with contextlib.suppress(OSError):
+            atomic_write(RunPaths(self.run_dir).cancel_marker, f"{time.time()}\n".encode())
+        return True
 
     # --- nodes that keep failing -----------------------------------------------------------------
     def _left_out(self) -> list[str]:

@@ -491,6 +491,18 @@ def scancel(job_ids: list[str]) -> None:
         raise Failure(f"scancel failed: {_one_line(proc.stderr)}")
 
 
+def accounting_state(job_id: str) -> str | None:
+    """The job's state as the accounting has it now (``sacct -X``): ``CANCELLED`` from the moment of a
+    ``scancel``, while scontrol still says COMPLETING. None where it does not answer or has no run of
+    the job (a jobcomp-only cluster records a job only when it ends)."""
+    try:
+        proc = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
+    except Failure:
+        return None
+    states = [line.split()[0].upper() for line in proc.stdout.splitlines() if line.strip()]
+    return states[-1] if proc.returncode == 0 and states else None
+
+
 def set_dependency(job_id: str, dependency: str) -> None:
     """A pending job waits on another job from now on (``scontrol update``; SLURM refuses it once the
     job started)."""

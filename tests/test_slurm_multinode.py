@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,16 @@ import pytest
 from cluster.node_task import NodeTask
 from cluster.slurm import executor_parameters
 from schemas import RunSpec
-from tests.test_slurm_cluster import _submitted, run, sbatch, wait_finished, write_script
+from tests.support.procs import wait_for
+from tests.test_slurm_cluster import (
+    TERMINAL,
+    _submitted,
+    run,
+    sacct_lines,
+    sbatch,
+    wait_finished,
+    write_script,
+)
 
 pytestmark = [pytest.mark.cluster]
 
@@ -90,3 +100,52 @@ def test_a_requeue_that_leaves_a_node_out_keeps_the_jobs_own_exclude_list(shared
     )
     _task(shared_dir)._exclude(job, ["node1"])
     assert _exc_nodes(job) == {"node1", "node2"}
+
+
+STOPPED_BY_SIGTERM = """
+import signal, sys, time
+sys.path.insert(0, {repo!r})
+from pathlib import Path
+from cluster import node_task
+
+node_task.REQUEUE_SETTLE_S = 1.0
+task = node_task.NodeTask(
+    run_id="r", run_dir={folder!r}, workdir={folder!r}, nodes=1, gpus_per_node=0, max_restarts=0,
+    signal_name="USR2", signal_lead_s=60,
+)
+ctx = node_task.JobContext.from_slurm_env()
+
+
+def stopped(signum, frame):  # as __call__ once the launcher exited 75 after the SIGTERM
+    Path({folder!r}, "decided").write_text(str(task._requeue_after_stop(ctx)))
+    sys.exit(0)
+
+
+signal.signal(signal.SIGTERM, stopped)
+Path({folder!r}, "ready").touch()
+time.sleep(300)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_plain_scancel_is_not_undone_by_the_requeue_after_sigterm(shared_dir: Path) -> None:
+    """``scancel JOB`` sends SIGTERM as ``scontrol requeue`` does; node 0 requeues after a SIGTERM unless
+    the job was cancelled: it reads that from the accounting (no CANCELLED marker of pixpro's here), so
+    the job ends CANCELLED, not REQUEUED, and the run is marked cancelled."""
+    script = shared_dir / "stopped.py"
+    script.write_text(STOPPED_BY_SIGTERM.format(repo=str(Path(__file__).parents[1]), folder=str(shared_dir)))
+    job = sbatch(
+        "--requeue", "-t", "2", "-o", f"{shared_dir}/%j.out",
+        "--wrap", f"exec {shlex.quote(sys.executable)} {script}", cwd=shared_dir,
+    )  # fmt: skip
+    wait_for("the job to start", lambda: (shared_dir / "ready").exists(), 60)
+    run("scancel", job)
+    wait_for("node 0's decision", lambda: (shared_dir / "decided").exists(), 60)
+
+    def first_run() -> tuple[str, str, str] | None:
+        lines = sacct_lines(job)
+        return lines[0] if lines and lines[0][1] in {*TERMINAL, "REQUEUED"} else None
+
+    ended = wait_for("the first run to end", first_run, 60)
+    assert ended[1] == "CANCELLED", (ended, (shared_dir / f"{job}.out").read_text())
+    assert (shared_dir / "CANCELLED").exists()  # the run's cancel marker, as pixpro cancel writes it
