@@ -31,6 +31,10 @@ TIMEOUT_S = 60
 STATUS_TIMEOUT_S = 10.0
 """How long ``pixpro status`` waits for ``squeue``/``sacct`` (SLURM's default MessageTimeout): with the
 controller down it lists the runs, their SLURM state UNKNOWN, instead of waiting a minute."""
+MAX_TIME_LIMITS = 10**9
+"""submitit's ``max_num_timeout``: how many time-limit signals a job may be requeued after. Its
+default, 3, ends a run longer than four time limits (``UncompletedJobError`` after the checkpoint);
+every pixpro segment ends with a committed checkpoint, so there is no reason for a bound."""
 TERMINAL = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
      "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
@@ -433,7 +437,7 @@ def submit(task: Any, params: dict[str, Any], folder: Path, spec: RunSpec) -> st
     """sbatch through submitit (it pickles ``task`` beside the script); returns the job id."""
     from submitit import SlurmExecutor
 
-    executor = SlurmExecutor(folder=folder, max_num_timeout=3)
+    executor = SlurmExecutor(folder=folder, max_num_timeout=MAX_TIME_LIMITS)
     executor.update_parameters(**params)
     with _sbatch_stderr() as said:
         try:
@@ -472,7 +476,7 @@ def submit_array(
     (``<array>_<index>``, the ids squeue, sacct and scontrol accept)."""
     from submitit import SlurmExecutor
 
-    executor = SlurmExecutor(folder=folder, max_num_timeout=3)
+    executor = SlurmExecutor(folder=folder, max_num_timeout=MAX_TIME_LIMITS)
     executor.update_parameters(**params, array_parallelism=max_parallel or len(tasks))
     with _sbatch_stderr() as said:
         try:

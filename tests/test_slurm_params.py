@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cluster.slurm import cpus_per_task, default_cpus, executor_parameters, render_script
 from schemas import RunSpec
 
@@ -91,3 +93,18 @@ def test_a_failed_node_task_ends_the_step() -> None:
     script = render_script(executor_parameters(_spec(2, 3), node_cpus=6), Path("/tmp/submitit"))
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert "--kill-on-bad-exit=1" in srun
+
+
+def test_time_limits_requeue_a_run_without_a_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit ends a job at its (max_num_timeout + 1)-th time-limit signal (default 3): the pickle it
+    submits carries that countdown, which pixpro sets beyond any run's length."""
+    from submitit import SlurmExecutor
+    from submitit.core.utils import DelayedSubmission
+    from submitit.slurm.slurm import SlurmJob
+
+    from cluster.slurm import submit
+
+    monkeypatch.setattr(SlurmExecutor, "_submit_command", lambda self, command: SlurmJob(self.folder, "4242"))
+    assert submit(print, executor_parameters(_spec(0, 0)), tmp_path, _spec(0, 0)) == "4242"
+    delayed = DelayedSubmission.load(tmp_path / "4242_submitted.pkl")
+    assert delayed._timeout_countdown >= 10**6  # a time limit of a minute: two years of segments
