@@ -8,11 +8,14 @@ attempt name, a log folder) disagrees across nodes after a remote failure. Here:
   that round's rank 0 on a fresh port: no rank can read a key of an earlier round (a dead rank's
   address), so a restart is never spent on a stale address and no prefix is needed;
 * the rendezvous round, the same on every node, reaches the workers as :data:`schemas.contract.ROUND_ENV`;
-* a worker group that torchrun restarts or gives up on is stopped with SIGKILL at once. Its ranks cannot
-  agree on a checkpoint (one is dead), and a SIGTERM only sets their preemption flag while they sit in a
-  collective or a store wait: torchrun would wait its 30 s grace before killing them anyway;
+* a worker group that torchrun restarts or gives up on is stopped with SIGKILL at once, also where
+  torch's own poll closes the other ranks as soon as one failed. Its ranks cannot agree on a checkpoint
+  (one is dead), and a SIGTERM only sets their preemption flag while they sit in a collective or a
+  store wait: torchrun would wait its 30 s grace before killing them anyway;
 * a round's failed workers are reported to :mod:`launch.node_failures` (a node that keeps failing is
-  left out of the next attempt);
+  left out of the next attempt): only those that failed before that close, by themselves. The ranks
+  the close killed are not failures of the node, and counting them gave one event up to a record per
+  GPU (two records leave a node out);
 * each worker's stdout/stderr files are named by its global rank (:class:`RankLogsSpecs`), not by the
   node's local rank: the rendezvous, not the node index, decides which node holds rank 0;
 * the rendezvous names the method that records each of its state changes with ``inspect.stack()``,
@@ -67,6 +70,7 @@ def install(fork: tuple[str, Callable[[list[str]], int]] | None = None, hold: It
     """
     hold = tuple(hold)
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import PContext, SubprocessContext
     from torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler import (
         SubprocessHandler,
     )
@@ -83,12 +87,32 @@ def install(fork: tuple[str, Callable[[list[str]], int]] | None = None, hold: It
     def stop_workers(self: LocalElasticAgent, worker_group: Any, *args: Any, **kwargs: Any) -> None:
         self._shutdown(death_sig=signal.SIGKILL, timeout=KILL_WAIT_S)
 
+    poll = SubprocessContext._poll
+    close = PContext.close
+
+    def poll_then_kill(self: SubprocessContext) -> Any:
+        self._pixpro_polling = True  # type: ignore[attr-defined]
+        try:
+            return poll(self)
+        finally:
+            self._pixpro_polling = False  # type: ignore[attr-defined]
+
+    def close_at_once(self: PContext, death_sig: signal.Signals | None = None, timeout: int = 30) -> None:
+        """torch's poll closes the other ranks once one failed, with SIGTERM and a 30 s grace: SIGKILL
+        them at once instead, and note first which ranks had failed by themselves."""
+        if death_sig is None and getattr(self, "_pixpro_polling", False):
+            self._pixpro_own_failures = set(getattr(self, "_failures", {}))  # type: ignore[attr-defined]
+            death_sig, timeout = signal.SIGKILL, KILL_WAIT_S
+        close(self, death_sig, timeout)
+
     monitor = LocalElasticAgent._monitor_workers
 
     def monitor_workers(self: LocalElasticAgent, worker_group: Any) -> Any:
         result = monitor(self, worker_group)
         if result.failures and not os.environ.get(PREEMPT_ENV) and self._pcontext is not None:
-            RECORDER.failed(result.failures, dict(self._pcontext.stderrs))
+            own = getattr(self._pcontext, "_pixpro_own_failures", None)  # None: no close by the poll
+            failed = {r: f for r, f in result.failures.items() if own is None or f.local_rank in own}
+            RECORDER.failed(failed, dict(self._pcontext.stderrs))
         return result
 
     popen = SubprocessHandler._popen
@@ -114,6 +138,8 @@ def install(fork: tuple[str, Callable[[list[str]], int]] | None = None, hold: It
     DynamicRendezvousHandler.next_rendezvous = next_rendezvous  # type: ignore[method-assign]
     LocalElasticAgent._stop_workers = stop_workers  # type: ignore[method-assign]
     LocalElasticAgent._monitor_workers = monitor_workers  # type: ignore[method-assign]
+    SubprocessContext._poll = poll_then_kill  # type: ignore[method-assign]
+    PContext.close = close_at_once  # type: ignore[method-assign]
 
 
 class RankLogsSpecs(DefaultLogsSpecs):
