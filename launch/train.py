@@ -48,7 +48,7 @@ from launch.sinks import MetricSinks, sink_factories
 from launch.store import CheckpointStore, StoreError, Superseded
 from launch.store.backends import failure_cause
 from launch.train_state import Schedule, TrainState
-from pixpro.data import DatasetError
+from pixpro.data import DatasetError, DataUnavailable
 from pixpro.sync_batchnorm import convert_sync_batchnorm
 from pixpro.torch_compat import no_forward_buffer_sync
 from schemas import RunSpec, SpecError, hang_timeout_s, load_spec, spec_hash
@@ -75,6 +75,13 @@ SINK_CLOSE_S = {
 # rich draws from the process-wide `random` when first imported (rich.style's id counter). httpx imports
 # it, and aiobotocore imports httpx when installed (wandb brings it): on the first S3 call, after
 # seeding, which would shift the RNG a checkpoint saves. Imported above, the draw comes before seeding.
+
+
+def failure_line(exc: BaseException) -> str:
+    """One line for the log: a DataLoader worker's error comes back with the worker's traceback in its
+    message, whose last line is the error itself."""
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__
 
 
 def fixed_buckets(device: torch.device, spec: RunSpec) -> bool:
@@ -664,8 +671,11 @@ def main(argv: list[str] | None = None) -> int:
         return Exit.USAGE
     except Superseded as exc:  # a later attempt claimed the run before this one began
         outcome, reason = "superseded", str(exc)
-    except StoreError as exc:  # the store did not answer (retried within each call): one line, torchrun
-        log.error("%s", exc)  # restarts the workers where resources.max_restarts allows
+    except (StoreError, DataUnavailable) as exc:
+        # the store or the data did not answer (retried within each read): one line (a loader worker's
+        # error comes with its traceback, whose last line is its own); torchrun restarts the workers
+        # where resources.max_restarts allows
+        log.error("%s", failure_line(exc))
         return Exit.FAILURE
     if outcome == "superseded" and env.rank == 0:
         log.error("%s", reason)

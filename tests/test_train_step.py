@@ -14,7 +14,8 @@ from launch.builders import build_model, seed_everything
 from launch.collectives import DistEnv
 from launch.nonfinite import Diverged, NonFiniteGuard
 from launch.preempt import PreemptionFlag
-from launch.train import Trainer, fixed_buckets
+from launch.train import Trainer, failure_line, fixed_buckets
+from pixpro.data import DataUnavailable
 from schemas import load_spec, parse_spec
 from tests.support import zygote
 from tests.support.host_syncs import HostSyncCounter
@@ -187,3 +188,22 @@ def test_ddp_keeps_its_bucket_layout_wherever_a_resume_repeats_the_run(
     runs skip the per-parameter host sync that costs."""
     spec = parse_spec(tiny_spec(tmp_path, deterministic=deterministic))
     assert fixed_buckets(torch.device(device), spec) is fixed
+
+
+class _Unavailable(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        raise DataUnavailable("/data: 8 reads in a row failed after retries (from image 0)")
+
+
+def test_storage_that_stops_answering_in_a_loader_worker_ends_the_rank_in_one_line() -> None:
+    """A loader worker's DataUnavailable reaches the trainer as itself (a restart, exit 1, not bad
+    input), and its log line is the error's own, not the worker's traceback."""
+    loader = torch.utils.data.DataLoader(_Unavailable(), num_workers=1)
+    with pytest.raises(DataUnavailable) as caught:
+        next(iter(loader))
+    assert "Traceback" in str(caught.value)  # what the worker sends back
+    line = failure_line(caught.value)
+    assert "\n" not in line and line.endswith("/data: 8 reads in a row failed after retries (from image 0)")
