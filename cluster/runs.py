@@ -247,7 +247,10 @@ def interrupts_deferred() -> Iterator[Callable[[], bool]]:
     """Ctrl-C held back until the block ends (in the main thread); yields whether one came. Between
     queueing a job and recording it, an interrupt would leave a job that no run knows."""
     came: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) in (
+        signal.SIG_IGN,
+        None,
+    ):  # no handler can be set here, or Ctrl-C is ignored anyway (nohup, a background job)
         yield lambda: False
         return
     previous = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))

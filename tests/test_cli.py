@@ -772,12 +772,16 @@ def test_ctrl_c_while_queueing_is_answered_once_the_attempt_is_recorded(
     monkeypatch.setenv("PIXPRO_HOME", str(home))
     monkeypatch.setattr(runs, "submit_attempt", queue)
     spec = write_spec(tmp_path / "s.json", tiny_spec(tmp_path / "data"))
-    code, _, err = run_cli("submit", "--executor", "local", "--no-preflight", str(spec))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's pixpro has it
+    try:
+        code, _, err = run_cli("submit", "--executor", "local", "--no-preflight", str(spec))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    finally:
+        signal.signal(signal.SIGINT, before)
     (run,) = Index(home).all()
     assert code == 130 and err.count("\n") == 1, (code, err)
     assert f"run {run.run_id} was queued as job local-4242" in err and f"pixpro cancel {run.run_id}" in err
     assert Index(home).find("local-4242").run_id == run.run_id and run.attempts == ["local-4242"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_slurm_resume_needs_slurms_commands_and_an_answer_about_its_latest_attempt(
@@ -837,3 +841,19 @@ def test_a_job_slurm_answered_for_but_forgot_can_still_be_cancelled() -> None:
     forgot = slurm_state(SlurmJob("5"), None, cancelled=False, recent=False)
     assert (silent.state, silent.unanswered) == ("UNKNOWN", True)
     assert (forgot.state, forgot.unanswered) == ("UNKNOWN", False)
+
+
+def test_an_ignored_ctrl_c_stays_ignored_while_queueing() -> None:
+    """Under nohup or in a background job SIGINT is ignored: submit does not start answering it."""
+    import signal
+
+    from cluster.runs import interrupts_deferred
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_deferred() as interrupted:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+        assert not interrupted() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
