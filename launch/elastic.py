@@ -6,11 +6,7 @@ attempt name, a log folder) disagrees across nodes after a remote failure. Here:
 
 * every rendezvous round gets its own TCPStore (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``), hosted by
   that round's rank 0 on a fresh port: no rank can read a key of an earlier round (a dead rank's
-  address), so a restart is never spent on a stale address and no prefix is needed. Across nodes that
-  port is :func:`round_port`, in a band below the rendezvous ports (``cluster.torchrun.rdzv_port``,
-  20000-32767), keyed by job, restart and round: torch's own pick (bind port 0, close, hand it over)
-  is not reserved, and in the ephemeral range any outgoing connection may take it before the store
-  listens. One node keeps torch's pick (single-node jobs share nodes; nobody else needs the port);
+  address), so a restart is never spent on a stale address and no prefix is needed;
 * the rendezvous round, the same on every node, reaches the workers as :data:`schemas.contract.ROUND_ENV`;
 * a worker group that torchrun restarts or gives up on is stopped with SIGKILL at once, also where
   torch's own poll closes the other ranks as soon as one failed. Its ranks cannot agree on a checkpoint
@@ -32,14 +28,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, LogsDest, Std, to_map
-from torch.distributed.elastic.rendezvous import api as rdzv_api
 from torch.distributed.elastic.rendezvous import dynamic_rendezvous
 
 from launch import forking
@@ -48,8 +42,6 @@ from launch.preempt import held
 from schemas.contract import AGENT_PID_ENV, ATTEMPT_ENV, PREEMPT_ENV, ROUND_ENV, round_suffix
 
 KILL_WAIT_S = 10
-ROUND_PORT_BASE = 10000
-ROUND_PORT_SLOTS = (20000 - ROUND_PORT_BASE) // 8  # ports 10000-19999, below the rendezvous band
 _UNNAMED = f"local-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"  # a launch without PIXPRO_ATTEMPT
 
 
@@ -57,29 +49,6 @@ def rendezvous_round() -> int:
     """This worker's rendezvous round (0 for the first), the same on every node; torchrun's restart
     count where the agent is plain torchrun (one node: the same thing)."""
     return int(os.environ.get(ROUND_ENV) or os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
-
-
-def round_port(attempt: str, rdzv_round: int) -> int | None:
-    """The port of a multi-node round's store: every attempt ``<job>.<restart>`` has 8 ports of its
-    job's own (as ``cluster.torchrun.rdzv_port``), one per round, the next restart shifted by one (a
-    lingering socket of the attempt before is never on the port it would pick). None for an attempt
-    without a job number."""
-    job, _, restart = attempt.rpartition(".")
-    digits = "".join(c for c in job if c.isdigit())
-    if not digits or not restart.isdigit():
-        return None
-    return ROUND_PORT_BASE + (int(digits) % ROUND_PORT_SLOTS) * 8 + (int(restart) + rdzv_round) % 8
-
-
-def port_free(port: int) -> bool:
-    """Whether the store can listen on ``port`` (bound as TCPStore binds: every address, SO_REUSEADDR)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("", port))
-        except OSError:
-            return False
-    return True
 
 
 def caller_name(depth: int = 2) -> str:
@@ -109,30 +78,11 @@ def install(fork: tuple[str, Callable[[list[str]], int]] | None = None, hold: It
 
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     join = DynamicRendezvousHandler.next_rendezvous
-    torch_port = rdzv_api.get_free_port
-    joining: list[DynamicRendezvousHandler] = []
 
     def next_rendezvous(self: DynamicRendezvousHandler) -> Any:
-        joining.append(self)
-        try:
-            info = join(self)
-        finally:
-            joining.remove(self)
+        info = join(self)
         os.environ[ROUND_ENV] = str(self._state_holder.state.round)  # workers inherit os.environ
         return info
-
-    def store_port() -> int:
-        """The port the round's rank 0 publishes for the round's store (torch asks once the round is
-        complete, on that rank's node); torch's pick for one node or an attempt without a job number."""
-        state = joining[-1]._state_holder.state if joining else None
-        port = None if state is None else round_port(os.environ.get(ATTEMPT_ENV) or "", state.round)
-        if state is None or port is None or len(state.participants) < 2:
-            return torch_port()
-        if not port_free(port):
-            print(f"pixpro: round {state.round}'s store port {port} is in use here: the kernel picks one",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            return torch_port()
-        return port
 
     def stop_workers(self: LocalElasticAgent, worker_group: Any, *args: Any, **kwargs: Any) -> None:
         self._shutdown(death_sig=signal.SIGKILL, timeout=KILL_WAIT_S)
@@ -185,7 +135,6 @@ def install(fork: tuple[str, Callable[[list[str]], int]] | None = None, hold: It
 
     SubprocessHandler._popen = fork_or_popen  # type: ignore[method-assign]
     dynamic_rendezvous.get_method_name = caller_name
-    rdzv_api.get_free_port = store_port
     DynamicRendezvousHandler.next_rendezvous = next_rendezvous  # type: ignore[method-assign]
     LocalElasticAgent._stop_workers = stop_workers  # type: ignore[method-assign]
     LocalElasticAgent._monitor_workers = monitor_workers  # type: ignore[method-assign]
