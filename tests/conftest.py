@@ -7,8 +7,11 @@ group ``slurm``: the local cluster's two nodes are shared, and some tests need b
 
 import os
 import re
+import shutil
 import socket
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -74,6 +77,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("cluster"):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder every node of the local SLURM cluster sees (one machine: /tmp is shared)."""
+    path = Path("/tmp/pixpro-slurm-tests") / uuid.uuid4().hex[:10]
+    path.mkdir(parents=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

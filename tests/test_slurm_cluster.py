@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import textwrap
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from subprocess import CompletedProcess
@@ -94,15 +93,6 @@ def cluster() -> Iterator[None]:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and any(squeue_state(j) for j in _submitted):
             time.sleep(0.5)
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder every node sees (one machine: /tmp is shared)."""
-    path = Path("/tmp/pixpro-slurm-tests") / uuid.uuid4().hex[:10]
-    path.mkdir(parents=True)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------- tests

@@ -4,10 +4,8 @@ SLURM does with the srun options, exclude lists and cancels that pixpro hands it
 from __future__ import annotations
 
 import shlex
-import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,15 +36,6 @@ def cancel_ours() -> Iterator[None]:
     ours = _submitted[before:]
     if ours:
         subprocess.run(["scancel", *ours], capture_output=True, timeout=30)
-
-
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A folder every node sees (one machine: /tmp is shared)."""
-    path = Path("/tmp/pixpro-slurm-tests") / uuid.uuid4().hex[:10]
-    path.mkdir(parents=True)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _spec() -> RunSpec:
