@@ -342,41 +342,22 @@ SLURM_COMMANDS = ("sbatch", "srun", "squeue", "sacct")
 
 
 def _refuse_blind_resume(what: str, idents: list[str]) -> None:
-    """Before a SLURM run or sweep is resumed: SLURM's commands must be on PATH (exit 2, not submitit's
-    traceback), and SLURM must answer for the runs' latest attempts. An attempt it did not answer for is
-    UNKNOWN, which is not "ended": it may still be queued or running, and a second attempt beside it
-    would train the same run twice (exit 1; ``pixpro status`` says when SLURM answers again)."""
+    """Before a SLURM run or sweep is resumed, SLURM's commands must be on PATH (exit 2, not submitit's
+    traceback); whether SLURM answers for the latest attempts is checked under the runs' locks
+    (:func:`cluster.runs.refuse_unanswered`)."""
     import shutil
 
     from cluster.index import Index
-    from cluster.status import attempt_states, read_all_progress, run_state
 
     index = Index()
     records = [r for r in (index.find(i) for i in idents) if r.executor == "slurm"]
-    if not records:
-        return
     missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
-    if missing:
+    if records and missing:
         what = what or f"run {records[0].run_id}"
         raise errors.UsageError(
             f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH: {what} runs on SLURM "
             "(resume it where SLURM's commands are)"
         )
-    states, _ = attempt_states(records, read_all_progress(records))
-    problems = []
-    for record in records:
-        latest = record.latest_job
-        state = states[record.run_id].get(latest) if latest else None
-        if state is None or not state.unanswered:  # UNKNOWN after SLURM answered: it forgot the job
-            continue
-        if run_state(record, states[record.run_id]).state == "COMPLETED":
-            continue
-        problems.append(
-            f"run {record.run_id}: attempt {latest} is {state.label()}: it may still be queued or running; "
-            "resume when SLURM answers"
-        )
-    if problems:
-        raise errors.Failure(problems)
 
 
 @app.command()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster import evals
+from cluster.attempts import AttemptState
 from cluster.errors import Failure, Interrupted, UsageError
 from cluster.executors import Description, choose, executor
 from cluster.home import new_run_id, run_dir
@@ -283,6 +284,28 @@ def submit(plan: Submission) -> tuple[RunRecord, str, str | None]:
 
 
 # ------------------------------------------------------------------------------------------ resume / cancel
+def refuse_unanswered(records: list[RunRecord], states: dict[str, dict[str, AttemptState]]) -> None:
+    """A run whose latest attempt SLURM did not answer for is not resumed: UNKNOWN is not "ended", it may
+    still be queued or running, and a second attempt beside it would train the run twice (exit 1;
+    ``pixpro status`` says when SLURM answers again)."""
+    from cluster.status import run_state
+
+    problems = []
+    for record in records:
+        latest = record.latest_job
+        state = states[record.run_id].get(latest) if latest else None
+        if state is None or not state.unanswered:  # UNKNOWN after SLURM answered: it forgot the job
+            continue
+        if run_state(record, states[record.run_id]).state == "COMPLETED":
+            continue
+        problems.append(
+            f"run {record.run_id}: attempt {latest} is {state.label()}: it may still be queued or running; "
+            "resume when SLURM answers"
+        )
+    if problems:
+        raise Failure(problems)
+
+
 def resume(ident: str, include_nodes: list[str] | None = None) -> tuple[RunRecord, str | None, str | None]:
     """Queue the next attempt, leaving out the nodes that failed the run twice, unless forgiven here. A
     completed run queues nothing (job id None): its attempt would load the last step and stop, after
@@ -294,6 +317,7 @@ def resume(ident: str, include_nodes: list[str] | None = None) -> tuple[RunRecor
     with run_lock(index.find(ident)):
         record = index.find(ident)  # as it is now that no other resume or cancel acts on it
         states, _ = attempt_states([record], read_all_progress([record]))
+        refuse_unanswered([record], states)
         active = [(j, s) for j, s in states[record.run_id].items() if s.active]
         if active:
             job, st = active[-1]

@@ -34,6 +34,8 @@ def parse_grid(sweeps: Sequence[str]) -> list[dict[str, str]]:
     Values are split on the commas outside JSON brackets, braces and strings (``[0.2,1.0],[0.3,1.0]``
     is two values), and two values that ``--set`` would read as the same one (``2.0`` and ``2``) are
     refused: they would be two members that are the same job."""
+    from schemas.spec.parse import override_value  # here: pixpro status reads sweeps, not specs
+
     axes: list[tuple[str, list[str]]] = []
     for item in sweeps:
         key, eq, values = item.partition("=")
@@ -48,7 +50,7 @@ def parse_grid(sweeps: Sequence[str]) -> list[dict[str, str]]:
             raise UsageError(f"--sweep {key}: given twice (list every value in one --sweep)")
         seen: dict[Any, int] = {}
         for i, text in enumerate(texts):
-            j = seen.setdefault(_identity(resolved_value(text)), i)
+            j = seen.setdefault(_identity(override_value(text)), i)
             if j != i:
                 shown = " and ".join(dict.fromkeys(one_line(t, 40) for t in (texts[j], text)))
                 raise UsageError(f"--sweep {key}: {shown}: a value is listed twice (two members, one job)")
@@ -90,23 +92,13 @@ def split_values(text: str) -> list[str] | None:
     return [*out, text[start:].strip()]
 
 
-def resolved_value(text: str) -> Any:
-    """The value ``--set KEY=text`` gives: JSON when it parses as JSON, else the text."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def _identity(value: Any) -> Any:
     """A hashable identity under which equal JSON values meet (``2``, ``2.0`` and ``2e0``), while
     ``true`` stays apart from ``1`` and a string from a number."""
-    from fractions import Fraction  # here: pixpro status reads sweeps (fractions costs ~30 ms cold)
-
     if isinstance(value, bool) or value is None or isinstance(value, str):
         return (type(value).__name__, value)
-    if isinstance(value, int | float):
-        return ("number", Fraction(value) if math.isfinite(value) else repr(value))
+    if isinstance(value, int | float):  # 2 == 2.0 with equal hashes; NaN never equals itself
+        return ("number", value if math.isfinite(value) else repr(value))
     if isinstance(value, list):
         return ("list", tuple(_identity(v) for v in value))
     if isinstance(value, dict):

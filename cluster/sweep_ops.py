@@ -340,6 +340,7 @@ def _resume_members(
     from cluster.sweep_runner import runner_alive, runner_resumes
 
     states, _ = attempt_states(records, read_all_progress(records))
+    runs.refuse_unanswered(records, states)
     sweep_dir = sweeps_dir() / sweep.sweep_id
     waiting, queued = runner_alive(sweep_dir), runner_resumes(sweep_dir)
     active = sum(any(s.active for s in states[r.run_id].values()) for r in records)

@@ -100,6 +100,14 @@ def _shorten_path(path: str) -> str:
     return ".".join(p if len(p) <= MAX_KEY_SHOWN else p[: MAX_KEY_SHOWN - 3] + "..." for p in parts)
 
 
+def override_value(text: str) -> Any:
+    """The value ``--set KEY=text`` gives: JSON when it parses as JSON, else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """A copy of ``data`` with ``a.b.c=value`` overrides applied (``--set``); a value is JSON when it
     parses as JSON (``16``, ``true``, ``[0.2, 1.0]``, ``null``), else the text itself. Validation comes
@@ -111,10 +119,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         parts = dotted.strip().split(".")
         if not eq or not all(parts):
             raise SpecError([f"--set {shown}: expected KEY.PATH=VALUE, e.g. data.batch_size=16"])
-        try:
-            value: Any = json.loads(text)
-        except ValueError:
-            value = text
+        value = override_value(text)
         node: Any = out
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
