@@ -387,8 +387,9 @@ class CachedSource:
         self._memory: dict[int, bytes] = {}
         self._held = 0
         self.hits = self.misses = 0
-        self._disk_off = False  # set after a failed write (ENOSPC, EFBIG): the sample was read all the same
-        self._disk_full = False  # set when a sample did not fit in the budget
+        # no more disk puts in this process: after a failed write (ENOSPC, EFBIG; the sample was read all
+        # the same) or once a sample did not fit (never evicting, the budget only grows: no more locks)
+        self._disk_off = False
         self._budget = (-1, -1)  # (fd of .budget, the pid that opened it)
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -439,8 +440,8 @@ class CachedSource:
     def _disk_put(self, index: int, data: bytes) -> None:
         """Reserve the bytes in the node's budget, then write the sample outside the lock: the lock is
         held for a read and a rewrite in place of one fixed-width number, not for a file write."""
-        if self._disk_full or not self._reserve(len(data)):
-            self._disk_full = True  # never evicting, the budget only grows: later misses skip the lock
+        if not self._reserve(len(data)):
+            self._disk_off = True
             return
         path = self._file(index)
         path.parent.mkdir(exist_ok=True)
